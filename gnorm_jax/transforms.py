@@ -1,0 +1,123 @@
+"""Function transformations: f ↦ ‖∇f‖, and f ↦ (f, ∇f, ‖∇f‖) in one pass."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Sequence
+
+import jax
+
+from gnorm_jax.norms import check_ord, tree_norm
+
+__all__ = ["grad_norm", "value_grad_and_norm"]
+
+
+def check_argnums(argnums: Any, name: str = "argnums") -> None:
+  """Raises TypeError unless ``argnums`` is an int or a non-empty tuple of ints."""
+  nums = argnums if isinstance(argnums, (tuple, list)) else (argnums,)
+  if not nums or not all(
+      isinstance(a, int) and not isinstance(a, bool) for a in nums
+  ):
+    raise TypeError(
+        f"{name} must be an int or a non-empty tuple of ints, got"
+        f" {name}={argnums!r}."
+    )
+
+
+def _check_fun(fun: Any, name: str) -> None:
+  if not callable(fun):
+    raise TypeError(f"{name} expects a callable as its first argument, got {fun!r}.")
+
+
+def value_grad_and_norm(
+    fun: Callable[..., Any],
+    argnums: int | Sequence[int] = 0,
+    has_aux: bool = False,
+    *,
+    ord: int | float | None = None,
+) -> Callable[..., tuple[Any, Any, jax.Array]]:
+  r"""Returns a function computing ``(value, grads, ‖grads‖)`` in one pass.
+
+  A thin layer over :func:`jax.value_and_grad`: the norm is taken of the
+  gradient it returns, with :func:`gnorm_jax.tree_norm`, so there is no second
+  backward pass, and the norm's derivative is NaN-free where ∇f = 0.
+
+  .. math::
+    x \mapsto \big(f(x),\ \nabla f(x),\ \|\nabla f(x)\|\big)
+
+  Args:
+    fun: a function returning a real scalar (or ``(scalar, aux)`` with
+      ``has_aux``).
+    argnums: which positional argument(s) to differentiate; with a tuple the
+      norm is over all of those gradients together.
+    has_aux: as in :func:`jax.value_and_grad`.
+    ord: None or 2 (Euclidean), 1 or ``inf``.
+
+  Returns:
+    A function with ``fun``'s signature returning ``(value, grads, norm)``;
+    with ``has_aux``, ``value`` is ``(loss, aux)`` as in jax.value_and_grad.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import gnorm_jax
+    >>> f = lambda w: 0.5 * jnp.sum(w ** 2)
+    >>> value, grads, norm = gnorm_jax.value_grad_and_norm(f)(jnp.array([3.0, 4.0]))
+    >>> float(value), float(norm)
+    (12.5, 5.0)
+  """
+  _check_fun(fun, "value_grad_and_norm")
+  check_argnums(argnums)
+  check_ord(ord)
+  vg = jax.value_and_grad(fun, argnums=argnums, has_aux=has_aux)
+
+  @functools.wraps(fun)
+  def wrapped(*args, **kwargs):
+    value, grads = vg(*args, **kwargs)
+    return value, grads, tree_norm(grads, ord)
+
+  return wrapped
+
+
+def grad_norm(
+    fun: Callable[..., Any],
+    argnums: int | Sequence[int] = 0,
+    has_aux: bool = False,
+    *,
+    ord: int | float | None = None,
+) -> Callable[..., Any]:
+  r"""Returns a function computing the gradient norm ‖∇f‖ at its arguments.
+
+  Composes with :func:`jax.jit`, :func:`jax.vmap` (e.g. per-example
+  input-gradient norms) and :func:`jax.grad`: the gradient of ‖∇f‖ is
+  :math:`H\nabla f/\|\nabla f\|`, and 0 (not NaN) at a stationary point.
+
+  Args:
+    fun: a function returning a real scalar (or ``(scalar, aux)``).
+    argnums: which positional argument(s) to differentiate; with a tuple the
+      norm is over all of those gradients together.
+    has_aux: if True the returned function gives ``(norm, aux)``.
+    ord: None or 2 (Euclidean), 1 or ``inf``.
+
+  Returns:
+    A function with ``fun``'s signature returning the norm (a scalar at least
+    float32), or ``(norm, aux)``.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> import gnorm_jax
+    >>> f = lambda x: jnp.sum(jnp.sin(x))
+    >>> float(gnorm_jax.grad_norm(f)(jnp.zeros(4)))  # ‖cos(0)‖ = ‖(1,1,1,1)‖
+    2.0
+    >>> xs = jnp.arange(6.0).reshape(3, 2)
+    >>> jax.vmap(gnorm_jax.grad_norm(lambda x: jnp.sum(x ** 2)))(xs).shape
+    (3,)
+  """
+  _check_fun(fun, "grad_norm")
+  vgn = value_grad_and_norm(fun, argnums, has_aux, ord=ord)
+
+  @functools.wraps(fun)
+  def wrapped(*args, **kwargs):
+    value, _, norm = vgn(*args, **kwargs)
+    return (norm, value[1]) if has_aux else norm
+
+  return wrapped

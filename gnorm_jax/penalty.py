@@ -1,0 +1,535 @@
+r"""Gradient-norm penalties: J + λ‖∇J‖² and its gradient; GAN input-gradient penalties.
+
+Two families, both built on :mod:`gnorm_jax.norms`:
+
+* Parameter-gradient penalties (Zhao, Zhang & Hu 2022): the objective
+  :math:`P(\theta) = J(\theta) + \lambda\,\phi(\nabla J(\theta))` with
+  :math:`\phi = \|\cdot\|^2` (``squared=True``) or :math:`\|\cdot\|`, and
+  its gradient :math:`\nabla P = \nabla J + \lambda H v` with
+  :math:`v = \nabla\phi(\nabla J)` (:math:`2\nabla J`, or
+  :math:`\nabla J/\|\nabla J\|`) and :math:`H` the Hessian of J, computed
+  exactly (forward-over-reverse or reverse-over-reverse) or from two gradients.
+* GAN penalties on a critic's gradient with respect to its input: WGAN-GP
+  (Gulrajani et al. 2017) and R1 (Mescheder et al. 2018).
+
+At a stationary point (∇J = 0) or a vanishing input gradient every value and
+derivative is finite: the norm's derivative there is the zero subgradient.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from gnorm_jax.norms import check_ord, safe_sqrt, sum_of_squares, tree_norm
+from gnorm_jax.transforms import check_argnums
+
+__all__ = [
+    "penalized",
+    "penalized_value_and_grad",
+    "gradient_penalty",
+    "r1_penalty",
+    "interpolate",
+]
+
+_METHODS = ("hvp", "double_backprop", "finite_difference")
+
+
+# --------------------------------------------------------------------------- #
+# Argument checks (construction time; traced values are accepted as they are).
+# --------------------------------------------------------------------------- #
+
+
+def _check_callable(fun: Any, name: str) -> None:
+  if not callable(fun):
+    raise TypeError(f"{name} expects a callable as its first argument, got {fun!r}.")
+
+
+def _check_number(value: Any, name: str, *, positive: bool, fix: str) -> None:
+  """Checks a Python-number hyperparameter: finite and ≥ 0 (> 0 if positive)."""
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    return  # arrays and tracers: accepted as they are
+  if not math.isfinite(value) or value < 0 or (positive and value == 0):
+    bound = "> 0" if positive else ">= 0"
+    raise ValueError(f"{name} must be a finite number {bound}, got {name}={value!r}. {fix}")
+
+
+# --------------------------------------------------------------------------- #
+# The penalty φ(g) and helpers.
+# --------------------------------------------------------------------------- #
+
+
+def _squared_l2(tree: Any) -> jax.Array:
+  """‖tree‖² as a plain sum of squares: exact, smooth, no sqrt to undo."""
+  leaves = jax.tree.leaves(tree)
+  if not leaves:
+    return jnp.zeros((), jnp.float32)
+  return sum(sum_of_squares(jnp.asarray(x)) for x in leaves)
+
+
+def _penalty_fn(squared: bool, ord: Any) -> Callable[[Any], jax.Array]:
+  """φ: the gradient's norm (Euclidean, 1 or inf), squared or not."""
+  if squared and (ord is None or ord == 2):
+    return _squared_l2
+  if squared:
+    return lambda g: jnp.square(tree_norm(g, ord))
+  return lambda g: tree_norm(g, ord)
+
+
+def _safe_inverse(x: jax.Array) -> jax.Array:
+  """1/x where x > 0, else 0 (double where: no NaN in values or derivatives)."""
+  pos = x > 0
+  return jnp.where(pos, 1 / jnp.where(pos, x, 1), 0)
+
+
+def _axpy(a: Any, x: Any, y: Any) -> Any:
+  """y + a·x leaf by leaf, formed in at least float32 and cast to y's dtype."""
+
+  def leaf(xi, yi):
+    acc = jnp.promote_types(yi.dtype, jnp.float32)
+    return (yi.astype(acc) + jnp.asarray(a, acc) * xi.astype(acc)).astype(yi.dtype)
+
+  return jax.tree.map(leaf, x, y)
+
+
+def _bind(fun: Callable[..., Any], argnums: int | Sequence[int], args, kwargs):
+  """``fun`` as a function of ``args[argnums]`` alone, and those arguments.
+
+  With an int ``argnums`` the single argument is that positional argument; with
+  a tuple it is the tuple of them (the layout :func:`jax.grad` returns).
+  """
+  nums = (argnums,) if isinstance(argnums, int) else tuple(argnums)
+  if max(nums) >= len(args) or min(nums) < -len(args):
+    raise TypeError(
+        f"argnums={argnums!r} refers to a positional argument that was not"
+        f" given: the function was called with {len(args)} positional"
+        " argument(s). Pass the differentiated arguments positionally."
+    )
+
+  def f(theta):
+    full = list(args)
+    for i, t in zip(nums, (theta,) if isinstance(argnums, int) else theta):
+      full[i] = t
+    return fun(*full, **kwargs)
+
+  theta = args[argnums] if isinstance(argnums, int) else tuple(args[i] for i in nums)
+  return f, theta
+
+
+def _split(out: Any, has_aux: bool) -> tuple[Any, Any]:
+  return out if has_aux else (out, None)
+
+
+def _join(value: Any, aux: Any, has_aux: bool) -> Any:
+  return (value, aux) if has_aux else value
+
+
+# --------------------------------------------------------------------------- #
+# Parameter-gradient penalties.
+# --------------------------------------------------------------------------- #
+
+
+def penalized(
+    fun: Callable[..., Any],
+    weight: Any,
+    *,
+    squared: bool = True,
+    ord: int | float | None = None,
+    argnums: int | Sequence[int] = 0,
+    has_aux: bool = False,
+) -> Callable[..., Any]:
+  r"""Returns the gradient-norm-penalized objective of ``fun``.
+
+  .. math::
+    P(\theta) = J(\theta) + \lambda\,\|\nabla J(\theta)\|^2
+    \quad\text{(or } \lambda\|\nabla J(\theta)\| \text{ with squared=False)}
+
+  where ``J = fun`` and the gradient is taken with respect to ``argnums``.
+  ``jax.grad`` of the result is exact reverse-over-reverse double backprop;
+  :func:`penalized_value_and_grad` gives the same gradient faster. The squared
+  Euclidean penalty is a plain sum of squares (exact, no square root); the
+  others go through :func:`gnorm_jax.tree_norm`, whose derivative at ∇J = 0
+  is the zero subgradient, so P and its first and second derivatives are
+  NaN-free at a stationary point. A NaN or inf in ∇J makes the value NaN/inf.
+
+  Args:
+    fun: a function returning a real scalar J (or ``(J, aux)`` with
+      ``has_aux``).
+    weight: λ ≥ 0, a Python number or an array (traced values are accepted).
+    squared: penalize ‖∇J‖² (default, as in the classic double-backprop
+      regularizer) or ‖∇J‖ (as in Zhao et al. 2022).
+    ord: the norm of ∇J: None or 2 (Euclidean), 1 or ``inf``.
+    argnums: the positional argument(s) θ; with a tuple the norm is over all of
+      their gradients together.
+    has_aux: ``fun`` returns ``(J, aux)``; the result then returns ``(P, aux)``.
+
+  Returns:
+    A function with ``fun``'s signature returning P (or ``(P, aux)``).
+
+  Raises:
+    ValueError: ``weight`` is a negative or non-finite Python number, or ``ord``
+      is not accepted.
+    TypeError: ``fun`` is not callable or ``argnums`` is malformed.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> import gnorm_jax
+    >>> J = lambda w: 0.5 * jnp.sum(w ** 2)  # ∇J = w
+    >>> P = gnorm_jax.penalized(J, 0.1)
+    >>> float(P(jnp.array([3.0, 4.0])))  # 12.5 + 0.1 * 25
+    15.0
+    >>> jax.grad(P)(jnp.array([3.0, 4.0]))  # w + 2·0.1·H·w, H = I
+    Array([3.6, 4.8], dtype=float32)
+
+  References:
+    Drucker & LeCun 1992, "Improving generalization performance using double
+    backpropagation"; Zhao, Zhang & Hu 2022, "Penalizing Gradient Norm for
+    Efficiently Improving Generalization in Deep Learning",
+    https://arxiv.org/abs/2202.03599
+  """
+  _check_callable(fun, "penalized")
+  _check_number(weight, "weight", positive=False, fix="Pass the penalty weight λ, e.g. 0.1.")
+  check_ord(ord)
+  check_argnums(argnums)
+  vg = jax.value_and_grad(fun, argnums=argnums, has_aux=has_aux)
+  penalty = _penalty_fn(squared, ord)
+
+  @functools.wraps(fun)
+  def wrapped(*args, **kwargs):
+    out, grads = vg(*args, **kwargs)
+    value, aux = _split(out, has_aux)
+    return _join(value + weight * penalty(grads), aux, has_aux)
+
+  return wrapped
+
+
+def _hvp_method(f, theta, *, weight, penalty, has_aux, radius):
+  """∇J + λ·H·∇φ(∇J), the product forward-over-reverse (jax.linearize of ∇J)."""
+  del radius
+  vg = jax.value_and_grad(f, has_aux=has_aux)
+  # linearize runs J's forward and backward pass once and returns H·(·) as a
+  # linear map, so the primal is not recomputed for the product.
+  grads, hvp, out = jax.linearize(lambda t: vg(t)[::-1], theta, has_aux=True)
+  pen, v = jax.value_and_grad(penalty)(grads)
+  return out, pen, _axpy(weight, hvp(v), grads)
+
+
+def _finite_difference_method(f, theta, *, weight, penalty, has_aux, radius):
+  """Zhao et al. 2022: H·v ≈ ‖v‖·(∇J(θ + r·v/‖v‖) − ∇J(θ))/r, v = ∇φ(∇J)."""
+  out, grads = jax.value_and_grad(f, has_aux=has_aux)(theta)
+  pen, v = jax.value_and_grad(penalty)(grads)
+  v_norm = tree_norm(v)
+  # v = 0 at a stationary point: then the probe is θ itself and the
+  # correction is 0·0, not 0/0.
+  probe = _axpy(radius * _safe_inverse(v_norm), v, theta)
+  probe_grads = jax.grad(f, has_aux=has_aux)(probe)
+  if has_aux:
+    probe_grads = probe_grads[0]
+  diff = jax.tree.map(jnp.subtract, probe_grads, grads)
+  return out, pen, _axpy(weight * v_norm / radius, diff, grads)
+
+
+def penalized_value_and_grad(
+    fun: Callable[..., Any],
+    weight: Any,
+    *,
+    method: str = "hvp",
+    squared: bool = True,
+    ord: int | float | None = None,
+    radius: Any = 0.01,
+    argnums: int | Sequence[int] = 0,
+    has_aux: bool = False,
+) -> Callable[..., tuple[Any, Any]]:
+  r"""Returns a function giving the penalized objective and its gradient.
+
+  With J = ``fun``, g = ∇J(θ), φ the penalty (‖·‖² or ‖·‖) and v = ∇φ(g):
+
+  .. math::
+    P(\theta) = J(\theta) + \lambda\,\phi(g), \qquad
+    \nabla P(\theta) = g + \lambda\,H(\theta)\,v, \qquad
+    v = 2g \ \text{(squared)}, \quad v = g/\|g\| \ \text{(unsquared)}.
+
+  The value is exact in every method (φ(g) is known from the first gradient).
+  The gradient:
+
+  * ``"hvp"`` (default): exact; H·v forward-over-reverse (``jax.linearize`` of
+    ∇J, so J's forward and backward pass run once). About 3 backward passes.
+  * ``"double_backprop"``: exact; ``jax.value_and_grad(penalized(...))``,
+    reverse-over-reverse. The reference.
+  * ``"finite_difference"`` (Zhao, Zhang & Hu 2022): two gradients, the second
+    at the probe :math:`\theta + r\,v/\|v\|`, and
+
+    .. math::
+      \nabla P \approx g + \lambda\,\frac{\|v\|}{r}\,
+      \big(\nabla J(\theta + r\,v/\|v\|) - g\big).
+
+    For the unsquared Euclidean penalty :math:`v/\|v\| = g/\|g\|` and
+    :math:`\|v\| = 1`: this is the paper's
+    :math:`(1-\alpha)\,g + \alpha\,\nabla J(\theta + r g/\|g\|)` with
+    :math:`\alpha = \lambda/r`. For the squared penalty the probe is the same
+    and :math:`\alpha = 2\lambda\|g\|/r`. The error is
+    :math:`\lambda\|v\|\,O(r)` (zero when J is quadratic); ``radius`` r trades it
+    against float rounding, which grows like ε·‖g‖/r.
+
+  At a stationary point (g = 0) v = 0 (the norm's zero subgradient), so every
+  method returns the gradient 0 and no NaN. A NaN or inf in g propagates to
+  the value and the gradient.
+
+  Args:
+    fun: a function returning a real scalar J (or ``(J, aux)``).
+    weight: λ ≥ 0 (Python number or array; traced values are accepted, e.g.
+      under ``optax.inject_hyperparams`` or a schedule, without retracing).
+    method: ``"hvp"``, ``"double_backprop"`` or ``"finite_difference"``.
+    squared: penalize ‖∇J‖² (default) or ‖∇J‖ (as in Zhao et al. 2022).
+    ord: the norm of ∇J: None or 2 (Euclidean), 1 or ``inf``.
+    radius: r > 0, the finite-difference step in parameter space (only used by
+      ``"finite_difference"``; traced values are accepted).
+    argnums: the positional argument(s) θ, as in :func:`jax.value_and_grad`.
+    has_aux: ``fun`` returns ``(J, aux)``; the value is then ``(P, aux)``.
+
+  Returns:
+    A function with ``fun``'s signature returning ``(P, ∇P)`` (``((P, aux),
+    ∇P)`` with ``has_aux``); ∇P has θ's structure and dtypes.
+
+  Raises:
+    ValueError: unknown ``method``; negative/non-finite ``weight``; ``radius``
+      not > 0; ``ord`` not accepted.
+    TypeError: ``fun`` is not callable or ``argnums`` is malformed.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import gnorm_jax
+    >>> J = lambda w: jnp.sum(w ** 3) / 3  # ∇J = w², H = diag(2w)
+    >>> w = jnp.array([1.0, 2.0])
+    >>> value, grad = gnorm_jax.penalized_value_and_grad(J, 0.1)(w)
+    >>> float(value)  # 3 + 0.1·(1 + 16)
+    4.7
+    >>> grad  # w² + 0.1·diag(2w)·2w²
+    Array([1.4, 7.2], dtype=float32)
+    >>> _, approx = gnorm_jax.penalized_value_and_grad(
+    ...     J, 0.1, method="finite_difference", radius=1e-3)(w)
+    >>> bool(jnp.allclose(approx, grad, rtol=1e-3))
+    True
+
+  References:
+    Zhao, Zhang & Hu 2022, "Penalizing Gradient Norm for Efficiently Improving
+    Generalization in Deep Learning", https://arxiv.org/abs/2202.03599
+  """
+  _check_callable(fun, "penalized_value_and_grad")
+  if method not in _METHODS:
+    raise ValueError(f"method must be one of {_METHODS}, got method={method!r}.")
+  _check_number(weight, "weight", positive=False, fix="Pass the penalty weight λ, e.g. 0.1.")
+  _check_number(
+      radius, "radius", positive=True, fix="Pass a small step in parameter space, e.g. 0.01."
+  )
+  check_ord(ord)
+  check_argnums(argnums)
+
+  if method == "double_backprop":
+    p = penalized(fun, weight, squared=squared, ord=ord, argnums=argnums, has_aux=has_aux)
+    return functools.wraps(fun)(jax.value_and_grad(p, argnums=argnums, has_aux=has_aux))
+
+  core = _hvp_method if method == "hvp" else _finite_difference_method
+  penalty = _penalty_fn(squared, ord)
+
+  @functools.wraps(fun)
+  def wrapped(*args, **kwargs):
+    f, theta = _bind(fun, argnums, args, kwargs)
+    out, pen, grads = core(
+        f, theta, weight=weight, penalty=penalty, has_aux=has_aux, radius=radius
+    )
+    value, aux = _split(out, has_aux)
+    return _join(value + weight * pen, aux, has_aux), grads
+
+  return wrapped
+
+
+# --------------------------------------------------------------------------- #
+# GAN penalties on the critic's input gradient.
+# --------------------------------------------------------------------------- #
+
+
+def _input_grads(critic: Callable[[Any], jax.Array], x: Any) -> Any:
+  """∇ₓᵢ critic(x)ᵢ for every example i, from ONE gradient of the batch sum.
+
+  ∂(Σⱼ critic(x)ⱼ)/∂xᵢ = ∂critic(x)ᵢ/∂xᵢ because score j does not depend on
+  example i ≠ j; this is the requirement on the critic.
+  """
+
+  def total(x):
+    scores = critic(x)
+    batch = jax.tree.leaves(x)[0].shape[0]
+    if jnp.ndim(scores) == 0 or jnp.shape(scores)[0] != batch or jnp.size(scores) != batch:
+      raise ValueError(
+          f"critic must map a batch of {batch} examples to {batch} scores (shape"
+          f" [{batch}] or [{batch}, 1]), got shape {jnp.shape(scores)}. For a"
+          " model of one example, pass `jax.vmap(model)`."
+      )
+    return jnp.sum(scores)
+
+  return jax.grad(total)(x)
+
+
+def _per_example_sq_norms(grads: Any) -> jax.Array:
+  """‖gᵢ‖² over all leaves and non-batch axes: shape [B], at least float32."""
+  return sum(jax.vmap(sum_of_squares)(g) for g in jax.tree.leaves(grads))
+
+
+def _check_batch(x: Any, name: str) -> None:
+  leaves = jax.tree.leaves(x)
+  if not leaves or any(jnp.ndim(l) == 0 for l in leaves):
+    raise ValueError(f"{name} must be an array [B, ...] (or a pytree of them), got {x!r}.")
+  sizes = {jnp.shape(l)[0] for l in leaves}
+  if len(sizes) != 1:
+    raise ValueError(
+        f"every leaf of {name} needs the same leading batch size, got sizes {sorted(sizes)}."
+    )
+
+
+def gradient_penalty(critic: Callable[[Any], jax.Array], x: Any, *, target: Any = 1.0) -> jax.Array:
+  r"""WGAN-GP: the mean over examples of (‖∇ₓᵢ critic‖ − target)².
+
+  .. math::
+    \mathrm{GP} = \frac{1}{B}\sum_{i=1}^{B}
+    \big(\|\nabla_{x_i} D(x)_i\| - t\big)^2
+
+  All B input gradients come from ONE reverse pass of :math:`\sum_i D(x)_i`
+  (no vmap, no per-example graph), which is exact only if the critic treats
+  examples independently: score i may depend on example i alone. Batch
+  normalization in training mode or minibatch discrimination break this (use
+  layer norm, as Gulrajani et al. do); dropout with one mask per example is
+  fine. The norm is Euclidean over every non-batch axis (and over all leaves
+  of a pytree x), accumulated in at least float32; at a vanishing input
+  gradient its derivative is the zero subgradient, so the penalty's gradient
+  with respect to the critic's parameters is finite. NaN or inf in the input
+  gradient gives NaN/inf.
+
+  Args:
+    critic: maps x to scores of shape [B] (or [B, 1]); close over its
+      parameters, e.g. ``lambda x: model.apply(params, x)``.
+    x: the points, shape [B, ...] (usually :func:`interpolate` of real and
+      fake), or a pytree of such arrays.
+    target: t ≥ 0, the norm the critic's gradient is pulled towards (1 in
+      WGAN-GP; 0 gives a zero-centred penalty).
+
+  Returns:
+    A scalar, at least float32. Multiply by λ (10 in the paper) yourself.
+
+  Raises:
+    ValueError: the critic's output is not one score per example, x has no
+      batch axis, or ``target`` is a negative or non-finite Python number.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import gnorm_jax
+    >>> critic = lambda x: x @ jnp.array([3.0, 4.0])  # ‖∇ₓᵢ‖ = 5 for every i
+    >>> float(gnorm_jax.gradient_penalty(critic, jnp.ones((8, 2))))  # (5 - 1)²
+    16.0
+
+  References:
+    Gulrajani et al. 2017, "Improved Training of Wasserstein GANs",
+    https://arxiv.org/abs/1704.00028
+  """
+  _check_callable(critic, "gradient_penalty")
+  _check_number(
+      target, "target", positive=False, fix="Pass the target norm, 1.0 in WGAN-GP."
+  )
+  _check_batch(x, "x")
+  norms = safe_sqrt(_per_example_sq_norms(_input_grads(critic, x)))
+  return jnp.mean(jnp.square(norms - jnp.asarray(target, norms.dtype)))
+
+
+def r1_penalty(critic: Callable[[Any], jax.Array], x: Any) -> jax.Array:
+  r"""R1: the mean over examples of ‖∇ₓᵢ critic‖², at real data x.
+
+  .. math::
+    R_1 = \frac{1}{B}\sum_{i=1}^{B} \|\nabla_{x_i} D(x)_i\|^2
+
+  Mescheder et al. add :math:`\frac{\gamma}{2} R_1` to the discriminator loss:
+  scale it yourself. One reverse pass of :math:`\sum_i D(x)_i` gives every
+  input gradient; this requires a critic that treats examples independently
+  (see :func:`gradient_penalty`). The squares are summed directly (no square
+  root), so it is smooth everywhere, including at zero gradients.
+
+  Args:
+    critic: maps x to scores of shape [B] (or [B, 1]).
+    x: real samples, shape [B, ...], or a pytree of such arrays.
+
+  Returns:
+    A scalar, at least float32.
+
+  Raises:
+    ValueError: the critic's output is not one score per example, or x has no
+      batch axis.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import gnorm_jax
+    >>> critic = lambda x: jnp.sum(x ** 2, axis=1)  # ∇ₓᵢ = 2xᵢ
+    >>> float(gnorm_jax.r1_penalty(critic, jnp.array([[1.0, 0.0], [0.0, 2.0]])))
+    10.0
+
+  References:
+    Mescheder, Geiger & Nowozin 2018, "Which Training Methods for GANs do
+    actually Converge?", https://arxiv.org/abs/1801.04406
+  """
+  _check_callable(critic, "r1_penalty")
+  _check_batch(x, "x")
+  return jnp.mean(_per_example_sq_norms(_input_grads(critic, x)))
+
+
+def interpolate(key: jax.Array, real: Any, fake: Any) -> Any:
+  r"""Random points on the segments between real and fake examples (WGAN-GP).
+
+  .. math::
+    \hat x_i = \epsilon_i\, x_i^{\text{real}} + (1 - \epsilon_i)\, x_i^{\text{fake}},
+    \qquad \epsilon_i \sim U[0, 1]
+
+  One ε per example, shared by every entry (and every leaf of a pytree) of
+  that example. Mixed in at least float32 and cast back to each leaf's dtype.
+  Gradients flow to both ``real`` and ``fake``; stop them yourself if needed.
+
+  Args:
+    key: a PRNG key.
+    real: real examples, shape [B, ...], or a pytree of such arrays.
+    fake: generated examples with the same structure, shapes and dtypes.
+
+  Returns:
+    The interpolates, with ``real``'s structure, shapes and dtypes.
+
+  Raises:
+    ValueError: ``real`` and ``fake`` differ in structure or shape, or have no
+      batch axis.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> import gnorm_jax
+    >>> x = gnorm_jax.interpolate(jax.random.key(0), jnp.ones((4, 3)), jnp.zeros((4, 3)))
+    >>> x.shape, bool(jnp.all(x == x[:, :1]))  # one weight per example
+    ((4, 3), True)
+
+  References:
+    Gulrajani et al. 2017, "Improved Training of Wasserstein GANs",
+    https://arxiv.org/abs/1704.00028
+  """
+  _check_batch(real, "real")
+  if jax.tree.structure(real) != jax.tree.structure(fake) or any(
+      jnp.shape(r) != jnp.shape(f) for r, f in zip(jax.tree.leaves(real), jax.tree.leaves(fake))
+  ):
+    raise ValueError(
+        "real and fake must have the same structure and shapes, got"
+        f" {jax.tree.map(jnp.shape, real)} and {jax.tree.map(jnp.shape, fake)}."
+    )
+  batch = jnp.shape(jax.tree.leaves(real)[0])[0]
+  eps = jax.random.uniform(key, (batch,), jnp.float32)
+
+  def mix(r, f):
+    acc = jnp.promote_types(r.dtype, jnp.float32)
+    e = eps.astype(acc).reshape((batch,) + (1,) * (r.ndim - 1))
+    return (e * r.astype(acc) + (1 - e) * f.astype(acc)).astype(r.dtype)
+
+  return jax.tree.map(mix, real, fake)

@@ -1,0 +1,478 @@
+"""Training diagnostics: the gradient noise scale and per-layer norm logging.
+
+Two things people watch while training:
+
+* the simple gradient noise scale :math:`B_\\text{simple} = \\operatorname{tr}(\\Sigma)/\\|G\\|^2`
+  of McCandlish et al. 2018, which predicts the largest useful batch size, with
+  an exponential-moving-average tracker that can run every step under jit;
+* per-layer (per-leaf) norms as a flat ``{"params/dense/kernel": norm}`` dict
+  for TensorBoard, W&B or CLU, and an Optax transformation that records them in
+  its state without changing the updates.
+
+No callbacks: every value is returned (or kept in an Optax state) so that it
+can be fetched with ``jax.device_get`` outside the jitted step.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from gnorm_jax.norms import check_ord, leaf_norms, tree_norm
+
+__all__ = [
+    "NoiseScale",
+    "gradient_noise_scale",
+    "noise_scale_from_two_batches",
+    "NoiseScaleTrackerState",
+    "NoiseScaleTracker",
+    "noise_scale_tracker",
+    "flat_dict",
+    "flat_leaf_norms",
+    "RecordLeafNormsState",
+    "record_leaf_norms",
+]
+
+
+# ---------------------------------------------------------------------------
+# Gradient noise scale (McCandlish et al. 2018, appendix A).
+
+
+class NoiseScale(NamedTuple):
+  """Estimates of the simple gradient noise scale and of its two ingredients."""
+
+  b_simple: jax.Array  # [] float32/float64: trace_cov / grad_sq_norm (B_simple)
+  grad_sq_norm: jax.Array  # [] same dtype: unbiased estimate of ‖G‖² (can be < 0)
+  trace_cov: jax.Array  # [] same dtype: unbiased estimate of tr(Σ) (can be < 0)
+
+
+def _is_concrete_number(x: Any) -> bool:
+  return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _check_batch_sizes(b_small: Any, b_big: Any, names: tuple[str, str]) -> None:
+  """Validates batch sizes given as Python numbers; traced ones pass as they are."""
+  for value, name in zip((b_small, b_big), names):
+    if isinstance(value, bool):
+      raise TypeError(f"{name} must be a number of examples, got {name}={value!r}.")
+  if _is_concrete_number(b_small) and b_small < 1:
+    raise ValueError(
+        f"{names[0]} must be at least 1 (a number of examples), got"
+        f" {names[0]}={b_small!r}."
+    )
+  if _is_concrete_number(b_big) and _is_concrete_number(b_small) and b_big <= b_small:
+    raise ValueError(
+        f"{names[1]} must be larger than {names[0]}: the estimates divide by"
+        f" {names[1]} - {names[0]}; got {names[0]}={b_small!r}, {names[1]}={b_big!r}."
+        " Measure the big-batch gradient on more examples than the small one."
+    )
+
+
+def _safe_ratio(num: jax.Array, den: jax.Array) -> jax.Array:
+  """num/den, with 0/0 = 0 and x/0 = ±inf; NaN only from NaN inputs."""
+  nonzero = den != 0
+  ratio = num / jnp.where(nonzero, den, 1)
+  # Constants, not sign(num)·inf: a zero cotangent times inf would be NaN.
+  at_zero = jnp.where(num > 0, jnp.inf, jnp.where(num < 0, -jnp.inf, 0)).astype(num.dtype)
+  return jnp.where(nonzero, ratio, jnp.where(jnp.isnan(num), num, at_zero))
+
+
+def noise_scale_from_two_batches(
+    small_sq_norm: jax.Array | float,
+    big_sq_norm: jax.Array | float,
+    b_small: jax.Array | int,
+    b_big: jax.Array | int,
+) -> NoiseScale:
+  r"""The simple noise scale from gradient norms measured at two batch sizes.
+
+  With :math:`|G_B|^2` the squared norm of a mean gradient over :math:`B`
+  examples, :math:`\mathbb{E}|G_B|^2 = \|G\|^2 + \operatorname{tr}(\Sigma)/B`.
+  Two batch sizes give the unbiased estimates of McCandlish et al. 2018,
+  appendix A:
+
+  .. math::
+    \|G\|^2 \approx \frac{B_\text{big}|G_{B_\text{big}}|^2
+      - B_\text{small}|G_{B_\text{small}}|^2}{B_\text{big} - B_\text{small}},
+    \qquad
+    \operatorname{tr}(\Sigma) \approx \frac{|G_{B_\text{small}}|^2
+      - |G_{B_\text{big}}|^2}{1/B_\text{small} - 1/B_\text{big}},
+    \qquad
+    B_\text{simple} = \frac{\operatorname{tr}(\Sigma)}{\|G\|^2}.
+
+  The two estimates are unbiased, their ratio is not, and one step's estimates
+  are noisy (either can be negative): average them over steps with
+  :func:`noise_scale_tracker` (the ratio of averages, as the paper does).
+
+  Args:
+    small_sq_norm: :math:`|G_{B_\text{small}}|^2`, the squared norm of the mean
+      gradient over ``b_small`` examples (or the mean of several such).
+    big_sq_norm: :math:`|G_{B_\text{big}}|^2`, the squared norm of the mean
+      gradient over ``b_big`` examples.
+    b_small: the small batch size, at least 1.
+    b_big: the big batch size, larger than ``b_small``.
+
+  Returns:
+    A :class:`NoiseScale` of scalars in at least float32 (float64 for float64
+    inputs). ``b_simple`` is 0 when both estimates are 0 and ±inf when only
+    ``grad_sq_norm`` is 0; inf or NaN inputs give inf or NaN estimates.
+
+  Raises:
+    ValueError: ``b_small < 1`` or ``b_big <= b_small`` (given as Python numbers;
+      traced batch sizes are not checked).
+    TypeError: a batch size is a bool.
+
+  Examples:
+    >>> import gnorm_jax
+    >>> est = gnorm_jax.noise_scale_from_two_batches(5.0, 2.0, b_small=32, b_big=128)
+    >>> float(est.grad_sq_norm), float(est.trace_cov), float(est.b_simple)
+    (1.0, 128.0, 128.0)
+
+  References:
+    McCandlish, Kaplan, Amodei et al. 2018, "An Empirical Model of Large-Batch
+    Training", appendix A. https://arxiv.org/abs/1812.06162
+  """
+  _check_batch_sizes(b_small, b_big, ("b_small", "b_big"))
+  small = jnp.asarray(small_sq_norm)
+  big = jnp.asarray(big_sq_norm)
+  dtype = jnp.result_type(small, big, jnp.float32)
+  small, big = small.astype(dtype), big.astype(dtype)
+  b_small = jnp.asarray(b_small).astype(dtype)
+  b_big = jnp.asarray(b_big).astype(dtype)
+  grad_sq = (b_big * big - b_small * small) / (b_big - b_small)
+  trace_cov = (small - big) / (1 / b_small - 1 / b_big)
+  return NoiseScale(_safe_ratio(trace_cov, grad_sq), grad_sq, trace_cov)
+
+
+def gradient_noise_scale(
+    per_example_sq_norms: jax.Array,
+    batch_grad_sq_norm: jax.Array | float,
+    batch_size: jax.Array | int,
+) -> NoiseScale:
+  r"""The simple gradient noise scale from per-example and batch gradient norms.
+
+  :func:`noise_scale_from_two_batches` with :math:`B_\text{small} = 1`: each
+  per-example gradient is a "batch" of one, so :math:`|G_{B_\text{small}}|^2`
+  is the mean of the per-example squared norms, and
+  :math:`B_\text{big}` is the batch whose mean gradient has squared norm
+  ``batch_grad_sq_norm``:
+
+  .. math::
+    \overline{|g_i|^2} = \tfrac{1}{n}\textstyle\sum_i |g_i|^2,\quad
+    \|G\|^2 \approx \frac{B|G_B|^2 - \overline{|g_i|^2}}{B - 1},\quad
+    \operatorname{tr}(\Sigma) \approx \frac{B\,(\overline{|g_i|^2} - |G_B|^2)}{B - 1},
+    \quad B_\text{simple} = \frac{\operatorname{tr}(\Sigma)}{\|G\|^2}.
+
+  The per-example norms come for free from
+  :func:`gnorm_jax.per_example_grad_norms` (square them); they may be those of
+  the whole batch or of any subset of it. The batch gradient must be the *mean*
+  of the per-example gradients, as for a loss averaged over the batch. With
+  clipped per-example gradients the estimates are those of the clipped ones.
+
+  Args:
+    per_example_sq_norms: ``[n]`` squared norms :math:`|g_i|^2` of per-example
+      gradients, ``n >= 1``.
+    batch_grad_sq_norm: :math:`|G_B|^2`, the squared norm of the mean gradient
+      over the batch of ``batch_size`` examples.
+    batch_size: :math:`B`, at least 2.
+
+  Returns:
+    A :class:`NoiseScale` (``b_simple``, ``grad_sq_norm``, ``trace_cov``), with
+    the same conventions as :func:`noise_scale_from_two_batches`.
+
+  Raises:
+    ValueError: ``per_example_sq_norms`` is not a non-empty 1-D array, or
+      ``batch_size`` (a Python number) is below 2.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import gnorm_jax
+    >>> g = jnp.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [2.0, 0.0]])  # per-example
+    >>> est = gnorm_jax.gradient_noise_scale(
+    ...     jnp.sum(g ** 2, axis=1), jnp.sum(g.mean(0) ** 2), batch_size=4)
+    >>> round(float(est.grad_sq_norm), 4), round(float(est.trace_cov), 4)
+    (1.0, 1.0)
+
+  References:
+    McCandlish, Kaplan, Amodei et al. 2018, "An Empirical Model of Large-Batch
+    Training", appendix A. https://arxiv.org/abs/1812.06162
+  """
+  sq = jnp.asarray(per_example_sq_norms)
+  if sq.ndim != 1 or sq.shape[0] == 0:
+    raise ValueError(
+        "per_example_sq_norms must be a non-empty 1-D array [n] of squared"
+        f" per-example gradient norms, got shape {sq.shape}. Flatten it"
+        " (e.g. `x.reshape(-1)`) if it has a microbatch axis."
+    )
+  if _is_concrete_number(batch_size) and batch_size < 2:
+    raise ValueError(
+        f"batch_size must be at least 2 (the estimates divide by batch_size - 1),"
+        f" got batch_size={batch_size!r}."
+    )
+  small = jnp.mean(sq.astype(jnp.promote_types(sq.dtype, jnp.float32)))
+  return noise_scale_from_two_batches(small, batch_grad_sq_norm, 1, batch_size)
+
+
+class NoiseScaleTrackerState(NamedTuple):
+  """State of :func:`noise_scale_tracker`: moving averages, not yet debiased."""
+
+  grad_sq_norm: jax.Array  # [] float32: EMA of the ‖G‖² estimates (zero-initialized)
+  trace_cov: jax.Array  # [] float32: EMA of the tr(Σ) estimates (zero-initialized)
+  weight: jax.Array  # [] float32: EMA of 1, i.e. 1 - decay^t; divides out the zero init
+  skipped: jax.Array  # [] int32: estimates skipped because they were inf or NaN
+
+
+class NoiseScaleTracker(NamedTuple):
+  """A pair of pure functions, ``init()`` and ``update(estimate, state)``."""
+
+  init: Callable[[], NoiseScaleTrackerState]
+  update: Callable[
+      [NoiseScale, NoiseScaleTrackerState], tuple[NoiseScale, NoiseScaleTrackerState]
+  ]
+
+
+def noise_scale_tracker(decay: float | jax.Array = 0.99) -> NoiseScaleTracker:
+  r"""Exponential moving averages of the noise-scale estimates, and their ratio.
+
+  One step's :class:`NoiseScale` is noisy; McCandlish et al. average the two
+  unbiased estimates separately over steps and take the ratio of the averages
+  (not the average of ratios, which is biased and blows up when one step's
+  :math:`\|G\|^2` estimate is near 0):
+
+  .. math::
+    m_t = \beta m_{t-1} + (1-\beta)\,\|G\|^2_t,\quad
+    s_t = \beta s_{t-1} + (1-\beta)\operatorname{tr}(\Sigma)_t,\quad
+    w_t = \beta w_{t-1} + (1-\beta),\quad
+    B_\text{simple} = \frac{s_t}{m_t}.
+
+  Bias correction: the averages start at 0, so they are divided by
+  :math:`w_t = 1-\beta^t` (as in Adam) before they are returned. The ratio needs
+  no correction, since the factor cancels. Keeping :math:`w_t` as an average of
+  ones (rather than computing :math:`\beta^t`) keeps the correction exact when
+  ``decay`` is a traced value that changes between steps.
+
+  Estimates that are inf or NaN (e.g. from a step with a non-finite gradient)
+  are skipped: the state is left as it was and ``skipped`` counts them. Before
+  any finite estimate has been seen the returned estimates are NaN.
+
+  Everything is a pure function of arrays: call ``update`` inside the jitted
+  train step and keep the state next to the optimizer state.
+
+  Args:
+    decay: :math:`\beta \in [0, 1)`; 0 returns each step's own estimate. A traced
+      value is accepted as it is (no retrace when it changes).
+
+  Returns:
+    A :class:`NoiseScaleTracker` ``(init, update)``: ``init()`` returns a
+    :class:`NoiseScaleTrackerState`; ``update(estimate, state)`` returns the
+    smoothed :class:`NoiseScale` (float32) and the new state.
+
+  Raises:
+    ValueError: ``decay`` (a Python number) is not in [0, 1).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import gnorm_jax
+    >>> tracker = gnorm_jax.noise_scale_tracker(decay=0.9)
+    >>> state = tracker.init()
+    >>> for small, big in [(5.0, 2.0), (3.0, 1.5)]:
+    ...   est = gnorm_jax.noise_scale_from_two_batches(small, big, 32, 128)
+    ...   smoothed, state = tracker.update(est, state)
+    >>> float(smoothed.b_simple)  # (0.9·0.1·128 + 0.1·64) / (0.9·0.1·1 + 0.1·1)
+    94.31...
+
+  References:
+    McCandlish, Kaplan, Amodei et al. 2018, "An Empirical Model of Large-Batch
+    Training", appendix A. https://arxiv.org/abs/1812.06162
+  """
+  if isinstance(decay, bool) or (
+      _is_concrete_number(decay) and not 0 <= decay < 1
+  ):
+    raise ValueError(
+        f"decay must be in [0, 1) (e.g. 0.99 averages over ~100 steps), got"
+        f" decay={decay!r}."
+    )
+
+  def init() -> NoiseScaleTrackerState:
+    zero = jnp.zeros((), jnp.float32)
+    return NoiseScaleTrackerState(zero, zero, zero, jnp.zeros((), jnp.int32))
+
+  def update(
+      estimate: NoiseScale, state: NoiseScaleTrackerState
+  ) -> tuple[NoiseScale, NoiseScaleTrackerState]:
+    beta = jnp.asarray(decay, jnp.float32)
+    grad_sq = jnp.asarray(estimate.grad_sq_norm).astype(jnp.float32)
+    trace_cov = jnp.asarray(estimate.trace_cov).astype(jnp.float32)
+    finite = jnp.isfinite(grad_sq) & jnp.isfinite(trace_cov)
+
+    def ema(old, new):
+      return jnp.where(finite, beta * old + (1 - beta) * new, old)
+
+    state = NoiseScaleTrackerState(
+        grad_sq_norm=ema(state.grad_sq_norm, grad_sq),
+        trace_cov=ema(state.trace_cov, trace_cov),
+        weight=ema(state.weight, jnp.ones((), jnp.float32)),
+        skipped=state.skipped + jnp.where(finite, 0, 1).astype(jnp.int32),
+    )
+    seen = state.weight > 0
+    inv_weight = jnp.where(seen, 1 / jnp.where(seen, state.weight, 1), jnp.nan)
+    smoothed = NoiseScale(
+        b_simple=jnp.where(
+            seen, _safe_ratio(state.trace_cov, state.grad_sq_norm), jnp.nan
+        ),
+        grad_sq_norm=state.grad_sq_norm * inv_weight,
+        trace_cov=state.trace_cov * inv_weight,
+    )
+    return smoothed, state
+
+  return NoiseScaleTracker(init, update)
+
+
+# ---------------------------------------------------------------------------
+# Per-layer logging.
+
+
+def flat_dict(tree: Any, *, prefix: str = "", sep: str = "/") -> dict[str, Any]:
+  """A pytree as a flat ``{path: leaf}`` dict, paths joined with ``sep``.
+
+  Dict keys, attribute names (NamedTuples, dataclasses, equinox modules) and
+  sequence indices become path components: ``{"params": {"dense": {"kernel":
+  x}}}`` gives ``{"params/dense/kernel": x}``. Ready for TensorBoard, W&B or
+  CLU metric writers once fetched with ``jax.device_get``.
+
+  Args:
+    tree: any pytree (e.g. the ``leaf_norms`` of a :class:`RecordLeafNormsState`).
+    prefix: prepended to every path (with ``sep``), e.g. ``"grad_norm"``.
+    sep: the path separator.
+
+  Returns:
+    A dict from path strings to the leaves, in ``jax.tree`` flattening order.
+    A tree that is a single leaf gives ``{prefix: leaf}``.
+
+  Raises:
+    ValueError: two leaves give the same path (e.g. keys ``"a/b"`` and
+      ``"a"`` → ``"b"``); choose another ``sep``.
+
+  Examples:
+    >>> import gnorm_jax
+    >>> gnorm_jax.flat_dict({"dense": {"kernel": 1.0, "bias": 2.0}}, prefix="norm")
+    {'norm/dense/bias': 2.0, 'norm/dense/kernel': 1.0}
+  """
+  out: dict[str, Any] = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    key = jax.tree_util.keystr(path, simple=True, separator=sep)
+    key = sep.join(k for k in (prefix, key) if k)
+    if key in out:
+      raise ValueError(
+          f"Two leaves of the tree have the same flat path {key!r} with"
+          f" sep={sep!r}; pass a separator that does not occur in the keys."
+      )
+    out[key] = leaf
+  return out
+
+
+def flat_leaf_norms(
+    tree: Any,
+    ord: int | float | None = None,
+    *,
+    prefix: str = "",
+    sep: str = "/",
+) -> dict[str, jax.Array]:
+  r"""Per-leaf (per-layer) norms as a flat ``{path: norm}`` dict for logging.
+
+  :func:`gnorm_jax.leaf_norms` followed by :func:`flat_dict`:
+
+  .. math::
+    \{\text{path}(\ell): \|x_\ell\|\ \text{for each leaf } \ell\}
+
+  Works under jit (the values are scalar arrays); outside it,
+  ``jax.device_get`` turns the whole dict into numpy floats in one transfer.
+
+  Args:
+    tree: a pytree of floating-point arrays, e.g. gradients or updates.
+    ord: None or 2 (Euclidean), 1 or ``inf``.
+    prefix: prepended to every path, e.g. ``"grad_norm"``.
+    sep: the path separator.
+
+  Returns:
+    ``{path: norm}`` with scalar norms in at least float32.
+
+  Raises:
+    TypeError: a leaf is an integer or bool array.
+    ValueError: ``ord`` is not accepted, or two paths collide.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> import gnorm_jax
+    >>> grads = {"params": {"dense": {"kernel": jnp.array([[3.0, 4.0]]),
+    ...                               "bias": jnp.zeros(2)}}}
+    >>> {k: float(v) for k, v in jax.device_get(gnorm_jax.flat_leaf_norms(grads)).items()}
+    {'params/dense/bias': 0.0, 'params/dense/kernel': 5.0}
+  """
+  return flat_dict(leaf_norms(tree, ord), prefix=prefix, sep=sep)
+
+
+class RecordLeafNormsState(NamedTuple):
+  """State of :func:`record_leaf_norms`: the norms of the last updates it saw."""
+
+  leaf_norms: Any  # pytree like params; leaves [] float32 (float64 for float64 params)
+  global_norm: jax.Array  # [] float32 (or float64): norm of all updates as one vector
+
+
+def record_leaf_norms(ord: int | float | None = None) -> optax.GradientTransformation:
+  r"""An Optax transformation that records per-leaf norms and passes updates on.
+
+  The updates are returned unchanged (the same arrays); the state keeps
+
+  .. math::
+    \text{leaf\_norms} = \{\|u_\ell\|\}_\ell,\qquad
+    \text{global\_norm} = \|u\| = \big\|(\|u_\ell\|)_\ell\big\|
+
+  of the updates :math:`u` it received in the last step (zeros before the
+  first). What it measures depends on where it sits in an ``optax.chain``:
+  first, it records the gradient norms; last, the norms of the updates the
+  optimizer applies. Read the values with ``state.leaf_norms`` on its own state, or
+  ``optax.tree.get(opt_state, "leaf_norms")`` when there is one in the chain,
+  and log them with :func:`flat_dict`. The field is not called ``grad_norm``
+  so it never clashes with a clipping transformation's ``grad_norm``.
+
+  Args:
+    ord: None or 2 (Euclidean), 1 or ``inf``.
+
+  Returns:
+    An ``optax.GradientTransformation`` with :class:`RecordLeafNormsState`.
+
+  Raises:
+    ValueError: ``ord`` is not accepted.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax
+    >>> import gnorm_jax
+    >>> params = {"w": jnp.ones(2), "b": jnp.zeros(())}
+    >>> opt = optax.chain(gnorm_jax.record_leaf_norms(), optax.sgd(0.1))
+    >>> state = opt.init(params)
+    >>> grads = {"w": jnp.array([3.0, 4.0]), "b": jnp.array(1.0)}
+    >>> updates, state = opt.update(grads, state, params)
+    >>> gnorm_jax.flat_dict(optax.tree.get(state, "leaf_norms"))
+    {'b': Array(1., dtype=float32), 'w': Array(5., dtype=float32)}
+  """
+  check_ord(ord)
+
+  def init_fn(params):
+    shapes = jax.eval_shape(lambda p: leaf_norms(p, ord), params)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    total = jax.eval_shape(lambda p: tree_norm(p, ord), params)
+    return RecordLeafNormsState(zeros, jnp.zeros(total.shape, total.dtype))
+
+  def update_fn(updates, state, params=None):
+    del params
+    norms = jax.tree.map(
+        lambda n, old: n.astype(old.dtype), leaf_norms(updates, ord), state.leaf_norms
+    )
+    total = tree_norm(norms, ord).astype(state.global_norm.dtype)
+    return updates, RecordLeafNormsState(norms, total)
+
+  return optax.GradientTransformation(init_fn, update_fn)

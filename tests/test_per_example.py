@@ -1,0 +1,426 @@
+"""Per-example norms and clipped gradients: the ghost engine against vmap of jax.grad."""
+
+import math
+
+import equinox as eqx
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import gnorm_jax
+from gnorm_jax.per_example import _engine
+from gnorm_jax.per_example._analysis import analyze
+
+RTOL = 2e-4
+
+
+def _normal(key, *shape):
+  return 0.5 * jax.random.normal(key, shape)
+
+
+# ------------------------------------------------------------------ the zoo
+# Each builder returns (loss, params, batch) with loss(params, *example).
+
+
+def mlp(bias=True):
+  k = jax.random.split(jax.random.key(0), 5)
+  params = {"w1": _normal(k[0], 5, 7), "w2": _normal(k[1], 7, 3)}
+  if bias:
+    params.update(b1=_normal(k[2], 7), b2=_normal(k[3], 3))
+
+  def loss(p, x, y):
+    h = jnp.tanh(x @ p["w1"] + p.get("b1", 0.0))
+    return jnp.sum((h @ p["w2"] + p.get("b2", 0.0) - y) ** 2)
+
+  return loss, params, (_normal(k[4], 6, 5), _normal(k[2], 6, 3))
+
+
+def transformer():
+  vocab, d, heads, t = 11, 8, 2, 6
+  k = iter(jax.random.split(jax.random.key(1), 16))
+  params = {
+      "emb": _normal(next(k), vocab, d),
+      "wq": _normal(next(k), d, heads, d // heads),
+      "wk": _normal(next(k), d, heads, d // heads),
+      "wv": _normal(next(k), d, heads, d // heads),
+      "wo": _normal(next(k), heads, d // heads, d),
+      "ln1": 1 + _normal(next(k), d),
+      "ln2": 1 + _normal(next(k), d),
+      "w1": _normal(next(k), d, 16),
+      "b1": _normal(next(k), 16),
+      "w2": _normal(next(k), 16, d),
+  }
+
+  def ln(x, s):
+    mu = x.mean(-1, keepdims=True)
+    return (x - mu) * jax.lax.rsqrt(((x - mu) ** 2).mean(-1, keepdims=True) + 1e-5) * s
+
+  def loss(p, tokens, targets):
+    x = p["emb"][tokens]
+    h = ln(x, p["ln1"])
+    q = jnp.einsum("td,dhk->thk", h, p["wq"])
+    kk = jnp.einsum("td,dhk->thk", h, p["wk"])
+    v = jnp.einsum("td,dhk->thk", h, p["wv"])
+    att = jax.nn.softmax(jnp.einsum("thk,shk->hts", q, kk), axis=-1)
+    x = x + jnp.einsum("thk,hkd->td", jnp.einsum("hts,shk->thk", att, v), p["wo"])
+    x = x + jax.nn.gelu(ln(x, p["ln2"]) @ p["w1"] + p["b1"]) @ p["w2"]
+    logp = jax.nn.log_softmax(x @ p["emb"].T)  # tied output embedding
+    return -jnp.mean(jnp.take_along_axis(logp, targets[:, None], axis=1))
+
+  tokens = jax.random.randint(next(k), (4, t), 0, vocab)
+  return loss, params, (tokens, jax.random.randint(next(k), (4, t), 0, vocab))
+
+
+def cnn():
+  k = jax.random.split(jax.random.key(2), 4)
+  params = {"kernel": _normal(k[0], 3, 3, 1, 4), "w": _normal(k[1], 4 * 6 * 6, 3)}
+
+  def loss(p, x, y):
+    h = jax.lax.conv_general_dilated(
+        x[None], p["kernel"], (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    return jnp.sum((jax.nn.relu(h).reshape(-1) @ p["w"] - y) ** 2)
+
+  return loss, params, (_normal(k[2], 4, 8, 8, 1), _normal(k[3], 4, 3))
+
+
+def gru():
+  k = jax.random.split(jax.random.key(3), 5)
+  params = {"wx": _normal(k[0], 3, 12), "wh": _normal(k[1], 4, 12), "out": _normal(k[2], 4, 2)}
+
+  def loss(p, xs, y):
+    def cell(h, x):
+      r, u, c = jnp.split(x @ p["wx"] + h @ p["wh"], 3)
+      u = jax.nn.sigmoid(u)
+      return (1 - u) * h + u * jnp.tanh(c * jax.nn.sigmoid(r)), None
+
+    h, _ = jax.lax.scan(cell, jnp.zeros(4), xs)
+    return jnp.sum((h @ p["out"] - y) ** 2)
+
+  return loss, params, (_normal(k[3], 4, 7, 3), _normal(k[4], 4, 2))
+
+
+def shared_unrolled():
+  k = jax.random.split(jax.random.key(4), 4)
+  params = {"w": _normal(k[0], 5, 5), "u": _normal(k[1], 5, 5)}
+
+  def loss(p, x, y):
+    h = x
+    for _ in range(3):  # the same weights at every step: one gradient, three uses
+      h = jnp.tanh(h @ p["w"] + x @ p["u"].T)
+    return jnp.sum((h - y) ** 2)
+
+  return loss, params, (_normal(k[2], 4, 5), _normal(k[3], 4, 5))
+
+
+def flax_linen():
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(3)(nn.LayerNorm()(nn.relu(nn.Dense(16)(x))))
+
+  net = Net()
+  k = jax.random.split(jax.random.key(5), 3)
+  params = net.init(k[0], jnp.ones(5))
+  return (
+      lambda p, x, y: jnp.sum((net.apply(p, x) - y) ** 2),
+      params,
+      (_normal(k[1], 6, 5), _normal(k[2], 6, 3)),
+  )
+
+
+def flax_nnx():
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.l1 = nnx.Linear(5, 16, rngs=rngs)
+      self.l2 = nnx.Linear(16, 3, rngs=rngs)
+
+    def __call__(self, x):
+      return self.l2(jax.nn.relu(self.l1(x)))
+
+  graphdef, state = nnx.split(Net(nnx.Rngs(0)))
+  k = jax.random.split(jax.random.key(6), 2)
+  return (
+      lambda s, x, y: jnp.sum((nnx.merge(graphdef, s)(x) - y) ** 2),
+      state,
+      (_normal(k[0], 6, 5), _normal(k[1], 6, 3)),
+  )
+
+
+def equinox_mlp():
+  k = jax.random.split(jax.random.key(7), 3)
+  params, static = eqx.partition(eqx.nn.MLP(5, 3, 16, 2, key=k[0]), eqx.is_array)
+  return (
+      lambda p, x, y: jnp.sum((eqx.combine(p, static)(x) - y) ** 2),
+      params,
+      (_normal(k[1], 6, 5), _normal(k[2], 6, 3)),
+  )
+
+
+ZOO = {
+    "mlp": lambda: mlp(bias=True),
+    "mlp_no_bias": lambda: mlp(bias=False),
+    "transformer": transformer,
+    "cnn": cnn,
+    "gru_scan": gru,
+    "shared_unrolled": shared_unrolled,
+    "flax_linen": flax_linen,
+    "flax_nnx": flax_nnx,
+    "equinox": equinox_mlp,
+}
+
+
+def _reference(loss, params, batch, max_norm, reduce="mean"):
+  """vmap of jax.grad, clipped and reduced in float64 numpy."""
+  per_ex = jax.vmap(jax.grad(loss), in_axes=(None, 0, 0))(params, *batch)
+  leaves = [np.asarray(g, np.float64) for g in jax.tree.leaves(per_ex)]
+  b = leaves[0].shape[0]
+  norms = np.sqrt(sum(np.sum(g.reshape(b, -1) ** 2, axis=1) for g in leaves))
+  w = np.minimum(1.0, max_norm / np.where(norms > 0, norms, 1.0))
+  clipped = [np.tensordot(w, g, axes=1) / (b if reduce == "mean" else 1) for g in leaves]
+  return norms, jax.tree.unflatten(jax.tree.structure(per_ex), clipped)
+
+
+def _assert_tree_close(got, want, rtol=RTOL):
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    scale = np.max(np.abs(w)) + 1e-30
+    np.testing.assert_allclose(np.asarray(g, np.float64) / scale, w / scale, atol=rtol, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "name,jit", [(name, True) for name in sorted(ZOO)] + [("mlp", False), ("transformer", False)]
+)
+def test_zoo_matches_vmap_reference(name, jit):
+  loss, params, batch = ZOO[name]()
+  want_norms, _ = _reference(loss, params, batch, 1.0)
+  max_norm = float(np.median(want_norms))  # half the examples are clipped
+  _, want = _reference(loss, params, batch, max_norm)
+  norms_fn = gnorm_jax.per_example_grad_norms(loss, batch_argnums=(1, 2))
+  clip_fn = gnorm_jax.clipped_grad(loss, max_norm, batch_argnums=(1, 2), return_norms=True)
+  if jit:
+    norms_fn, clip_fn = jax.jit(norms_fn), jax.jit(clip_fn)
+  norms = norms_fn(params, *batch)
+  grads, norms2 = clip_fn(params, *batch)
+  np.testing.assert_allclose(norms, want_norms, rtol=RTOL)
+  np.testing.assert_allclose(norms2, want_norms, rtol=RTOL)
+  assert jax.tree.structure(grads) == jax.tree.structure(params)
+  _assert_tree_close(grads, want)
+
+
+@pytest.mark.parametrize("name", ["mlp", "transformer", "shared_unrolled"])
+def test_reduce_sum_and_vmap_method(name):
+  loss, params, batch = ZOO[name]()
+  _, want = _reference(loss, params, batch, 0.5, reduce="sum")
+  for method in ("auto", "vmap"):
+    got = jax.jit(gnorm_jax.clipped_grad(loss, 0.5, batch_argnums=(1, 2), reduce="sum", method=method))(
+        params, *batch
+    )
+    _assert_tree_close(got, want)
+
+
+def test_x64():
+  with jax.enable_x64(True):
+    loss, params, batch = transformer()
+    params = jax.tree.map(lambda x: x.astype(jnp.float64), params)
+    want_norms, want = _reference(loss, params, batch, 0.3)
+    grads, norms = jax.jit(
+        gnorm_jax.clipped_grad(loss, 0.3, batch_argnums=(1, 2), return_norms=True)
+    )(params, *batch)
+    assert norms.dtype == jnp.float64
+    np.testing.assert_allclose(norms, want_norms, rtol=1e-12)
+    _assert_tree_close(grads, want, rtol=1e-12)
+
+
+# --------------------------------------------- both ghost and direct, every layout
+
+EINSUMS = [
+    ("d,dk->k", (5,), (5, 4)),  # vector activation (T = 1)
+    ("td,dk->tk", (6, 5), (5, 4)),  # sequence
+    ("td,kd->tk", (6, 5), (4, 5)),  # transposed weight, contracted on its last axis
+    ("thk,hkd->td", (6, 2, 3), (2, 3, 4)),  # two contracted axes
+    ("td,dhk->thk", (6, 5), (5, 2, 3)),  # two free parameter axes
+    ("htk,hkn->htn", (2, 6, 3), (2, 3, 4)),  # a batch (head) axis shared with the weight
+    ("tk,hkn->htn", (6, 3), (2, 3, 4)),  # parameter with a free head axis
+]
+
+
+@pytest.mark.parametrize("spec,act_shape,w_shape", EINSUMS)
+@pytest.mark.parametrize("plan", ["ghost", "direct"])
+@pytest.mark.parametrize("param_side", ["rhs", "lhs"])
+def test_every_layout_in_both_plans(monkeypatch, spec, act_shape, w_shape, plan, param_side):
+  ins, out = spec.split("->")
+  a_spec, w_spec = ins.split(",")
+  k = jax.random.split(jax.random.key(8), 3)
+  w = _normal(k[0], *w_shape)
+
+  def loss(w, x):
+    z = jnp.einsum(f"{a_spec},{w_spec}->{out}", x, w) if param_side == "rhs" else jnp.einsum(
+        f"{w_spec},{a_spec}->{out}", w, x
+    )
+    return jnp.sum(jnp.sin(z))
+
+  x = _normal(k[1], 4, *act_shape)
+  forced = []
+
+  def forced_plan(uses, ndim):
+    forced.append(plan)
+    return plan
+
+  monkeypatch.setattr(_engine, "plan_leaf", forced_plan)
+  got_clip, got = jax.jit(gnorm_jax.clipped_grad(loss, 0.7, return_norms=True))(w, x)
+  monkeypatch.undo()
+  want_norms, want = _reference(lambda w, x, _: loss(w, x), w, (x, x), 0.7)
+  assert forced, "the einsum parameter should have been recognized"
+  np.testing.assert_allclose(got, want_norms, rtol=RTOL)
+  _assert_tree_close(got_clip, want)
+
+
+# ------------------------------------------------------------------ analysis
+
+
+def _classify(name):
+  loss, params, batch = ZOO[name]()
+  single = [jax.ShapeDtypeStruct(b.shape[1:], b.dtype) for b in batch]
+  closed = jax.make_jaxpr(loss)(params, *single)
+  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+  analysis = analyze(closed, {i: i for i in range(len(leaves))})
+  paths = [jax.tree_util.keystr(p) for p, _ in leaves]
+  return {paths[i] for i in analysis.recognized}, {paths[i] for i in analysis.fallback}
+
+
+@pytest.mark.parametrize(
+    "name,recognized,fallback",
+    [
+        ("mlp", {"['w1']", "['w2']"}, {"['b1']", "['b2']"}),
+        (
+            "transformer",
+            {"['wq']", "['wk']", "['wv']", "['wo']", "['w1']", "['w2']"},
+            {"['emb']", "['ln1']", "['ln2']", "['b1']"},  # emb: gather + tied matmul
+        ),
+        ("cnn", {"['w']"}, {"['kernel']"}),
+        ("gru_scan", {"['out']"}, {"['wx']", "['wh']"}),
+        ("shared_unrolled", {"['w']", "['u']"}, set()),
+    ],
+)
+def test_analysis_recognizes_matmuls_only(name, recognized, fallback):
+  assert _classify(name) == (recognized, fallback)
+
+
+def test_ghost_method_names_unrecognized_leaves():
+  loss, params, batch = mlp(bias=True)
+  with pytest.raises(ValueError, match=r"\['b1'\].*method='auto'"):
+    gnorm_jax.per_example_grad_norms(loss, batch_argnums=(1, 2), method="ghost")(params, *batch)
+  loss, params, batch = mlp(bias=False)
+  norms = gnorm_jax.per_example_grad_norms(loss, batch_argnums=(1, 2), method="ghost")(
+      params, *batch
+  )
+  np.testing.assert_allclose(norms, _reference(loss, params, batch, 1.0)[0], rtol=RTOL)
+
+
+def test_planner_prefers_ghost_for_short_sequences_and_direct_for_long():
+  def loss(w, x):
+    return jnp.sum(jnp.tanh(x @ w))
+
+  w = jnp.ones((64, 64))
+  for t, want in [(4, "ghost"), (200, "direct")]:
+    closed = jax.make_jaxpr(loss)(w, jax.ShapeDtypeStruct((t, 64), jnp.float32))
+    uses = analyze(closed, {0: 0}).uses[0]
+    assert _engine.plan_leaf(uses, 2) == want
+
+
+# ------------------------------------------------------------------ API details
+
+
+def test_tuple_argnums_and_pytree_batch():
+  loss, params, (x, y) = mlp()
+  w1, rest = params["w1"], {k: v for k, v in params.items() if k != "w1"}
+
+  def loss2(w1, rest, batch):
+    return loss({"w1": w1, **rest}, *batch)
+
+  fn = gnorm_jax.clipped_grad(loss2, 0.5, argnums=(0, 1), batch_argnums=2, return_norms=True)
+  (g_w1, g_rest), norms = jax.jit(fn)(w1, rest, (x, y))
+  want_norms, want = _reference(loss, params, (x, y), 0.5)
+  np.testing.assert_allclose(norms, want_norms, rtol=RTOL)
+  _assert_tree_close({"w1": g_w1, **g_rest}, want)
+
+
+def test_broadcast_argument_is_not_batched():
+  def loss(w, x, scale):
+    return scale * jnp.sum((x @ w) ** 2)
+
+  w, x = jnp.ones((3, 2)), jnp.arange(12.0).reshape(4, 3)
+  got = gnorm_jax.per_example_grad_norms(loss)(w, x, 2.0)
+  want = jax.vmap(lambda xi: gnorm_jax.tree_norm(jax.grad(loss)(w, xi, 2.0)))(x)
+  np.testing.assert_allclose(got, want, rtol=RTOL)
+
+
+def test_zero_gradients_and_zero_threshold_are_nan_free():
+  loss, params, (x, y) = mlp()
+  x = x.at[0].set(0.0)
+  params = {**params, "w2": jnp.zeros_like(params["w2"])}
+  y = y.at[0].set(params["b2"])  # example 0 has zero loss and zero gradient
+
+  fn = jax.jit(gnorm_jax.clipped_grad(loss, 1.0, batch_argnums=(1, 2), return_norms=True))
+  grads, norms = fn(params, x, y)
+  assert norms[0] == 0.0
+  assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+  zero = jax.jit(gnorm_jax.clipped_grad(loss, 0.0, batch_argnums=(1, 2)))(params, x, y)
+  assert all(bool(jnp.all(g == 0)) for g in jax.tree.leaves(zero))
+
+
+def test_traced_max_norm_and_grad_through_threshold_is_finite():
+  loss, params, batch = mlp()
+
+  def total(c):
+    g = gnorm_jax.clipped_grad(loss, c, batch_argnums=(1, 2))(params, *batch)
+    return gnorm_jax.tree_norm(g)
+
+  want = _reference(loss, params, batch, 0.3)[1]
+  got = jax.jit(lambda c: gnorm_jax.clipped_grad(loss, c, batch_argnums=(1, 2))(params, *batch))(
+      jnp.float32(0.3)
+  )
+  _assert_tree_close(got, want)
+  assert np.isfinite(jax.grad(total)(jnp.float32(0.3)))
+
+
+def test_non_finite_examples_propagate():
+  """A NaN/inf in one example's gradient is reported in its norm, not hidden."""
+  loss, params, (x, y) = mlp()
+  x = x.at[1].set(jnp.nan)
+  grads, norms = gnorm_jax.clipped_grad(loss, 1.0, batch_argnums=(1, 2), return_norms=True)(
+      params, x, y
+  )
+  assert np.isnan(norms[1]) and np.all(np.isfinite(np.delete(np.asarray(norms), 1)))
+  assert all(bool(jnp.any(jnp.isnan(g))) for g in jax.tree.leaves(grads))
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        ({"max_norm": -1.0}, ValueError, "max_norm=-1.0"),
+        ({"max_norm": math.nan}, ValueError, "max_norm=nan"),
+        ({"max_norm": 1.0, "reduce": "max"}, ValueError, "reduce='max'"),
+        ({"max_norm": 1.0, "method": "fast"}, ValueError, "method='fast'"),
+        ({"max_norm": 1.0, "argnums": 1}, ValueError, "share"),
+        ({"max_norm": 1.0, "argnums": "0"}, TypeError, "argnums"),
+    ],
+)
+def test_construction_errors(kwargs, error, match):
+  with pytest.raises(error, match=match):
+    gnorm_jax.clipped_grad(lambda w, x: jnp.sum(w * x), **kwargs)
+
+
+def test_call_errors():
+  fn = gnorm_jax.per_example_grad_norms(lambda w, x, y: jnp.sum(w * x) * y, batch_argnums=(1, 2))
+  with pytest.raises(ValueError, match="same leading batch axis"):
+    fn(jnp.ones(3), jnp.ones((4, 3)), jnp.ones(5))
+  with pytest.raises(TypeError, match="one real scalar per example"):
+    gnorm_jax.per_example_grad_norms(lambda w, x: w * x)(jnp.ones(3), jnp.ones((4, 3)))
+  with pytest.raises(TypeError, match="floating point"):
+    gnorm_jax.per_example_grad_norms(lambda w, x: jnp.sum(x))(jnp.arange(3), jnp.ones((4, 3)))
+  with pytest.raises(TypeError, match="need at least 2"):
+    gnorm_jax.per_example_grad_norms(lambda w: jnp.sum(w))(jnp.ones(3))

@@ -128,7 +128,8 @@ class _PerExample:
     param_order = [flat_args[p] for p in param_positions]
     analysis = analyze(closed, param_positions)
     if self.method == "ghost" and analysis.fallback:
-      paths = _param_paths(self._params(args))
+      params = self._params(args)
+      paths = _param_paths(params[0] if self.single_params else params)
       why = "; ".join(f"{paths[l]}: {r}" for l, r in sorted(analysis.fallback.items()))
       raise ValueError(
           "method='ghost' needs every parameter leaf to enter the loss only through matrix"

@@ -3,16 +3,88 @@
 Everything public is importable from here; submodules are private.
 """
 
+from gnorm_jax.diagnostics import (
+    NoiseScale,
+    NoiseScaleTracker,
+    NoiseScaleTrackerState,
+    RecordLeafNormsState,
+    flat_dict,
+    flat_leaf_norms,
+    gradient_noise_scale,
+    noise_scale_from_two_batches,
+    noise_scale_tracker,
+    record_leaf_norms,
+)
+from gnorm_jax.clipping import (
+    ClipByNormState,
+    NormalizeState,
+    clip_by_norm,
+    normalize,
+    normalized_sgd,
+)
 from gnorm_jax.norms import leaf_norms, tree_norm
+from gnorm_jax.per_example import clipped_grad, per_example_grad_norms
 from gnorm_jax.transforms import grad_norm, value_grad_and_norm
+from gnorm_jax.penalty import (
+    gradient_penalty,
+    interpolate,
+    penalized,
+    penalized_value_and_grad,
+    r1_penalty,
+)
+from gnorm_jax.adaptive import (
+    AutoClipState,
+    QuantileClipState,
+    SkipSpikesState,
+    ZClipState,
+    autoclip,
+    quantile_clip,
+    skip_spikes,
+    zclip,
+)
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    # adaptive clipping and spike protection (Optax)
+    "autoclip",
+    "zclip",
+    "quantile_clip",
+    "skip_spikes",
+    "AutoClipState",
+    "ZClipState",
+    "QuantileClipState",
+    "SkipSpikesState",
     # norms
     "tree_norm",
     "leaf_norms",
+    # clipping and normalization (Optax)
+    "clip_by_norm",
+    "normalize",
+    "normalized_sgd",
+    "ClipByNormState",
+    "NormalizeState",
     # transforms
     "grad_norm",
     "value_grad_and_norm",
+    # gradient-norm penalties and GAN penalties
+    "penalized",
+    "penalized_value_and_grad",
+    "gradient_penalty",
+    "r1_penalty",
+    "interpolate",
+    # per-example
+    "per_example_grad_norms",
+    "clipped_grad",
+    # diagnostics
+    "gradient_noise_scale",
+    "noise_scale_from_two_batches",
+    "NoiseScale",
+    "noise_scale_tracker",
+    "NoiseScaleTracker",
+    "NoiseScaleTrackerState",
+    "flat_dict",
+    "flat_leaf_norms",
+    "record_leaf_norms",
+    "RecordLeafNormsState",
 ]

@@ -1,0 +1,619 @@
+"""Optax transformations that clip by a threshold learnt from the norm history.
+
+Four ways a large-model trainer protects itself from gradient spikes, all built
+on :func:`gnorm_jax.tree_norm` (the global Euclidean norm of the update tree):
+
+* :func:`autoclip`: clip to a percentile of the last ``history`` norms
+  (Seetharaman et al. 2020).
+* :func:`zclip`: clip norms whose z-score against an EMA mean and variance is
+  too large (Kumar et al. 2025).
+* :func:`quantile_clip`: clip to a streaming estimate of a quantile of the
+  norm, O(1) state (Andrew et al. 2021).
+* :func:`skip_spikes`: wrap any optimizer and skip (zero update, unchanged
+  inner state) steps whose norm is an outlier of the last ``window`` norms.
+
+Shared conventions. States are NamedTuples of fixed-size arrays; ``grad_norm``
+is the norm measured at the last step, before clipping, and ``max_norm`` the
+threshold that step was held to (the update's norm is ``min(grad_norm,
+max_norm)``, so ``grad_norm > max_norm`` says the step was clipped). Counters
+are int32 and saturate instead of wrapping.
+
+Non-finite norms (inf or NaN anywhere in the gradient) are never recorded in a
+history or a running statistic, so one bad batch does not poison the
+thresholds of the steps after it. The three clippers pass such an update on
+non-finite (like ``optax.clip_by_global_norm``); :func:`skip_spikes` skips it.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from gnorm_jax.clipping import clip_factor, scale_tree
+from gnorm_jax.norms import tree_norm
+
+__all__ = ["autoclip", "zclip", "quantile_clip", "skip_spikes"]
+
+
+# --------------------------------------------------------------------------
+# Construction-time checks (only on concrete Python numbers: traced
+# hyperparameters from optax.inject_hyperparams are accepted as they are).
+
+
+def _is_number(x: Any) -> bool:
+  return isinstance(x, (int, float))
+
+
+def _check(ok: bool, name: str, value: Any, requirement: str, fix: str = "") -> None:
+  if not ok:
+    raise ValueError(f"{name} must be {requirement}; got {name}={value!r}. {fix}".rstrip())
+
+
+def _check_size(name: str, value: Any) -> int:
+  """A buffer length: a Python int >= 1 (it is the state's shape, never traced)."""
+  try:
+    size = operator.index(value)
+  except TypeError:
+    raise TypeError(
+        f"{name} must be a Python int (it fixes the shape of the state); got"
+        f" {name}={value!r}. With optax.inject_hyperparams, pass"
+        f" static_args=({name!r},)."
+    ) from None
+  _check(size >= 1, name, value, "an int >= 1")
+  return size
+
+
+# --------------------------------------------------------------------------
+# Shared helpers.
+
+
+def _norm_dtype(params: Any) -> jnp.dtype:
+  """The dtype tree_norm returns for ``params`` (float32, or float64)."""
+  return jax.eval_shape(tree_norm, params).dtype
+
+
+def _count_if(counter: jax.Array, cond: jax.Array) -> jax.Array:
+  return jnp.where(cond, optax.safe_increment(counter), counter)
+
+
+def _record(history: jax.Array, num_recorded: jax.Array, norm: jax.Array):
+  """Writes a finite ``norm`` into the ring buffer; non-finite norms are dropped."""
+  finite = jnp.isfinite(norm)
+  slot = num_recorded % history.shape[0]
+  history = jnp.where(finite, history.at[slot].set(norm), history)
+  return history, _count_if(num_recorded, finite)
+
+
+def _filled(history: jax.Array, num_recorded: jax.Array) -> jax.Array:
+  """How many entries of the ring buffer hold recorded norms."""
+  return jnp.minimum(num_recorded, history.shape[0])
+
+
+def _percentile(history: jax.Array, num_recorded: jax.Array, q: Any) -> jax.Array:
+  """numpy.percentile(filled entries, q) with linear interpolation; inf if none.
+
+  Unfilled slots hold +inf, so after sorting the filled entries come first.
+  """
+  n = _filled(history, num_recorded)
+  ordered = jnp.sort(history)
+  pos = jnp.asarray(q, history.dtype) / 100 * (jnp.maximum(n, 1) - 1).astype(history.dtype)
+  lo = jnp.floor(pos).astype(n.dtype)
+  hi = jnp.minimum(lo + 1, jnp.maximum(n, 1) - 1)  # never reads an unfilled slot
+  value = ordered[lo] + (pos - lo) * (ordered[hi] - ordered[lo])
+  return jnp.where(n > 0, value, jnp.inf)
+
+
+def _mean_std(history: jax.Array, num_recorded: jax.Array):
+  """Mean and population standard deviation of the filled entries (two-pass)."""
+  n = _filled(history, num_recorded)
+  filled = jnp.arange(history.shape[0]) < n
+  denom = jnp.maximum(n, 1).astype(history.dtype)
+  mean = jnp.sum(jnp.where(filled, history, 0)) / denom
+  var = jnp.sum(jnp.where(filled, (history - mean) ** 2, 0)) / denom
+  return mean, jnp.sqrt(var)
+
+
+def _clip(updates: Any, norm: jax.Array, max_norm: jax.Array) -> Any:
+  # No threshold is +inf here; clip_factor's derivative is NaN at an infinite
+  # threshold (0·inf in its backward pass), and finfo.max acts the same.
+  max_norm = jnp.minimum(max_norm, jnp.finfo(norm.dtype).max)
+  return scale_tree(updates, clip_factor(norm, max_norm))
+
+
+def _empty_history(size: int, dtype: jnp.dtype) -> jax.Array:
+  return jnp.full((size,), jnp.inf, dtype)
+
+
+_ZERO_COUNT = jnp.zeros((), jnp.int32)
+
+
+# --------------------------------------------------------------------------
+# AutoClip.
+
+
+class AutoClipState(NamedTuple):
+  """State of :func:`autoclip`."""
+
+  count: jax.Array  # () int32: steps taken
+  grad_norm: jax.Array  # () float: global norm at the last step, before clipping
+  max_norm: jax.Array  # () float: threshold of the last step (inf before any)
+  history: jax.Array  # (history,) float: ring buffer of finite norms, inf = empty
+  num_recorded: jax.Array  # () int32: finite norms recorded so far
+  num_clipped: jax.Array  # () int32: steps with grad_norm > max_norm
+
+
+def autoclip(percentile: Any = 10.0, *, history: int = 1000) -> optax.GradientTransformation:
+  r"""AutoClip: clip the global norm to a percentile of its own recent history.
+
+  At step :math:`t` the norm :math:`g_t = \|u_t\|` is appended to a ring buffer
+  :math:`H_t` of the last ``history`` norms, then
+
+  .. math::
+    \tau_t = \operatorname{percentile}(H_t, p), \qquad
+    u_t \leftarrow u_t \cdot \min\!\Big(1, \frac{\tau_t}{g_t}\Big),
+
+  with numpy's default (linear) interpolation. Unclipped norms are recorded.
+  Until the buffer is full only the recorded entries count; on the first step
+  the buffer holds only :math:`g_1`, so :math:`\tau_1 = g_1` and the first
+  update passes unchanged. The percentile costs a sort of ``history`` numbers
+  per step, independent of the number of parameters.
+
+  Non-finite norms are not recorded (the history stays clean) and the update is
+  passed on non-finite; wrap the optimizer in :func:`skip_spikes` to drop it.
+
+  Args:
+    percentile: :math:`p \in (0, 100]`; 10 in the paper (clip to the 10th
+      percentile). May be traced (``optax.inject_hyperparams``).
+    history: length of the ring buffer, a Python int >= 1. It fixes the state's
+      shape: with ``optax.inject_hyperparams`` pass ``static_args=("history",)``.
+
+  Returns:
+    An ``optax.GradientTransformation`` with state :class:`AutoClipState`.
+
+  Raises:
+    ValueError: ``percentile`` outside (0, 100] or ``history`` < 1.
+    TypeError: ``history`` is not an int.
+
+  References:
+    Seetharaman et al., 2020. `AutoClip: Adaptive Gradient Clipping for Source
+    Separation Networks <https://arxiv.org/abs/2007.14469>`_.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import gnorm_jax
+    >>> tx = gnorm_jax.autoclip(50.0, history=3)
+    >>> state = tx.init(jnp.zeros(2))
+    >>> for g in ([3.0, 4.0], [0.0, 1.0], [0.0, 9.0]):  # norms 5, 1, 9
+    ...   updates, state = tx.update(jnp.array(g), state)
+    >>> float(state.max_norm), updates  # the median of (5, 1, 9)
+    (5.0, Array([0., 5.], dtype=float32))
+  """
+  if _is_number(percentile):
+    _check(0 < percentile <= 100, "percentile", percentile, "in (0, 100]",
+           "It is a percentage: 10.0 clips to the 10th percentile.")
+  size = _check_size("history", history)
+
+  def init_fn(params):
+    dtype = _norm_dtype(params)
+    return AutoClipState(
+        count=_ZERO_COUNT,
+        grad_norm=jnp.zeros((), dtype),
+        max_norm=jnp.full((), jnp.inf, dtype),
+        history=_empty_history(size, dtype),
+        num_recorded=_ZERO_COUNT,
+        num_clipped=_ZERO_COUNT,
+    )
+
+  def update_fn(updates, state, params=None):
+    del params
+    norm = tree_norm(updates).astype(state.grad_norm.dtype)
+    buffer, num_recorded = _record(state.history, state.num_recorded, norm)
+    max_norm = _percentile(buffer, num_recorded, percentile)
+    new_state = AutoClipState(
+        count=optax.safe_increment(state.count),
+        grad_norm=norm,
+        max_norm=max_norm,
+        history=buffer,
+        num_recorded=num_recorded,
+        num_clipped=_count_if(state.num_clipped, norm > max_norm),
+    )
+    return _clip(updates, norm, max_norm), new_state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+# --------------------------------------------------------------------------
+# ZClip.
+
+
+class ZClipState(NamedTuple):
+  """State of :func:`zclip`."""
+
+  count: jax.Array  # () int32: steps taken
+  grad_norm: jax.Array  # () float: global norm at the last step, before clipping
+  max_norm: jax.Array  # () float: threshold of the last step (see zclip)
+  mean: jax.Array  # () float: EMA mean of (clipped) norms; warm-up: plain mean
+  var: jax.Array  # () float: EMA variance; warm-up: population variance
+  num_recorded: jax.Array  # () int32: finite norms seen (warm-up ends at warmup_steps)
+  num_clipped: jax.Array  # () int32: steps with grad_norm > max_norm
+
+
+def zclip(
+    *,
+    alpha: Any = 0.97,
+    z_threshold: Any = 2.5,
+    warmup_steps: Any = 25,
+    max_norm: Any = None,
+) -> optax.GradientTransformation:
+  r"""ZClip: clip norms that are outliers (z-score) of an EMA of past norms.
+
+  Warm-up: the first ``warmup_steps`` finite norms are collected and not
+  clipped (except by the optional fixed cap ``max_norm``); their mean and
+  population variance initialize :math:`\mu, \sigma^2`. After that, each norm
+  :math:`g_t` gets the z-score :math:`z_t = (g_t - \mu_{t-1})/\sigma_{t-1}` and
+  the reciprocal rule clips it to
+
+  .. math::
+    g_t^* = \begin{cases}
+      \mu_{t-1} + \dfrac{z_\text{thres}^2}{z_t}\,\sigma_{t-1} & z_t > z_\text{thres}\\
+      g_t & \text{otherwise,}\end{cases}
+
+  then the EMA is updated with the clipped norm (weight :math:`\alpha` on the
+  old value, the variance around the new mean):
+
+  .. math::
+    \mu_t = \alpha\mu_{t-1} + (1-\alpha)\,g_t^*, \qquad
+    \sigma_t^2 = \alpha\sigma_{t-1}^2 + (1-\alpha)\,(g_t^* - \mu_t)^2 .
+
+  This is Algorithm 1 of the paper and its reference implementation, with one
+  difference: no ``eps`` is added to :math:`\sigma`; at :math:`\sigma = 0` a
+  norm above the mean has :math:`z = \infty` and is clipped to :math:`\mu`
+  (the limit of the rule), a norm at or below it is not clipped. As in the
+  reference, the fixed cap ``max_norm`` applies at every step and does not feed
+  the EMA.
+
+  State ``max_norm`` is the threshold the step was held to: during warm-up the
+  cap (inf without one); then :math:`g_t^*` on a spike, else the largest
+  unclipped norm :math:`\mu_{t-1} + z_\text{thres}\sigma_{t-1}`; at most the
+  cap. Non-finite norms are passed on non-finite and touch neither the
+  statistics nor the warm-up count.
+
+  Args:
+    alpha: EMA weight of the old value, in (0, 1); 0.97 in the paper.
+    z_threshold: :math:`z_\text{thres} \ge 0`; 2.5 in the paper.
+    warmup_steps: finite norms collected before clipping starts, >= 1. With
+      very few, :math:`\sigma` can start at 0, which clips every norm above the
+      mean to the mean (the paper uses 25).
+    max_norm: optional fixed cap >= 0 on the norm at every step (None: none).
+
+  Returns:
+    An ``optax.GradientTransformation`` with state :class:`ZClipState`.
+
+  Raises:
+    ValueError: a hyperparameter outside the ranges above.
+
+  References:
+    Kumar et al., 2025. `ZClip: Adaptive Spike Mitigation for LLM Pre-Training
+    <https://arxiv.org/abs/2504.02507>`_.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import gnorm_jax
+    >>> tx = gnorm_jax.zclip(warmup_steps=2)
+    >>> state = tx.init(jnp.zeros(1))
+    >>> for g in (1.0, 3.0):  # warm-up: mean 2, std 1
+    ...   _, state = tx.update(jnp.array([g]), state)
+    >>> updates, state = tx.update(jnp.array([7.0]), state)  # z = 5
+    >>> updates  # clipped to 2 + 2.5**2 / 5 * 1
+    Array([3.25], dtype=float32)
+  """
+  if _is_number(alpha):
+    _check(0 < alpha < 1, "alpha", alpha, "in (0, 1)",
+           "It is the EMA weight of the old value, e.g. 0.97.")
+  if _is_number(z_threshold):
+    _check(z_threshold >= 0, "z_threshold", z_threshold, ">= 0", "The paper uses 2.5.")
+  if _is_number(warmup_steps):
+    _check(warmup_steps >= 1 and float(warmup_steps).is_integer(), "warmup_steps",
+           warmup_steps, "an integer >= 1", "The paper uses 25.")
+  if _is_number(max_norm):
+    _check(max_norm >= 0, "max_norm", max_norm, ">= 0 or None (no fixed cap)")
+  cap = jnp.inf if max_norm is None else max_norm
+
+  def init_fn(params):
+    dtype = _norm_dtype(params)
+    zero = jnp.zeros((), dtype)
+    return ZClipState(
+        count=_ZERO_COUNT,
+        grad_norm=zero,
+        max_norm=jnp.asarray(cap, dtype),
+        mean=zero,
+        var=zero,
+        num_recorded=_ZERO_COUNT,
+        num_clipped=_ZERO_COUNT,
+    )
+
+  def update_fn(updates, state, params=None):
+    del params
+    dtype = state.grad_norm.dtype
+    norm = tree_norm(updates).astype(dtype)
+    finite = jnp.isfinite(norm)
+    warm = state.num_recorded < warmup_steps
+    mean, var = state.mean, state.var
+    a, zt, cap_t = (jnp.asarray(x, dtype) for x in (alpha, z_threshold, cap))
+
+    # Warm-up: running mean and population variance (Welford), numerically
+    # stable where sums of squares are not.
+    n = (state.num_recorded + 1).astype(dtype)
+    delta = norm - mean
+    warm_mean = mean + delta / n
+    warm_var = var + (delta * (norm - warm_mean) - var) / n
+
+    # After warm-up: z-score and the reciprocal rule; z = ±inf where std = 0.
+    std = jnp.sqrt(var)
+    excess = norm - mean
+    pos = std > 0
+    z = jnp.where(pos, excess / jnp.where(pos, std, 1),
+                  jnp.where(excess > 0, jnp.inf, 0))
+    spike = ~warm & (z > zt)
+    clipped = mean + zt**2 / jnp.where(spike, z, 1) * std
+    g_star = jnp.where(spike, clipped, norm)
+    ema_mean = a * mean + (1 - a) * g_star
+    ema_var = a * var + (1 - a) * (g_star - ema_mean) ** 2
+
+    keep = ~finite
+    new_mean = jnp.where(keep, mean, jnp.where(warm, warm_mean, ema_mean))
+    new_var = jnp.where(keep, var, jnp.where(warm, warm_var, ema_var))
+    limit = jnp.minimum(jnp.where(spike, clipped, jnp.inf), cap_t)
+    reported = jnp.where(warm, cap_t, jnp.minimum(jnp.where(spike, clipped, mean + zt * std), cap_t))
+    new_state = ZClipState(
+        count=optax.safe_increment(state.count),
+        grad_norm=norm,
+        max_norm=reported,
+        mean=new_mean,
+        var=new_var,
+        num_recorded=_count_if(state.num_recorded, finite),
+        num_clipped=_count_if(state.num_clipped, norm > limit),
+    )
+    return _clip(updates, norm, limit), new_state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+# --------------------------------------------------------------------------
+# Quantile clipping.
+
+
+class QuantileClipState(NamedTuple):
+  """State of :func:`quantile_clip`."""
+
+  count: jax.Array  # () int32: steps taken
+  grad_norm: jax.Array  # () float: global norm at the last step, before clipping
+  max_norm: jax.Array  # () float: threshold C of the last step
+  next_max_norm: jax.Array  # () float: threshold C for the next step
+  num_clipped: jax.Array  # () int32: steps with grad_norm > max_norm
+
+
+def quantile_clip(
+    target_quantile: Any = 0.9,
+    *,
+    learning_rate: Any = 0.2,
+    initial_max_norm: Any = 1.0,
+) -> optax.GradientTransformation:
+  r"""Clip to a streaming estimate of a quantile of the global norm.
+
+  The threshold :math:`C` tracks the ``target_quantile`` :math:`\gamma` of the
+  norm with the geometric update of Andrew et al. (their Algorithm, with one
+  norm per step instead of a fraction of clients): the step is clipped to
+  :math:`C_t`, then
+
+  .. math::
+    C_{t+1} = C_t \exp\!\big(-\eta\,(b_t - \gamma)\big), \qquad
+    b_t = \mathbb{1}[g_t \le C_t],
+
+  so :math:`C` shrinks by :math:`e^{-\eta(1-\gamma)}` after a norm below it and
+  grows by :math:`e^{\eta\gamma}` after one above: at equilibrium a fraction
+  :math:`\gamma` of norms lies below :math:`C`. O(1) state, O(1) work besides
+  the norm. Zero norms shrink :math:`C` like any small norm, never to NaN.
+  Non-finite norms are passed on non-finite and leave :math:`C` unchanged.
+
+  Args:
+    target_quantile: :math:`\gamma \in (0, 1]`.
+    learning_rate: :math:`\eta \ge 0` (0 keeps a fixed threshold); 0.2 in the
+      paper.
+    initial_max_norm: :math:`C_1 > 0` (a geometric update cannot leave 0).
+
+  Returns:
+    An ``optax.GradientTransformation`` with state :class:`QuantileClipState`;
+    ``max_norm`` is the threshold the last step was clipped to,
+    ``next_max_norm`` the one the next step will use.
+
+  Raises:
+    ValueError: a hyperparameter outside the ranges above.
+
+  References:
+    Andrew et al., 2021. `Differentially Private Learning with Adaptive
+    Clipping <https://arxiv.org/abs/1905.03871>`_.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import gnorm_jax
+    >>> tx = gnorm_jax.quantile_clip(0.5, learning_rate=0.5, initial_max_norm=1.0)
+    >>> state = tx.init(jnp.zeros(2))
+    >>> updates, state = tx.update(jnp.array([3.0, 4.0]), state)  # norm 5 > C = 1
+    >>> updates, float(state.next_max_norm)  # clipped to 1; C grows by e^0.25
+    (Array([0.6, 0.8], dtype=float32), 1.2840...)
+  """
+  if _is_number(target_quantile):
+    _check(0 < target_quantile <= 1, "target_quantile", target_quantile, "in (0, 1]",
+           "It is a fraction: 0.9 tracks the 90th percentile of the norm.")
+  if _is_number(learning_rate):
+    _check(learning_rate >= 0, "learning_rate", learning_rate, ">= 0", "The paper uses 0.2.")
+  if _is_number(initial_max_norm):
+    _check(initial_max_norm > 0, "initial_max_norm", initial_max_norm, "> 0",
+           "The geometric update cannot move a threshold of 0; start from e.g. 1.0.")
+
+  def init_fn(params):
+    dtype = _norm_dtype(params)
+    c = jnp.asarray(initial_max_norm, dtype)
+    return QuantileClipState(
+        count=_ZERO_COUNT,
+        grad_norm=jnp.zeros((), dtype),
+        max_norm=c,
+        next_max_norm=c,
+        num_clipped=_ZERO_COUNT,
+    )
+
+  def update_fn(updates, state, params=None):
+    del params
+    dtype = state.grad_norm.dtype
+    norm = tree_norm(updates).astype(dtype)
+    c = state.next_max_norm
+    below = (norm <= c).astype(dtype)
+    step = jnp.exp(-jnp.asarray(learning_rate, dtype) * (below - jnp.asarray(target_quantile, dtype)))
+    new_state = QuantileClipState(
+        count=optax.safe_increment(state.count),
+        grad_norm=norm,
+        max_norm=c,
+        next_max_norm=jnp.where(jnp.isfinite(norm), c * step, c),
+        num_clipped=_count_if(state.num_clipped, norm > c),
+    )
+    return _clip(updates, norm, c), new_state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+# --------------------------------------------------------------------------
+# Skipping spikes.
+
+
+class SkipSpikesState(NamedTuple):
+  """State of :func:`skip_spikes`."""
+
+  count: jax.Array  # () int32: steps taken, skipped ones included
+  grad_norm: jax.Array  # () float: global norm of the last incoming update
+  max_norm: jax.Array  # () float: skip threshold of the last step (inf before min_history)
+  history: jax.Array  # (window,) float: ring buffer of finite norms, inf = empty
+  num_recorded: jax.Array  # () int32: finite norms recorded so far
+  num_skipped: jax.Array  # () int32: steps skipped (spikes and non-finite norms)
+  inner_state: Any  # the wrapped transformation's state, untouched on skipped steps
+
+
+def skip_spikes(
+    inner: optax.GradientTransformation,
+    *,
+    window: int = 128,
+    num_sigmas: Any = 6.0,
+    min_history: Any = 20,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Skip optimizer steps whose gradient norm is a spike; otherwise run ``inner``.
+
+  With :math:`m_t, s_t` the mean and population standard deviation of the
+  finite norms among the last ``window`` steps (before step :math:`t`), step
+  :math:`t` is skipped when
+
+  .. math::
+    n_t \ge n_\text{min} \ \text{and}\ \|u_t\| > m_t + k\,s_t,
+    \qquad\text{or}\qquad \|u_t\| \notin \mathbb{R},
+
+  where :math:`n_t` counts finite norms recorded so far. A skipped step returns
+  zero updates and leaves the inner state exactly as it was (so Adam's moments
+  and step count do not see the batch) and increments ``num_skipped``.
+
+  Every finite norm is recorded, the skipped spikes too: a lasting change of
+  scale enters the statistics and stops being skipped after a few steps
+  instead of freezing training. Non-finite norms are always skipped (this
+  subsumes ``optax.apply_if_finite``) and never recorded.
+
+  The inner update always runs and its result is selected with ``jnp.where``:
+  the select fuses into the inner update's elementwise loops, whereas a
+  ``lax.cond`` would only save work on the rare skipped steps, blocks that
+  fusion and becomes a select anyway under ``vmap``. ``where`` (not a
+  multiplication by 0) also drops NaN from a skipped non-finite step.
+
+  Args:
+    inner: the transformation to protect, e.g. ``optax.adamw(3e-4)``; extra
+      arguments (``params``, ``value``, ...) are passed on to it.
+    window: number of recent norms the statistics use, a Python int >= 1 (the
+      state's shape: with ``optax.inject_hyperparams`` pass
+      ``static_args=("window",)``).
+    num_sigmas: :math:`k \ge 0`.
+    min_history: :math:`n_\text{min} \ge 1`: no spike is detected before this
+      many finite norms are recorded.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` with state
+    :class:`SkipSpikesState`; ``max_norm`` is :math:`m_t + k s_t` (inf before
+    ``min_history`` norms).
+
+  Raises:
+    ValueError: a hyperparameter outside the ranges above.
+    TypeError: ``window`` is not an int.
+
+  References:
+    Chowdhery et al., 2022. `PaLM: Scaling Language Modeling with Pathways
+    <https://arxiv.org/abs/2204.02311>`_ (skipping the batches around loss
+    spikes, section 5.1).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import gnorm_jax
+    >>> tx = gnorm_jax.skip_spikes(optax.sgd(1.0), window=4, num_sigmas=3.0, min_history=2)
+    >>> state = tx.init(jnp.zeros(1))
+    >>> for g in (1.0, 1.2, 0.8):
+    ...   _, state = tx.update(jnp.array([g]), state)
+    >>> updates, state = tx.update(jnp.array([50.0]), state)
+    >>> updates, int(state.num_skipped)  # 50 > 1.0 + 3 * 0.163
+    (Array([0.], dtype=float32), 1)
+  """
+  size = _check_size("window", window)
+  if _is_number(num_sigmas):
+    _check(num_sigmas >= 0, "num_sigmas", num_sigmas, ">= 0", "6.0 skips only extreme spikes.")
+  if _is_number(min_history):
+    _check(min_history >= 1, "min_history", min_history, ">= 1",
+           "It is the number of norms recorded before spikes are detected.")
+  inner = optax.with_extra_args_support(inner)
+
+  def init_fn(params):
+    dtype = _norm_dtype(params)
+    return SkipSpikesState(
+        count=_ZERO_COUNT,
+        grad_norm=jnp.zeros((), dtype),
+        max_norm=jnp.full((), jnp.inf, dtype),
+        history=_empty_history(size, dtype),
+        num_recorded=_ZERO_COUNT,
+        num_skipped=_ZERO_COUNT,
+        inner_state=inner.init(params),
+    )
+
+  def update_fn(updates, state, params=None, **extra_args):
+    dtype = state.grad_norm.dtype
+    norm = tree_norm(updates).astype(dtype)
+    mean, std = _mean_std(state.history, state.num_recorded)
+    threshold = jnp.where(
+        state.num_recorded >= min_history,
+        mean + jnp.asarray(num_sigmas, dtype) * std,
+        jnp.inf,
+    )
+    skip = ~jnp.isfinite(norm) | (norm > threshold)
+    new_updates, new_inner = inner.update(updates, state.inner_state, params, **extra_args)
+    new_updates = jax.tree.map(lambda u: jnp.where(skip, jnp.zeros_like(u), u), new_updates)
+    inner_state = jax.tree.map(lambda old, new: jnp.where(skip, old, new),
+                               state.inner_state, new_inner)
+    history, num_recorded = _record(state.history, state.num_recorded, norm)
+    new_state = SkipSpikesState(
+        count=optax.safe_increment(state.count),
+        grad_norm=norm,
+        max_norm=threshold,
+        history=history,
+        num_recorded=num_recorded,
+        num_skipped=_count_if(state.num_skipped, skip),
+        inner_state=inner_state,
+    )
+    return new_updates, new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

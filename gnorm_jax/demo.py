@@ -1,0 +1,540 @@
+"""``python -m gnorm_jax.demo``: the toolkit at work on a small classifier.
+
+An MLP learns a synthetic 8-class problem (labels from a random "teacher"
+network, 10% of them flipped) under eleven training set-ups that differ only in
+what they do with the gradient norm:
+
+* plain Adam, watched by :func:`gnorm_jax.record_leaf_norms` (per-layer norms);
+* clipping: :func:`gnorm_jax.clip_by_norm` and the adaptive clippers
+  :func:`gnorm_jax.autoclip`, :func:`gnorm_jax.zclip`,
+  :func:`gnorm_jax.quantile_clip`, and :func:`gnorm_jax.skip_spikes`;
+* normalized updates: :func:`gnorm_jax.normalize` + SGD and
+  :func:`gnorm_jax.normalized_sgd`;
+* penalties: the gradient-norm penalty :math:`J + \\lambda\\|\\nabla J\\|^2`
+  (:func:`gnorm_jax.penalized_value_and_grad`) and an input-gradient penalty
+  (:func:`gnorm_jax.gradient_penalty`);
+* per-example clipping as in DP-SGD, without noise (:func:`gnorm_jax.clipped_grad`).
+
+Every step of every run also measures the global gradient norm, the per-example
+norms (:func:`gnorm_jax.per_example_grad_norms`) and from them the gradient
+noise scale (:func:`gnorm_jax.gradient_noise_scale`, smoothed by
+:func:`gnorm_jax.noise_scale_tracker`). Two batches are corrupted (inputs
+multiplied by 20) to show what the clippers do with a gradient spike.
+
+The output: a progress bar per run, checks of the ghost per-example norms and
+of the penalty gradient, a per-layer norm table, a summary table, and a PNG
+figure of the norm curves. About half a minute on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import math
+import os
+import sys
+import time
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import gnorm_jax
+
+# ---------------------------------------------------------------------------
+# 1. Data and model.
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  steps: int = 300
+  batch_size: int = 64
+  dim: int = 16
+  classes: int = 8
+  hidden: tuple[int, ...] = (64, 64)
+  n_train: int = 8192
+  n_test: int = 2048
+  label_noise: float = 0.1
+  learning_rate: float = 3e-3
+  spike_factor: float = 20.0  # corrupted batches: inputs times this
+  seed: int = 0
+
+
+def make_data(cfg: Config) -> tuple[np.ndarray, ...]:
+  """Gaussian inputs labelled by a random two-layer teacher, with label noise."""
+  rng = np.random.default_rng(cfg.seed)
+  n = cfg.n_train + cfg.n_test
+  x = rng.standard_normal((n, cfg.dim)).astype(np.float32)
+  w1 = rng.standard_normal((cfg.dim, 32)) / math.sqrt(cfg.dim)
+  w2 = rng.standard_normal((32, cfg.classes)) / math.sqrt(32)
+  y = np.argmax(np.tanh(x @ w1) @ w2, axis=1)
+  flip = rng.random(n) < cfg.label_noise
+  y = np.where(flip, rng.integers(0, cfg.classes, n), y).astype(np.int32)
+  return x[: cfg.n_train], y[: cfg.n_train], x[cfg.n_train :], y[cfg.n_train :]
+
+
+def init_mlp(key: jax.Array, sizes: Sequence[int]) -> dict[str, dict[str, jax.Array]]:
+  """{"dense0": {"kernel", "bias"}, ...} with He-scaled kernels."""
+  params = {}
+  keys = jax.random.split(key, len(sizes) - 1)
+  for i, (k, d_in, d_out) in enumerate(zip(keys, sizes[:-1], sizes[1:])):
+    params[f"dense{i}"] = {
+        "kernel": jax.random.normal(k, (d_in, d_out)) * math.sqrt(2.0 / d_in),
+        "bias": jnp.zeros(d_out),
+    }
+  return params
+
+
+def mlp(params: dict, x: jax.Array) -> jax.Array:
+  layers = [params[k] for k in sorted(params)]
+  for layer in layers[:-1]:
+    x = jax.nn.relu(x @ layer["kernel"] + layer["bias"])
+  return x @ layers[-1]["kernel"] + layers[-1]["bias"]
+
+
+def example_loss(params: dict, x: jax.Array, y: jax.Array) -> jax.Array:
+  """Cross-entropy of ONE example (x [dim], y []): what per-example tools take."""
+  logits = mlp(params, x)
+  return jax.nn.logsumexp(logits) - logits[y]
+
+
+def batch_loss(params: dict, x: jax.Array, y: jax.Array) -> jax.Array:
+  """The mean loss; its gradient is the mean of the per-example gradients."""
+  return jnp.mean(jax.vmap(example_loss, (None, 0, 0))(params, x, y))
+
+
+# ---------------------------------------------------------------------------
+# 2. The training set-ups: an optimizer and a way to get the gradient.
+
+PENALTY_WEIGHT = 0.01  # λ in J + λ‖∇J‖²
+INPUT_PENALTY_WEIGHT = 0.05  # weight of the mean ‖∇ₓ ℓᵢ‖²
+EXAMPLE_MAX_NORM = 1.0  # per-example clipping threshold
+MAX_NORM = 1.0  # global clipping threshold
+
+
+class Run(NamedTuple):
+  key: str  # short name for --runs
+  name: str
+  optimizer: Callable[[optax.Schedule], optax.GradientTransformation]
+  gradient: str = "plain"  # "plain", "penalty", "input_penalty" or "per_example_clip"
+
+
+def _normalized_lr(lr: optax.Schedule) -> optax.Schedule:
+  """Normalized steps have length lr·‖u/‖u‖‖ = lr: a larger rate than Adam's."""
+  return lambda count: 10 * lr(count)
+
+
+RUNS = (
+    # record_leaf_norms first in the chain: its state holds per-layer gradient norms.
+    Run("adam", "adam", lambda lr: optax.chain(gnorm_jax.record_leaf_norms(), optax.adam(lr))),
+    Run("clip", "clip_by_norm + adam",
+        lambda lr: optax.chain(gnorm_jax.clip_by_norm(MAX_NORM), optax.adam(lr))),
+    Run("autoclip", "autoclip + adam",
+        lambda lr: optax.chain(gnorm_jax.autoclip(10.0, history=1000), optax.adam(lr))),
+    Run("zclip", "zclip + adam", lambda lr: optax.chain(gnorm_jax.zclip(), optax.adam(lr))),
+    Run("quantile", "quantile_clip + adam",
+        lambda lr: optax.chain(gnorm_jax.quantile_clip(0.9), optax.adam(lr))),
+    Run("skip", "skip_spikes(adam)",
+        lambda lr: gnorm_jax.skip_spikes(optax.adam(lr), window=64, num_sigmas=6.0)),
+    Run("normalize", "normalize + sgd",
+        lambda lr: optax.chain(gnorm_jax.normalize(), optax.sgd(_normalized_lr(lr)))),
+    Run("nsgd", "normalized_sgd", lambda lr: gnorm_jax.normalized_sgd(_normalized_lr(lr), momentum=0.9)),
+    Run("penalty", "‖∇J‖² penalty + adam", optax.adam, "penalty"),
+    Run("input_penalty", "input-grad penalty + adam", optax.adam, "input_penalty"),
+    Run("dp", "per-example clip + adam", optax.adam, "per_example_clip"),
+)
+BASELINE = RUNS[0].name
+RUN_KEYS = tuple(r.key for r in RUNS)
+
+_penalty_value_and_grad = gnorm_jax.penalized_value_and_grad(batch_loss, PENALTY_WEIGHT)
+_per_example_norms = gnorm_jax.per_example_grad_norms(example_loss, batch_argnums=(1, 2))
+_per_example_clipped = gnorm_jax.clipped_grad(example_loss, EXAMPLE_MAX_NORM, batch_argnums=(1, 2))
+_value_grad_and_norm = gnorm_jax.value_grad_and_norm(batch_loss)
+
+
+def _input_penalized_loss(params, x, y):
+  """Mean loss + weight · mean over examples of ‖∇ₓ ℓ(params, xᵢ, yᵢ)‖²."""
+  critic = lambda xs: jax.vmap(example_loss, (None, 0, 0))(params, xs, y)
+  gp = gnorm_jax.gradient_penalty(critic, x, target=0.0)
+  return batch_loss(params, x, y) + INPUT_PENALTY_WEIGHT * gp
+
+
+def _update_direction(kind: str, params, x, y, plain_grads):
+  """The gradient the optimizer is given, for each kind of run."""
+  if kind == "plain":
+    return plain_grads
+  if kind == "penalty":
+    return _penalty_value_and_grad(params, x, y)[1]
+  if kind == "input_penalty":
+    return jax.grad(_input_penalized_loss)(params, x, y)
+  if kind == "per_example_clip":
+    return _per_example_clipped(params, x, y)
+  raise ValueError(f"unknown gradient kind {kind!r}")
+
+
+# ---------------------------------------------------------------------------
+# 3. One training step: the update, plus every norm a person would watch.
+
+
+class RunState(NamedTuple):
+  params: Any
+  opt_state: Any
+  noise_state: gnorm_jax.NoiseScaleTrackerState
+
+
+def run_step(run: Run, optimizer, tracker, state: RunState, x, y):
+  """One step of one set-up; returns the new state and this step's metrics."""
+  params, opt_state, noise_state = state
+  loss, grads, grad_norm = _value_grad_and_norm(params, x, y)
+  # Per-example norms -> the noise scale of McCandlish et al. (B_small = 1).
+  example_norms = _per_example_norms(params, x, y)
+  estimate = gnorm_jax.gradient_noise_scale(example_norms**2, grad_norm**2, x.shape[0])
+  smoothed, noise_state = tracker.update(estimate, noise_state)
+
+  direction = _update_direction(run.gradient, params, x, y, grads)
+  updates, opt_state = optimizer.update(direction, opt_state, params)
+  params = optax.apply_updates(params, updates)
+
+  metrics = {
+      "loss": loss,
+      "grad_norm": grad_norm,
+      "update_norm": gnorm_jax.tree_norm(updates),
+      "b_simple": estimate.b_simple,
+      "b_simple_ema": smoothed.b_simple,
+      "examples_clipped": jnp.mean(example_norms > EXAMPLE_MAX_NORM),
+  }
+  # What the norm-based transformations kept in their states.
+  leaf_norms = optax.tree.get(opt_state, "leaf_norms")
+  if leaf_norms is not None:
+    metrics["layer_norms"] = gnorm_jax.flat_dict(leaf_norms)
+  acting = optax.tree.get(opt_state, "grad_norm")  # the norm a clipper measured
+  threshold = optax.tree.get(opt_state, "max_norm")
+  if acting is not None and threshold is None and run.key == "clip":
+    threshold = jnp.float32(MAX_NORM)  # a fixed threshold is not kept in the state
+  if threshold is not None:
+    metrics["threshold"] = threshold
+    metrics["clipped"] = acting > threshold
+  for name in ("num_clipped", "num_skipped"):
+    count = optax.tree.get(opt_state, name)
+    if count is not None:
+      metrics[name] = count
+  return RunState(params, opt_state, noise_state), metrics
+
+
+def make_train_step(runs: Sequence[Run], cfg: Config):
+  """init() and a jitted step over all set-ups: one compiled program for the lot."""
+  schedule = optax.cosine_decay_schedule(cfg.learning_rate, cfg.steps, alpha=0.1)
+  optimizers = [run.optimizer(schedule) for run in runs]
+  tracker = gnorm_jax.noise_scale_tracker(0.95)
+
+  def init(params):
+    states = [RunState(params, opt.init(params), tracker.init()) for opt in optimizers]
+    # Fresh buffers: a donated argument may not hold one array twice (the runs
+    # share the initial parameters, and some inits reuse one zero array).
+    return jax.tree.map(jnp.copy, states)
+
+  @functools.partial(jax.jit, donate_argnums=0)
+  def step(states, x_all, y_all, idx, scale):
+    x, y = x_all[idx] * scale, y_all[idx]
+    out = [
+        run_step(run, opt, tracker, state, x, y)
+        for run, opt, state in zip(runs, optimizers, states)
+    ]
+    return [s for s, _ in out], [m for _, m in out]
+
+  return init, step
+
+
+# ---------------------------------------------------------------------------
+# 4. The training loop, with a plain-text progress bar.
+
+
+class ProgressBar:
+  """``label |#####-----| 150/300 12.3s info`` on one line, no dependency.
+
+  On a terminal the line is redrawn in place; otherwise only the final line
+  is printed, so logs stay readable.
+  """
+
+  def __init__(self, label: str, total: int, width: int = 30, stream=None):
+    self.label, self.total, self.width = label, total, width
+    self.stream = stream or sys.stdout
+    self.live = self.stream.isatty()
+    self.start = time.perf_counter()
+
+  def _line(self, done: int, info: str) -> str:
+    filled = int(self.width * done / max(self.total, 1))
+    bar = "#" * filled + "-" * (self.width - filled)
+    secs = time.perf_counter() - self.start
+    return f"{self.label} |{bar}| {done}/{self.total} {secs:5.1f}s {info}"
+
+  def update(self, done: int, info: str = "") -> None:
+    if self.live:
+      self.stream.write("\r" + self._line(done, info))
+      self.stream.flush()
+
+  def close(self, info: str = "") -> None:
+    self.stream.write(("\r" if self.live else "") + self._line(self.total, info) + "\n")
+    self.stream.flush()
+
+
+def spike_steps(cfg: Config) -> list[int]:
+  """Steps whose batch is corrupted (none in very short runs)."""
+  return [s for s in (int(0.45 * cfg.steps), int(0.7 * cfg.steps)) if s >= 30]
+
+
+def train(runs: Sequence[Run], cfg: Config, x_train, y_train, batches: np.ndarray):
+  """Trains every set-up from the same initialization on the same batches."""
+  init, step = make_train_step(runs, cfg)
+  states = init(init_mlp(jax.random.key(cfg.seed), (cfg.dim, *cfg.hidden, cfg.classes)))
+  scales = np.ones(cfg.steps, np.float32)
+  scales[spike_steps(cfg)] = cfg.spike_factor
+
+  def info(m):
+    return (f"{runs[0].name}: loss {float(m[0]['loss']):.3f}"
+            f" ‖∇J‖ {float(m[0]['grad_norm']):.3f} B_simple {float(m[0]['b_simple_ema']):.0f}")
+
+  bar = ProgressBar(f"training {len(runs)} set-ups", cfg.steps)
+  history = []
+  every = max(1, cfg.steps // 50)
+  for t in range(cfg.steps):
+    states, metrics = step(states, x_train, y_train, batches[t], scales[t])
+    history.append(metrics)  # device arrays: fetched once, at the end
+    if (t + 1) % every == 0:
+      bar.update(t + 1, info(jax.device_get(metrics)))
+  history = jax.device_get(history)
+  bar.close(info(history[-1]))
+  curves = {
+      run.name: jax.tree.map(lambda *xs: np.stack(xs), *[h[i] for h in history])
+      for i, run in enumerate(runs)
+  }
+  return {run.name: s.params for run, s in zip(runs, states)}, curves
+
+
+# ---------------------------------------------------------------------------
+# 5. Checks and tables.
+
+
+def check_tools(params, x, y) -> dict[str, float]:
+  """The fast paths against their references, on one batch."""
+  ghost = _per_example_norms(params, x, y)
+  direct = gnorm_jax.per_example_grad_norms(example_loss, batch_argnums=(1, 2), method="vmap")(
+      params, x, y
+  )
+  _, hvp = _penalty_value_and_grad(params, x, y)
+  exact = jax.grad(gnorm_jax.penalized(batch_loss, PENALTY_WEIGHT))(params, x, y)
+
+  def rel(a, b):
+    diff = gnorm_jax.tree_norm(jax.tree.map(jnp.subtract, a, b))
+    return float(diff / gnorm_jax.tree_norm(b))
+
+  return {"per_example_rel_err": rel(ghost, direct), "penalty_grad_rel_err": rel(hvp, exact)}
+
+
+def acted(curve: dict[str, np.ndarray]) -> str:
+  """What a set-up's norm-based transformation did over the run."""
+  if "num_skipped" in curve:
+    return f"{int(curve['num_skipped'][-1])} steps skipped"
+  if "num_clipped" in curve:
+    return f"{int(curve['num_clipped'][-1])} steps clipped"
+  if "clipped" in curve:
+    return f"{int(np.sum(curve['clipped']))} steps clipped"
+  return "-"
+
+
+def summarize(runs, curves, accuracy, steps: int) -> list[dict[str, Any]]:
+  tail = max(1, steps // 10)
+  rows = []
+  for run in runs:
+    c = curves[run.name]
+    action = acted(c)
+    if run.gradient == "per_example_clip":
+      action = f"{100 * np.mean(c['examples_clipped']):.0f}% of examples clipped"
+    rows.append({
+        "set-up": run.name,
+        "train loss": float(np.mean(c["loss"][-tail:])),
+        "test acc": accuracy[run.name],
+        "median ‖∇J‖": float(np.median(c["grad_norm"])),
+        "max ‖∇J‖": float(np.max(c["grad_norm"])),
+        "median ‖update‖": float(np.median(c["update_norm"])),
+        "B_simple (EMA, end)": float(c["b_simple_ema"][-1]),
+        "norm-based action": action,
+    })
+  return rows
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+  def fmt(v):
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+  head = list(rows[0])
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  lines += ["| " + " | ".join(fmt(r[k]) for k in head) + " |" for r in rows]
+  return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------
+# 6. The figure.
+
+
+def plot(runs, curves, rows, example_norms, spikes, path: str) -> None:
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  names = [run.name for run in runs]
+  base = curves[names[0]]
+  steps = np.arange(1, len(base["loss"]) + 1)
+  colors = {name: plt.cm.tab20(2 * i % 20 + (2 * i // 20)) for i, name in enumerate(names)}
+  fig, axes = plt.subplots(2, 4, figsize=(24, 10), constrained_layout=True)
+
+  def panel(ax, title, ylabel, series, log=True):
+    for label, values, style in series:
+      ax.plot(steps, values, label=label, **style)
+    for s in spikes:
+      ax.axvline(s + 1, color="grey", ls=":", lw=1)
+    ax.set(title=title, xlabel="step", ylabel=ylabel, yscale="log" if log else "linear")
+    ax.legend(fontsize=7)
+
+  panel(axes[0, 0], "Training loss (dotted: corrupted batches)", "batch loss",
+        [(n, curves[n]["loss"], {"color": colors[n], "lw": 1}) for n in names])
+  panel(axes[0, 1], "Global gradient norm ‖∇J‖ (value_grad_and_norm)", "‖∇J‖",
+        [(n, curves[n]["grad_norm"], {"color": colors[n], "lw": 1}) for n in names])
+  if "layer_norms" in base:
+    panel(axes[0, 2], f"Per-layer gradient norms ({names[0]}, record_leaf_norms)",
+          "‖∇J‖ of the layer's leaf",
+          [(k, v, {"lw": 1}) for k, v in base["layer_norms"].items()])
+  thresholds = [
+      (f"threshold: {n}", np.where(np.isfinite(curves[n]["threshold"]), curves[n]["threshold"], np.nan),
+       {"color": colors[n], "lw": 1.2})
+      for n in names if "threshold" in curves[n]
+  ]
+  panel(axes[0, 3], "Clipping thresholds (state max_norm) vs ‖∇J‖", "norm",
+        [(f"‖∇J‖ ({names[0]})", base["grad_norm"], {"color": "black", "lw": 0.8})] + thresholds)
+  panel(axes[1, 0], "Update norm ‖Δθ‖ (normalized updates: = step size)", "‖update‖",
+        [(n, curves[n]["update_norm"], {"color": colors[n], "lw": 1}) for n in names
+         if n == names[0] or "normal" in n or "clip_by_norm" in n])
+  raw = base["b_simple"]
+  panel(axes[1, 1], "Gradient noise scale B_simple = tr(Σ)/‖G‖²", "B_simple (examples)",
+        [("one step's estimate, " + names[0], np.where(raw > 0, raw, np.nan),
+          {"color": "grey", "ls": "", "marker": ".", "ms": 2, "alpha": 0.5})]
+        + [(f"EMA (noise_scale_tracker): {n}", curves[n]["b_simple_ema"],
+            {"color": colors[n], "lw": 1.5}) for n in names[:1] + names[-1:]])
+
+  ax = axes[1, 2]
+  positive = example_norms[example_norms > 0]
+  bins = np.geomspace(positive.min(), positive.max() * 1.01, 40) if positive.size else 10
+  ax.hist(example_norms, bins=bins, color=colors[names[0]])
+  ax.axvline(EXAMPLE_MAX_NORM, color="red", ls="--", label=f"per-example clip C = {EXAMPLE_MAX_NORM}")
+  ax.set(title=f"Per-example gradient norms, test set ({names[0]}, per_example_grad_norms)",
+         xlabel="‖∇ℓᵢ‖", ylabel="examples", xscale="log")
+  ax.legend(fontsize=7)
+
+  ax = axes[1, 3]
+  ax.barh(names, [r["test acc"] for r in rows], color=[colors[n] for n in names])
+  ax.set(title="Test accuracy after training", xlabel="accuracy", xlim=(0, 1))
+  ax.invert_yaxis()
+  ax.tick_params(axis="y", labelsize=8)
+
+  fig.suptitle("gnorm_jax demo: gradient norms while training an MLP", fontsize=14)
+  fig.savefig(path, dpi=72)
+  plt.close(fig)
+
+
+# ---------------------------------------------------------------------------
+# 7. main.
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(
+      prog="python -m gnorm_jax.demo",
+      description="Train a small MLP on synthetic data under eleven gradient-norm set-ups"
+      " (clipping, adaptive clipping, spike skipping, normalized updates, penalties,"
+      " per-example clipping) and show global, per-layer and per-example norms and the"
+      " gradient noise scale: a progress bar, a summary table and a PNG figure.",
+  )
+  parser.add_argument("--steps", type=int, default=Config.steps,
+                      help="training steps (default %(default)s)")
+  parser.add_argument("--out", default="gnorm_demo.png",
+                      help="path of the PNG figure (default %(default)s)")
+  parser.add_argument("--runs", default=",".join(RUN_KEYS),
+                      help="comma-separated set-ups to train, the first is the reference"
+                      " (default: all: %(default)s)")
+  parser.add_argument("--seed", type=int, default=Config.seed, help="data and initialization seed")
+  args = parser.parse_args(argv)
+  if args.steps < 1:
+    parser.error(f"--steps must be at least 1, got {args.steps}")
+  keys = [k.strip() for k in args.runs.split(",") if k.strip()]
+  unknown = [k for k in keys if k not in RUN_KEYS]
+  if unknown or not keys:
+    parser.error(f"--runs: unknown set-up(s) {unknown}; choose from {', '.join(RUN_KEYS)}")
+  args.runs = [r for k in keys for r in RUNS if r.key == k]
+  return args
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+  """Runs the demo; returns the summary rows, the checks and the figure path."""
+  args = parse_args(argv)
+  runs, cfg = args.runs, Config(steps=args.steps, seed=args.seed)
+  t0 = time.perf_counter()
+  x_train, y_train, x_test, y_test = (jnp.asarray(a) for a in make_data(cfg))
+  batches = np.random.default_rng(cfg.seed + 1).integers(
+      0, cfg.n_train, (cfg.steps, cfg.batch_size), dtype=np.int32
+  )
+  sizes = (cfg.dim, *cfg.hidden, cfg.classes)
+  n_params = sum(x.size for x in jax.tree.leaves(init_mlp(jax.random.key(0), sizes)))
+  print(f"gnorm_jax demo | jax {jax.__version__} on {jax.default_backend()} |"
+        f" MLP {'-'.join(map(str, sizes))} ({n_params} parameters), batch {cfg.batch_size},"
+        f" {cfg.steps} steps")
+  spikes = spike_steps(cfg)
+  if spikes:
+    print(f"The batches of steps {', '.join(map(str, spikes))} are corrupted"
+          f" (inputs x{cfg.spike_factor:g}) to show what the clippers do with a spike.")
+  print(f"Set-ups: {', '.join(r.name for r in runs)}. All compile into one program.\n")
+
+  # Training.
+  finals, curves = train(runs, cfg, x_train, y_train, batches)
+  accuracy = {
+      name: float(jnp.mean(jnp.argmax(mlp(p, x_test), -1) == y_test)) for name, p in finals.items()
+  }
+
+  # Checks and per-layer / per-example norms of the reference set-up.
+  reference = finals[runs[0].name]
+  checks = check_tools(reference, x_test[: cfg.batch_size], y_test[: cfg.batch_size])
+  print(f"\nChecks on a test batch ({runs[0].name} parameters after training):")
+  print(f"  ghost per-example norms vs vmap(grad):    relative error {checks['per_example_rel_err']:.1e}")
+  print(f"  ‖∇J‖² penalty gradient, HVP vs jax.grad:  relative error {checks['penalty_grad_rel_err']:.1e}")
+
+  full_grads = jax.grad(batch_loss)(reference, x_test, y_test)
+  layer_norms = jax.device_get(gnorm_jax.flat_leaf_norms(full_grads, prefix="grad_norm"))
+  print(f"\nPer-layer gradient norms on the test set ({runs[0].name}; flat_leaf_norms,"
+        " ready for a metrics logger):")
+  for path, value in layer_norms.items():
+    print(f"  {path:<26} {float(value):.4g}")
+  print(f"  {'global (tree_norm)':<26} {float(gnorm_jax.tree_norm(full_grads)):.4g}")
+  example_norms = np.asarray(_per_example_norms(reference, x_test, y_test))
+  print(f"Per-example gradient norms on the test set: median {np.median(example_norms):.3g},"
+        f" 99th percentile {np.percentile(example_norms, 99):.3g}, max {example_norms.max():.3g}.")
+  b_end = curves[runs[0].name]["b_simple_ema"][-1]
+  print(f"Gradient noise scale ({runs[0].name}, EMA at the end): B_simple ≈ {b_end:.0f} examples;"
+        f" batches much larger than this gain little per example (this demo uses"
+        f" {cfg.batch_size}).")
+
+  rows = summarize(runs, curves, accuracy, cfg.steps)
+  print("\nSummary (train loss: mean over the last 10% of steps):\n")
+  print(markdown_table(rows))
+
+  out = os.path.abspath(args.out)
+  os.makedirs(os.path.dirname(out), exist_ok=True)
+  plot(runs, curves, rows, example_norms, spikes, out)
+  print(f"\nFigure written to {out}")
+  print(f"Total time {time.perf_counter() - t0:.1f}s")
+  return {"rows": rows, "checks": checks, "layer_norms": layer_norms, "figure": out}
+
+
+if __name__ == "__main__":
+  main()

@@ -3,6 +3,23 @@
 Everything public is importable from here; submodules are private.
 """
 
+from gnorm_jax.adaptive import (
+    AutoClipState,
+    QuantileClipState,
+    SkipSpikesState,
+    ZClipState,
+    autoclip,
+    quantile_clip,
+    skip_spikes,
+    zclip,
+)
+from gnorm_jax.clipping import (
+    ClipByNormState,
+    NormalizeState,
+    clip_by_norm,
+    normalize,
+    normalized_sgd,
+)
 from gnorm_jax.diagnostics import (
     NoiseScale,
     NoiseScaleTracker,
@@ -15,16 +32,7 @@ from gnorm_jax.diagnostics import (
     noise_scale_tracker,
     record_leaf_norms,
 )
-from gnorm_jax.clipping import (
-    ClipByNormState,
-    NormalizeState,
-    clip_by_norm,
-    normalize,
-    normalized_sgd,
-)
 from gnorm_jax.norms import leaf_norms, tree_norm
-from gnorm_jax.per_example import clipped_grad, per_example_grad_norms
-from gnorm_jax.transforms import grad_norm, value_grad_and_norm
 from gnorm_jax.penalty import (
     gradient_penalty,
     interpolate,
@@ -32,20 +40,23 @@ from gnorm_jax.penalty import (
     penalized_value_and_grad,
     r1_penalty,
 )
-from gnorm_jax.adaptive import (
-    AutoClipState,
-    QuantileClipState,
-    SkipSpikesState,
-    ZClipState,
-    autoclip,
-    quantile_clip,
-    skip_spikes,
-    zclip,
-)
+from gnorm_jax.per_example import clipped_grad, per_example_grad_norms
+from gnorm_jax.transforms import grad_norm, value_grad_and_norm
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    # norms of pytrees and of gradients
+    "tree_norm",
+    "leaf_norms",
+    "grad_norm",
+    "value_grad_and_norm",
+    # clipping and normalized updates (Optax)
+    "clip_by_norm",
+    "normalize",
+    "normalized_sgd",
+    "ClipByNormState",
+    "NormalizeState",
     # adaptive clipping and spike protection (Optax)
     "autoclip",
     "zclip",
@@ -55,25 +66,13 @@ __all__ = [
     "ZClipState",
     "QuantileClipState",
     "SkipSpikesState",
-    # norms
-    "tree_norm",
-    "leaf_norms",
-    # clipping and normalization (Optax)
-    "clip_by_norm",
-    "normalize",
-    "normalized_sgd",
-    "ClipByNormState",
-    "NormalizeState",
-    # transforms
-    "grad_norm",
-    "value_grad_and_norm",
     # gradient-norm penalties and GAN penalties
     "penalized",
     "penalized_value_and_grad",
     "gradient_penalty",
     "r1_penalty",
     "interpolate",
-    # per-example
+    # per-example norms and clipping
     "per_example_grad_norms",
     "clipped_grad",
     # diagnostics

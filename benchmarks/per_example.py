@@ -113,7 +113,9 @@ def variants(loss, params, batch):
     jp = clipping.clipped_grad(
         loss, l2_clip_norm=CLIP, batch_argnums=(1, 2), keep_batch_dim=False
     )
-    out["jax_privacy clipped_grad"] = lambda p, *b: jax.tree.map(lambda g: g / b[0].shape[0], jp(p, *b))
+    out["jax_privacy clipped_grad"] = lambda p, *b: jax.tree.map(
+        lambda g: g / b[0].shape[0], jp(p, *b)
+    )
   return out
 
 
@@ -125,8 +127,12 @@ def run(title, loss, params, batch, rounds):
   got = jitted["gnorm_jax per_example_grad_norms"](params, *batch)
   rel = float(jnp.max(jnp.abs(got - ref) / ref))
   print(f"{title}: max relative difference ghost vs vmap norms = {rel:.1e}")
+  # The vmap baselines take seconds per call at full size: one call per round.
   times = time_variants(
-      {name: (lambda f=f: f(params, *batch)) for name, f in jitted.items()}, rounds=rounds
+      {name: (lambda f=f: f(params, *batch)) for name, f in jitted.items()},
+      rounds=rounds,
+      reps=1,
+      warmup=1,
   )
   mem = {name: memory(fn, params, *batch) for name, fn in fns.items()}
   print(table(title, times, "plain batch-mean grad", mem))
@@ -134,7 +140,8 @@ def run(title, loss, params, batch, rounds):
   peak = lambda m: m["temp"] + m["output"]  # noqa: E731
   print(
       f"per-example norms speed-up over vmap: {base:.1f}x (goal >= 30x);"
-      f" clipped_grad / batch-mean grad: {times['gnorm_jax clipped_grad'] / times['plain batch-mean grad']:.2f}x"
+      " clipped_grad / batch-mean grad:"
+      f" {times['gnorm_jax clipped_grad'] / times['plain batch-mean grad']:.2f}x"
       f" (goal <= 1.3x); XLA peak (temp+output) ratio:"
       f" {peak(mem['gnorm_jax clipped_grad']) / peak(mem['plain batch-mean grad']):.2f}x"
       " (goal <= 1.5x)\n"
@@ -145,7 +152,7 @@ def main():
   args = parse_args(__doc__)
   print(machine_line())
   key = jax.random.key(0)
-  rounds = args.rounds or (3 if args.quick else 5)
+  rounds = args.rounds or 3
   if args.quick:
     run("MLP 512-256-256-10, B=64", *mlp(key, [512, 256, 256, 10], 64), rounds)
     run("transformer block d=64, T=32, B=8", *transformer(key, 8, 32, d=64, vocab=128), rounds)

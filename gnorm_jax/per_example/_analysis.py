@@ -1,7 +1,7 @@
 """Jaxpr analysis: which parameter leaves enter the loss only through matmuls.
 
 A parameter leaf is *recognized* when every use of it, after a chain of
-layout-only ops (transpose, reshape, convert_element_type, copy), is one operand
+layout-only ops (transpose, reshape, squeeze, convert_element_type, copy), is one operand
 of a ``dot_general`` whose other operand does not come from a parameter in the
 same way. For such a leaf the per-example gradient is a sum, over its uses, of
 contractions of the activation operand aᵢ with the output cotangent gᵢ, and
@@ -23,7 +23,7 @@ from jax.extend import core as jcore
 
 # Layout-only ops: the gradient through them is a permutation/cast of the
 # gradient of their output, so they can sit between a leaf and its matmul.
-CHAIN_PRIMITIVES = frozenset({"transpose", "reshape", "convert_element_type", "copy", "copy_p"})
+CHAIN_PRIMITIVES = frozenset({"transpose", "reshape", "squeeze", "convert_element_type", "copy"})
 # Call-like primitives whose body is evaluated inline by the engine.
 CALL_PRIMITIVES = frozenset({"jit", "pjit", "closed_call", "core_call"})
 

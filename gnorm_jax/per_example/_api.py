@@ -119,7 +119,9 @@ class _PerExample:
     arg_leaves = [jax.tree.leaves(a) for a in args]
     offsets = [sum(len(ls) for ls in arg_leaves[:i]) for i in range(len(args))]
     flat_args = [leaf for ls in arg_leaves for leaf in ls]
-    batch_positions = [offsets[i] + j for i in self.batch_argnums for j in range(len(arg_leaves[i]))]
+    batch_positions = [
+        offsets[i] + j for i in self.batch_argnums for j in range(len(arg_leaves[i]))
+    ]
     batch_flat = [flat_args[p] for p in batch_positions]
     param_positions = {}
     for i in self.argnums:

@@ -124,38 +124,33 @@ def weighted_leaf_grad(uses, acts, cots, weights, w) -> jax.Array:
 # ---------------------------------------------------------------- ghost norms
 
 
-def _canonical(use: DotUse, act: jax.Array, cot: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """A [B,H,T,K] and G [B,H,T,N] with per-example O-gradient Σ_t A_tᵀG_t per h.
-
-  H: the dot's batch dims; T: the activation's free dims (positions); K: the
-  contracted dims; N: the parameter's free dims.
-  """
+def _activation_dims(use: DotUse) -> tuple[tuple, tuple, tuple]:
+  """The activation operand's (batch, free, contracted) dims for this use."""
   (lc, rc), (lb, rb) = use.dimension_numbers
   a_c, a_b = (rc, rb) if use.side == 0 else (lc, lb)
-  a_free = [d for d in range(len(use.act_shape)) if d not in a_c and d not in a_b]
-  perm = [0] + [1 + d for d in (*a_b, *a_free, *a_c)]
-  sizes = lambda dims: math.prod(use.act_shape[d] for d in dims)  # noqa: E731
-  h, t, k = sizes(a_b), sizes(a_free), sizes(a_c)
-  a = jnp.transpose(act, perm).reshape(act.shape[0], h, t, k)
+  a_free = tuple(d for d in range(len(use.act_shape)) if d not in a_c and d not in a_b)
+  return tuple(a_b), a_free, tuple(a_c)
+
+
+def _sizes(use: DotUse) -> tuple[int, int, int, int]:
+  """(H, T, K, N): dot batch size, positions, contracted size, parameter free size."""
+  a_b, a_free, a_c = _activation_dims(use)
+  h, t, k = (math.prod(use.act_shape[d] for d in dims) for dims in (a_b, a_free, a_c))
   n = math.prod(use.out_shape) // (h * t) if h * t else 0
-  nb, nf = len(a_b), len(a_free)
-  out_nd = len(use.out_shape)
+  return h, t, k, n
+
+
+def _canonical(use: DotUse, act: jax.Array, cot: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """A [B,H,T,K] and G [B,H,T,N] with per-example O-gradient Σ_t A_tᵀG_t per h."""
+  a_b, a_free, a_c = _activation_dims(use)
+  h, t, k, n = _sizes(use)
+  a = jnp.transpose(act, [0] + [1 + d for d in (*a_b, *a_free, *a_c)])
   if use.side == 0:  # output layout (batch, w_free, a_free) -> (batch, a_free, w_free)
+    nb, nf, out_nd = len(a_b), len(a_free), len(use.out_shape)
     nw = out_nd - nb - nf
     order = [*range(nb), *range(nb + nw, out_nd), *range(nb, nb + nw)]
     cot = jnp.transpose(cot, [0] + [1 + d for d in order])
-  g = cot.reshape(cot.shape[0], h, t, n)
-  return a, g
-
-
-def _ghost_cost(use: DotUse) -> tuple[int, int, int, int]:
-  (lc, rc), (lb, rb) = use.dimension_numbers
-  a_c, a_b = (rc, rb) if use.side == 0 else (lc, lb)
-  h = math.prod(use.act_shape[d] for d in a_b)
-  k = math.prod(use.act_shape[d] for d in a_c)
-  t = math.prod(use.act_shape) // max(h * k, 1)
-  n = math.prod(use.out_shape) // max(h * t, 1)
-  return h, t, k, n
+  return a.reshape(act.shape[0], h, t, k), cot.reshape(cot.shape[0], h, t, n)
 
 
 def _layout_key(use: DotUse, leaf_ndim: int):
@@ -165,7 +160,7 @@ def _layout_key(use: DotUse, leaf_ndim: int):
   for eqn in use.chain:
     if eqn.primitive.name == "transpose":
       axes = [axes[p] for p in eqn.params["permutation"]]
-    elif eqn.primitive.name == "reshape":
+    elif eqn.primitive.name not in ("convert_element_type", "copy"):
       return None
   (lc, rc), (lb, rb) = use.dimension_numbers
   w_c, w_b = (lc, lb) if use.side == 0 else (rc, rb)
@@ -179,8 +174,9 @@ def plan_leaf(uses: list[DotUse], leaf_ndim: int) -> str:
   keys = {_layout_key(u, leaf_ndim) for u in uses}
   if len(keys) != 1 or None in keys:
     return "direct"
-  h, _, k, n = _ghost_cost(uses[0])
-  t = sum(_ghost_cost(u)[1] for u in uses)  # stacked positions
+  _, _, k, n = _sizes(uses[0])
+  t = sum(_sizes(u)[1] for u in uses)  # uses stack along positions
+  # Per example and dot-batch entry: ghost costs T²(K+N), direct T·K·N.
   return "ghost" if t * (k + n) <= k * n else "direct"
 
 

@@ -297,8 +297,9 @@ def noise_scale_tracker(decay: float | jax.Array = 0.99) -> NoiseScaleTracker:
     )
 
   def init() -> NoiseScaleTrackerState:
-    zero = jnp.zeros((), jnp.float32)
-    return NoiseScaleTrackerState(zero, zero, zero, jnp.zeros((), jnp.int32))
+    # Distinct buffers, so the state can be donated to a jitted step.
+    zero = lambda: jnp.zeros((), jnp.float32)
+    return NoiseScaleTrackerState(zero(), zero(), zero(), jnp.zeros((), jnp.int32))
 
   def update(
       estimate: NoiseScale, state: NoiseScaleTrackerState

@@ -336,6 +336,16 @@ def test_tracker_under_scan_with_traced_decay_does_not_retrace():
     np.testing.assert_allclose(np.stack(smoothed, 1), want, rtol=1e-4)
 
 
+def test_tracker_state_can_be_donated():
+  tracker = gnorm_jax.noise_scale_tracker(0.5)
+  update = jax.jit(tracker.update, donate_argnums=1)
+  est = gnorm_jax.NoiseScale(jnp.float32(2.0), jnp.float32(1.0), jnp.float32(2.0))
+  state = tracker.init()
+  for _ in range(2):
+    smoothed, state = update(est, state)
+  np.testing.assert_allclose(smoothed, [2.0, 1.0, 2.0], rtol=1e-6)
+
+
 def test_tracker_before_any_finite_estimate_is_nan():
   tracker = gnorm_jax.noise_scale_tracker()
   nan = jnp.float32(math.nan)

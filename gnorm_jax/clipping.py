@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gnorm_jax.norms import check_ord, leaf_norms, tree_norm
+from gnorm_jax.norms import _pow2_scale, check_ord, leaf_norms, tree_norm
 
 __all__ = [
     "ClipByNormState",
@@ -92,16 +92,15 @@ def scale_tree(tree: Any, factor: Any) -> Any:
 def _normalized(tree: Any, norm: jax.Array, scale: jax.Array | float) -> Any:
   """``scale·tree/norm``, or zeros where ``norm`` is 0 (all leaves of ``tree``).
 
-  The reciprocal of a subnormal norm overflows, so such trees are first
-  multiplied by an exact power of two that makes the norm normal.
+  ``scale/norm`` can overflow for a tiny norm (1e3/1e-37 in float32), so the
+  tree is first multiplied by an exact power of two 2^k with norm·2^k in
+  [0.5, 1): every factor stays finite and the result is rounded once.
   """
-  finfo = jnp.finfo(norm.dtype)
-  small = norm < finfo.tiny
-  pre = jnp.where(small, jnp.asarray(2.0**finfo.nmant, norm.dtype), 1)
-  normal = norm * pre
+  k = _pow2_scale(norm)
+  normal = jnp.ldexp(norm, k)
   nonzero = normal > 0
   factor = jnp.where(nonzero, jnp.asarray(scale, norm.dtype) / jnp.where(nonzero, normal, 1), 0)
-  return scale_tree(scale_tree(tree, pre), factor)
+  return scale_tree(scale_tree(tree, jnp.ldexp(jnp.ones_like(norm), k)), factor)
 
 
 def _is_number(x: Any) -> bool:

@@ -122,6 +122,8 @@ MAX_NORM = 2.0  # global clipping threshold: above the typical ‖∇J‖ of ~1.
 
 
 class Run(NamedTuple):
+  """One training set-up: how its update direction is made and transformed."""
+
   key: str  # short name for --runs
   name: str
   optimizer: Callable[[optax.Schedule], optax.GradientTransformation]
@@ -154,7 +156,6 @@ RUNS = (
     Run("input_penalty", "input-grad penalty + adam", optax.adam, "input_penalty"),
     Run("dp", "per-example clip + adam", optax.adam, "per_example_clip"),
 )
-BASELINE = RUNS[0].name
 RUN_KEYS = tuple(r.key for r in RUNS)
 
 _penalty_value_and_grad = gnorm_jax.penalized_value_and_grad(batch_loss, PENALTY_WEIGHT)
@@ -188,6 +189,8 @@ def _update_direction(kind: str, params, x, y, plain_grads):
 
 
 class RunState(NamedTuple):
+  """What one set-up carries from step to step."""
+
   params: Any
   opt_state: Any
   noise_state: gnorm_jax.NoiseScaleTrackerState
@@ -272,7 +275,7 @@ class ProgressBar:
 
   def __init__(self, label: str, total: int, width: int = 30, stream=None):
     self.label, self.total, self.width = label, total, width
-    self.stream = stream or sys.stderr
+    self.stream = sys.stderr if stream is None else stream
     self.live = self.stream.isatty()
     self.quarter = 0
     self.start = time.perf_counter()
@@ -369,12 +372,16 @@ def evaluate(finals: list, x_test, y_test, batch_size: int) -> dict[str, Any]:
 
 def acted(curve: dict[str, np.ndarray]) -> str:
   """What a set-up's norm-based transformation did over the run."""
+
+  def steps(n, what):
+    return f"{int(n)} step{'' if n == 1 else 's'} {what}"
+
   if "num_skipped" in curve:
-    return f"{int(curve['num_skipped'][-1])} steps skipped"
+    return steps(curve["num_skipped"][-1], "skipped")
   if "num_clipped" in curve:
-    return f"{int(curve['num_clipped'][-1])} steps clipped"
+    return steps(curve["num_clipped"][-1], "clipped")
   if "clipped" in curve:
-    return f"{int(np.sum(curve['clipped']))} steps clipped"
+    return steps(np.sum(curve["clipped"]), "clipped")
   return "-"
 
 

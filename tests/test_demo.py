@@ -9,6 +9,7 @@ import io
 import math
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -80,9 +81,9 @@ def test_table_says_what_the_norm_based_step_did(full_run):
   action = {r["set-up"]: r["norm-based action"] for r in result["rows"]}
   assert action["adam"] == "-" and action["normalize + sgd"] == "-"
   for name in ("clip_by_norm + adam", "autoclip + adam", "zclip + adam", "quantile_clip + adam"):
-    assert action[name].endswith("steps clipped")
+    assert re.fullmatch(r"\d+ steps? clipped", action[name])
     assert 0 <= int(action[name].split()[0]) <= STEPS
-  assert action["skip_spikes(adam)"].endswith("steps skipped")
+  assert re.fullmatch(r"\d+ steps? skipped", action["skip_spikes(adam)"])
   assert action["per-example clip + adam"].endswith("% of examples clipped")
 
 
@@ -114,7 +115,7 @@ def test_runs_flag_selects_set_ups(tmp_path):
   result, out, _ = run_main(["--steps", "3", "--runs", "clip,dp", "--out", str(figure)])
   assert [r[0] for r in table_rows(out)[2:]] == ["clip_by_norm + adam", "per-example clip + adam"]
   assert figure.exists()
-  assert result["rows"][0]["norm-based action"].endswith("steps clipped")
+  assert re.fullmatch(r"\d+ steps? clipped", result["rows"][0]["norm-based action"])
 
 
 @pytest.mark.parametrize(
@@ -257,6 +258,19 @@ def test_progress_bar(stream_type):
     lines = text.splitlines()
     assert "\r" not in text and len(lines) == 4
     assert [l.split("| ")[1].split()[0] for l in lines] == ["2/8", "4/8", "6/8", "8/8"]
+
+
+@pytest.mark.parametrize(
+    "curve,text",
+    [
+        ({"num_skipped": np.array([0, 1, 1])}, "1 step skipped"),
+        ({"num_clipped": np.array([1, 2, 3])}, "3 steps clipped"),
+        ({"clipped": np.array([True, False, True])}, "2 steps clipped"),
+        ({"loss": np.ones(3)}, "-"),
+    ],
+)
+def test_acted(curve, text):
+  assert demo.acted(curve) == text
 
 
 def test_markdown_table():

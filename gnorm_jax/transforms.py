@@ -57,6 +57,11 @@ def value_grad_and_norm(
     A function with ``fun``'s signature returning ``(value, grads, norm)``;
     with ``has_aux``, ``value`` is ``(loss, aux)`` as in jax.value_and_grad.
 
+  Raises:
+    TypeError: ``fun`` is not callable or ``argnums`` is not an int or a
+      non-empty tuple of ints.
+    ValueError: ``ord`` is not None, 1, 2 or inf.
+
   Examples:
     >>> import jax.numpy as jnp
     >>> import gnorm_jax
@@ -64,6 +69,11 @@ def value_grad_and_norm(
     >>> value, grads, norm = gnorm_jax.value_grad_and_norm(f)(jnp.array([3.0, 4.0]))
     >>> float(value), float(norm)
     (12.5, 5.0)
+
+  References:
+    Pascanu, Mikolov & Bengio, "On the difficulty of training recurrent neural
+    networks", 2013 (https://arxiv.org/abs/1211.5063): the gradient norm that
+    clipping measures once per step.
   """
   _check_fun(fun, "value_grad_and_norm")
   check_argnums(argnums)
@@ -87,6 +97,11 @@ def grad_norm(
 ) -> Callable[..., Any]:
   r"""Returns a function computing the gradient norm ‖∇f‖ at its arguments.
 
+  .. math::
+    x \mapsto \|\nabla f(x)\|, \qquad
+    \nabla_x \|\nabla f(x)\| = \frac{H(x)\,\nabla f(x)}{\|\nabla f(x)\|}
+    \ (\text{and } 0 \text{ where } \nabla f(x) = 0).
+
   Composes with :func:`jax.jit`, :func:`jax.vmap` (e.g. per-example
   input-gradient norms) and :func:`jax.grad`: the gradient of ‖∇f‖ is
   :math:`H\nabla f/\|\nabla f\|`, and 0 (not NaN) at a stationary point.
@@ -100,7 +115,15 @@ def grad_norm(
 
   Returns:
     A function with ``fun``'s signature returning the norm (a scalar at least
-    float32), or ``(norm, aux)``.
+    float32), or ``(norm, aux)``. An infinite gradient entry gives ``inf``, a
+    NaN entry ``nan``.
+
+  Raises:
+    TypeError: ``fun`` is not callable or ``argnums`` is not an int or a
+      non-empty tuple of ints (at construction); as in :func:`jax.grad`, at
+      call time, for argnums beyond the arguments, integer inputs or a
+      non-scalar output.
+    ValueError: ``ord`` is not None, 1, 2 or inf.
 
   Examples:
     >>> import jax, jax.numpy as jnp
@@ -111,6 +134,13 @@ def grad_norm(
     >>> xs = jnp.arange(6.0).reshape(3, 2)
     >>> jax.vmap(gnorm_jax.grad_norm(lambda x: jnp.sum(x ** 2)))(xs).shape
     (3,)
+
+  References:
+    Gulrajani et al., "Improved Training of Wasserstein GANs", 2017
+    (https://arxiv.org/abs/1704.00028) and Zhao, Zhang & Hu, "Penalizing
+    Gradient Norm for Efficiently Improving Generalization in Deep Learning",
+    2022 (https://arxiv.org/abs/2202.03599): penalties that differentiate
+    ‖∇f‖, as this function allows.
   """
   _check_fun(fun, "grad_norm")
   vgn = value_grad_and_norm(fun, argnums, has_aux, ord=ord)

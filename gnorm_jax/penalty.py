@@ -382,7 +382,10 @@ def _per_example_sq_norms(grads: Any) -> jax.Array:
 def _check_batch(x: Any, name: str) -> None:
   leaves = jax.tree.leaves(x)
   if not leaves or any(jnp.ndim(l) == 0 for l in leaves):
-    raise ValueError(f"{name} must be an array [B, ...] (or a pytree of them), got {x!r}.")
+    raise ValueError(
+        f"{name} needs a leading batch axis: an array [B, ...] (or a pytree of"
+        f" them), got {x!r}. For one example, pass `x[None]`."
+    )
   sizes = {jnp.shape(l)[0] for l in leaves}
   if len(sizes) != 1:
     raise ValueError(

@@ -26,6 +26,7 @@ non-finite (like ``optax.clip_by_global_norm``); :func:`skip_spikes` skips it.
 
 from __future__ import annotations
 
+import numbers
 import operator
 from typing import Any, NamedTuple
 
@@ -45,7 +46,7 @@ __all__ = ["autoclip", "zclip", "quantile_clip", "skip_spikes"]
 
 
 def _is_number(x: Any) -> bool:
-  return isinstance(x, (int, float))
+  return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
 def _check(ok: bool, name: str, value: Any, requirement: str, fix: str = "") -> None:
@@ -96,11 +97,13 @@ def _filled(history: jax.Array, num_recorded: jax.Array) -> jax.Array:
 def _percentile(history: jax.Array, num_recorded: jax.Array, q: Any) -> jax.Array:
   """numpy.percentile(filled entries, q) with linear interpolation; inf if none.
 
-  Unfilled slots hold +inf, so after sorting the filled entries come first.
+  Unfilled slots hold +inf, so after sorting the filled entries come first. A
+  traced ``q`` outside [0, 100] is clipped into it (never an out-of-range read).
   """
   n = _filled(history, num_recorded)
   ordered = jnp.sort(history)
-  pos = jnp.asarray(q, history.dtype) / 100 * (jnp.maximum(n, 1) - 1).astype(history.dtype)
+  fraction = jnp.clip(jnp.asarray(q, history.dtype) / 100, 0, 1)
+  pos = fraction * (jnp.maximum(n, 1) - 1).astype(history.dtype)
   lo = jnp.floor(pos).astype(n.dtype)
   hi = jnp.minimum(lo + 1, jnp.maximum(n, 1) - 1)  # never reads an unfilled slot
   value = ordered[lo] + (pos - lo) * (ordered[hi] - ordered[lo])
@@ -128,7 +131,10 @@ def _empty_history(size: int, dtype: jnp.dtype) -> jax.Array:
   return jnp.full((size,), jnp.inf, dtype)
 
 
-_ZERO_COUNT = jnp.zeros((), jnp.int32)
+def _zero_count() -> jax.Array:
+  # A function, not a module constant: creating an array at import time would
+  # initialize the backend before a user's jax.distributed.initialize().
+  return jnp.zeros((), jnp.int32)
 
 
 # --------------------------------------------------------------------------
@@ -200,12 +206,12 @@ def autoclip(percentile: Any = 10.0, *, history: int = 1000) -> optax.GradientTr
   def init_fn(params):
     dtype = _norm_dtype(params)
     return AutoClipState(
-        count=_ZERO_COUNT,
+        count=_zero_count(),
         grad_norm=jnp.zeros((), dtype),
         max_norm=jnp.full((), jnp.inf, dtype),
         history=_empty_history(size, dtype),
-        num_recorded=_ZERO_COUNT,
-        num_clipped=_ZERO_COUNT,
+        num_recorded=_zero_count(),
+        num_clipped=_zero_count(),
     )
 
   def update_fn(updates, state, params=None):
@@ -327,13 +333,13 @@ def zclip(
     dtype = _norm_dtype(params)
     zero = jnp.zeros((), dtype)
     return ZClipState(
-        count=_ZERO_COUNT,
+        count=_zero_count(),
         grad_norm=zero,
         max_norm=jnp.asarray(cap, dtype),
         mean=zero,
         var=zero,
-        num_recorded=_ZERO_COUNT,
-        num_clipped=_ZERO_COUNT,
+        num_recorded=_zero_count(),
+        num_clipped=_zero_count(),
     )
 
   def update_fn(updates, state, params=None):
@@ -460,11 +466,11 @@ def quantile_clip(
     dtype = _norm_dtype(params)
     c = jnp.asarray(initial_max_norm, dtype)
     return QuantileClipState(
-        count=_ZERO_COUNT,
+        count=_zero_count(),
         grad_norm=jnp.zeros((), dtype),
         max_norm=c,
         next_max_norm=c,
-        num_clipped=_ZERO_COUNT,
+        num_clipped=_zero_count(),
     )
 
   def update_fn(updates, state, params=None):
@@ -581,12 +587,12 @@ def skip_spikes(
   def init_fn(params):
     dtype = _norm_dtype(params)
     return SkipSpikesState(
-        count=_ZERO_COUNT,
+        count=_zero_count(),
         grad_norm=jnp.zeros((), dtype),
         max_norm=jnp.full((), jnp.inf, dtype),
         history=_empty_history(size, dtype),
-        num_recorded=_ZERO_COUNT,
-        num_skipped=_ZERO_COUNT,
+        num_recorded=_zero_count(),
+        num_skipped=_zero_count(),
         inner_state=inner.init(params),
     )
 

@@ -400,7 +400,7 @@ def random_trees(draw, dtypes=tuple(FLOAT_DTYPES)):
   return {"a": leaves[: n_leaves // 2], "b": {"c": tuple(leaves[n_leaves // 2 :]), "d": None}}
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(random_trees(), st.sampled_from(ORDS))
 def test_property_agrees_with_numpy_float64(tree, ord):
   assert_rel(gnorm_jax.tree_norm(tree, ord), np_norm(tree, ord), rtol=2e-6)

@@ -331,13 +331,14 @@ def zclip(
 
   def init_fn(params):
     dtype = _norm_dtype(params)
-    zero = jnp.zeros((), dtype)
+    # One buffer per field (jnp.array copies): a state donated to a jitted
+    # step must not hold the same buffer twice.
     return ZClipState(
         count=_zero_count(),
-        grad_norm=zero,
-        max_norm=jnp.asarray(cap, dtype),
-        mean=zero,
-        var=zero,
+        grad_norm=jnp.zeros((), dtype),
+        max_norm=jnp.array(cap, dtype),
+        mean=jnp.zeros((), dtype),
+        var=jnp.zeros((), dtype),
         num_recorded=_zero_count(),
         num_clipped=_zero_count(),
     )
@@ -464,12 +465,12 @@ def quantile_clip(
 
   def init_fn(params):
     dtype = _norm_dtype(params)
-    c = jnp.asarray(initial_max_norm, dtype)
+    # One buffer per field (jnp.array copies), so the state can be donated.
     return QuantileClipState(
         count=_zero_count(),
         grad_norm=jnp.zeros((), dtype),
-        max_norm=c,
-        next_max_norm=c,
+        max_norm=jnp.array(initial_max_norm, dtype),
+        next_max_norm=jnp.array(initial_max_norm, dtype),
         num_clipped=_zero_count(),
     )
 
@@ -534,11 +535,14 @@ def skip_spikes(
   instead of freezing training. Non-finite norms are always skipped (this
   subsumes ``optax.apply_if_finite``) and never recorded.
 
-  The inner update always runs and its result is selected with ``jnp.where``:
-  the select fuses into the inner update's elementwise loops, whereas a
-  ``lax.cond`` would only save work on the rare skipped steps, blocks that
-  fusion and becomes a select anyway under ``vmap``. ``where`` (not a
-  multiplication by 0) also drops NaN from a skipped non-finite step.
+  The inner update always runs and its result is selected with ``jnp.where``
+  (as ``optax.apply_if_finite`` does; a ``lax.cond`` measured no faster and
+  becomes a select under ``vmap``). ``where``, not a multiplication by 0, also
+  drops NaN from a skipped non-finite step. Cost: keeping the old inner state
+  selectable means XLA keeps a copy of the state's large leaves (Adam's
+  moments) during the step; with donated buffers on CPU this makes
+  ``skip_spikes(adam)`` several times slower than ``adam`` alone (see
+  ``benchmarks/optax_step.py``), about what ``optax.apply_if_finite`` costs.
 
   Args:
     inner: the transformation to protect, e.g. ``optax.adamw(3e-4)``; extra

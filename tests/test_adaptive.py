@@ -532,3 +532,15 @@ def test_traced_percentile_outside_range_is_clipped_into_it(percentile, expect):
   for g in (1.0, 3.0, 2.0):
     _, state = tx.update(jax.tree.map(lambda u: g * u, UNIT), state)
   assert float(state.inner_state.max_norm) == pytest.approx(expect)
+
+
+@pytest.mark.parametrize("name", list(ALL) + ["inject_zclip", "inject_quantile_clip"])
+def test_initial_state_can_be_donated(name):
+  """A training step donates its state; init must not reuse one buffer twice."""
+  tx = {
+      "inject_zclip": lambda: optax.inject_hyperparams(gnorm_jax.zclip)(max_norm=2.0),
+      "inject_quantile_clip": lambda: optax.inject_hyperparams(gnorm_jax.quantile_clip)(),
+  }.get(name, ALL.get(name))()
+  state = tx.init(_params())
+  step = jax.jit(lambda g, s: tx.update(g, s)[1], donate_argnums=1)
+  jax.block_until_ready(step(UNIT, state))

@@ -9,7 +9,10 @@ Policy, in one place:
 * Overflow- and underflow-safe: a one-pass sum of squares is used when it is
   finite and far from the underflow range; otherwise (rarely) a second pass
   rescales every leaf by a power of two of the largest entry, as LAPACK's
-  ``nrm2`` does.
+  ``nrm2`` does. All groups (leaves for :func:`leaf_norms`) share one branch,
+  and under ``vmap`` so do all examples: the batch takes the fast path unless
+  one example needs rescuing (a custom batching rule; a plain ``lax.cond``
+  would become a select that always pays for both paths).
 * Derivatives are NaN-free: at a zero vector the derivative of the Euclidean
   norm is defined as 0 (a subgradient), and second derivatives are finite.
 * Inputs containing ``inf`` give ``inf``; inputs containing ``nan`` give ``nan``.
@@ -121,19 +124,19 @@ def _rescaled_l2(leaves: list[jax.Array]) -> jax.Array:
   return jnp.ldexp(jnp.sqrt(total), -k)
 
 
-@jax.custom_jvp
-def _l2_norms(groups: list[list[jax.Array]]) -> list[jax.Array]:
+def _group_sumsqs(groups: list[list[jax.Array]]) -> list[jax.Array]:
+  return [sum(_sumsq(x, _group_dtype(g)) for x in g) for g in groups]
+
+
+def _l2_norms_one(groups: list[list[jax.Array]]) -> list[jax.Array]:
   """The Euclidean norm of each group of leaves (a group is one vector).
 
   One pass computes every group's sum of squares; ONE cond checks them all, so
   the common case costs a single scalar branch however many groups there are.
   Only if some sum overflowed or may have lost underflowed squares does the
   rare branch run, and there only those groups take the rescaled second pass.
-  Under ``vmap`` the predicate is batched and XLA evaluates both branches.
   """
-  if not groups:
-    return []
-  sumsqs = [sum(_sumsq(x, _group_dtype(g)) for x in g) for g in groups]
+  sumsqs = _group_sumsqs(groups)
   oks = [_fast_path_ok(s) for s in sumsqs]
 
   def fast():
@@ -146,6 +149,36 @@ def _l2_norms(groups: list[list[jax.Array]]) -> list[jax.Array]:
     ]
 
   return lax.cond(jnp.all(jnp.stack(oks)), fast, rescue)
+
+
+@jax.custom_batching.custom_vmap
+def _l2_norms_batchable(groups: list[list[jax.Array]]) -> list[jax.Array]:
+  return _l2_norms_one(groups)
+
+
+@_l2_norms_batchable.def_vmap
+def _l2_norms_vmap(axis_size, in_batched, groups):
+  """Under vmap, one cond for the whole batch rather than a select per example.
+
+  A batched predicate would turn the cond into a select that always pays for
+  the rescaled branch; here every example takes the fast path unless one of
+  them needs rescuing, and then each example is handled as when unbatched.
+  """
+  (batched,) = in_batched
+  in_axes = ([[0 if b else None for b in bg] for bg in batched],)
+  each = lambda fn: jax.vmap(fn, in_axes=in_axes, axis_size=axis_size)
+  sumsqs = each(_group_sumsqs)(groups)
+  ok = jnp.all(jnp.stack([jnp.all(_fast_path_ok(s)) for s in sumsqs]))
+  norms = lax.cond(ok, lambda: [jnp.sqrt(s) for s in sumsqs], lambda: each(_l2_norms_one)(groups))
+  return norms, [True] * len(norms)
+
+
+@jax.custom_jvp
+def _l2_norms(groups: list[list[jax.Array]]) -> list[jax.Array]:
+  """:func:`_l2_norms_one` with a NaN-free derivative and a batch-wide branch."""
+  if not groups:
+    return []
+  return _l2_norms_batchable(groups)
 
 
 @_l2_norms.defjvp

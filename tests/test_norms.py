@@ -265,6 +265,38 @@ def test_eager_jit_vmap_agree(ord):
       np.testing.assert_allclose(jax.jit(leaf_fn)(e)[name], leaf_fn(e)[name], rtol=0)
 
 
+@pytest.mark.parametrize("scale", [1.0, 1e25, 1e-25])
+def test_vmap_with_unbatched_leaves_nested_vmap_and_derivatives(scale):
+  # The batching rule takes one branch for the whole batch; unbatched leaves,
+  # nested vmaps and derivatives under vmap must all match a loop of examples.
+  rng = np.random.default_rng(4)
+  batch = jnp.asarray(rng.normal(size=(3, 2, 4)), jnp.float32)
+  batch = batch.at[1].multiply(scale)  # a batch mixing the fast and rare paths
+  fixed = jnp.asarray(rng.normal(size=5), jnp.float32)
+  fn = lambda w, b: gnorm_jax.tree_norm({"w": w, "b": b})
+  loop = np.asarray([[fn(w, fixed) for w in ws] for ws in batch])
+  expected = [[np_norm({"w": w, "b": fixed}) for w in ws] for ws in np.asarray(batch)]
+  np.testing.assert_allclose(loop, expected, rtol=1e-6)
+  inner = jax.vmap(fn, in_axes=(0, None))
+  np.testing.assert_allclose(jax.vmap(inner, in_axes=(0, None))(batch, fixed), loop, rtol=1e-6)
+  np.testing.assert_allclose(jax.jit(jax.vmap(inner, in_axes=(0, None)))(batch, fixed), loop, rtol=1e-6)
+  grad_loop = np.asarray([[jax.grad(fn)(w, fixed) for w in ws] for ws in batch])
+  grad_vmap = jax.vmap(jax.vmap(jax.grad(fn), in_axes=(0, None)), in_axes=(0, None))(batch, fixed)
+  np.testing.assert_allclose(grad_vmap, grad_loop, rtol=1e-6)
+  summed = lambda ws: jnp.sum(jax.vmap(inner, in_axes=(0, None))(ws, fixed))
+  np.testing.assert_allclose(jax.grad(summed)(batch), grad_loop, rtol=1e-6)
+  hess = jax.vmap(jax.hessian(fn), in_axes=(0, None))(batch[0], fixed)
+  np.testing.assert_allclose(hess, [jax.hessian(fn)(w, fixed) for w in batch[0]], rtol=1e-5, atol=1e-30)
+
+
+def test_vmap_at_zero_examples_has_zero_gradients():
+  batch = jnp.zeros((3, 4)).at[1].set(jnp.asarray([3.0, 0.0, 4.0, 0.0]))
+  grads = jax.vmap(jax.grad(gnorm_jax.tree_norm))(batch)
+  np.testing.assert_allclose(grads, [[0, 0, 0, 0], [0.6, 0, 0.8, 0], [0, 0, 0, 0]], rtol=1e-7)
+  np.testing.assert_array_equal(grads[::2], 0.0)  # exactly zero, never NaN
+  np.testing.assert_array_equal(jax.vmap(gnorm_jax.tree_norm)(batch), [0.0, 5.0, 0.0])
+
+
 # --------------------------------------------------------------- derivatives
 
 

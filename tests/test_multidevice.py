@@ -170,6 +170,20 @@ README_EXAMPLE = textwrap.dedent(
     # and adds them; the result is the same as on one device.
     norm = jax.jit(gnorm_jax.tree_norm)(params)
     assert abs(float(norm) - float(np.sqrt(1024 * 512 + 512))) < 1e-3
+
+    # shard_map, data parallel: replicated params, the batch split over devices.
+    dp = Mesh(np.asarray(jax.devices()), ("batch",))
+    loss = lambda p, x: jnp.mean((x @ p["w"] + p["b"]) ** 2)
+
+    def step(p, x):
+      # p is the same on every device, so jax sums the per-device gradients
+      # of the pmean'd loss: the full-batch gradient norm on every device.
+      return gnorm_jax.grad_norm(lambda p: jax.lax.pmean(loss(p, x), "batch"))(p)
+
+    x = jnp.linspace(-1, 1, 64 * 1024).reshape(64, 1024)
+    norm = jax.jit(jax.shard_map(step, mesh=dp, in_specs=(P(), P("batch")), out_specs=P()))(params, x)
+    single = gnorm_jax.grad_norm(loss)(jax.device_put(params, jax.devices()[0]), x)
+    assert abs(float(norm) / float(single) - 1) < 1e-6
     """
 )
 

@@ -67,7 +67,23 @@ def clip_factor(norm: jax.Array, max_norm: jax.Array | float) -> jax.Array:
   max_norm = jnp.asarray(max_norm, norm.dtype)
   max_norm = jnp.where(max_norm > 0, max_norm, 0)
   over = (norm > max_norm) | (max_norm == 0)
-  return jnp.where(over, max_norm / jnp.where(norm > 0, norm, 1), 1).astype(norm.dtype)
+  # Only the selected branch may see the real norm: the other one must not
+  # produce inf·0 = NaN in the backward pass (e.g. 1/norm² at norm = 1e-30).
+  ratio = _ratio(jnp.where(over, max_norm, 1), jnp.where(over & (norm > 0), norm, 1))
+  return jnp.where(over, ratio, 1).astype(norm.dtype)
+
+
+@jax.custom_jvp
+def _ratio(num: jax.Array, den: jax.Array) -> jax.Array:
+  return num / den
+
+
+@_ratio.defjvp
+def _ratio_jvp(primals, tangents):
+  # d(a/b) = (da − (a/b)·db)/b: no b² that underflows to 0 for tiny b.
+  (num, den), (dnum, dden) = primals, tangents
+  ratio = num / den
+  return ratio, (dnum - ratio * dden) / den
 
 
 def scale_tree(tree: Any, factor: Any) -> Any:

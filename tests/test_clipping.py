@@ -151,6 +151,31 @@ def test_clip_zero_input_or_threshold_gives_zeros_and_finite_derivatives(per):
     check_grads(lambda g: f(g, tau), (g,), order=1, modes=["fwd", "rev"])
 
 
+@pytest.mark.parametrize("per", PERS)
+@pytest.mark.parametrize("scale", [1e-30, 1e-20, 1e30])
+def test_clip_derivatives_finite_at_extreme_norms(per, scale):
+  # The unselected branch min(1, τ/‖g‖) must not leak inf·0 = NaN backwards.
+  g = jnp.array([3.0, -4.0, 0.0], jnp.float32) * jnp.float32(scale)
+  for max_norm in [1.0, 0.0, 4.0 * scale]:
+    tau = jnp.float32(max_norm)
+    jac_g, jac_tau = jax.jit(
+        jax.jacobian(lambda g, tau: jitted(gnorm_jax.clip_by_norm, None, per)(g, tau)[0], (0, 1))
+    )(g, tau)
+    assert np.isfinite(jac_g).all() and np.isfinite(jac_tau).all(), (scale, max_norm)
+
+
+@pytest.mark.parametrize(
+    "norm,max_norm", [(1e-30, 1.0), (2e-30, 1e-30), (3.0, 1.0), (1e30, 2e29), (0.5, 1.0)]
+)
+def test_clip_factor_derivatives_match_float64(norm, max_norm):
+  from gnorm_jax.clipping import clip_factor
+
+  d_norm, d_tau = jax.grad(clip_factor, (0, 1))(jnp.float32(norm), jnp.float32(max_norm))
+  over = norm > max_norm
+  np.testing.assert_allclose(d_norm, -max_norm / norm**2 if over else 0.0, rtol=1e-6)
+  np.testing.assert_allclose(d_tau, 1.0 / norm if over else 0.0, rtol=1e-6)
+
+
 @pytest.mark.parametrize("g", [jnp.array([3.0, -4.0, 1.0]), jnp.array([0.1, 0.2, -0.1])])
 def test_clip_derivatives_match_finite_differences(g):
   f = jax.jit(lambda g, tau: apply(gnorm_jax.clip_by_norm(tau), g)[0])

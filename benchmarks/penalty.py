@@ -6,8 +6,9 @@ For an MLP and a small conv net (cross-entropy on random data), times the
 jit-compiled ``(value, grad)`` of every method of
 ``gnorm_jax.penalized_value_and_grad`` and of plain ``jax.value_and_grad(J)``
 (the baseline) in one interleaved run, and prints median ms, the ratio to the
-baseline and XLA's temp/output memory. Goals (issue 5): hvp ≤ 3x and never
-slower than double_backprop; finite_difference ≤ 2.2x.
+baseline and XLA's temp/output memory, then each goal (issue 5: hvp ≤ 3x and
+never slower than double_backprop; finite_difference ≤ 2.2x) as measured and
+as XLA's flop count, which the machine's noise does not touch.
 """
 
 from __future__ import annotations
@@ -96,14 +97,39 @@ def variants(loss: Callable[..., Any]) -> dict[str, Callable[..., Any]]:
   return out
 
 
+def _gflops(fn, *args) -> float:
+  """XLA's own count of floating-point operations per call (machine-independent)."""
+  analysis = jax.jit(fn).lower(*args).compile().cost_analysis()
+  if isinstance(analysis, (list, tuple)):  # older jax: one dict per computation
+    analysis = analysis[0] if analysis else {}
+  return float((analysis or {}).get("flops", -1)) / 1e9
+
+
+def _goals(times: dict[str, float], flops: dict[str, float]) -> str:
+  """The issue's goals, measured (time) and in XLA's flop count (noise-free)."""
+  t = {k: v / times[BASELINE] for k, v in times.items()}
+  f = {k: v / flops[BASELINE] for k, v in flops.items()}
+  mark = lambda ok: "met" if ok else "MISSED"
+  return "\n".join([
+      f"- hvp <= 3x: {t['hvp']:.2f}x ({mark(t['hvp'] <= 3)}); XLA flops {f['hvp']:.2f}x",
+      f"- hvp <= double_backprop: {t['hvp'] / t['double_backprop']:.2f}x"
+      f" ({mark(t['hvp'] <= t['double_backprop'])}); XLA flops"
+      f" {f['hvp'] / f['double_backprop']:.2f}x",
+      f"- finite_difference <= 2.2x: {t['finite_difference']:.2f}x"
+      f" ({mark(t['finite_difference'] <= 2.2)}); XLA flops {f['finite_difference']:.2f}x",
+  ]) + "\n"
+
+
 def bench(title: str, loss, params, x, y, rounds: int) -> str:
   fns = variants(loss)
   mem = {name: _harness.memory(fn, params, x, y) for name, fn in fns.items()}
+  flops = {name: _gflops(fn, params, x, y) for name, fn in fns.items()}
   jitted = {name: jax.jit(fn) for name, fn in fns.items()}
   runners = {name: (lambda f=f: f(params, x, y)) for name, f in jitted.items()}
   times = _harness.time_variants(runners, rounds=rounds)
   n = sum(p.size for p in jax.tree.leaves(params))
-  return _harness.table(f"{title}, {n / 1e6:.2f}M params (jit, float32)", times, BASELINE, mem)
+  table = _harness.table(f"{title}, {n / 1e6:.2f}M params (jit, float32)", times, BASELINE, mem)
+  return table + "\n" + _goals(times, flops)
 
 
 def main() -> None:

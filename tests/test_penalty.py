@@ -563,6 +563,18 @@ def test_r1_penalty_matches_vmap_reference():
 
 
 @pytest.mark.parametrize("penalty", ["gp", "r1"])
+def test_gan_penalties_eager_equals_jit_equals_vmap(penalty):
+  """vmap over a stack of batches (e.g. several critics' minibatches) = a loop."""
+  critic_of, params, x = _np_critic_setup(seed=4, batch=12)
+  fn = gnorm_jax.gradient_penalty if penalty == "gp" else gnorm_jax.r1_penalty
+  f = lambda x: fn(critic_of(params), x)
+  stacked = x.reshape(3, 4, -1)
+  eager = np.array([float(f(b)) for b in stacked])
+  np.testing.assert_allclose([float(jax.jit(f)(b)) for b in stacked], eager, rtol=1e-6)
+  np.testing.assert_allclose(jax.jit(jax.vmap(f))(stacked), eager, rtol=1e-5)
+
+
+@pytest.mark.parametrize("penalty", ["gp", "r1"])
 def test_gan_penalty_parameter_gradients(penalty):
   """d/dparams against the vmap-of-grad formulation, and check_grads."""
   critic_of, params, x = _np_critic_setup(seed=2)

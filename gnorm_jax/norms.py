@@ -102,12 +102,13 @@ def _fast_path_ok(sumsq: jax.Array) -> jax.Array:
   """True where a plain sum of squares is accurate: finite, no underflow loss.
 
   Squares below ``tiny`` may be flushed to zero. Accepting only sums of at
-  least ``tiny/eps²`` bounds what n such squares can hide to n·eps² relative
-  (below 1.5e-7 in float32 for n < 10⁷ entries; 3e-25 in float64). Zero is
-  not accepted: it may hide entries whose squares all underflowed.
+  least ``tiny/eps³`` (a norm of 2.6e-9 in float32) bounds what n such
+  squares can hide to n·eps³ relative: below eps for any n < 1/eps² (7e13 in
+  float32). Zero is not accepted: it may hide entries whose squares all
+  underflowed.
   """
   finfo = jnp.finfo(sumsq.dtype)
-  return jnp.isfinite(sumsq) & (sumsq >= finfo.tiny / finfo.eps**2)
+  return jnp.isfinite(sumsq) & (sumsq >= finfo.tiny / finfo.eps**3)
 
 
 def _rescaled_l2(leaves: list[jax.Array]) -> jax.Array:

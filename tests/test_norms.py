@@ -122,6 +122,8 @@ def test_low_precision_accumulates_in_float32(ord, dtype):
         ([2e38, 2e38], math.sqrt(2) * 2e38),  # the norm itself is still finite
         ([1e20, 1e-30], 1e20),
         ([3e-20, 4e-20], 5e-20),  # the sum of squares, 2.5e-39, is subnormal
+        ([3e-10, 4e-10], 5e-10),  # just below the fast path's threshold
+        ([3e-9, 4e-9], 5e-9),  # just above it
     ],
 )
 @pytest.mark.parametrize("mode", ["eager", "jit"])

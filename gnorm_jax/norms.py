@@ -114,8 +114,9 @@ def _fast_path_ok(sumsq: jax.Array) -> jax.Array:
 def _rescaled_l2(leaves: list[jax.Array]) -> jax.Array:
   """Two-pass Euclidean norm: rescale by a power of two of the largest entry.
 
-  With every entry scaled into [0, 1) nothing overflows, and squares that
-  underflow are below eps² of the largest one. Powers of two scale exactly.
+  With every entry scaled into [0, 1) and the largest in [0.5, 1), nothing
+  overflows and a square that underflows (below ``tiny``) is negligible next to
+  the largest one (at least 1/4). Powers of two scale exactly.
   """
   acc = _group_dtype(leaves)
   amax = jnp.max(jnp.stack([_amax(x, acc) for x in leaves]))

@@ -122,7 +122,13 @@ def _rescaled_l2(leaves: list[jax.Array]) -> jax.Array:
   amax = jnp.max(jnp.stack([_amax(x, acc) for x in leaves]))
   k = _pow2_scale(amax)
   scale = jnp.ldexp(jnp.ones((), acc), k)
-  total = sum(_sumsq(x, acc, scale) for x in leaves)
+  total = jnp.zeros((), acc)
+  for x in leaves:
+    # The barrier keeps XLA from sharing one full-size broadcast of ``scale``
+    # between leaves of the same shape (a buffer of half the largest leaf, even
+    # when this branch never runs); each leaf's scaling fuses into its sum.
+    s, x = lax.optimization_barrier((scale, x))
+    total = total + _sumsq(x, acc, s)
   return jnp.ldexp(jnp.sqrt(total), -k)
 
 
@@ -168,7 +174,10 @@ def _l2_norms_vmap(axis_size, in_batched, groups):
   """
   (batched,) = in_batched
   in_axes = ([[0 if b else None for b in bg] for bg in batched],)
-  each = lambda fn: jax.vmap(fn, in_axes=in_axes, axis_size=axis_size)
+
+  def each(fn):
+    return jax.vmap(fn, in_axes=in_axes, axis_size=axis_size)
+
   sumsqs = each(_group_sumsqs)(groups)
   ok = jnp.all(jnp.stack([jnp.all(_fast_path_ok(s)) for s in sumsqs]))
   norms = lax.cond(ok, lambda: [jnp.sqrt(s) for s in sumsqs], lambda: each(_l2_norms_one)(groups))

@@ -14,6 +14,7 @@ import time
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 
 
 def machine_line() -> str:
@@ -95,3 +96,32 @@ def table(
       row += f" {_mib(m['temp'])} | {_mib(m['output'])} |"
     lines.append(row)
   return "\n".join(lines) + "\n"
+
+def transformer_tree(
+    key: jax.Array, *, d_model: int = 512, n_layers: int = 10, vocab: int = 12288
+) -> dict[str, Any]:
+  """Random float32 parameters shaped like a small transformer.
+
+  Defaults: 10 layers x 10 leaves + embedding + final norm = 103 leaves,
+  37.8M parameters.
+  """
+  shapes = {"embed": (vocab, d_model), "final_ln/scale": (d_model,), "final_ln/bias": (d_model,)}
+  for i in range(n_layers):
+    p = f"layer{i:02d}/"
+    shapes.update({
+        p + "ln1": (2, d_model),
+        p + "attn/w_qkv": (d_model, 3 * d_model),
+        p + "attn/b_qkv": (3 * d_model,),
+        p + "attn/w_out": (d_model, d_model),
+        p + "attn/b_out": (d_model,),
+        p + "ln2": (2, d_model),
+        p + "mlp/w_in": (d_model, 4 * d_model),
+        p + "mlp/b_in": (4 * d_model,),
+        p + "mlp/w_out": (4 * d_model, d_model),
+        p + "mlp/b_out": (d_model,),
+    })
+  keys = jax.random.split(key, len(shapes))
+  return {
+      name: 0.02 * jax.random.normal(k, shape, jnp.float32)
+      for k, (name, shape) in zip(keys, sorted(shapes.items()))
+  }

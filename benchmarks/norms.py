@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -33,36 +32,6 @@ import _harness  # noqa: E402
 import gnorm_jax  # noqa: E402
 
 
-def transformer_tree(
-    key: jax.Array, *, d_model: int = 512, n_layers: int = 10, vocab: int = 12288
-) -> dict[str, Any]:
-  """Random float32 parameters shaped like a small transformer.
-
-  Defaults: 10 layers x 10 leaves + embedding + final norm = 103 leaves,
-  37.8M parameters.
-  """
-  shapes = {"embed": (vocab, d_model), "final_ln/scale": (d_model,), "final_ln/bias": (d_model,)}
-  for i in range(n_layers):
-    p = f"layer{i:02d}/"
-    shapes.update({
-        p + "ln1": (2, d_model),
-        p + "attn/w_qkv": (d_model, 3 * d_model),
-        p + "attn/b_qkv": (3 * d_model,),
-        p + "attn/w_out": (d_model, d_model),
-        p + "attn/b_out": (d_model,),
-        p + "ln2": (2, d_model),
-        p + "mlp/w_in": (d_model, 4 * d_model),
-        p + "mlp/b_in": (4 * d_model,),
-        p + "mlp/w_out": (4 * d_model, d_model),
-        p + "mlp/b_out": (d_model,),
-    })
-  keys = jax.random.split(key, len(shapes))
-  return {
-      name: 0.02 * jax.random.normal(k, shape, jnp.float32)
-      for k, (name, shape) in zip(keys, sorted(shapes.items()))
-  }
-
-
 def flat_norm(x: jax.Array) -> jax.Array:
   """The reference: one fused pass over one array, no safety, no tree."""
   return jnp.sqrt(jnp.sum(x * x))
@@ -70,7 +39,7 @@ def flat_norm(x: jax.Array) -> jax.Array:
 
 def bench_tree_norms(quick: bool, rounds: int) -> str:
   sizes = dict(d_model=128, n_layers=10, vocab=1024) if quick else {}
-  tree = transformer_tree(jax.random.key(0), **sizes)
+  tree = _harness.transformer_tree(jax.random.key(0), **sizes)
   leaves = jax.tree.leaves(tree)
   n = sum(x.size for x in leaves)
   flat = jnp.concatenate([x.ravel() for x in leaves])

@@ -51,35 +51,6 @@ VARIANTS: dict[str, Callable[[], optax.GradientTransformation]] = {
 BASELINE = "adam"
 
 
-def transformer_tree(
-    key: jax.Array, *, d_model: int = 512, n_layers: int = 10, vocab: int = 12288
-) -> dict[str, Any]:
-  """Random float32 parameters shaped like a small transformer.
-
-  Defaults: 10 layers x 10 leaves + embedding + final norm = 103 leaves,
-  37.8M parameters.
-  """
-  shapes = {"embed": (vocab, d_model), "final_ln/scale": (d_model,), "final_ln/bias": (d_model,)}
-  for i in range(n_layers):
-    p = f"layer{i:02d}/"
-    shapes.update({
-        p + "ln1": (2, d_model),
-        p + "attn/w_qkv": (d_model, 3 * d_model),
-        p + "attn/b_qkv": (3 * d_model,),
-        p + "attn/w_out": (d_model, d_model),
-        p + "attn/b_out": (d_model,),
-        p + "ln2": (2, d_model),
-        p + "mlp/w_in": (d_model, 4 * d_model),
-        p + "mlp/b_in": (4 * d_model,),
-        p + "mlp/w_out": (4 * d_model, d_model),
-        p + "mlp/b_out": (d_model,),
-    })
-  keys = jax.random.split(key, len(shapes))
-  return {
-      name: 0.02 * jax.random.normal(k, shape, jnp.float32)
-      for k, (name, shape) in zip(keys, sorted(shapes.items()))
-  }
-
 
 def update(tx: optax.GradientTransformation) -> Callable[..., Any]:
   """The step ``(params, opt_state, grads) -> (params, opt_state)`` of ``tx``."""
@@ -113,9 +84,11 @@ def main() -> None:
   args = _harness.parse_args(__doc__.splitlines()[0])
   print(_harness.machine_line())
   size = dict(d_model=128, n_layers=4, vocab=4096) if args.quick else {}
-  params = transformer_tree(jax.random.key(0), **size)
+  params = _harness.transformer_tree(jax.random.key(0), **size)
   # Gradient-like values with a global norm far above MAX_NORM.
-  grads = jax.tree.map(lambda x: 1e-2 * x / 0.02, transformer_tree(jax.random.key(1), **size))
+  grads = jax.tree.map(
+      lambda x: 1e-2 * x / 0.02, _harness.transformer_tree(jax.random.key(1), **size)
+  )
   n_params = sum(x.size for x in jax.tree.leaves(params))
   n_leaves = len(jax.tree.leaves(params))
 

@@ -20,7 +20,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [_HERE, os.path.dirname(_HERE)]  # _harness, and gnorm_jax from this checkout
 import _harness  # noqa: E402
 
 import gnorm_jax  # noqa: E402

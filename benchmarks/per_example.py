@@ -11,11 +11,17 @@ jax_privacy.clipped_grad when it is installed (`pip install jax-privacy`).
 
 from __future__ import annotations
 
+import os
+import sys
+
 import jax
 import jax.numpy as jnp
-from _harness import machine_line, memory, parse_args, table, time_variants
 
-import gnorm_jax
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [_HERE, os.path.dirname(_HERE)]  # _harness, and gnorm_jax from this checkout
+from _harness import machine_line, memory, parse_args, table, time_variants  # noqa: E402
+
+import gnorm_jax  # noqa: E402
 
 CLIP = 1.0
 

@@ -375,7 +375,8 @@ def zclip(
     new_mean = jnp.where(keep, mean, jnp.where(warm, warm_mean, ema_mean))
     new_var = jnp.where(keep, var, jnp.where(warm, warm_var, ema_var))
     limit = jnp.minimum(jnp.where(spike, clipped, jnp.inf), cap_t)
-    reported = jnp.where(warm, cap_t, jnp.minimum(jnp.where(spike, clipped, mean + zt * std), cap_t))
+    reported = jnp.where(
+        warm, cap_t, jnp.minimum(jnp.where(spike, clipped, mean + zt * std), cap_t))
     new_state = ZClipState(
         count=optax.safe_increment(state.count),
         grad_norm=norm,
@@ -480,7 +481,8 @@ def quantile_clip(
     norm = tree_norm(updates).astype(dtype)
     c = state.next_max_norm
     below = (norm <= c).astype(dtype)
-    step = jnp.exp(-jnp.asarray(learning_rate, dtype) * (below - jnp.asarray(target_quantile, dtype)))
+    step = jnp.exp(
+        -jnp.asarray(learning_rate, dtype) * (below - jnp.asarray(target_quantile, dtype)))
     new_state = QuantileClipState(
         count=optax.safe_increment(state.count),
         grad_norm=norm,

@@ -151,7 +151,8 @@ RUNS = (
         lambda lr: gnorm_jax.skip_spikes(optax.adam(lr), window=64, num_sigmas=6.0)),
     Run("normalize", "normalize + sgd",
         lambda lr: optax.chain(gnorm_jax.normalize(), optax.sgd(_normalized_lr(lr)))),
-    Run("nsgd", "normalized_sgd", lambda lr: gnorm_jax.normalized_sgd(_normalized_lr(lr), momentum=0.9)),
+    Run("nsgd", "normalized_sgd",
+        lambda lr: gnorm_jax.normalized_sgd(_normalized_lr(lr), momentum=0.9)),
     Run("penalty", "‖∇J‖² penalty + adam", optax.adam, "penalty"),
     Run("input_penalty", "input-grad penalty + adam", optax.adam, "input_penalty"),
     Run("dp", "per-example clip + adam", optax.adam, "per_example_clip"),
@@ -449,7 +450,8 @@ def plot(runs, curves, rows, example_norms, spikes, path: str) -> None:
           "‖∇J‖ of the layer's leaf",
           [(k, v, {"lw": 1}) for k, v in base["layer_norms"].items()])
   thresholds = [
-      (f"threshold: {n}", np.where(np.isfinite(curves[n]["threshold"]), curves[n]["threshold"], np.nan),
+      (f"threshold: {n}",
+       np.where(np.isfinite(curves[n]["threshold"]), curves[n]["threshold"], np.nan),
        {"color": colors[n], "lw": 1.2})
       for n in names if "threshold" in curves[n]
   ]
@@ -470,7 +472,8 @@ def plot(runs, curves, rows, example_norms, spikes, path: str) -> None:
   positive = example_norms[example_norms > 0]
   bins = np.geomspace(positive.min(), positive.max() * 1.01, 40) if positive.size else 10
   ax.hist(example_norms, bins=bins, color=colors[names[0]])
-  ax.axvline(EXAMPLE_MAX_NORM, color="red", ls="--", label=f"per-example clip C = {EXAMPLE_MAX_NORM}")
+  ax.axvline(EXAMPLE_MAX_NORM, color="red", ls="--",
+             label=f"per-example clip C = {EXAMPLE_MAX_NORM}")
   ax.set(title=f"Per-example gradient norms, test set\n({names[0]}, per_example_grad_norms)",
          xlabel="‖∇ℓᵢ‖", ylabel="examples", xscale="log")
   ax.legend(fontsize=7)
@@ -550,8 +553,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
   ref = runs[0].name
   print(f"\nChecks on a test batch ({ref} parameters after training):")
-  print(f"  ghost per-example norms vs vmap(grad):    relative error {checks['per_example_rel_err']:.1e}")
-  print(f"  ‖∇J‖² penalty gradient, HVP vs jax.grad:  relative error {checks['penalty_grad_rel_err']:.1e}")
+  print(f"  ghost per-example norms vs vmap(grad):    relative error "
+        f"{checks['per_example_rel_err']:.1e}")
+  print(f"  ‖∇J‖² penalty gradient, HVP vs jax.grad:  relative error "
+        f"{checks['penalty_grad_rel_err']:.1e}")
   print(f"\nPer-layer gradient norms on the test set ({ref}; flat_leaf_norms,"
         " ready for a metrics logger):")
   for path, value in layer_norms.items():

@@ -262,7 +262,8 @@ def test_b_simple_is_scale_invariant(seed, scale, n):
       jnp.asarray(sq * scale**2, jnp.float32), big * scale**2, n
   )
   np.testing.assert_allclose(b.b_simple, a.b_simple, rtol=2e-3, atol=1e-6)
-  np.testing.assert_allclose(b.grad_sq_norm, a.grad_sq_norm * scale**2, rtol=2e-3, atol=1e-6 * scale**2)
+  np.testing.assert_allclose(
+      b.grad_sq_norm, a.grad_sq_norm * scale**2, rtol=2e-3, atol=1e-6 * scale**2)
 
 
 # ---------------------------------------------------------------------------

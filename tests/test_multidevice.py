@@ -68,7 +68,8 @@ CHILD = textwrap.dedent(
         "tiny": 1e-30 * rng.normal(size=(4, 8)),  # squares underflow float32
         "half": rng.normal(size=(8, 8)),
     }
-    params = {k: jnp.asarray(v, jnp.bfloat16 if k == "half" else jnp.float32) for k, v in params.items()}
+    params = {k: jnp.asarray(v, jnp.bfloat16 if k == "half" else jnp.float32)
+              for k, v in params.items()}
     specs = {
         "w1": P("data", "model"), "b1": P("model"), "w2": P(None, "model"),
         "huge": P("data"), "tiny": P(None, "data"), "half": P("model", "data"),
@@ -100,13 +101,16 @@ CHILD = textwrap.dedent(
     record("named/value_grad_and_norm", vgn(sharded, xs, ys), vgn(local, x, y))
     # The same gradient values, laid out like the params: isolates the clipping.
     grads = jax.jit(jax.grad(loss))(local, x, y)
-    sharded_grads = jax.tree.map(lambda a, s: jax.device_put(a, NamedSharding(mesh, s)), grads, specs)
+    sharded_grads = jax.tree.map(
+        lambda a, s: jax.device_put(a, NamedSharding(mesh, s)), grads, specs)
     for per in ("global", "leaf"):
       tx = gnorm_jax.clip_by_norm(0.5, per=per)
       step = jax.jit(tx.update)
-      record(f"named/clip_by_norm/{per}", step(sharded_grads, tx.init(sharded)), step(grads, tx.init(local)))
+      record(f"named/clip_by_norm/{per}", step(sharded_grads, tx.init(sharded)),
+             step(grads, tx.init(local)))
     # The update keeps the gradients' sharding.
-    clipped, _ = jax.jit(gnorm_jax.clip_by_norm(0.5).update)(sharded_grads, gnorm_jax.clip_by_norm(0.5).init(sharded))
+    clipped, _ = jax.jit(gnorm_jax.clip_by_norm(0.5).update)(
+        sharded_grads, gnorm_jax.clip_by_norm(0.5).init(sharded))
     assert clipped["w1"].sharding.is_equivalent_to(sharded_grads["w1"].sharding, 2)
 
     # ---- shard_map, data parallel: params replicated, the batch split 8 ways.
@@ -132,7 +136,8 @@ CHILD = textwrap.dedent(
       }
 
 
-    out = jax.jit(shard_map(dp_step, mesh=dp, in_specs=(P(), P("batch"), P("batch")), out_specs=P()))(rep, bx, by)
+    out = jax.jit(shard_map(
+        dp_step, mesh=dp, in_specs=(P(), P("batch"), P("batch")), out_specs=P()))(rep, bx, by)
     ref_value, ref_grads, ref_norm = jax.jit(gnorm_jax.value_grad_and_norm(loss))(local, x, y)
     record("shard_map/value", out["value"], ref_value)
     record("shard_map/value_grad_and_norm", out["norm"], ref_norm)
@@ -141,7 +146,8 @@ CHILD = textwrap.dedent(
     record("shard_map/leaf_norms", out["leaf_norms"], gnorm_jax.leaf_norms(ref_grads))
     record("shard_map/clip_by_norm", out["clipped"], tx.update(ref_grads, tx.init(local))[0])
 
-    # ---- shard_map, per-device values: each shard's norm equals the norm of the same slice on one device.
+    # ---- shard_map, per-device values: each shard's norm equals the norm of the same slice on
+    # one device.
     per_shard = jax.jit(shard_map(
         lambda w: gnorm_jax.tree_norm(w)[None], mesh=dp, in_specs=P("batch"), out_specs=P("batch")))
     w = jnp.asarray(1e20 * rng.normal(size=(64, 4)), jnp.float32)
@@ -181,7 +187,8 @@ README_EXAMPLE = textwrap.dedent(
       return gnorm_jax.grad_norm(lambda p: jax.lax.pmean(loss(p, x), "batch"))(p)
 
     x = jnp.linspace(-1, 1, 64 * 1024).reshape(64, 1024)
-    norm = jax.jit(jax.shard_map(step, mesh=dp, in_specs=(P(), P("batch")), out_specs=P()))(params, x)
+    norm = jax.jit(jax.shard_map(
+        step, mesh=dp, in_specs=(P(), P("batch")), out_specs=P()))(params, x)
     single = gnorm_jax.grad_norm(loss)(jax.device_put(params, jax.devices()[0]), x)
     assert abs(float(norm) / float(single) - 1) < 1e-6
     """
@@ -193,7 +200,8 @@ def child_output(tmp_path_factory):
   script = tmp_path_factory.mktemp("multidevice") / "child.py"
   script.write_text(CHILD % {"rtol": RTOL, "readme": README_EXAMPLE})
   env = dict(os.environ)
-  env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+  env["XLA_FLAGS"] = (
+      env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
   env["JAX_PLATFORMS"] = "cpu"
   env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
   proc = subprocess.run(

@@ -281,14 +281,16 @@ def test_vmap_with_unbatched_leaves_nested_vmap_and_derivatives(scale):
   np.testing.assert_allclose(loop, expected, rtol=1e-6)
   inner = jax.vmap(fn, in_axes=(0, None))
   np.testing.assert_allclose(jax.vmap(inner, in_axes=(0, None))(batch, fixed), loop, rtol=1e-6)
-  np.testing.assert_allclose(jax.jit(jax.vmap(inner, in_axes=(0, None)))(batch, fixed), loop, rtol=1e-6)
+  np.testing.assert_allclose(
+      jax.jit(jax.vmap(inner, in_axes=(0, None)))(batch, fixed), loop, rtol=1e-6)
   grad_loop = np.asarray([[jax.grad(fn)(w, fixed) for w in ws] for ws in batch])
   grad_vmap = jax.vmap(jax.vmap(jax.grad(fn), in_axes=(0, None)), in_axes=(0, None))(batch, fixed)
   np.testing.assert_allclose(grad_vmap, grad_loop, rtol=1e-6)
   summed = lambda ws: jnp.sum(jax.vmap(inner, in_axes=(0, None))(ws, fixed))
   np.testing.assert_allclose(jax.grad(summed)(batch), grad_loop, rtol=1e-6)
   hess = jax.vmap(jax.hessian(fn), in_axes=(0, None))(batch[0], fixed)
-  np.testing.assert_allclose(hess, [jax.hessian(fn)(w, fixed) for w in batch[0]], rtol=1e-5, atol=1e-30)
+  np.testing.assert_allclose(
+      hess, [jax.hessian(fn)(w, fixed) for w in batch[0]], rtol=1e-5, atol=1e-30)
 
 
 def test_vmap_at_zero_examples_has_zero_gradients():
@@ -334,7 +336,8 @@ def x64_points():
   rng = np.random.default_rng(3)
   return {
       "vector": lambda: (jnp.asarray(rng.normal(size=5)),),
-      "tree": lambda: ({"w": jnp.asarray(rng.normal(size=(3, 2))), "b": jnp.asarray(rng.normal(size=2))},),
+      "tree": lambda: ({"w": jnp.asarray(rng.normal(size=(3, 2))),
+                        "b": jnp.asarray(rng.normal(size=2))},),
       "complex": lambda: (jnp.asarray(rng.normal(size=3) + 1j * rng.normal(size=3)),),
       "large": lambda: (jnp.asarray(1e150 * rng.normal(size=4)),),
   }
@@ -348,12 +351,14 @@ def test_check_grads_orders_1_and_2(point, fn):
   norm = getattr(gnorm_jax, fn)
   with jax.enable_x64(True):
     args = x64_points()[point]()
-    check_grads(norm, args, order=2, modes=["fwd", "rev"], eps=1e-4 * float(gnorm_jax.tree_norm(args)))
+    check_grads(norm, args, order=2, modes=["fwd", "rev"],
+                eps=1e-4 * float(gnorm_jax.tree_norm(args)))
 
 
 def test_check_grads_float32():
   x = jnp.asarray([1.0, 2.0, -3.0], jnp.float32)
-  check_grads(gnorm_jax.tree_norm, (x,), order=2, modes=["fwd", "rev"], eps=1e-2, atol=1e-2, rtol=1e-2)
+  check_grads(gnorm_jax.tree_norm, (x,), order=2, modes=["fwd", "rev"],
+              eps=1e-2, atol=1e-2, rtol=1e-2)
 
 
 @pytest.mark.parametrize("values", [[1e20, -1e20, 3e19], [1e-30, 2e-30, -1e-31], [3.0, 4.0, 0.0]])
@@ -369,7 +374,8 @@ def test_hessian_matches_formula():
   x = np.asarray([1.0, -2.0, 2.0])
   u = x / 3.0
   expected = (np.eye(3) - np.outer(u, u)) / 3.0
-  np.testing.assert_allclose(jax.hessian(gnorm_jax.tree_norm)(jnp.asarray(x, jnp.float32)), expected, atol=1e-6)
+  np.testing.assert_allclose(
+      jax.hessian(gnorm_jax.tree_norm)(jnp.asarray(x, jnp.float32)), expected, atol=1e-6)
 
 
 def test_complex_grad_matches_naive_expression():
@@ -409,7 +415,8 @@ def test_non_finite_inputs(ord, values, expected):
 
 
 def test_grad_at_non_finite_input_is_nan_there():
-  grads = jax.grad(gnorm_jax.tree_norm)({"bad": jnp.asarray([math.inf, math.nan]), "ok": jnp.ones(2)})
+  grads = jax.grad(gnorm_jax.tree_norm)(
+      {"bad": jnp.asarray([math.inf, math.nan]), "ok": jnp.ones(2)})
   assert np.all(np.isnan(grads["bad"]))
   assert not np.any(np.isnan(grads["ok"]))
 

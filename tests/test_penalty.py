@@ -372,7 +372,8 @@ def test_argnums_tuple_has_aux_and_kwargs(method):
   g = 2 * np.concatenate([np.cos(wn), bn**2])
   h = 2 * np.diag(np.concatenate([-np.sin(wn), 2 * bn]))
   want = g + 0.1 * h @ (2 * g)
-  np.testing.assert_allclose(value, 2 * (np.sin(wn).sum() + bn[0] ** 3 / 3) + 0.1 * g @ g, rtol=1e-5)
+  np.testing.assert_allclose(
+      value, 2 * (np.sin(wn).sum() + bn[0] ** 3 / 3) + 0.1 * g @ g, rtol=1e-5)
   assert float(aux["w_mean"]) == pytest.approx(float(jnp.mean(w)))
   tol = 1e-5 if method in EXACT else 2e-2
   np.testing.assert_allclose(np.concatenate([gw, gb]), want, rtol=tol, atol=tol)
@@ -678,7 +679,8 @@ def test_gan_penalties_with_flax_linen_critic():
 
 
 def test_gan_penalties_with_flax_nnx_critic():
-  model = nnx.Sequential(nnx.Linear(3, 8, rngs=nnx.Rngs(0)), nnx.tanh, nnx.Linear(8, 1, rngs=nnx.Rngs(1)))
+  model = nnx.Sequential(
+      nnx.Linear(3, 8, rngs=nnx.Rngs(0)), nnx.tanh, nnx.Linear(8, 1, rngs=nnx.Rngs(1)))
   x = jax.random.normal(jax.random.key(6), (4, 3))
   graphdef, state = nnx.split(model)
 

@@ -215,9 +215,8 @@ def test_reduce_sum_and_vmap_method(name):
   loss, params, batch = ZOO[name]()
   _, want = _reference(loss, params, batch, 0.5, reduce="sum")
   for method in ("auto", "vmap"):
-    got = jax.jit(gnorm_jax.clipped_grad(loss, 0.5, batch_argnums=(1, 2), reduce="sum", method=method))(
-        params, *batch
-    )
+    got = jax.jit(gnorm_jax.clipped_grad(
+        loss, 0.5, batch_argnums=(1, 2), reduce="sum", method=method))(params, *batch)
     _assert_tree_close(got, want)
 
 

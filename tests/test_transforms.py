@@ -167,7 +167,8 @@ def test_vmap_per_example_input_gradient_norms(ord):
   # An independent jax route: vmap of jax.grad, norm taken in numpy float64.
   per_example = jax.vmap(jax.grad(loss, argnums=1), in_axes=(None, 0, 0))(w, bx, by)
   np.testing.assert_allclose(vmapped, [np_norm([g], ord) for g in per_example], rtol=1e-6)
-  np.testing.assert_allclose(jax.jit(jax.vmap(fn, in_axes=(None, 0, 0)))(w, bx, by), vmapped, rtol=1e-6)
+  np.testing.assert_allclose(
+      jax.jit(jax.vmap(fn, in_axes=(None, 0, 0)))(w, bx, by), vmapped, rtol=1e-6)
   eager = [fn(w, x, y) for x, y in zip(bx, by)]
   np.testing.assert_allclose(vmapped, eager, rtol=1e-6)
 

@@ -26,7 +26,6 @@ non-finite (like ``optax.clip_by_global_norm``); :func:`skip_spikes` skips it.
 
 from __future__ import annotations
 
-import numbers
 import operator
 from typing import Any, NamedTuple
 
@@ -35,7 +34,7 @@ import jax.numpy as jnp
 import optax
 
 from gnorm_jax.clipping import clip_factor, scale_tree
-from gnorm_jax.norms import tree_norm
+from gnorm_jax.norms import is_number, tree_norm
 
 __all__ = ["autoclip", "zclip", "quantile_clip", "skip_spikes"]
 
@@ -43,10 +42,6 @@ __all__ = ["autoclip", "zclip", "quantile_clip", "skip_spikes"]
 # --------------------------------------------------------------------------
 # Construction-time checks (only on concrete Python numbers: traced
 # hyperparameters from optax.inject_hyperparams are accepted as they are).
-
-
-def _is_number(x: Any) -> bool:
-  return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
 def _check(ok: bool, name: str, value: Any, requirement: str, fix: str = "") -> None:
@@ -121,8 +116,9 @@ def _mean_std(history: jax.Array, num_recorded: jax.Array):
 
 
 def _clip(updates: Any, norm: jax.Array, max_norm: jax.Array) -> Any:
-  # No threshold is +inf here; clip_factor's derivative is NaN at an infinite
-  # threshold (0·inf in its backward pass), and finfo.max acts the same.
+  # An infinite threshold (empty history, warm-up) is capped at finfo.max, so
+  # an update with an infinite norm is handled as clip_by_norm handles one:
+  # finite entries scaled to 0, infinite ones NaN (not passed through as is).
   max_norm = jnp.minimum(max_norm, jnp.finfo(norm.dtype).max)
   return scale_tree(updates, clip_factor(norm, max_norm))
 
@@ -198,7 +194,7 @@ def autoclip(percentile: Any = 10.0, *, history: int = 1000) -> optax.GradientTr
     >>> float(state.max_norm), updates  # the median of (5, 1, 9)
     (5.0, Array([0., 5.], dtype=float32))
   """
-  if _is_number(percentile):
+  if is_number(percentile):
     _check(0 < percentile <= 100, "percentile", percentile, "in (0, 100]",
            "It is a percentage: 10.0 clips to the 10th percentile.")
   size = _check_size("history", history)
@@ -317,15 +313,15 @@ def zclip(
     >>> updates  # clipped to 2 + 2.5**2 / 5 * 1
     Array([3.25], dtype=float32)
   """
-  if _is_number(alpha):
+  if is_number(alpha):
     _check(0 < alpha < 1, "alpha", alpha, "in (0, 1)",
            "It is the EMA weight of the old value, e.g. 0.97.")
-  if _is_number(z_threshold):
+  if is_number(z_threshold):
     _check(z_threshold >= 0, "z_threshold", z_threshold, ">= 0", "The paper uses 2.5.")
-  if _is_number(warmup_steps):
+  if is_number(warmup_steps):
     _check(warmup_steps >= 1 and float(warmup_steps).is_integer(), "warmup_steps",
            warmup_steps, "an integer >= 1", "The paper uses 25.")
-  if _is_number(max_norm):
+  if is_number(max_norm):
     _check(max_norm >= 0, "max_norm", max_norm, ">= 0 or None (no fixed cap)")
   cap = jnp.inf if max_norm is None else max_norm
 
@@ -455,12 +451,12 @@ def quantile_clip(
     >>> updates, float(state.next_max_norm)  # clipped to 1; C grows by e^0.25
     (Array([0.6, 0.8], dtype=float32), 1.2840...)
   """
-  if _is_number(target_quantile):
+  if is_number(target_quantile):
     _check(0 < target_quantile <= 1, "target_quantile", target_quantile, "in (0, 1]",
            "It is a fraction: 0.9 tracks the 90th percentile of the norm.")
-  if _is_number(learning_rate):
+  if is_number(learning_rate):
     _check(learning_rate >= 0, "learning_rate", learning_rate, ">= 0", "The paper uses 0.2.")
-  if _is_number(initial_max_norm):
+  if is_number(initial_max_norm):
     _check(initial_max_norm > 0, "initial_max_norm", initial_max_norm, "> 0",
            "The geometric update cannot move a threshold of 0; start from e.g. 1.0.")
 
@@ -583,9 +579,9 @@ def skip_spikes(
     (Array([0.], dtype=float32), 1)
   """
   size = _check_size("window", window)
-  if _is_number(num_sigmas):
+  if is_number(num_sigmas):
     _check(num_sigmas >= 0, "num_sigmas", num_sigmas, ">= 0", "6.0 skips only extreme spikes.")
-  if _is_number(min_history):
+  if is_number(min_history):
     _check(min_history >= 1, "min_history", min_history, ">= 1",
            "It is the number of norms recorded before spikes are detected.")
   inner = optax.with_extra_args_support(inner)

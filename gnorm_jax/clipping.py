@@ -16,14 +16,13 @@ skips these steps. The ``grad_norm`` in the state records the NaN or ``inf``.
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from gnorm_jax.norms import _pow2_scale, check_ord, leaf_norms, tree_norm
+from gnorm_jax.norms import _pow2_scale, check_ord, is_number, leaf_norms, tree_norm
 
 __all__ = [
     "ClipByNormState",
@@ -119,12 +118,8 @@ def _normalized(tree: Any, norm: jax.Array, scale: jax.Array | float) -> Any:
   return scale_tree(scale_tree(tree, jnp.ldexp(jnp.ones_like(norm), k)), factor)
 
 
-def _is_number(x: Any) -> bool:
-  return isinstance(x, numbers.Real) and not isinstance(x, bool)
-
-
 def _check_nonnegative(name: str, value: Any, hint: str) -> None:
-  if _is_number(value) and not value >= 0:  # also catches NaN
+  if is_number(value) and not value >= 0:  # also catches NaN
     raise ValueError(f"{name} must be >= 0, got {name}={value!r}. {hint}")
 
 
@@ -158,6 +153,28 @@ def _per_norm(per: str, fn: Callable[..., Any], norm: Any, *args: Any) -> Any:
   if per == "global":
     return fn(norm, *args)
   return jax.tree.map(lambda n: fn(n, *args), norm)
+
+
+def _act_on_norm(
+    norm_fn: Callable[[Any], Any],
+    state_cls: type,
+    act: Callable[[Any, Any], Any],
+) -> optax.GradientTransformation:
+  """The transformation ``updates ↦ act(updates, norm_fn(updates))``.
+
+  Its state is ``state_cls(grad_norm=...)``: the norm measured before acting,
+  with dtypes fixed at init.
+  """
+
+  def init_fn(params):
+    return state_cls(grad_norm=_zeros_like_norm(norm_fn, params))
+
+  def update_fn(updates, state, params=None):
+    del params
+    norm = norm_fn(updates)
+    return act(updates, norm), state_cls(grad_norm=_cast_like(norm, state.grad_norm))
+
+  return optax.GradientTransformation(init_fn, update_fn)
 
 
 def clip_by_norm(
@@ -220,18 +237,11 @@ def clip_by_norm(
   )
   check_ord(ord)
   _check_per(per)
-  norm_fn = _norm_fn(ord, per)
 
-  def init_fn(params):
-    return ClipByNormState(grad_norm=_zeros_like_norm(norm_fn, params))
+  def clip(updates, norm):
+    return scale_tree(updates, _per_norm(per, clip_factor, norm, max_norm))
 
-  def update_fn(updates, state, params=None):
-    del params
-    norm = norm_fn(updates)
-    updates = scale_tree(updates, _per_norm(per, clip_factor, norm, max_norm))
-    return updates, ClipByNormState(grad_norm=_cast_like(norm, state.grad_norm))
-
-  return optax.GradientTransformation(init_fn, update_fn)
+  return _act_on_norm(_norm_fn(ord, per), ClipByNormState, clip)
 
 
 def normalize(
@@ -283,28 +293,20 @@ def normalize(
     `Block-normalized gradient method <https://arxiv.org/abs/1707.04822>`_,
     2017.
   """
-  if _is_number(scale) and not math.isfinite(scale):
+  if is_number(scale) and not math.isfinite(scale):
     raise ValueError(
         f"scale must be a finite number, got scale={scale!r}. It is the norm of"
         " the normalized update, e.g. scale=1.0."
     )
   check_ord(ord)
   _check_per(per)
-  norm_fn = _norm_fn(ord, per)
 
-  def init_fn(params):
-    return NormalizeState(grad_norm=_zeros_like_norm(norm_fn, params))
-
-  def update_fn(updates, state, params=None):
-    del params
-    norm = norm_fn(updates)
+  def normalized(updates, norm):
     if per == "global":
-      updates = _normalized(updates, norm, scale)
-    else:
-      updates = jax.tree.map(lambda g, n: _normalized(g, n, scale), updates, norm)
-    return updates, NormalizeState(grad_norm=_cast_like(norm, state.grad_norm))
+      return _normalized(updates, norm, scale)
+    return jax.tree.map(lambda g, n: _normalized(g, n, scale), updates, norm)
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return _act_on_norm(_norm_fn(ord, per), NormalizeState, normalized)
 
 
 def normalized_sgd(
@@ -369,7 +371,7 @@ def normalized_sgd(
       "It is the length of every step, e.g. learning_rate=0.01 (the sign of"
       " descent is applied for you).",
   )
-  if _is_number(momentum) and not 0 <= momentum < 1:
+  if is_number(momentum) and not 0 <= momentum < 1:
     raise ValueError(
         f"momentum must be in [0, 1), got momentum={momentum!r}, e.g."
         " momentum=0.9, or 0.0 for plain normalized gradient descent."
@@ -378,6 +380,6 @@ def normalized_sgd(
       normalize(ord=ord, per=per),
       optax.scale_by_learning_rate(learning_rate),
   ]
-  if not (_is_number(momentum) and momentum == 0):
+  if not (is_number(momentum) and momentum == 0):
     parts.insert(0, optax.trace(decay=momentum, nesterov=nesterov))
   return optax.chain(*parts)

@@ -15,14 +15,13 @@ can be fetched with ``jax.device_get`` outside the jitted step.
 
 from __future__ import annotations
 
-import numbers
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from gnorm_jax.norms import check_ord, leaf_norms, tree_norm
+from gnorm_jax.norms import check_ord, is_number, leaf_norms, tree_norm
 
 __all__ = [
     "NoiseScale",
@@ -50,21 +49,17 @@ class NoiseScale(NamedTuple):
   trace_cov: jax.Array  # [] same dtype: unbiased estimate of tr(Σ) (can be < 0)
 
 
-def _is_concrete_number(x: Any) -> bool:
-  return isinstance(x, numbers.Real) and not isinstance(x, bool)
-
-
 def _check_batch_sizes(b_small: Any, b_big: Any, names: tuple[str, str]) -> None:
   """Validates batch sizes given as Python numbers; traced ones pass as they are."""
   for value, name in zip((b_small, b_big), names):
     if isinstance(value, bool):
       raise TypeError(f"{name} must be a number of examples, got {name}={value!r}.")
-  if _is_concrete_number(b_small) and b_small < 1:
+  if is_number(b_small) and b_small < 1:
     raise ValueError(
         f"{names[0]} must be at least 1 (a number of examples), got"
         f" {names[0]}={b_small!r}."
     )
-  if _is_concrete_number(b_big) and _is_concrete_number(b_small) and b_big <= b_small:
+  if is_number(b_big) and is_number(b_small) and b_big <= b_small:
     raise ValueError(
         f"{names[1]} must be larger than {names[0]}: the estimates divide by"
         f" {names[1]} - {names[0]}; got {names[0]}={b_small!r}, {names[1]}={b_big!r}."
@@ -207,7 +202,7 @@ def gradient_noise_scale(
         f" per-example gradient norms, got shape {sq.shape}. Flatten it"
         " (e.g. `x.reshape(-1)`) if it has a microbatch axis."
     )
-  if _is_concrete_number(batch_size) and batch_size < 2:
+  if is_number(batch_size) and batch_size < 2:
     raise ValueError(
         f"batch_size must be at least 2 (the estimates divide by batch_size - 1),"
         f" got batch_size={batch_size!r}."
@@ -289,7 +284,7 @@ def noise_scale_tracker(decay: float | jax.Array = 0.99) -> NoiseScaleTracker:
     Training", appendix A. https://arxiv.org/abs/1812.06162
   """
   if isinstance(decay, bool) or (
-      _is_concrete_number(decay) and not 0 <= decay < 1
+      is_number(decay) and not 0 <= decay < 1
   ):
     raise ValueError(
         f"decay must be in [0, 1) (e.g. 0.99 averages over ~100 steps), got"

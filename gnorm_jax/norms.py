@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from typing import Any
 
 import jax
@@ -42,6 +43,15 @@ def check_ord(ord: Any) -> None:
         f"ord must be None (Euclidean), 1, 2 or inf (math.inf / jnp.inf); got"
         f" ord={ord!r}."
     )
+
+
+def is_number(x: Any) -> bool:
+  """True for a concrete Python/numpy real number (not bool, not an array).
+
+  Hyperparameters given as such numbers are validated at construction; traced
+  values (e.g. from ``optax.inject_hyperparams``) are accepted as they are.
+  """
+  return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
 def accumulation_dtype(dtype: Any) -> jnp.dtype:

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from gnorm_jax.norms import check_ord, safe_sqrt, sum_of_squares, tree_norm
-from gnorm_jax.transforms import check_argnums
+from gnorm_jax.transforms import check_argnums, check_fun
 
 __all__ = [
     "penalized",
@@ -42,11 +42,6 @@ _METHODS = ("hvp", "double_backprop", "finite_difference")
 # --------------------------------------------------------------------------- #
 # Argument checks (construction time; traced values are accepted as they are).
 # --------------------------------------------------------------------------- #
-
-
-def _check_callable(fun: Any, name: str) -> None:
-  if not callable(fun):
-    raise TypeError(f"{name} expects a callable as its first argument, got {fun!r}.")
 
 
 def _check_number(value: Any, name: str, *, positive: bool, fix: str) -> None:
@@ -191,7 +186,7 @@ def penalized(
     Efficiently Improving Generalization in Deep Learning",
     https://arxiv.org/abs/2202.03599
   """
-  _check_callable(fun, "penalized")
+  check_fun(fun, "penalized")
   _check_number(weight, "weight", positive=False, fix="Pass the penalty weight λ, e.g. 0.1.")
   check_ord(ord)
   check_argnums(argnums)
@@ -319,7 +314,7 @@ def penalized_value_and_grad(
     Zhao, Zhang & Hu 2022, "Penalizing Gradient Norm for Efficiently Improving
     Generalization in Deep Learning", https://arxiv.org/abs/2202.03599
   """
-  _check_callable(fun, "penalized_value_and_grad")
+  check_fun(fun, "penalized_value_and_grad")
   if method not in _METHODS:
     raise ValueError(f"method must be one of {_METHODS}, got method={method!r}.")
   _check_number(weight, "weight", positive=False, fix="Pass the penalty weight λ, e.g. 0.1.")
@@ -437,7 +432,7 @@ def gradient_penalty(critic: Callable[[Any], jax.Array], x: Any, *, target: Any 
     Gulrajani et al. 2017, "Improved Training of Wasserstein GANs",
     https://arxiv.org/abs/1704.00028
   """
-  _check_callable(critic, "gradient_penalty")
+  check_fun(critic, "gradient_penalty")
   _check_number(
       target, "target", positive=False, fix="Pass the target norm, 1.0 in WGAN-GP."
   )
@@ -480,7 +475,7 @@ def r1_penalty(critic: Callable[[Any], jax.Array], x: Any) -> jax.Array:
     Mescheder, Geiger & Nowozin 2018, "Which Training Methods for GANs do
     actually Converge?", https://arxiv.org/abs/1801.04406
   """
-  _check_callable(critic, "r1_penalty")
+  check_fun(critic, "r1_penalty")
   _check_batch(x, "x")
   return jnp.mean(_per_example_sq_norms(_input_grads(critic, x)))
 

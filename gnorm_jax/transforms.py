@@ -24,7 +24,8 @@ def check_argnums(argnums: Any, name: str = "argnums") -> None:
     )
 
 
-def _check_fun(fun: Any, name: str) -> None:
+def check_fun(fun: Any, name: str) -> None:
+  """Raises TypeError unless ``fun`` is callable; ``name`` is the caller."""
   if not callable(fun):
     raise TypeError(f"{name} expects a callable as its first argument, got {fun!r}.")
 
@@ -75,7 +76,7 @@ def value_grad_and_norm(
     networks", 2013 (https://arxiv.org/abs/1211.5063): the gradient norm that
     clipping measures once per step.
   """
-  _check_fun(fun, "value_grad_and_norm")
+  check_fun(fun, "value_grad_and_norm")
   check_argnums(argnums)
   check_ord(ord)
   vg = jax.value_and_grad(fun, argnums=argnums, has_aux=has_aux)
@@ -142,7 +143,7 @@ def grad_norm(
     2022 (https://arxiv.org/abs/2202.03599): penalties that differentiate
     ‖∇f‖, as this function allows.
   """
-  _check_fun(fun, "grad_norm")
+  check_fun(fun, "grad_norm")
   vgn = value_grad_and_norm(fun, argnums, has_aux, ord=ord)
 
   @functools.wraps(fun)

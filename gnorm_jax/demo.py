@@ -161,7 +161,9 @@ RUN_KEYS = tuple(r.key for r in RUNS)
 
 _penalty_value_and_grad = gnorm_jax.penalized_value_and_grad(batch_loss, PENALTY_WEIGHT)
 _per_example_norms = gnorm_jax.per_example_grad_norms(example_loss, batch_argnums=(1, 2))
-_per_example_clipped = gnorm_jax.clipped_grad(example_loss, EXAMPLE_MAX_NORM, batch_argnums=(1, 2))
+_per_example_clipped = gnorm_jax.clipped_grad(
+    example_loss, EXAMPLE_MAX_NORM, batch_argnums=(1, 2), return_norms=True
+)
 _value_grad_and_norm = gnorm_jax.value_grad_and_norm(batch_loss)
 
 
@@ -173,15 +175,20 @@ def _input_penalized_loss(params, x, y):
 
 
 def _update_direction(kind: str, params, x, y, plain_grads):
-  """The gradient the optimizer is given, for each kind of run."""
-  if kind == "plain":
-    return plain_grads
-  if kind == "penalty":
-    return _penalty_value_and_grad(params, x, y)[1]
-  if kind == "input_penalty":
-    return jax.grad(_input_penalized_loss)(params, x, y)
+  """The gradient the optimizer is given, and the per-example gradient norms.
+
+  The per-example clipped gradient measures those norms anyway (``return_norms``);
+  every other kind measures them once for the noise scale.
+  """
   if kind == "per_example_clip":
     return _per_example_clipped(params, x, y)
+  example_norms = _per_example_norms(params, x, y)
+  if kind == "plain":
+    return plain_grads, example_norms
+  if kind == "penalty":
+    return _penalty_value_and_grad(params, x, y)[1], example_norms
+  if kind == "input_penalty":
+    return jax.grad(_input_penalized_loss)(params, x, y), example_norms
   raise ValueError(f"unknown gradient kind {kind!r}")
 
 
@@ -201,15 +208,14 @@ def run_step(run: Run, optimizer, tracker, state: RunState, x, y, clean):
   """One step of one set-up; returns the new state and this step's metrics."""
   params, opt_state, noise_state = state
   loss, grads, grad_norm = _value_grad_and_norm(params, x, y)
+  direction, example_norms = _update_direction(run.gradient, params, x, y, grads)
   # Per-example norms -> the noise scale of McCandlish et al. (B_small = 1).
-  example_norms = _per_example_norms(params, x, y)
   estimate = gnorm_jax.gradient_noise_scale(example_norms**2, grad_norm**2, x.shape[0])
   # A corrupted batch is not a sample of the data whose noise scale we want:
   # a NaN estimate makes the tracker skip it (and count it in `skipped`).
   gated = jax.tree.map(lambda v: jnp.where(clean, v, jnp.nan), estimate)
   smoothed, noise_state = tracker.update(gated, noise_state)
 
-  direction = _update_direction(run.gradient, params, x, y, grads)
   updates, opt_state = optimizer.update(direction, opt_state, params)
   params = optax.apply_updates(params, updates)
 

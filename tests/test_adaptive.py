@@ -241,7 +241,7 @@ def test_skip_spikes_matches_reference_and_independent_adam(stream):
   adam, state = optax.adam(0.1), optax.adam(0.1).init(_params())
   for t in np.flatnonzero(~skipped):
     expect, state = adam.update(jax.tree.map(lambda x: x[t], grads), state)
-    chex.assert_trees_all_close(jax.tree.map(lambda x: x[t], updates), expect, rtol=1e-6)
+    chex.assert_trees_all_close(jax.tree.map(lambda x: x[t], updates), expect, rtol=1e-5)
   chex.assert_trees_all_close(jax.tree.map(lambda x: x[-1], states.inner_state), state)
 
 
@@ -278,10 +278,10 @@ def test_zclip_paper_example_by_hand():
   state = tx.init(jnp.zeros(1))
   for g in (1.0, 3.0, 7.0):
     updates, state = tx.update(jnp.array([g]), state)
-  np.testing.assert_allclose(updates, [3.25], rtol=1e-6)
+  np.testing.assert_allclose(updates, [3.25], rtol=1e-5)
   mean = 0.9 * 2 + 0.1 * 3.25
   np.testing.assert_allclose([state.mean, state.var], [mean, 0.9 + 0.1 * (3.25 - mean) ** 2],
-                             rtol=1e-6)
+                             rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------

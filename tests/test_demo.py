@@ -225,7 +225,7 @@ def test_corrupted_batches_are_skipped_by_the_noise_scale_tracker():
   state, second = step(state, False)
   assert int(state.noise_state.skipped) == 1
   assert np.isfinite(second["b_simple"])  # the raw estimate is still reported
-  np.testing.assert_allclose(second["b_simple_ema"], first["b_simple_ema"], rtol=1e-6)
+  np.testing.assert_allclose(second["b_simple_ema"], first["b_simple_ema"], rtol=1e-5)
 
 
 def test_spikes_only_in_runs_long_enough_to_show_them():

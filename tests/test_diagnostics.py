@@ -147,7 +147,7 @@ def test_low_precision_inputs_accumulate_in_float32(dtype):
   np.testing.assert_allclose(
       [est.b_simple, est.grad_sq_norm, est.trace_cov],
       ref_two_batches(2.0, 1.0, 1, 3),
-      rtol=1e-6,
+      rtol=1e-5,
   )
 
 
@@ -161,7 +161,7 @@ def test_traced_batch_size_does_not_retrace():
   for batch_size in (4, 8, 100):
     est = fn(sq, 1.0, batch_size)
     np.testing.assert_allclose(
-        est.b_simple, ref_two_batches(2.0, 1.0, 1, batch_size)[0], rtol=1e-6
+        est.b_simple, ref_two_batches(2.0, 1.0, 1, batch_size)[0], rtol=1e-5
     )
 
 
@@ -186,7 +186,7 @@ def test_degenerate_signal(small, big, b_simple):
     assert float(est.grad_sq_norm) == 0.0 and float(est.b_simple) == b_simple
   else:
     assert float(est.grad_sq_norm) < 0 and float(est.b_simple) < 0
-    np.testing.assert_allclose(est.b_simple, ref_two_batches(small, big, 1, 4)[0], rtol=1e-6)
+    np.testing.assert_allclose(est.b_simple, ref_two_batches(small, big, 1, 4)[0], rtol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -312,7 +312,7 @@ def test_tracker_ratio_of_averages_not_average_of_ratios():
     est = gnorm_jax.NoiseScale(jnp.float32(tr / g2), jnp.float32(g2), jnp.float32(tr))
     smoothed, state = tracker.update(est, state)
   # (0.25·10 + 0.5·10) / (0.25·1 + 0.5·0.01), not an average of 10 and 1000.
-  np.testing.assert_allclose(smoothed.b_simple, 7.5 / 0.255, rtol=1e-6)
+  np.testing.assert_allclose(smoothed.b_simple, 7.5 / 0.255, rtol=1e-5)
 
 
 def test_tracker_under_scan_with_traced_decay_does_not_retrace():
@@ -344,7 +344,7 @@ def test_tracker_state_can_be_donated():
   state = tracker.init()
   for _ in range(2):
     smoothed, state = update(est, state)
-  np.testing.assert_allclose(smoothed, [2.0, 1.0, 2.0], rtol=1e-6)
+  np.testing.assert_allclose(smoothed, [2.0, 1.0, 2.0], rtol=1e-5)
 
 
 def test_tracker_before_any_finite_estimate_is_nan():
@@ -456,7 +456,7 @@ def test_flat_leaf_norms_matches_numpy(ord, jit):
   assert set(flat) == set(EXPECTED_PATHS)
   for path, keys in EXPECTED_PATHS.items():
     leaf = np.asarray(get_by(tree, keys), np.float64).ravel()
-    np.testing.assert_allclose(flat[path], np.linalg.norm(leaf, ord=ord), rtol=1e-6)
+    np.testing.assert_allclose(flat[path], np.linalg.norm(leaf, ord=ord), rtol=1e-5)
     assert isinstance(float(flat[path]), float)
 
 
@@ -500,9 +500,9 @@ def test_record_leaf_norms_records_and_passes_updates(ord, jit):
   if not jit:
     assert all(a is b for a, b in zip(jax.tree.leaves(updates), jax.tree.leaves(grads)))
   chex.assert_trees_all_close(
-      jax.tree.map(np.float64, state.leaf_norms), ref_leaf_norms(grads, ord), rtol=1e-6
+      jax.tree.map(np.float64, state.leaf_norms), ref_leaf_norms(grads, ord), rtol=1e-5
   )
-  np.testing.assert_allclose(state.global_norm, ref_global(grads, ord), rtol=1e-6)
+  np.testing.assert_allclose(state.global_norm, ref_global(grads, ord), rtol=1e-5)
 
 
 def test_record_leaf_norms_position_in_chain():
@@ -518,12 +518,12 @@ def test_record_leaf_norms_position_in_chain():
   state = opt.init(params)
   updates, state = jax.jit(opt.update)(grads, state, params)
   first, last = state[0], state[3]
-  np.testing.assert_allclose(first.global_norm, math.sqrt(29.0), rtol=1e-6)
+  np.testing.assert_allclose(first.global_norm, math.sqrt(29.0), rtol=1e-5)
   np.testing.assert_allclose(
-      [first.leaf_norms["w"], first.leaf_norms["b"]], [5.0, 2.0], rtol=1e-6
+      [first.leaf_norms["w"], first.leaf_norms["b"]], [5.0, 2.0], rtol=1e-5
   )
   np.testing.assert_allclose(last.global_norm, 0.1, rtol=1e-5)  # clipped to 1, lr 0.1
-  np.testing.assert_allclose(last.global_norm, ref_global(updates, None), rtol=1e-6)
+  np.testing.assert_allclose(last.global_norm, ref_global(updates, None), rtol=1e-5)
   assert float(optax.tree.get(opt.init(params)[0], "global_norm")) == 0.0
 
 
@@ -537,7 +537,7 @@ def test_record_leaf_norms_dtypes_and_none_leaves():
   updates, state = tx.update(grads, state)
   assert updates["h"].dtype == jnp.bfloat16
   np.testing.assert_allclose(state.leaf_norms["h"], 6.0)
-  np.testing.assert_allclose(state.global_norm, math.sqrt(36.0 + 25.0), rtol=1e-6)
+  np.testing.assert_allclose(state.global_norm, math.sqrt(36.0 + 25.0), rtol=1e-5)
 
 
 def test_record_leaf_norms_non_finite():
@@ -565,7 +565,7 @@ def test_record_leaf_norms_in_a_jitted_training_loop():
   _, norms = jax.jit(lambda c: jax.lax.scan(step, c, None, length=4))(
       (params, opt.init(params))
   )
-  np.testing.assert_allclose(norms, math.sqrt(3.0) * 0.5 ** np.arange(4), rtol=1e-6)
+  np.testing.assert_allclose(norms, math.sqrt(3.0) * 0.5 ** np.arange(4), rtol=1e-5)
 
 
 def test_record_leaf_norms_validation():

@@ -17,7 +17,11 @@ import textwrap
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-RTOL = 1e-6
+# Float32 sums added in another order (per-device partial sums, another CPU's
+# vector width) differ by a few ulps per partial sum: ~sqrt(n)·eps relative for
+# n-term sums, about 3e-6 for the 65536-entry sums below. 3e-5 leaves a margin
+# of 10 while still catching any real disagreement (a wrong shard is O(1)).
+RTOL = 3e-5
 
 CHILD = textwrap.dedent(
     r'''
@@ -55,8 +59,7 @@ CHILD = textwrap.dedent(
         assert s.shape == r.shape, (name, s.shape, r.shape)
         scale = max(np.max(np.abs(r), initial=0.0), np.finfo(np.float32).tiny)
         worst = max(worst, float(np.max(np.abs(s - r), initial=0.0) / scale))
-      errors[name] = worst
-      assert worst <= %(rtol)r, (name, worst)
+      errors[name] = worst  # the parent compares; one bad case must not hide the others
 
 
     rng = np.random.default_rng(0)
@@ -155,10 +158,11 @@ CHILD = textwrap.dedent(
     record("shard_map/per_shard_tree_norm", per_shard(w), expected)
 
     # ---- the README's "Sharded use" example, as written there.
+    print("RESULTS", json.dumps(errors), flush=True)
+
     README = %(readme)r
     exec(README, {})
-
-    print("RESULTS", json.dumps(errors))
+    print("README OK")
     '''
 )
 
@@ -190,7 +194,7 @@ README_EXAMPLE = textwrap.dedent(
     norm = jax.jit(jax.shard_map(
         step, mesh=dp, in_specs=(P(), P("batch")), out_specs=P()))(params, x)
     single = gnorm_jax.grad_norm(loss)(jax.device_put(params, jax.devices()[0]), x)
-    assert abs(float(norm) / float(single) - 1) < 1e-6
+    assert abs(float(norm) / float(single) - 1) < 1e-4  # float32, another summation order
     """
 )
 
@@ -212,6 +216,10 @@ def child_output(tmp_path_factory):
 
 def test_child_ran_on_8_devices_without_error(child_output):
   assert child_output.returncode == 0, child_output.stdout + child_output.stderr
+
+
+def test_readme_sharded_example_runs(child_output):
+  assert "README OK" in child_output.stdout, child_output.stdout + child_output.stderr
 
 
 def _results(child_output):
@@ -237,5 +245,4 @@ def _results(child_output):
     ],
 )
 def test_sharded_equals_single_device(child_output, name):
-  assert child_output.returncode == 0, child_output.stderr
   assert _results(child_output)[name] <= RTOL

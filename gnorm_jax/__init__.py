@@ -40,7 +40,13 @@ from gnorm_jax.penalty import (
     penalized_value_and_grad,
     r1_penalty,
 )
-from gnorm_jax.per_example import clipped_grad, per_example_grad_norms
+from gnorm_jax.per_example import (
+    LeafPlan,
+    PerExamplePlan,
+    clipped_grad,
+    per_example_grad_norms,
+    per_example_plan,
+)
 from gnorm_jax.transforms import grad_norm, value_grad_and_norm
 
 __version__ = "0.1.0.dev0"
@@ -74,6 +80,9 @@ __all__ = [
     "interpolate",
     # per-example norms and clipping
     "per_example_grad_norms",
+    "per_example_plan",
+    "PerExamplePlan",
+    "LeafPlan",
     "clipped_grad",
     # diagnostics
     "gradient_noise_scale",

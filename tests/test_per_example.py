@@ -1,5 +1,6 @@
 """Per-example norms and clipped gradients: the ghost engine against vmap of jax.grad."""
 
+import dataclasses
 import math
 
 import equinox as eqx
@@ -263,16 +264,20 @@ def test_every_layout_in_both_plans(monkeypatch, spec, act_shape, w_shape, plan,
 
   x = _normal(k[1], 4, *act_shape)
   forced = []
+  planned = _engine.plan_leaf
 
-  def forced_plan(uses, ndim):
-    forced.append(plan)
-    return plan
+  def forced_plan(uses, w, b):
+    route = planned(uses, w, b)
+    forced.append(route.route)
+    return dataclasses.replace(route, route=plan)
 
   monkeypatch.setattr(_engine, "plan_leaf", forced_plan)
   got_clip, got = jax.jit(gnorm_jax.clipped_grad(loss, 0.7, return_norms=True))(w, x)
   monkeypatch.undo()
   want_norms, want = _reference(lambda w, x, _: loss(w, x), w, (x, x), 0.7)
   assert forced, "the einsum parameter should have been recognized"
+  if plan == "ghost":  # every layout of a dot has a ghost factorization
+    assert _engine._ghost_static(analyze(jax.make_jaxpr(loss)(w, x[0]), {0: 0}).uses[0][0], w.ndim)
   np.testing.assert_allclose(got, want_norms, rtol=RTOL)
   _assert_tree_close(got_clip, want)
 
@@ -293,26 +298,27 @@ def _classify(name):
 @pytest.mark.parametrize(
     "name,recognized,fallback",
     [
-        ("mlp", {"['w1']", "['w2']"}, {"['b1']", "['b2']"}),
+        ("mlp", {"['w1']", "['w2']", "['b1']", "['b2']"}, set()),
         (
-            "transformer",
-            {"['wq']", "['wk']", "['wv']", "['wo']", "['w1']", "['w2']"},
-            {"['emb']", "['ln1']", "['ln2']", "['b1']"},  # emb: gather + tied matmul
+            "transformer",  # emb: gather + tied matmul; ln: scales; b1: bias
+            {"['wq']", "['wk']", "['wv']", "['wo']", "['w1']", "['w2']", "['emb']", "['ln1']",
+             "['ln2']", "['b1']"},
+            set(),
         ),
-        ("cnn", {"['w']"}, {"['kernel']"}),
+        ("cnn", {"['w']"}, {"['kernel']"}),  # convolutions: no rule yet
         ("gru_scan", {"['out']"}, {"['wx']", "['wh']"}),
         ("shared_unrolled", {"['w']", "['u']"}, set()),
     ],
 )
-def test_analysis_recognizes_matmuls_only(name, recognized, fallback):
+def test_analysis_recognizes_ruled_uses(name, recognized, fallback):
   assert _classify(name) == (recognized, fallback)
 
 
 def test_ghost_method_names_unrecognized_leaves():
-  loss, params, batch = mlp(bias=True)
-  with pytest.raises(ValueError, match=r"\['b1'\].*method='auto'"):
+  loss, params, batch = cnn()
+  with pytest.raises(ValueError, match=r"\['kernel'\].*conv_general_dilated.*method='auto'"):
     gnorm_jax.per_example_grad_norms(loss, batch_argnums=(1, 2), method="ghost")(params, *batch)
-  loss, params, batch = mlp(bias=False)
+  loss, params, batch = mlp(bias=True)
   norms = gnorm_jax.per_example_grad_norms(loss, batch_argnums=(1, 2), method="ghost")(
       params, *batch
   )
@@ -327,7 +333,7 @@ def test_planner_prefers_ghost_for_short_sequences_and_direct_for_long():
   for t, want in [(4, "ghost"), (200, "direct")]:
     closed = jax.make_jaxpr(loss)(w, jax.ShapeDtypeStruct((t, 64), jnp.float32))
     uses = analyze(closed, {0: 0}).uses[0]
-    assert _engine.plan_leaf(uses, 2) == want
+    assert _engine.plan_leaf(uses, w, 8).route == want
 
 
 # ------------------------------------------------------------------ API details

@@ -1,14 +1,14 @@
-"""Jaxpr analysis: which parameter leaves enter the loss only through matmuls.
+"""Jaxpr analysis: where each parameter leaf meets the example.
 
-A parameter leaf is *recognized* when every use of it, after a chain of
-layout-only ops (transpose, reshape, squeeze, convert_element_type, copy), is one operand
-of a ``dot_general`` whose other operand does not come from a parameter in the
-same way. For such a leaf the per-example gradient is a sum, over its uses, of
-contractions of the activation operand aᵢ with the output cotangent gᵢ, and
-never needs to be formed per example. Any other use (a gather, an elementwise
-op, a scan/while/cond body, a custom_jvp/custom_vjp rule, a convolution) makes
-the leaf a *fallback* leaf: its per-example gradient is computed exactly. The
-analysis only ever errs towards fallback, so it can cost speed, never accuracy.
+A value derived from ONE parameter leaf through a chain of unary equations
+(layout changes, casts, scalar factors, elementwise functions whose other
+inputs are literals) is followed until it meets other values. That equation
+is a *use*; the rule registry decides whether some rule handles it. A leaf
+all of whose uses have rules is *recognized*; any other use (a primitive with
+no rule, two parameters meeting, a scan/while/cond body, a custom derivative,
+a value returned as it is) makes the leaf a *fallback* leaf, whose
+per-example gradient is computed exactly. The analysis only ever errs
+towards fallback: it can cost speed, never accuracy.
 
 Nested ``jit`` calls are looked through (``jnp`` functions and user code wrap
 layers in them); uses are keyed by their path of equation indices.
@@ -19,15 +19,16 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import numpy as np
 from jax.extend import core as jcore
 
-# Layout-only ops: the gradient through them is a permutation/cast of the
-# gradient of their output, so they can sit between a leaf and its matmul.
-CHAIN_PRIMITIVES = frozenset({"transpose", "reshape", "squeeze", "convert_element_type", "copy"})
+from gnorm_jax.per_example import _rules
+from gnorm_jax.per_example._rules import CHAIN_OPS, LAYOUT_OPS, Use
+
 # Call-like primitives whose body is evaluated inline by the engine.
 CALL_PRIMITIVES = frozenset({"jit", "pjit", "closed_call", "core_call"})
 
-UseKey = tuple  # path of equation indices from the top-level jaxpr
+_rules.load_rules()
 
 
 def call_body(eqn: Any) -> jcore.ClosedJaxpr | None:
@@ -42,30 +43,52 @@ def call_body(eqn: Any) -> jcore.ClosedJaxpr | None:
 
 @dataclasses.dataclass(frozen=True)
 class Origin:
-  """A value that is a parameter leaf seen through layout-only ops."""
+  """A value derived from parameter leaf ``leaf`` by ``chain``."""
 
-  leaf: int
-  chain: tuple  # the JaxprEqns applied, in order, from the leaf to this value
-
-
-@dataclasses.dataclass(frozen=True)
-class DotUse:
-  """A recognized use: parameter leaf → chain → operand ``side`` of a dot_general."""
-
-  key: UseKey
   leaf: int
   chain: tuple
-  side: int  # 0: the parameter is the lhs operand; 1: the rhs
-  dimension_numbers: Any
-  eqn: Any  # the dot_general equation, to re-bind it
-  act_shape: tuple  # single-example shape of the activation operand
-  out_shape: tuple
-  out_dtype: Any
+
+
+def _is_chain(eqn: Any, operand: int) -> bool:
+  """Whether ``eqn`` is a unary function of input ``operand`` (others literal)."""
+  if eqn.primitive.name not in CHAIN_OPS or eqn.primitive.multiple_results:
+    return False
+  return all(isinstance(v, jcore.Literal) for i, v in enumerate(eqn.invars) if i != operand)
+
+
+def _literal(eqn: Any, operand: int) -> Any:
+  (value,) = [v.val for i, v in enumerate(eqn.invars) if i != operand]
+  return value
+
+
+def chain_layout(chain: tuple, ndim: int) -> tuple[list, Any] | None:
+  """(leaf axis of each axis of the chain's output, scalar factor), or None when
+  the chain is more than a permutation, a cast and a scalar factor."""
+  axes, coef = list(range(ndim)), 1.0
+  for eqn in chain:
+    name = eqn.primitive.name
+    operand = next(i for i, v in enumerate(eqn.invars) if not isinstance(v, jcore.Literal))
+    if name == "transpose":
+      axes = [axes[p] for p in eqn.params["permutation"]]
+    elif name in LAYOUT_OPS:
+      pass
+    elif name == "neg":
+      coef = -coef
+    elif name in ("mul", "div") and np.ndim(_literal(eqn, operand)) == 0:
+      c = _literal(eqn, operand)
+      if name == "div" and operand == 1:
+        return None  # c / W is not linear in W
+      coef = coef * c if name == "mul" else coef / c
+    elif name in ("add", "sub") and np.ndim(_literal(eqn, operand)) == 0:
+      coef = -coef if (name == "sub" and operand == 1) else coef
+    else:
+      return None
+  return axes, coef
 
 
 @dataclasses.dataclass
 class Analysis:
-  uses: dict[int, list[DotUse]]  # recognized leaf -> its uses
+  uses: dict[int, list[Use]]  # recognized leaf -> its uses (empty: the leaf is unused)
   fallback: dict[int, str]  # fallback leaf -> why (first unrecognized use)
 
   @property
@@ -73,7 +96,7 @@ class Analysis:
     return sorted(self.uses)
 
   @property
-  def perturbed(self) -> dict[UseKey, DotUse]:
+  def perturbed(self) -> dict[tuple, Use]:
     return {u.key: u for us in self.uses.values() for u in us}
 
 
@@ -84,7 +107,7 @@ def analyze(closed: jcore.ClosedJaxpr, param_positions: dict[int, int]) -> Analy
     closed: the single-example loss as a closed jaxpr over flat arguments.
     param_positions: flat argument position -> parameter leaf index.
   """
-  uses: dict[int, list[DotUse]] = {}
+  uses: dict[int, list[Use]] = {}
   bad: dict[int, str] = {}
 
   def unrecognized(origin: Origin, why: str) -> None:
@@ -98,35 +121,31 @@ def analyze(closed: jcore.ClosedJaxpr, param_positions: dict[int, int]) -> Analy
       key = path + (i,)
       name = eqn.primitive.name
       ins = [origin_of(v) for v in eqn.invars]
+      derived = [j for j, o in enumerate(ins) if o is not None]
       body = call_body(eqn)
-      if name in CHAIN_PRIMITIVES and ins and ins[0] is not None:
-        origins[eqn.outvars[0]] = Origin(ins[0].leaf, ins[0].chain + (eqn,))
-      elif body is not None:
+      if not derived:
+        continue
+      if body is not None:
         inner = {v: o for v, o in zip(body.jaxpr.invars, ins) if o is not None}
         walk(body.jaxpr, inner, key)
         for v in body.jaxpr.outvars:
           if not isinstance(v, jcore.Literal) and v in inner:
             unrecognized(inner[v], f"returned from a nested call ({name})")
-      elif name == "dot_general" and (ins[0] is None) != (ins[1] is None):
-        side = 0 if ins[0] is not None else 1
-        o = ins[side]
-        uses.setdefault(o.leaf, []).append(
-            DotUse(
-                key=key,
-                leaf=o.leaf,
-                chain=o.chain,
-                side=side,
-                dimension_numbers=eqn.params["dimension_numbers"],
-                eqn=eqn,
-                act_shape=tuple(eqn.invars[1 - side].aval.shape),
-                out_shape=tuple(eqn.outvars[0].aval.shape),
-                out_dtype=eqn.outvars[0].aval.dtype,
-            )
-        )
+      elif len(derived) == 1 and _is_chain(eqn, derived[0]):
+        o = ins[derived[0]]
+        origins[eqn.outvars[0]] = Origin(o.leaf, o.chain + (eqn,))
+      elif len(derived) == 1 and len(eqn.outvars) == 1:
+        o = ins[derived[0]]
+        rule, why = _rules.find_rule(eqn, derived[0])
+        if rule is None:
+          unrecognized(o, why)
+        else:
+          uses.setdefault(o.leaf, []).append(Use(key, o.leaf, o.chain, derived[0], eqn, rule))
       else:
         for o in ins:
           if o is not None:
-            unrecognized(o, f"used by {name}")
+            unrecognized(o, f"used by {name} together with another parameter or as a body"
+                         if len(derived) > 1 else f"used by {name}")
     for v in jaxpr.outvars:
       if (o := origin_of(v)) is not None:
         unrecognized(o, "returned by the loss")
@@ -134,8 +153,7 @@ def analyze(closed: jcore.ClosedJaxpr, param_positions: dict[int, int]) -> Analy
   origins = {closed.jaxpr.invars[pos]: Origin(leaf, ()) for pos, leaf in param_positions.items()}
   walk(closed.jaxpr, origins, ())
   recognized = {leaf: us for leaf, us in uses.items() if leaf not in bad}
-  # Leaves with no use at all have a zero gradient: recognized, with no uses.
   for leaf in param_positions.values():
     if leaf not in bad and leaf not in recognized:
-      recognized[leaf] = []
+      recognized[leaf] = []  # never used: a zero gradient
   return Analysis(uses=recognized, fallback=bad)

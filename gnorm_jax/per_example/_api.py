@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable, Sequence
 
@@ -9,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from gnorm_jax.clipping import clip_factor
-from gnorm_jax.norms import accumulation_dtype, safe_sqrt, sum_of_squares, tree_norm
+from gnorm_jax.norms import tree_norm
 from gnorm_jax.per_example import _engine
 from gnorm_jax.per_example._analysis import analyze
 from gnorm_jax.transforms import check_argnums
@@ -97,15 +98,25 @@ class _PerExample:
     leaves = [_weighted_sum(weights, g) for g in jax.tree.leaves(per_example)]
     return self._reduce(args, leaves, norms.shape[0], reduce), norms
 
-  def _ghost(self, args, max_norm, reduce):
+  def _setup(self, args):
+    """Traces the single-example loss and plans every parameter leaf."""
     batch_size = self._check_call(args)
+    dynamic = sorted(set(self.argnums) | set(self.batch_argnums))
+    # Arguments that are neither parameters nor batched are closed over as they
+    # are (a Python bool stays a bool), as vmap of grad would pass them.
+
+    def loss_of_dynamic(*dyn):
+      full = list(args)
+      for i, x in zip(dynamic, dyn):
+        full[i] = x
+      return self.loss(*full)
+
     single = [
-        jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x)[1:], jnp.result_type(x)), a)
-        if i in self.batch_argnums
-        else a
-        for i, a in enumerate(args)
+        jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x)[1:], jnp.result_type(x)), args[i])
+        if i in self.batch_argnums else args[i]
+        for i in dynamic
     ]
-    closed = jax.make_jaxpr(self.loss)(*single)
+    closed = jax.make_jaxpr(loss_of_dynamic)(*single)
     out_aval = closed.out_avals[0]
     if len(closed.out_avals) != 1 or out_aval.shape != () or not jnp.issubdtype(
         out_aval.dtype, jnp.floating
@@ -116,28 +127,27 @@ class _PerExample:
       )
     # Flat argument positions (as make_jaxpr flattened them) of the batched
     # leaves and of the parameter leaves, numbered in jax.grad's output order.
-    arg_leaves = [jax.tree.leaves(a) for a in args]
-    offsets = [sum(len(ls) for ls in arg_leaves[:i]) for i in range(len(args))]
-    flat_args = [leaf for ls in arg_leaves for leaf in ls]
-    batch_positions = [
-        offsets[i] + j for i in self.batch_argnums for j in range(len(arg_leaves[i]))
-    ]
-    batch_flat = [flat_args[p] for p in batch_positions]
+    arg_leaves = {i: jax.tree.leaves(args[i]) for i in dynamic}
+    offsets, n = {}, 0
+    for i in dynamic:
+      offsets[i], n = n, n + len(arg_leaves[i])
+    flat_args = [leaf for i in dynamic for leaf in arg_leaves[i]]
+    batch_positions = [offsets[i] + j for i in self.batch_argnums
+                       for j in range(len(arg_leaves[i]))]
     param_positions = {}
     for i in self.argnums:
       for j in range(len(arg_leaves[i])):
         param_positions[offsets[i] + j] = len(param_positions)
-    param_order = [flat_args[p] for p in param_positions]
+    params_flat = [jnp.asarray(flat_args[p]) for p in param_positions]
     analysis = analyze(closed, param_positions)
-    if self.method == "ghost" and analysis.fallback:
-      params = self._params(args)
-      paths = _param_paths(params[0] if self.single_params else params)
-      why = "; ".join(f"{paths[l]}: {r}" for l, r in sorted(analysis.fallback.items()))
-      raise ValueError(
-          "method='ghost' needs every parameter leaf to enter the loss only through matrix"
-          f" products, but these do not: {why}. Use method='auto' to compute exact"
-          " per-example gradients for just those leaves."
-      )
+    routes = {}
+    for leaf, w in enumerate(params_flat):
+      if leaf in analysis.fallback:
+        routes[leaf] = _engine.LeafRoute(
+            "materialized", None, batch_size * w.size * w.dtype.itemsize,
+            analysis.fallback[leaf])
+      else:
+        routes[leaf] = _engine.plan_leaf(analysis.uses[leaf], w, batch_size)
 
     def assemble(leaves, batch_vals):
       flat = list(flat_args)
@@ -147,39 +157,44 @@ class _PerExample:
         flat[pos] = x
       return flat
 
-    fb_grads, acts, cots = _engine.batched_pass(
-        closed, analysis, assemble, param_order, batch_flat, batch_size
-    )
+    return _Setup(closed, analysis, routes, assemble, params_flat,
+                  [flat_args[p] for p in batch_positions], batch_size)
 
-    def per_use(leaf, tree):
-      return [tree[u.key] for u in analysis.uses[leaf]]
-
-    sq = jnp.zeros((batch_size,), jnp.float32)
-    plans = {}
-    for leaf in analysis.recognized:
-      w = param_order[leaf]
-      plans[leaf] = _engine.plan_leaf(analysis.uses[leaf], w.ndim)
-      sq = sq + _engine.leaf_sq_norms(
-          plans[leaf], analysis.uses[leaf], per_use(leaf, acts), per_use(leaf, cots), w
+  def _ghost(self, args, max_norm, reduce):
+    setup = self._setup(args)
+    if self.method == "ghost" and setup.analysis.fallback:
+      paths = self._paths(args)
+      why = "; ".join(f"{paths[l]}: {r}" for l, r in sorted(setup.analysis.fallback.items()))
+      raise ValueError(
+          "method='ghost' needs a per-example rule for every parameter leaf, but these have"
+          f" none: {why}. Use method='auto' to compute exact per-example gradients for just"
+          " those leaves, and gnorm_jax.per_example_plan to see every leaf's route."
       )
-    for leaf, g in fb_grads.items():
-      sq = sq + jax.vmap(sum_of_squares)(g)
-    norms = safe_sqrt(sq)
-    if max_norm is None:
+    if self.method == "auto" and _all_materialized(setup.routes):
+      return self._vmap(args, max_norm, reduce)
+    clip = None if max_norm is None else (lambda norms: clip_factor(norms, max_norm))
+    norms, sums, _ = _engine.run(
+        setup.closed, setup.analysis, setup.routes, setup.assemble, setup.params_flat,
+        setup.batch_flat, setup.batch_size, clip)
+    if sums is None:
       return None, norms
-    weights = clip_factor(norms, max_norm)
+    return self._reduce(args, sums, setup.batch_size, reduce), norms
+
+  def _paths(self, args):
+    params = self._params(args)
+    return _param_paths(params[0] if self.single_params else params)
+
+  def plan(self, args) -> "PerExamplePlan":
+    setup = self._setup(args)
+    paths = self._paths(args)
     leaves = []
-    for leaf, w in enumerate(param_order):
-      if leaf in fb_grads:
-        leaves.append(_weighted_sum(weights, fb_grads[leaf]))
-      elif analysis.uses[leaf]:
-        uses = analysis.uses[leaf]
-        leaves.append(
-            _engine.weighted_leaf_grad(uses, per_use(leaf, acts), per_use(leaf, cots), weights, w)
-        )
-      else:
-        leaves.append(jnp.zeros_like(w))
-    return self._reduce(args, leaves, batch_size, reduce), norms
+    for leaf, w in enumerate(setup.params_flat):
+      r = setup.routes[leaf]
+      rules = tuple(dict.fromkeys(u.rule.name for u in setup.analysis.uses.get(leaf, [])))
+      leaves.append(LeafPlan(paths[leaf], tuple(w.shape), rules, r.route, r.flops, r.bytes,
+                             r.why))
+    method = "vmap" if _all_materialized(setup.routes) else "ghost"
+    return PerExamplePlan(tuple(leaves), setup.batch_size, method)
 
   def _reduce(self, args, leaves, batch_size, reduce):
     if reduce == "mean":
@@ -193,12 +208,77 @@ class _PerExample:
     return self._ghost(args, max_norm, reduce)
 
 
-def _weighted_sum(weights: jax.Array, per_example: jax.Array) -> jax.Array:
-  """Σᵢ wᵢ·gᵢ over the leading axis, accumulated in at least float32."""
-  acc = accumulation_dtype(per_example.dtype)
-  return jnp.tensordot(weights.astype(acc), per_example.astype(acc), axes=1).astype(
-      per_example.dtype
-  )
+_weighted_sum = _engine.weighted_sum
+
+
+def _all_materialized(routes) -> bool:
+  """True when no leaf has a rule: vmap of grad is then as cheap and simpler."""
+  return all(r.route in ("materialized", "unused") for r in routes.values()) and any(
+      r.route == "materialized" for r in routes.values())
+
+
+@dataclasses.dataclass(frozen=True)
+class _Setup:
+  closed: Any
+  analysis: Any
+  routes: dict
+  assemble: Callable
+  params_flat: list
+  batch_flat: list
+  batch_size: int
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafPlan:
+  """The route of one parameter leaf.
+
+  Attributes:
+    path: the leaf's path in the parameters (``jax.tree_util.keystr``).
+    shape: its shape.
+    rules: the rules that recognized its uses, in order of first use.
+    route: ``"ghost"`` (norm from Gram matrices of the layer's inputs and output
+      cotangents, no per-example gradient), ``"direct"`` (per-example gradient
+      formed from the recorded inputs and cotangents), ``"materialized"`` (no
+      rule: exact per-example gradients, as vmap of grad) or ``"unused"``.
+    flops: estimated flops of the route for the whole batch (None: not estimated,
+      a materialized leaf costs what its share of vmap of grad costs).
+    bytes: estimated extra memory of the route for the whole batch.
+    why: for a materialized leaf, the use no rule recognized.
+  """
+
+  path: str
+  shape: tuple
+  rules: tuple
+  route: str
+  flops: int | None
+  bytes: int
+  why: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class PerExamplePlan:
+  """What :func:`per_example_grad_norms` and :func:`clipped_grad` will do.
+
+  Attributes:
+    leaves: one :class:`LeafPlan` per parameter leaf, in ``jax.tree.leaves`` order.
+    batch_size: the batch size the plan was made for.
+    method: what ``method="auto"`` runs: ``"ghost"`` (the engine) or ``"vmap"``
+      (no leaf has a rule, so vmap of grad is as cheap).
+  """
+
+  leaves: tuple
+  batch_size: int
+  method: str
+
+  def __str__(self) -> str:
+    rows = [f"per-example plan (batch {self.batch_size}, auto runs {self.method!r})",
+            "| leaf | shape | rules | route | GFLOP | MiB | note |",
+            "|---|---|---|---|---:|---:|---|"]
+    for l in self.leaves:
+      gflop = "—" if l.flops is None else f"{l.flops / 1e9:.3g}"
+      rows.append(f"| {l.path} | {l.shape} | {', '.join(l.rules) or '—'} | {l.route} |"
+                  f" {gflop} | {l.bytes / 2**20:.3g} | {l.why} |")
+    return "\n".join(rows)
 
 
 def _param_paths(params) -> list[str]:
@@ -338,3 +418,44 @@ def clipped_grad(
     return (grads, norms) if return_norms else grads
 
   return clipped_fn
+
+
+def per_example_plan(
+    loss: Callable[..., jax.Array],
+    *,
+    argnums: int | Sequence[int] = 0,
+    batch_argnums: int | Sequence[int] = 1,
+) -> Callable[..., PerExamplePlan]:
+  """Returns a function showing how each parameter leaf's per-example norm is computed.
+
+  The loss is traced (nothing is computed); for every parameter leaf the plan
+  names the rules that recognized its uses, the route chosen by the cost model
+  (``"ghost"``, ``"direct"``, ``"materialized"`` or ``"unused"``) and its
+  estimated flops and extra memory for the batch given. ``print(plan)`` shows
+  a table: a slow model's materialized leaves, and why, are in it.
+
+  Args:
+    loss: the single-example loss, as for :func:`per_example_grad_norms`.
+    argnums: which argument(s) are the parameters (int or tuple).
+    batch_argnums: which argument(s) carry the leading batch axis.
+
+  Returns:
+    A function ``(*args) -> PerExamplePlan`` taking the same arguments as the
+    function :func:`per_example_grad_norms` returns.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import gnorm_jax
+    >>> def loss(p, x):  # a dense layer with a bias, used at 3 positions
+    ...   return jnp.sum(jnp.tanh(x @ p["w"] + p["b"]))
+    >>> p = {"w": jnp.ones((4, 5)), "b": jnp.zeros(5)}
+    >>> plan = gnorm_jax.per_example_plan(loss)(p, jnp.ones((8, 3, 4)))
+    >>> [(l.path, l.rules, l.route) for l in plan.leaves]
+    [("['b']", ('bias',), 'direct'), ("['w']", ('dot_general',), 'ghost')]
+  """
+  spec = _PerExample(loss, argnums, batch_argnums, "auto", "per_example_plan")
+
+  def plan_fn(*args):
+    return spec.plan(args)
+
+  return plan_fn

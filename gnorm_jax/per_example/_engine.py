@@ -1,21 +1,28 @@
-"""The ghost engine: one batched forward+backward gives every per-example norm.
+"""The engine: one batched forward+backward, then per-leaf routes chosen by cost.
 
-For each recognized matmul use z = dot_general(a, O) with O = chain(W), a zero
-perturbation p is added to z; the gradient of the per-example loss with respect
-to p is the output cotangent gᵢ, and aᵢ is recorded on the way. The per-example
-gradient of O is the contraction of aᵢ with gᵢ, whose squared norm is
+The single-example loss is evaluated from its jaxpr with a zero perturbation
+added to the output of every recognized use; the gradient with respect to
+that perturbation is the use's output cotangent gᵢ, and the use's other
+operands are recorded on the way — one vmapped pass for all layers. Fallback
+leaves get exact per-example gradients in the same pass, as vmap of grad
+would give them. Then each recognized leaf takes the cheaper exact route
+(mixed rule, Bu et al. 2022):
 
-  ‖Σ_t a_tᵀ g_t‖²_F = Σ_{t,s} (a_t·a_s)(g_t·g_s)        (ghost, Goodfellow 2015)
+* ghost: ‖Σ_t P_t ⊗ Q_t‖² = Σ_ts ⟨P_t,P_s⟩⟨Q_t,Q_s⟩ over all its uses' positions,
+  on factors rescaled per example by powers of two (no overflow, no
+  underflow), with an error bound: an example whose sum may have lost more
+  than ~1e-3 to cancellation (or is not finite) is recomputed exactly, one
+  example at a time, in a branch taken only when some example needs it;
+* direct: the per-example gradient of the leaf, a vjp of its uses' equations.
 
-or, when the T² Gram matrices cost more than the d_in×d_out matrix, the matrix
-itself is formed per example (direct) — the mixed rule of Bu et al. 2022.
-Fallback leaves get exact per-example gradients in the same pass, as vmap of
-grad would give them. With clip weights wᵢ known, a recognized leaf's clipped
-sum Σᵢ wᵢ aᵢᵀgᵢ is one weighted contraction (book-keeping, Bu et al. 2023).
+Per-leaf norms are combined by the norm core (``tree_norm``). With clip
+weights wᵢ known, a ghost leaf's clipped sum is one vjp of its batched uses
+at the weighted cotangents (book-keeping, Bu et al. 2023).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Callable
 
@@ -24,33 +31,29 @@ import jax.numpy as jnp
 from jax import lax
 from jax.extend import core as jcore
 
-from gnorm_jax.norms import accumulation_dtype, sum_of_squares
-from gnorm_jax.per_example._analysis import Analysis, DotUse, call_body
+from gnorm_jax.norms import tree_norm
+from gnorm_jax.per_example._analysis import Analysis, call_body, chain_layout
+from gnorm_jax.per_example._rules import Dense, Ghost, Index, Use
+
+# Relative error above which a ghost sum is recomputed exactly.
+GHOST_RTOL = 1e-3
 
 
 def _bind(eqn: Any, invals: list) -> list:
   """Applies ``eqn``'s primitive to ``invals``, as jax.core.eval_jaxpr does."""
   bind_params = eqn.primitive.get_bind_params(eqn.params)
-  # Older jax returned (subfuns, params).
   subfuns, params = bind_params if isinstance(bind_params, tuple) else ((), bind_params)
   with eqn.ctx.manager:
     out = eqn.primitive.bind(*subfuns, *invals, **params)
   return list(out) if eqn.primitive.multiple_results else [out]
 
 
-def eval_instrumented(
-    closed: jcore.ClosedJaxpr,
-    flat_args: list,
-    perturbations: dict,
-) -> tuple[Any, dict]:
-  """Evaluates ``closed``, adding ``perturbations[key]`` to the output of the
-  dot_general at ``key`` and recording that dot's operands.
-
-  Returns the jaxpr's first output and {key: (lhs, rhs)}.
+def eval_instrumented(closed: jcore.ClosedJaxpr, flat_args: list, uses: dict) -> tuple:
+  """Evaluates ``closed``; adds ``perts[key]`` to each use's output and records
+  its operands (the parameter slot as None). Returns (outputs, {key: operands}).
   """
-  operands: dict = {}
 
-  def run(jaxpr, consts, args, path):
+  def run(jaxpr, consts, args, path, perts, operands):
     env = {}
 
     def read(v):
@@ -65,169 +68,317 @@ def eval_instrumented(
       invals = [read(v) for v in eqn.invars]
       body = call_body(eqn)
       if body is not None:
-        outs = run(body.jaxpr, body.consts, invals, key)
+        outs = run(body.jaxpr, body.consts, invals, key, perts, operands)
       else:
         outs = _bind(eqn, invals)
-        if key in perturbations:
-          operands[key] = tuple(invals)
-          outs = [outs[0] + perturbations[key]]
+        if key in uses:
+          u = uses[key]
+          operands[key] = tuple(None if j == u.operand else x for j, x in enumerate(invals))
+          outs = [outs[0] + perts[key]]
       for v, x in zip(eqn.outvars, outs):
         if not isinstance(v, jcore.DropVar):
           env[v] = x
     return [read(v) for v in jaxpr.outvars]
 
-  out = run(closed.jaxpr, closed.consts, flat_args, ())
-  return out[0], operands
+  def evaluate(perts):
+    operands = {}
+    outs = run(closed.jaxpr, closed.consts, flat_args, (), perts, operands)
+    return outs, operands
+
+  return evaluate
 
 
-def _apply_chain(chain: tuple, w: jax.Array) -> jax.Array:
-  for eqn in chain:
-    (w,) = _bind(eqn, [w])
-  return w
-
-
-def _use_output(use: DotUse, act: jax.Array, w: jax.Array) -> jax.Array:
-  """The single-example output of ``use`` with activation ``act``, from leaf ``w``."""
-  o = _apply_chain(use.chain, w)
-  (out,) = _bind(use.eqn, [o, act] if use.side == 0 else [act, o])
-  return out
-
-
-def _per_example_leaf_grads(uses, acts, cots, w) -> jax.Array:
-  """[B, *w.shape]: each example's gradient of leaf ``w`` (direct method)."""
-
-  def one(acts_i, cots_i):
-    def linear(w):
-      return sum(
-          jnp.vdot(_use_output(u, a, w), c).real for u, a, c in zip(uses, acts_i, cots_i)
-      )
-
-    return jax.grad(linear)(w)
-
-  return jax.vmap(one)(acts, cots)
-
-
-def weighted_leaf_grad(uses, acts, cots, weights, w) -> jax.Array:
-  """Σᵢ wᵢ·(per-example gradient of leaf ``w``) as one contraction (book-keeping)."""
-
-  def linear(w):
-    total = 0.0
-    for u, a, c in zip(uses, acts, cots):
-      outs = jax.vmap(lambda a_i: _use_output(u, a_i, w))(a)
-      wc = c * weights.reshape((-1,) + (1,) * (c.ndim - 1)).astype(c.dtype)
-      total = total + jnp.vdot(outs, wc).real
-    return total
-
-  return jax.grad(linear)(w)
-
-
-# ---------------------------------------------------------------- ghost norms
-
-
-def _activation_dims(use: DotUse) -> tuple[tuple, tuple, tuple]:
-  """The activation operand's (batch, free, contracted) dims for this use."""
-  (lc, rc), (lb, rb) = use.dimension_numbers
-  a_c, a_b = (rc, rb) if use.side == 0 else (lc, lb)
-  a_free = tuple(d for d in range(len(use.act_shape)) if d not in a_c and d not in a_b)
-  return tuple(a_b), a_free, tuple(a_c)
-
-
-def _sizes(use: DotUse) -> tuple[int, int, int, int]:
-  """(H, T, K, N): dot batch size, positions, contracted size, parameter free size."""
-  a_b, a_free, a_c = _activation_dims(use)
-  h, t, k = (math.prod(use.act_shape[d] for d in dims) for dims in (a_b, a_free, a_c))
-  n = math.prod(use.out_shape) // (h * t) if h * t else 0
-  return h, t, k, n
-
-
-def _canonical(use: DotUse, act: jax.Array, cot: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """A [B,H,T,K] and G [B,H,T,N] with per-example O-gradient Σ_t A_tᵀG_t per h."""
-  a_b, a_free, a_c = _activation_dims(use)
-  h, t, k, n = _sizes(use)
-  a = jnp.transpose(act, [0] + [1 + d for d in (*a_b, *a_free, *a_c)])
-  if use.side == 0:  # output layout (batch, w_free, a_free) -> (batch, a_free, w_free)
-    nb, nf, out_nd = len(a_b), len(a_free), len(use.out_shape)
-    nw = out_nd - nb - nf
-    order = [*range(nb), *range(nb + nw, out_nd), *range(nb, nb + nw)]
-    cot = jnp.transpose(cot, [0] + [1 + d for d in order])
-  return a.reshape(act.shape[0], h, t, k), cot.reshape(cot.shape[0], h, t, n)
-
-
-def _layout_key(use: DotUse, leaf_ndim: int):
-  """How the leaf's axes split into (batch, contracted, free) for this use, or
-  None when a reshape hides it. Uses with equal keys stack along T."""
-  axes = list(range(leaf_ndim))
+def use_output(use: Use, operands: tuple, w: jax.Array) -> jax.Array:
+  """The single-example output of ``use`` from leaf value ``w``."""
+  o = w
   for eqn in use.chain:
-    if eqn.primitive.name == "transpose":
-      axes = [axes[p] for p in eqn.params["permutation"]]
-    elif eqn.primitive.name not in ("convert_element_type", "copy"):
-      return None
-  (lc, rc), (lb, rb) = use.dimension_numbers
-  w_c, w_b = (lc, lb) if use.side == 0 else (rc, rb)
-  w_free = [d for d in range(len(axes)) if d not in w_c and d not in w_b]
-  pick = lambda dims: tuple(axes[d] for d in dims)  # noqa: E731
-  return pick(w_b), pick(w_c), pick(w_free)
+    invals = [v.val if isinstance(v, jcore.Literal) else o for v in eqn.invars]
+    (o,) = _bind(eqn, invals)
+  vals = list(operands)
+  vals[use.operand] = o
+  return _bind(use.eqn, vals)[0]
 
 
-def plan_leaf(uses: list[DotUse], leaf_ndim: int) -> str:
-  """'ghost' or 'direct' for a recognized leaf (the mixed rule)."""
-  keys = {_layout_key(u, leaf_ndim) for u in uses}
-  if len(keys) != 1 or None in keys:
-    return "direct"
-  _, _, k, n = _sizes(uses[0])
-  t = sum(_sizes(u)[1] for u in uses)  # uses stack along positions
-  # Per example and dot-batch entry: ghost costs T²(K+N), direct T·K·N.
-  return "ghost" if t * (k + n) <= k * n else "direct"
-
-
-def ghost_sq_norms(uses, acts, cots) -> jax.Array:
-  """[B] squared norms of a leaf whose uses share one layout key."""
-  pairs = [_canonical(u, a, c) for u, a, c in zip(uses, acts, cots)]
-  acc = accumulation_dtype(jnp.result_type(*[x.dtype for p in pairs for x in p]))
-  a = jnp.concatenate([p[0] for p in pairs], axis=2).astype(acc)
-  g = jnp.concatenate([p[1] for p in pairs], axis=2).astype(acc)
-  if a.shape[2] == 1:  # T = 1: ‖aᵢ‖²‖gᵢ‖², no Gram matrices at all
-    return jnp.sum(jnp.sum(a * a, axis=(2, 3)) * jnp.sum(g * g, axis=(2, 3)), axis=1)
-  aa = jnp.einsum("bhtk,bhsk->bhts", a, a, precision=lax.Precision.HIGHEST)
-  gg = jnp.einsum("bhtn,bhsn->bhts", g, g, precision=lax.Precision.HIGHEST)
-  return jnp.sum(aa * gg, axis=(1, 2, 3))
-
-
-def leaf_sq_norms(plan, uses, acts, cots, w) -> jax.Array:
-  if not uses:
-    return jnp.zeros((), accumulation_dtype(w.dtype))
-  if plan == "ghost":
-    return ghost_sq_norms(uses, acts, cots)
-  return jax.vmap(sum_of_squares)(_per_example_leaf_grads(uses, acts, cots, w))
-
-
-def batched_pass(
-    closed: jcore.ClosedJaxpr,
-    analysis: Analysis,
-    assemble: Callable[[dict, list], list],
-    params_flat: list,
-    batch_flat: list,
-    batch_size: int,
-):
+def batched_pass(closed, analysis: Analysis, assemble: Callable, params_flat, batch_flat, b):
   """One vmapped forward+backward over the batch.
 
-  Returns (per-example fallback-leaf gradients {leaf: [B, ...]},
-  acts {use key: [B, ...]}, cots {use key: [B, ...]}).
-  ``assemble(leaf_values, batch_values)`` builds the flat argument list.
+  Returns (fallback gradients {leaf: [B, ...]}, operands {key: [B, ...]},
+  cotangents {key: [B, ...]}, auxiliary outputs [B, ...] (the loss's outputs
+  after the first)).
   """
-  perturbed = analysis.perturbed
+  uses = analysis.perturbed
   fallback = sorted(analysis.fallback)
 
   def single(fb_vals, perts, batch_vals):
     leaves = dict(enumerate(params_flat))
     leaves.update(zip(fallback, fb_vals))
-    out, operands = eval_instrumented(closed, assemble(leaves, batch_vals), perts)
-    acts = {k: operands[k][1 - u.side] for k, u in perturbed.items()}
-    return out, acts
+    outs, operands = eval_instrumented(closed, assemble(leaves, batch_vals), uses)(perts)
+    return outs[0], (operands, outs[1:])
 
   grad_fn = jax.grad(single, argnums=(0, 1), has_aux=True)
-  perts = {k: jnp.zeros((batch_size, *u.out_shape), u.out_dtype) for k, u in perturbed.items()}
-  (fb_grads, cots), acts = jax.vmap(grad_fn, in_axes=(None, 0, 0))(
+  perts = {
+      k: jnp.zeros((b, *u.out_aval.shape), u.out_aval.dtype) for k, u in uses.items()
+  }
+  (fb_grads, cots), (operands, aux) = jax.vmap(grad_fn, in_axes=(None, 0, 0))(
       [params_flat[i] for i in fallback], perts, batch_flat
   )
-  return dict(zip(fallback, fb_grads)), acts, cots
+  return dict(zip(fallback, fb_grads)), operands, cots, aux
+
+
+# ------------------------------------------------------------------ planning
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafRoute:
+  """How one leaf's per-example norm is computed, with its estimated cost."""
+
+  route: str  # "ghost" | "direct" | "materialized" | "unused"
+  flops: int | None  # per batch
+  bytes: int  # extra memory per batch (beyond the batched pass)
+  why: str = ""
+
+
+def _ghost_static(use: Use, ndim: int):
+  """(layout, H, T, Kp, Kq, p is index) of a use's ghost factors, or None."""
+  if use.rule.ghost is None:
+    return None
+  lay = chain_layout(use.chain, ndim)
+  if lay is None:
+    return None
+  perm, coef = lay
+  found = []
+
+  def shapes(operands, cot):
+    g = use.rule.ghost(use, operands, cot, perm, coef)
+    found.append(g)
+    return 0
+
+  avals = [None if j == use.operand else jax.ShapeDtypeStruct((1, *v.aval.shape), v.aval.dtype)
+           for j, v in enumerate(use.eqn.invars)]
+  cot = jax.ShapeDtypeStruct((1, *use.out_aval.shape), use.out_aval.dtype)
+  jax.eval_shape(shapes, avals, cot)
+  (g,) = found
+  if g is None:
+    return None
+  if isinstance(g.p, Index):
+    _, h, t = g.p.index.shape
+    kp, index = 1, True
+  else:
+    _, h, t, kp = g.p.value.shape
+    index = False
+  return g.layout, h, t, kp, g.q.value.shape[-1], index
+
+
+def plan_leaf(uses: list[Use], w: Any, b: int) -> LeafRoute:
+  """The cheaper exact route for a recognized leaf (the mixed rule)."""
+  itemsize = jnp.dtype(w.dtype).itemsize
+  n = math.prod(w.shape)
+  if not uses:
+    return LeafRoute("unused", 0, 0)
+  direct = LeafRoute("direct", b * (sum(u.rule.direct_flops(u) for u in uses) + 2 * n),
+                     b * n * itemsize)
+  statics = [_ghost_static(u, len(w.shape)) for u in uses]
+  if any(s is None for s in statics) or len({s[0] for s in statics}) != 1:
+    return direct
+  h = statics[0][1]
+  t = sum(s[2] for s in statics)
+  kp = max(s[3] for s in statics)
+  kq = statics[0][4]
+  acc = 8 if jnp.issubdtype(w.dtype, jnp.complexfloating) else 4
+  ghost = LeafRoute("ghost", b * h * (2 * t * t * (kp + kq) + 4 * t * t),
+                    b * h * t * t * 2 * acc)
+  return ghost if ghost.flops <= direct.flops else direct
+
+
+# ------------------------------------------------------------------ the routes
+
+
+def _acc(dtype) -> jnp.dtype:
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def _conj(x):
+  return jnp.conj(x) if jnp.iscomplexobj(x) else x
+
+
+def _gram(x, y):
+  return jnp.einsum("bhtk,bhsk->bhts", x, _conj(y), precision=lax.Precision.HIGHEST)
+
+
+def _pow2_exponent(amax: jax.Array) -> jax.Array:
+  """e with amax·2^-e in [0.5, 1), clipped so that 2^±e stay normal numbers."""
+  finfo = jnp.finfo(amax.dtype)
+  _, e = jnp.frexp(amax)
+  return jnp.clip(e, finfo.minexp, finfo.maxexp - 2)
+
+
+def _amax(x: jax.Array, acc) -> jax.Array:
+  return jnp.max(jnp.abs(x), axis=tuple(range(1, x.ndim)), initial=0).astype(acc)
+
+
+def ghosts(uses: list[Use], operands: dict, cots: dict, ndim: int) -> list[Ghost]:
+  out = []
+  for u in uses:
+    perm, coef = chain_layout(u.chain, ndim)
+    out.append(u.rule.ghost(u, operands[u.key], cots[u.key], perm, coef))
+  return out
+
+
+def ghost_norms(gs: list[Ghost], exact: Callable[[jax.Array], jax.Array]) -> jax.Array:
+  """[B] norms of Σ_uses Σ_t P_t ⊗ Q_t, exact where the ghost sum may not be."""
+  dense = [g for g in gs if isinstance(g.p, Dense)]
+  index = [g for g in gs if isinstance(g.p, Index)]
+  acc = _acc(jnp.result_type(*[g.q.value.dtype for g in gs],
+                             *[g.p.value.dtype for g in dense]))
+  real = jnp.finfo(acc).dtype
+  # Per-example powers of two: every term of the sum has two cotangent factors,
+  # and (without index factors) two activation factors.
+  kinds = {"cot": [], "act": []}
+  for g in gs:
+    for f in (g.p, g.q):
+      if isinstance(f, Dense):
+        kinds[f.kind].append(_amax(f.value, real))
+  e = {k: _pow2_exponent(jnp.max(jnp.stack(v), axis=0)) if v and (k == "cot" or not index)
+       else None for k, v in kinds.items()}
+
+  def scaled(f):
+    x = f.value.astype(acc)
+    if e[f.kind] is None:
+      return x
+    return x * jnp.ldexp(jnp.ones((), real), -e[f.kind])[:, None, None, None]
+
+  q = jnp.concatenate([scaled(g.q) for g in dense + index], axis=2)
+  blocks, diag_p = [], []
+  if dense:
+    pd = jnp.concatenate([scaled(g.p) for g in dense], axis=2)
+    diag_p.append(jnp.sum(jnp.abs(pd) ** 2, axis=-1))
+  if index:
+    idx = jnp.concatenate([g.p.index for g in index], axis=2)
+    valid = jnp.concatenate([g.p.valid for g in index], axis=2)
+    diag_p.append(valid.astype(real))
+    ii = ((idx[..., :, None] == idx[..., None, :]) & valid[..., :, None]
+          & valid[..., None, :]).astype(acc)
+  if dense and index:
+    # ⟨onehot(i_t), d_s⟩ = conj(d_s[i_t]): a gather of the dense factor.
+    di = jnp.take_along_axis(jnp.swapaxes(pd, 2, 3), idx[..., None], axis=2)  # [B,H,Ti,Td]
+    di = di * valid[..., None]
+    blocks = [[_gram(pd, pd), jnp.swapaxes(di, 2, 3)], [_conj(di), ii]]
+  elif dense:
+    blocks = [[_gram(pd, pd)]]
+  else:
+    blocks = [[ii]]
+  pg = jnp.concatenate([jnp.concatenate(row, axis=3) for row in blocks], axis=2)
+  s = jnp.real(jnp.sum(pg * _gram(q, q), axis=(1, 2, 3)))
+  bound = jnp.sum(jnp.concatenate(diag_p, axis=2) * jnp.sum(jnp.abs(q) ** 2, axis=-1),
+                  axis=(1, 2))
+  t = q.shape[2]
+  k = q.shape[3] + max([g.p.value.shape[-1] for g in dense], default=1)
+  tol = 4 * float(jnp.finfo(real).eps) * (math.sqrt(k) + t) / GHOST_RTOL
+  suspect = ~jnp.isfinite(s) | (s < tol * bound)
+  shift = sum(x for x in e.values() if x is not None)
+  norms = jnp.ldexp(jnp.sqrt(jnp.maximum(s, 0)), shift)
+  return lax.cond(jnp.any(suspect), lambda: jnp.where(suspect, exact(suspect), norms),
+                  lambda: norms)
+
+
+def direct_grads(uses: list[Use], operands: dict, cots: dict, w: jax.Array) -> jax.Array:
+  """[B, *w.shape]: each example's gradient of leaf ``w`` from its uses."""
+  ops = [operands[u.key] for u in uses]
+  cs = [cots[u.key] for u in uses]
+  return jax.vmap(lambda o, c: one_grad(uses, o, c, w))(ops, cs)
+
+
+def one_grad(uses: list[Use], ops: list, cs: list, w: jax.Array) -> jax.Array:
+  """One example's gradient of ``w``: the vjp of its uses' equations."""
+  _, vjp = jax.vjp(lambda w: [use_output(u, o, w) for u, o in zip(uses, ops)], w)
+  (g,) = vjp(list(cs))
+  return g
+
+
+def exact_norms(uses, operands, cots, w):
+  """A function of ``which`` [B] giving exact norms, one example at a time."""
+  ops = [operands[u.key] for u in uses]
+  cs = [cots[u.key] for u in uses]
+
+  def fn(which):
+    def each(args):
+      flag, o, c = args
+      return lax.cond(flag, lambda: tree_norm(one_grad(uses, o, c, w)),
+                      lambda: jnp.zeros((), _norm_dtype(w)))
+
+    return lax.map(each, (which, ops, cs))
+
+  return fn
+
+
+def _norm_dtype(w):
+  return jnp.finfo(_acc(w.dtype)).dtype
+
+
+def weighted_grad(uses: list[Use], operands: dict, cots: dict, weights: jax.Array,
+                  w: jax.Array) -> jax.Array:
+  """Σᵢ wᵢ·(per-example gradient of ``w``): one vjp of the batched uses."""
+  ops = [operands[u.key] for u in uses]
+  cs = []
+  for u in uses:
+    c = cots[u.key]
+    cs.append(c * weights.reshape((-1,) + (1,) * (c.ndim - 1)).astype(c.dtype))
+
+  def outs(w):
+    return [jax.vmap(lambda o, u=u: use_output(u, o, w))(o) for u, o in zip(uses, ops)]
+
+  _, vjp = jax.vjp(outs, w)
+  (g,) = vjp(cs)
+  return g
+
+
+def weighted_sum(weights: jax.Array, per_example: jax.Array) -> jax.Array:
+  """Σᵢ wᵢ·gᵢ over the leading axis, accumulated in at least float32 (complex kept)."""
+  acc = _acc(per_example.dtype)
+  return jnp.tensordot(weights.astype(acc), per_example.astype(acc), axes=1).astype(
+      per_example.dtype)
+
+
+# ------------------------------------------------------------------ orchestration
+
+
+def _per_example_norms(g: jax.Array) -> jax.Array:
+  return jax.vmap(tree_norm)(g)
+
+
+def run(closed, analysis: Analysis, routes: dict, assemble, params_flat, batch_flat, b,
+        clip: Callable[[jax.Array], jax.Array] | None):
+  """Per-example norms [B] and, when ``clip`` maps norms to weights, the
+  weighted sums Σᵢ wᵢ gᵢ of every leaf. Returns (norms, sums or None, aux)."""
+  fb_grads, operands, cots, aux = batched_pass(
+      closed, analysis, assemble, params_flat, batch_flat, b)
+  formed, leaf_norms = {}, []
+  dtype = jnp.result_type(*[_norm_dtype(w) for w in params_flat]) if params_flat else jnp.float32
+  for leaf, w in enumerate(params_flat):
+    route = routes[leaf].route
+    uses = analysis.uses.get(leaf, [])
+    if route == "materialized":
+      formed[leaf] = fb_grads[leaf]
+    elif route == "direct":
+      formed[leaf] = direct_grads(uses, operands, cots, w)
+    if leaf in formed:
+      n = _per_example_norms(formed[leaf])
+    elif route == "ghost":
+      n = ghost_norms(ghosts(uses, operands, cots, w.ndim), exact_norms(uses, operands, cots, w))
+    else:
+      n = jnp.zeros((b,), dtype)
+    leaf_norms.append(n.astype(dtype))
+  norms = (jax.vmap(tree_norm)(jnp.stack(leaf_norms, axis=1)) if leaf_norms
+           else jnp.zeros((b,), dtype))
+  if clip is None:
+    return norms, None, aux
+  weights = clip(norms)
+  sums = []
+  for leaf, w in enumerate(params_flat):
+    if leaf in formed:
+      sums.append(weighted_sum(weights, formed[leaf]))
+    elif routes[leaf].route == "ghost":
+      sums.append(weighted_grad(analysis.uses[leaf], operands, cots, weights, w))
+    else:
+      sums.append(jnp.zeros_like(w))
+  return norms, sums, aux

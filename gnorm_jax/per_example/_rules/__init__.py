@@ -1,0 +1,169 @@
+"""The rule registry: one module per kind of layer.
+
+A *use* is an equation of the single-example loss's jaxpr where a value
+derived from ONE parameter leaf (through a chain of unary ops: layout changes,
+casts, scalar factors) meets values that depend on the example. A rule
+recognizes a use and says how the per-example gradient of that use's
+parameter operand factorizes. The engine needs nothing else from it:
+
+* the *direct* route — the per-example gradient of the leaf formed from the
+  recorded operands and output cotangent (a vjp of the one equation), exact
+  for any rule;
+* the *ghost* route — when the gradient is a sum over positions t of outer
+  products P_t ⊗ Q_t over two groups of the leaf's axes, its squared norm is
+  Σ_ts ⟨P_t, P_s⟩⟨Q_t, Q_s⟩ (Goodfellow 2015; Li et al. 2021), with no
+  per-example copy of the leaf. Uses of one leaf whose groups agree stack
+  along positions, so cross terms between uses (a tied embedding's lookup and
+  output projection) are part of the norm;
+* the *book-keeping* clipped sum Σᵢ wᵢ gᵢ — one vjp of the batched equation
+  at the weighted cotangents (Bu et al. 2023), again for any rule.
+
+Adding a layer kind is one module here that calls :func:`register`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+# Chain ops that only permute, cast or scale the parameter: the ghost route
+# sees through them. Others in CHAIN_OPS are exact for the direct route only.
+LAYOUT_OPS = frozenset({"transpose", "convert_element_type", "copy", "copy_p", "reduce_precision"})
+SCALAR_OPS = frozenset({"neg", "mul", "div"})  # with a literal scalar operand
+CHAIN_OPS = LAYOUT_OPS | SCALAR_OPS | frozenset({
+    "reshape", "squeeze", "expand_dims", "broadcast_in_dim", "add", "sub", "integer_pow",
+    "exp", "log", "tanh", "logistic", "sqrt", "rsqrt", "abs", "square",
+})
+
+
+@dataclasses.dataclass(frozen=True)
+class Use:
+  """One recognized use of a parameter leaf.
+
+  ``eqn`` is the equation; ``operand`` the index of its parameter-derived input,
+  reached from the leaf through ``chain`` (equations applied in order).
+  """
+
+  key: tuple  # path of equation indices from the top-level jaxpr
+  leaf: int
+  chain: tuple
+  operand: int
+  eqn: Any
+  rule: "Rule"
+
+  @property
+  def out_aval(self):
+    return self.eqn.outvars[0].aval
+
+  def operand_aval(self, i: int):
+    return self.eqn.invars[i].aval
+
+
+@dataclasses.dataclass(frozen=True)
+class Dense:
+  """Factor values [B, H, T, K] (kind "act" or "cot")."""
+
+  value: jax.Array
+  kind: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Index:
+  """One-hot factor: row ``index`` [B, H, T] of a size-``size`` axis, where ``valid``."""
+
+  index: jax.Array
+  valid: jax.Array
+  size: int
+  kind: str = "index"
+
+
+@dataclasses.dataclass(frozen=True)
+class Ghost:
+  """A use's per-example gradient as Σ_t P_t ⊗ Q_t over leaf axis groups.
+
+  ``layout`` = (head axes, P axes, Q axes) of the leaf, each sorted; the P group
+  is the one holding the smaller leaf axis, so uses with equal layouts stack.
+  """
+
+  layout: tuple
+  p: Dense | Index
+  q: Dense
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  """A kind of layer.
+
+  Attributes:
+    name: shown by ``per_example_plan``.
+    primitives: jaxpr primitive names it may match.
+    match: ``(eqn, operand) -> None`` if it handles the parameter at input
+      ``operand`` of ``eqn``, else a string saying why not.
+    ghost: ``(use, operands, cot, perm, coef) -> Ghost | None``: the ghost
+      factorization from batched operands (the parameter slot is None), the
+      batched output cotangent, the leaf axis of each operand axis (``perm``)
+      and the chain's scalar factor. None: no ghost route for this use.
+    direct_flops: per-example flops of the direct route (vjp of the equation).
+  """
+
+  name: str
+  primitives: tuple
+  match: Callable[[Any, int], str | None]
+  ghost: Callable[..., Ghost | None] | None
+  direct_flops: Callable[[Use], int]
+
+
+_REGISTRY: dict[str, list[Rule]] = {}
+
+
+def register(rule: Rule) -> Rule:
+  for p in rule.primitives:
+    _REGISTRY.setdefault(p, []).append(rule)
+  return rule
+
+
+def find_rule(eqn: Any, operand: int) -> tuple[Rule | None, str]:
+  """The rule handling input ``operand`` of ``eqn``, or (None, why not)."""
+  name = eqn.primitive.name
+  whys = []
+  for rule in _REGISTRY.get(name, ()):
+    why = rule.match(eqn, operand)
+    if why is None:
+      return rule, ""
+    whys.append(why)
+  return None, f"used by {name}" + (f" ({'; '.join(whys)})" if whys else "")
+
+
+def size(shape) -> int:
+  return math.prod(shape)
+
+
+def layout_of(groups: dict[str, tuple]) -> tuple[tuple, bool]:
+  """(layout, swapped): orders the two factor groups so P holds the smaller axis."""
+  first, second = groups["first"], groups["second"]
+  lo = lambda g: min(g, default=math.inf)  # noqa: E731
+  swapped = lo(second) < lo(first)
+  p, q = (second, first) if swapped else (first, second)
+  return (tuple(sorted(groups["head"])), tuple(sorted(p)), tuple(sorted(q))), swapped
+
+
+def to_factor(x: jax.Array, head: list, pos: list, feat: list, feat_leaf_axes: list,
+              head_leaf_axes: list) -> jax.Array:
+  """[B, H, T, K] from batched ``x`` [B, ...]: axes of x (single-example numbering)
+  for heads, positions and features; heads and features in leaf-axis order."""
+  head = [head[i] for i in sorted(range(len(head)), key=lambda i: head_leaf_axes[i])]
+  feat = [feat[i] for i in sorted(range(len(feat)), key=lambda i: feat_leaf_axes[i])]
+  order = [0] + [1 + d for d in (*head, *pos, *feat)]
+  x = jnp.transpose(x, order)
+  shape = x.shape[1:]
+  nh, nt = len(head), len(pos)
+  return x.reshape(x.shape[0], size(shape[:nh]), size(shape[nh:nh + nt]), size(shape[nh + nt:]))
+
+
+def load_rules() -> None:
+  """Imports the rule modules (each registers itself)."""
+  from gnorm_jax.per_example._rules import dot, elementwise, gather  # noqa: F401

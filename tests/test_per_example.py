@@ -392,15 +392,107 @@ def test_traced_max_norm_and_grad_through_threshold_is_finite():
   assert np.isfinite(jax.grad(total)(jnp.float32(0.3)))
 
 
-def test_non_finite_examples_propagate():
-  """A NaN/inf in one example's gradient is reported in its norm, not hidden."""
+@pytest.mark.parametrize("method", ["auto", "vmap"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_nan_safe_drops_non_finite_examples(method, bad):
+  """One NaN/inf example is reported in its norm but cannot poison the sum."""
   loss, params, (x, y) = mlp()
-  x = x.at[1].set(jnp.nan)
-  grads, norms = gnorm_jax.clipped_grad(loss, 1.0, batch_argnums=(1, 2), return_norms=True)(
-      params, x, y
-  )
-  assert np.isnan(norms[1]) and np.all(np.isfinite(np.delete(np.asarray(norms), 1)))
-  assert all(bool(jnp.any(jnp.isnan(g))) for g in jax.tree.leaves(grads))
+  x = x.at[1].set(bad)
+  fn = gnorm_jax.clipped_grad(loss, 1.0, batch_argnums=(1, 2), return_norms=True,
+                              method=method, reduce="sum")
+  grads, norms = jax.jit(fn)(params, x, y)
+  assert not np.isfinite(norms[1]) and np.all(np.isfinite(np.delete(np.asarray(norms), 1)))
+  keep = np.arange(x.shape[0]) != 1
+  want_norms, want = _reference(loss, params, (x[keep], y[keep]), 1.0, reduce="sum")
+  np.testing.assert_allclose(np.asarray(norms)[keep], want_norms, rtol=RTOL)
+  _assert_tree_close(grads, want)
+  unsafe = gnorm_jax.clipped_grad(loss, 1.0, batch_argnums=(1, 2), nan_safe=False, method=method)
+  assert all(bool(jnp.any(~jnp.isfinite(g))) for g in jax.tree.leaves(unsafe(params, x, y)))
+
+
+@pytest.mark.parametrize("name", ["mlp", "transformer", "cnn"])
+def test_mask_rows_are_padding(name):
+  loss, params, batch = ZOO[name]()
+  mask = jnp.array([True, False, True, False])
+  batch = tuple(b[:4] for b in batch)
+  batch = (batch[0].at[1].set(jnp.nan if batch[0].dtype.kind == "f" else batch[0][1]),) + batch[1:]
+  fn = jax.jit(gnorm_jax.clipped_grad(loss, 0.5, batch_argnums=(1, 2), reduce="sum",
+                                      return_norms=True))
+  grads, norms = fn(params, *batch, mask=mask)
+  keep = np.asarray(mask)
+  want_norms, want = _reference(loss, params, tuple(b[keep] for b in batch), 0.5, reduce="sum")
+  np.testing.assert_allclose(np.asarray(norms)[keep], want_norms, rtol=RTOL)
+  assert np.all(np.asarray(norms)[~keep] == 0)
+  _assert_tree_close(grads, want)
+  only = gnorm_jax.per_example_grad_norms(loss, batch_argnums=(1, 2))(params, *batch, mask=mask)
+  np.testing.assert_allclose(only, norms, rtol=RTOL)
+  with pytest.raises(ValueError, match="mask must be a bool array of shape"):
+    fn(params, *batch, mask=jnp.ones(3, bool))
+
+
+def test_has_aux_returns_stacked_aux():
+  loss, params, batch = mlp()
+
+  def loss_aux(p, x, y):
+    value = loss(p, x, y)
+    return value, {"value": value, "x0": x[0]}
+
+  for method in ("auto", "vmap"):
+    (grads, norms), aux = jax.jit(gnorm_jax.clipped_grad(
+        loss_aux, 0.5, batch_argnums=(1, 2), has_aux=True, return_norms=True,
+        method=method))(params, *batch)
+    want_norms, want = _reference(loss, params, batch, 0.5)
+    np.testing.assert_allclose(norms, want_norms, rtol=RTOL)
+    _assert_tree_close(grads, want)
+    np.testing.assert_allclose(aux["value"], jax.vmap(loss, in_axes=(None, 0, 0))(params, *batch),
+                               rtol=1e-5)
+    np.testing.assert_array_equal(aux["x0"], batch[0][:, 0])
+  norms, aux = gnorm_jax.per_example_grad_norms(loss_aux, batch_argnums=(1, 2), has_aux=True)(
+      params, *batch)
+  np.testing.assert_allclose(norms, want_norms, rtol=RTOL)
+  with pytest.raises(TypeError, match="pair"):
+    gnorm_jax.per_example_grad_norms(loss, batch_argnums=(1, 2), has_aux=True)(params, *batch)
+
+
+def test_per_layer_thresholds():
+  """Each group of leaves is clipped to its own threshold (float64 numpy reference)."""
+  loss, params, batch = mlp()
+  max_norm = {"w1": 0.3, "b1": 0.1, "w2": 1.0, "b2": 0.05}
+  grads, norms = jax.jit(gnorm_jax.clipped_grad(
+      loss, max_norm, batch_argnums=(1, 2), reduce="sum", return_norms=True))(params, *batch)
+  per_ex = jax.vmap(jax.grad(loss), in_axes=(None, 0, 0))(params, *batch)
+  for k, c in max_norm.items():
+    g = np.asarray(per_ex[k], np.float64).reshape(per_ex[k].shape[0], -1)
+    n = np.linalg.norm(g, axis=1)
+    w = np.minimum(1.0, c / np.where(n > 0, n, 1.0))
+    np.testing.assert_allclose(grads[k], np.tensordot(w, g, 1).reshape(params[k].shape),
+                               rtol=RTOL, atol=1e-6)
+  np.testing.assert_allclose(norms, _reference(loss, params, batch, 1.0)[0], rtol=RTOL)
+  # A prefix: one threshold for all of a sub-tree.
+  nested = {"a": {"w": params["w1"], "b": params["b1"]}, "c": params["w2"]}
+  nl = lambda p, x: jnp.sum(jnp.tanh(x @ p["a"]["w"] + p["a"]["b"]) @ p["c"])
+  g2 = gnorm_jax.clipped_grad(nl, {"a": 0.2, "c": 0.7}, reduce="sum")(nested, batch[0])
+  per = jax.vmap(jax.grad(nl), in_axes=(None, 0))(nested, batch[0])
+  na = np.sqrt(sum(np.sum(np.asarray(v, np.float64).reshape(6, -1) ** 2, 1)
+                   for v in jax.tree.leaves(per["a"])))
+  wa = np.minimum(1.0, 0.2 / na)
+  np.testing.assert_allclose(g2["a"]["b"], np.tensordot(wa, np.asarray(per["a"]["b"]), 1),
+                             rtol=RTOL, atol=1e-6)
+  with pytest.raises(ValueError, match="prefix"):
+    gnorm_jax.clipped_grad(loss, {"w1": 1.0, "zz": 1.0}, batch_argnums=(1, 2))(params, *batch)
+
+
+@pytest.mark.parametrize("microbatch_size", [1, 4, 5, 6, 100])
+def test_microbatches_equal_the_whole_batch(microbatch_size):
+  loss, params, batch = ZOO["transformer"]()
+  mask = jnp.array([True, True, False, True])
+  whole = gnorm_jax.clipped_grad(loss, 0.5, batch_argnums=(1, 2), return_norms=True)
+  chunked = gnorm_jax.clipped_grad(loss, 0.5, batch_argnums=(1, 2), return_norms=True,
+                                   microbatch_size=microbatch_size)
+  (g1, n1), (g2, n2) = whole(params, *batch, mask=mask), jax.jit(chunked)(params, *batch,
+                                                                         mask=mask)
+  np.testing.assert_allclose(n2, n1, rtol=RTOL)
+  _assert_tree_close(g2, jax.tree.map(np.asarray, g1))
 
 
 @pytest.mark.parametrize(
@@ -412,6 +504,11 @@ def test_non_finite_examples_propagate():
         ({"max_norm": 1.0, "method": "fast"}, ValueError, "method='fast'"),
         ({"max_norm": 1.0, "argnums": 1}, ValueError, "share"),
         ({"max_norm": 1.0, "argnums": "0"}, TypeError, "argnums"),
+        ({"max_norm": True}, ValueError, "max_norm"),
+        ({"max_norm": {"a": -1.0}}, ValueError, "max_norm"),
+        ({"max_norm": None}, ValueError, "max_norm"),
+        ({"max_norm": 1.0, "microbatch_size": 0}, ValueError, "microbatch_size=0"),
+        ({"max_norm": 1.0, "has_aux": 1}, TypeError, "has_aux"),
     ],
 )
 def test_construction_errors(kwargs, error, match):

@@ -8,11 +8,12 @@ from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from gnorm_jax.clipping import clip_factor
 from gnorm_jax.norms import tree_norm
 from gnorm_jax.per_example import _engine
-from gnorm_jax.per_example._analysis import analyze
+from gnorm_jax.per_example._analysis import Analysis, analyze
 from gnorm_jax.transforms import check_argnums
 
 _METHODS = ("auto", "ghost", "vmap")
@@ -26,13 +27,23 @@ def _as_tuple(nums: int | Sequence[int]) -> tuple[int, ...]:
 class _PerExample:
   """Validated configuration shared by per_example_grad_norms and clipped_grad."""
 
-  def __init__(self, loss, argnums, batch_argnums, method, caller):
+  def __init__(self, loss, argnums, batch_argnums, method, caller, *, has_aux=False,
+               nan_safe=True, microbatch_size=None):
     if not callable(loss):
       raise TypeError(f"{caller} expects the single-example loss as a callable, got {loss!r}.")
     check_argnums(argnums, "argnums")
     check_argnums(batch_argnums, "batch_argnums")
     if method not in _METHODS:
       raise ValueError(f"method must be one of {_METHODS}, got method={method!r}.")
+    for name, flag in (("has_aux", has_aux), ("nan_safe", nan_safe)):
+      if not isinstance(flag, bool):
+        raise TypeError(f"{name} must be True or False, got {name}={flag!r}.")
+    if microbatch_size is not None and (
+        isinstance(microbatch_size, bool) or not isinstance(microbatch_size, int)
+        or microbatch_size < 1):
+      raise ValueError(
+          f"microbatch_size must be a positive int or None, got microbatch_size={microbatch_size!r}."
+      )
     self.loss = loss
     self.argnums = _as_tuple(argnums)
     self.batch_argnums = _as_tuple(batch_argnums)
@@ -44,6 +55,9 @@ class _PerExample:
       )
     self.single_params = not isinstance(argnums, (tuple, list))
     self.method = method
+    self.has_aux = has_aux
+    self.nan_safe = nan_safe
+    self.microbatch_size = microbatch_size
 
   # ---------------------------------------------------------------- helpers
 
@@ -74,33 +88,12 @@ class _PerExample:
           )
     return distinct.pop()
 
-  def _in_axes(self, args):
-    return tuple(0 if i in self.batch_argnums else None for i in range(len(args)))
-
   def _params(self, args):
-    return tuple(args[i] for i in self.argnums)
+    params = tuple(args[i] for i in self.argnums)
+    return params[0] if self.single_params else params
 
-  def _unflatten_params(self, args, leaves):
-    trees = self._params(args)
-    treedef = jax.tree.structure(trees)
-    out = jax.tree.unflatten(treedef, leaves)
-    return out[0] if self.single_params else out
-
-  # ---------------------------------------------------------------- methods
-
-  def _vmap(self, args, max_norm, reduce):
-    grad = jax.grad(self.loss, argnums=self.argnums)
-    per_example = jax.vmap(grad, in_axes=self._in_axes(args))(*args)
-    norms = jax.vmap(tree_norm)(per_example)
-    if max_norm is None:
-      return None, norms
-    weights = clip_factor(norms, max_norm)
-    leaves = [_weighted_sum(weights, g) for g in jax.tree.leaves(per_example)]
-    return self._reduce(args, leaves, norms.shape[0], reduce), norms
-
-  def _setup(self, args):
+  def _setup(self, args, batch_size):
     """Traces the single-example loss and plans every parameter leaf."""
-    batch_size = self._check_call(args)
     dynamic = sorted(set(self.argnums) | set(self.batch_argnums))
     # Arguments that are neither parameters nor batched are closed over as they
     # are (a Python bool stays a bool), as vmap of grad would pass them.
@@ -116,14 +109,24 @@ class _PerExample:
         if i in self.batch_argnums else args[i]
         for i in dynamic
     ]
-    closed = jax.make_jaxpr(loss_of_dynamic)(*single)
-    out_aval = closed.out_avals[0]
-    if len(closed.out_avals) != 1 or out_aval.shape != () or not jnp.issubdtype(
-        out_aval.dtype, jnp.floating
-    ):
+    closed, out_shape = jax.make_jaxpr(loss_of_dynamic, return_shape=True)(*single)
+    aux_tree = None
+    if self.has_aux:
+      if not (isinstance(out_shape, (tuple, list)) and len(out_shape) == 2):
+        raise TypeError(
+            "with has_aux=True the loss must return a pair (value, aux); got"
+            f" {jax.tree.structure(out_shape)}."
+        )
+      value_shape, aux_shape = out_shape
+      aux_tree = jax.tree.structure(aux_shape)
+    else:
+      value_shape = out_shape
+    if not (isinstance(value_shape, jax.ShapeDtypeStruct) and value_shape.shape == ()
+            and jnp.issubdtype(value_shape.dtype, jnp.floating)):
       raise TypeError(
           "loss must return one real scalar per example (it is the single-example loss,"
-          f" called without the batch axis); got {closed.out_avals}."
+          " called without the batch axis; with has_aux=True, (scalar, aux)); got"
+          f" {out_shape}."
       )
     # Flat argument positions (as make_jaxpr flattened them) of the batched
     # leaves and of the parameter leaves, numbered in jax.grad's output order.
@@ -139,7 +142,10 @@ class _PerExample:
       for j in range(len(arg_leaves[i])):
         param_positions[offsets[i] + j] = len(param_positions)
     params_flat = [jnp.asarray(flat_args[p]) for p in param_positions]
-    analysis = analyze(closed, param_positions)
+    if self.method == "vmap":
+      analysis = Analysis(uses={}, fallback={leaf: "method='vmap'" for leaf in param_positions.values()})
+    else:
+      analysis = analyze(closed, param_positions)
     routes = {}
     for leaf, w in enumerate(params_flat):
       if leaf in analysis.fallback:
@@ -148,6 +154,14 @@ class _PerExample:
             analysis.fallback[leaf])
       else:
         routes[leaf] = _engine.plan_leaf(analysis.uses[leaf], w, batch_size)
+    if self.method == "ghost" and analysis.fallback:
+      paths = _param_paths(self._params(args))
+      why = "; ".join(f"{paths[l]}: {r}" for l, r in sorted(analysis.fallback.items()))
+      raise ValueError(
+          "method='ghost' needs a per-example rule for every parameter leaf, but these have"
+          f" none: {why}. Use method='auto' to compute exact per-example gradients for just"
+          " those leaves, and gnorm_jax.per_example_plan to see every leaf's route."
+      )
 
     def assemble(leaves, batch_vals):
       flat = list(flat_args)
@@ -157,36 +171,91 @@ class _PerExample:
         flat[pos] = x
       return flat
 
-    return _Setup(closed, analysis, routes, assemble, params_flat,
-                  [flat_args[p] for p in batch_positions], batch_size)
+    return _Setup(closed, analysis, routes, assemble, params_flat, aux_tree)
 
-  def _ghost(self, args, max_norm, reduce):
-    setup = self._setup(args)
-    if self.method == "ghost" and setup.analysis.fallback:
-      paths = self._paths(args)
-      why = "; ".join(f"{paths[l]}: {r}" for l, r in sorted(setup.analysis.fallback.items()))
-      raise ValueError(
-          "method='ghost' needs a per-example rule for every parameter leaf, but these have"
-          f" none: {why}. Use method='auto' to compute exact per-example gradients for just"
-          " those leaves, and gnorm_jax.per_example_plan to see every leaf's route."
-      )
-    if self.method == "auto" and _all_materialized(setup.routes):
-      return self._vmap(args, max_norm, reduce)
-    clip = None if max_norm is None else (lambda norms: clip_factor(norms, max_norm))
-    norms, sums, _ = _engine.run(
-        setup.closed, setup.analysis, setup.routes, setup.assemble, setup.params_flat,
-        setup.batch_flat, setup.batch_size, clip)
-    if sums is None:
-      return None, norms
-    return self._reduce(args, sums, setup.batch_size, reduce), norms
-
-  def _paths(self, args):
+  def _clip_weights(self, args, max_norm):
+    """A function of per-leaf norms [B, L] giving each leaf's clip weights [B]."""
     params = self._params(args)
-    return _param_paths(params[0] if self.single_params else params)
+    n_leaves = len(jax.tree.leaves(params))
+    if not jax.tree.leaves(max_norm):
+      raise ValueError(f"max_norm must be a number or a tree of numbers, got {max_norm!r}.")
+    if jax.tree.structure(max_norm).num_leaves == 1 and jax.tree.structure(max_norm) == \
+        jax.tree.structure(0.0):
+      return lambda leaf_norms, norms: [clip_factor(norms, max_norm)] * n_leaves
+    thresholds = jax.tree.leaves(max_norm)
+    ids = jax.tree.unflatten(jax.tree.structure(max_norm), range(len(thresholds)))
+    try:
+      group_of = jax.tree.leaves(jax.tree.map(
+          lambda g, sub: jax.tree.map(lambda _: g, sub), ids, params))
+    except ValueError as e:
+      raise ValueError(
+          "max_norm must be a number or a pytree prefix of the parameters (one threshold per"
+          f" group of leaves); its structure {jax.tree.structure(max_norm)} is not a prefix"
+          f" of the parameters' {jax.tree.structure(params)}."
+      ) from e
+
+    def weights(leaf_norms, norms):
+      per_group = []
+      for g, c in enumerate(thresholds):
+        cols = [i for i, gi in enumerate(group_of) if gi == g]
+        gn = (jax.vmap(tree_norm)(leaf_norms[:, cols]) if cols
+              else jnp.zeros(norms.shape, norms.dtype))
+        per_group.append(clip_factor(gn, c))
+      return [per_group[g] for g in group_of]
+
+    return weights
+
+  # ---------------------------------------------------------------- calls
+
+  def __call__(self, args, max_norm=None, reduce="mean", mask=None):
+    """Returns (clipped gradient tree or None, norms [B], aux or None)."""
+    batch_size = self._check_call(args)
+    if mask is not None:
+      mask = jnp.asarray(mask)
+      if mask.shape != (batch_size,) or mask.dtype != jnp.bool_:
+        raise ValueError(
+            f"mask must be a bool array of shape ({batch_size},) (one flag per example, False"
+            f" for padding), got shape {mask.shape} and dtype {mask.dtype}."
+        )
+    mb = self.microbatch_size
+    chunk = batch_size if mb is None or mb >= batch_size else mb
+    setup = self._setup(args, chunk)
+    weights_fn = None if max_norm is None else self._clip_weights(args, max_norm)
+    batch_flat = [jnp.asarray(x) for i in self.batch_argnums for x in jax.tree.leaves(args[i])]
+
+    def one(batch_vals, keep):
+      return _engine.run(setup.closed, setup.analysis, setup.routes, setup.assemble,
+                         setup.params_flat, batch_vals, chunk, weights_fn, keep,
+                         self.nan_safe)
+
+    if chunk == batch_size:
+      norms, sums, aux = one(batch_flat, mask)
+    else:
+      n_chunks = -(-batch_size // chunk)
+      pad = n_chunks * chunk - batch_size
+      keep = jnp.ones((batch_size,), bool) if mask is None else mask
+      keep = jnp.pad(keep, (0, pad)).reshape(n_chunks, chunk)
+      chunks = [jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)).reshape(
+          n_chunks, chunk, *x.shape[1:]) for x in batch_flat]
+      norms, sums, aux = jax.lax.map(lambda c: one(*c), (chunks, keep))
+      norms = norms.reshape(-1)[:batch_size]
+      aux = jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:])[:batch_size], aux)
+      sums = None if sums is None else [jnp.sum(s, axis=0).astype(s.dtype) for s in sums]
+    if setup.aux_tree is not None:
+      aux = jax.tree.unflatten(setup.aux_tree, aux)
+    else:
+      aux = None
+    if sums is None:
+      return None, norms, aux
+    if reduce == "mean":
+      sums = [(g / batch_size).astype(g.dtype) for g in sums]
+    grads = jax.tree.unflatten(jax.tree.structure(self._params(args)), sums)
+    return grads, norms, aux
 
   def plan(self, args) -> "PerExamplePlan":
-    setup = self._setup(args)
-    paths = self._paths(args)
+    batch_size = self._check_call(args)
+    setup = self._setup(args, batch_size)
+    paths = _param_paths(self._params(args))
     leaves = []
     for leaf, w in enumerate(setup.params_flat):
       r = setup.routes[leaf]
@@ -194,18 +263,7 @@ class _PerExample:
       leaves.append(LeafPlan(paths[leaf], tuple(w.shape), rules, r.route, r.flops, r.bytes,
                              r.why))
     method = "vmap" if _all_materialized(setup.routes) else "ghost"
-    return PerExamplePlan(tuple(leaves), setup.batch_size, method)
-
-  def _reduce(self, args, leaves, batch_size, reduce):
-    if reduce == "mean":
-      leaves = [(g / batch_size).astype(g.dtype) for g in leaves]
-    return self._unflatten_params(args, leaves)
-
-  def __call__(self, args, max_norm=None, reduce="mean"):
-    if self.method == "vmap":
-      self._check_call(args)
-      return self._vmap(args, max_norm, reduce)
-    return self._ghost(args, max_norm, reduce)
+    return PerExamplePlan(tuple(leaves), batch_size, method)
 
 
 _weighted_sum = _engine.weighted_sum
@@ -224,8 +282,7 @@ class _Setup:
   routes: dict
   assemble: Callable
   params_flat: list
-  batch_flat: list
-  batch_size: int
+  aux_tree: Any
 
 
 @dataclasses.dataclass(frozen=True)
@@ -285,41 +342,65 @@ def _param_paths(params) -> list[str]:
   return [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
 
 
+_RULES_DOC = """
+  The loss is traced to a jaxpr; each use of a parameter leaf is matched by a
+  rule of the per-example engine — ``dot_general`` (dense layers, einsums,
+  attention projections, tied output layers), ``bias`` (an added broadcast
+  parameter: biases, norm offsets, position embeddings), ``scale`` (a
+  multiplied broadcast parameter: norm scales), ``gather`` (embedding lookups)
+  — which supplies the per-example norm of that leaf's gradient by the cheaper
+  exact route: ghost Gram matrices of the layer's inputs and output cotangents
+  over positions (Goodfellow 2015; Li et al. 2021), or the per-example gradient
+  formed directly from them (the mixed rule of Bu et al. 2022). A leaf with
+  several uses (a tied embedding's lookup and output projection) gets ONE
+  gradient, cross terms included. Leaves no rule recognizes (convolutions,
+  anything inside scan/while/cond or a custom derivative) get exact
+  per-example gradients of just those leaves in the same pass;
+  :func:`per_example_plan` shows every leaf's route.
+
+  Numerics: per-example norms are overflow- and underflow-safe as
+  :func:`tree_norm` is (per-example power-of-two rescaling; per-leaf norms
+  combined by the norm core), complex leaves follow JAX's gradient convention,
+  and a ghost sum whose error bound exceeds ~1e-3 relative (cancelling
+  positions) is recomputed exactly for the examples concerned — finite inputs
+  never give a negative or NaN norm. Results equal ``vmap`` of ``jax.grad`` up
+  to float rounding."""
+
+
 def per_example_grad_norms(
     loss: Callable[..., jax.Array],
     *,
     argnums: int | Sequence[int] = 0,
     batch_argnums: int | Sequence[int] = 1,
     method: str = "auto",
-) -> Callable[..., jax.Array]:
+    has_aux: bool = False,
+) -> Callable[..., Any]:
   r"""Returns a function computing the Euclidean norm of every example's gradient.
 
   .. math::
     (\theta, x_{1..B}) \mapsto \big(\|\nabla_\theta \ell(\theta, x_i)\|\big)_{i=1}^{B}
 
   ``loss(params, *example)`` is the loss of ONE example; the arguments at
-  ``batch_argnums`` carry a leading batch axis. With ``method="auto"`` the loss
-  is traced to a jaxpr and every parameter that enters only through matrix
-  products (``dot_general``, possibly after transpose/reshape/cast, possibly
-  used several times — tied or shared weights are summed before the norm) gets
-  its per-example norm from the layer's inputs and output cotangents, without
-  forming a per-example gradient (ghost clipping, Goodfellow 2015; mixed
-  ghost/direct rule, Bu et al. 2022). All other leaves (biases, norm scales,
-  embedding gathers, convolutions, anything inside scan/while/cond or a custom
-  derivative) get exact per-example gradients of just those leaves in the same
-  pass. Results equal ``vmap`` of ``jax.grad`` up to float rounding.
+  ``batch_argnums`` carry a leading batch axis; other arguments (arrays,
+  Python flags) are passed to every example as they are.
+{rules}
 
   Args:
-    loss: the single-example loss, returning a real scalar.
+    loss: the single-example loss, returning a real scalar (``(scalar, aux)``
+      with ``has_aux``).
     argnums: which argument(s) are the parameters (int or tuple).
     batch_argnums: which argument(s) carry the leading batch axis.
     method: ``"auto"``; ``"ghost"`` (the same, but raise a ValueError naming
-      any leaf that needs per-example gradients); ``"vmap"`` (materialize all
-      per-example gradients: the reference, memory B×P).
+      any leaf no rule recognizes, so nothing is materialized per example);
+      ``"vmap"`` (materialize all per-example gradients: the reference, memory
+      B×P).
+    has_aux: the loss returns ``(value, aux)``; the function then returns
+      ``(norms, aux)`` with every example's aux stacked on a leading axis.
 
   Returns:
-    A function ``(*args) -> norms`` with ``norms`` of shape ``[B]``, float32
-    (float64 under x64).
+    A function ``(*args, mask=None) -> norms`` with ``norms`` of shape ``[B]``,
+    float32 (float64 under x64). ``mask`` ([B] bool, optional): rows with False
+    are padding and get norm 0.
 
   Examples:
     >>> import jax, jax.numpy as jnp
@@ -334,27 +415,32 @@ def per_example_grad_norms(
 
   References:
     Goodfellow 2015, https://arxiv.org/abs/1510.01799; Li et al. 2021,
-    https://arxiv.org/abs/2110.05679; Bu et al. 2022, "Scalable and Efficient
-    Training of Large Convolutional Neural Networks with Differential Privacy".
+    https://arxiv.org/abs/2110.05679; Bu et al. 2022,
+    https://arxiv.org/abs/2205.10683.
   """
-  spec = _PerExample(loss, argnums, batch_argnums, method, "per_example_grad_norms")
+  spec = _PerExample(loss, argnums, batch_argnums, method, "per_example_grad_norms",
+                     has_aux=has_aux)
 
   @functools.wraps(loss)
-  def norms_fn(*args):
-    return spec(args)[1]
+  def norms_fn(*args, mask=None):
+    _, norms, aux = spec(args, mask=mask)
+    return (norms, aux) if has_aux else norms
 
   return norms_fn
 
 
 def clipped_grad(
     loss: Callable[..., jax.Array],
-    max_norm: float | jax.Array,
+    max_norm: Any,
     *,
     argnums: int | Sequence[int] = 0,
     batch_argnums: int | Sequence[int] = 1,
+    has_aux: bool = False,
     method: str = "auto",
     reduce: str = "mean",
     return_norms: bool = False,
+    nan_safe: bool = True,
+    microbatch_size: int | None = None,
 ) -> Callable[..., Any]:
   r"""Returns a function computing the aggregate of per-example clipped gradients.
 
@@ -363,32 +449,47 @@ def clipped_grad(
     \qquad g_i = \nabla_\theta \ell(\theta, x_i)
 
   (``reduce="sum"`` drops the 1/B). This is the core of DP-SGD (Abadi et al.
-  2016); adding noise is the caller's. Per-example norms come from the same
-  engine as :func:`per_example_grad_norms`; for the recognized matmul
-  parameters the clipped sum is one weighted contraction of the recorded layer
-  inputs and cotangents (book-keeping, Bu et al. 2023), so no second backward
-  pass and no per-example gradient is formed. An example with ‖gᵢ‖ = 0 has
-  weight 1 (nothing to clip), never NaN.
+  2016); :func:`dp_noise` adds the noise. For leaves with a rule the clipped
+  sum is one vjp of the layer at the weighted cotangents (book-keeping, Bu et
+  al. 2023): no second backward pass, no per-example gradient.
+  {rules}
+
+  Edge cases: an example with ‖gᵢ‖ = 0 has weight 1 (nothing to clip), never
+  NaN; C = 0 gives zeros; C = inf gives the plain sum. With ``nan_safe`` an
+  example whose gradient is not finite gets weight 0 (its norm is reported as
+  computed, inf or NaN) and cannot poison the sum.
 
   Args:
-    loss: the single-example loss, returning a real scalar.
+    loss: the single-example loss, returning a real scalar (``(scalar, aux)``
+      with ``has_aux``).
     max_norm: the clipping threshold C ≥ 0 (a Python number is checked here; a
-      traced value is used as it is).
+      traced value is used as it is), or a pytree prefix of the parameters
+      with one threshold per group: each group's part of every per-example
+      gradient is clipped to its own threshold (per-layer clipping); the
+      sensitivity of the sum is then √(Σ_g C_g²).
     argnums: which argument(s) are the parameters (int or tuple).
     batch_argnums: which argument(s) carry the leading batch axis.
+    has_aux: the loss returns ``(value, aux)``; the function then returns
+      ``(result, aux)``, as ``jax.grad(..., has_aux=True)`` would, with every
+      example's aux stacked on a leading axis.
     method: ``"auto"``, ``"ghost"`` or ``"vmap"``, as in
       :func:`per_example_grad_norms`.
-    reduce: ``"mean"`` or ``"sum"`` over the batch.
+    reduce: ``"mean"`` (divide by B, padding rows included) or ``"sum"``.
     return_norms: also return the per-example norms (before clipping).
+    nan_safe: give examples with a non-finite gradient weight 0.
+    microbatch_size: process the batch in chunks of this many examples (a
+      ``lax.map``) to bound memory; the results equal the unchunked call.
 
   Returns:
-    A function ``(*args) -> grads`` (``(grads, norms)`` with ``return_norms``);
-    ``grads`` has the structure of the parameters (a tuple of trees when
-    ``argnums`` is a tuple), as ``jax.grad`` would return.
+    A function ``(*args, mask=None) -> grads`` (``(grads, norms)`` with
+    ``return_norms``); ``grads`` has the structure of the parameters (a tuple
+    of trees when ``argnums`` is a tuple). ``mask`` ([B] bool, optional): rows
+    with False are padding (Poisson-sampled batches of fixed shape): weight 0,
+    norm 0.
 
   Raises:
-    ValueError: ``max_norm`` is a negative or NaN Python number, or ``reduce``
-      or ``method`` is not one of the accepted values.
+    ValueError: ``max_norm`` is a negative or NaN number, or ``reduce`` or
+      ``method`` is not one of the accepted values.
 
   Examples:
     >>> import jax, jax.numpy as jnp
@@ -398,26 +499,45 @@ def clipped_grad(
     >>> g = gnorm_jax.clipped_grad(loss, 1.0, reduce="sum")(jnp.zeros(2), x)
     >>> [round(float(v), 4) for v in g]  # 0.2·(3,4) + 1·(0.3,0.4)
     [0.9, 1.2]
+    >>> mask = jnp.array([True, False])  # the second row is padding
+    >>> g = gnorm_jax.clipped_grad(loss, 1.0, reduce="sum")(jnp.zeros(2), x, mask=mask)
+    >>> [round(float(v), 4) for v in g]
+    [0.6, 0.8]
 
   References:
     Abadi et al. 2016, https://arxiv.org/abs/1607.00133; Bu et al. 2023,
     https://arxiv.org/abs/2210.00038.
   """
-  if isinstance(max_norm, (int, float)) and not (max_norm >= 0):
+  for path, c in jax.tree_util.tree_flatten_with_path(max_norm)[0]:
+    if isinstance(c, bool) or (
+        isinstance(c, (int, float, np.number)) and not (c >= 0)) or (
+        isinstance(c, (np.ndarray, jax.Array)) and not isinstance(c, jax.core.Tracer)
+        and np.ndim(c) == 0 and not (float(c) >= 0)):
+      where = f"max_norm{jax.tree_util.keystr(path)}"
+      raise ValueError(
+          f"{where} must be a non-negative number, got {where}={c!r}. Pass the clipping"
+          " threshold C ≥ 0 (e.g. 1.0), or a tree of them for per-layer clipping."
+      )
+  if not jax.tree.leaves(max_norm):
     raise ValueError(
-        f"max_norm must be a non-negative number, got max_norm={max_norm!r}. Pass the"
-        " clipping threshold C ≥ 0 (e.g. 1.0)."
+        f"max_norm must be a non-negative number or a tree of them, got max_norm={max_norm!r}."
     )
   if reduce not in _REDUCTIONS:
     raise ValueError(f"reduce must be one of {_REDUCTIONS}, got reduce={reduce!r}.")
-  spec = _PerExample(loss, argnums, batch_argnums, method, "clipped_grad")
+  spec = _PerExample(loss, argnums, batch_argnums, method, "clipped_grad", has_aux=has_aux,
+                     nan_safe=nan_safe, microbatch_size=microbatch_size)
 
   @functools.wraps(loss)
-  def clipped_fn(*args):
-    grads, norms = spec(args, max_norm, reduce)
-    return (grads, norms) if return_norms else grads
+  def clipped_fn(*args, mask=None):
+    grads, norms, aux = spec(args, max_norm, reduce, mask=mask)
+    result = (grads, norms) if return_norms else grads
+    return (result, aux) if has_aux else result
 
   return clipped_fn
+
+
+per_example_grad_norms.__doc__ = per_example_grad_norms.__doc__.replace("{rules}", _RULES_DOC)
+clipped_grad.__doc__ = clipped_grad.__doc__.replace("{rules}", _RULES_DOC)
 
 
 def per_example_plan(

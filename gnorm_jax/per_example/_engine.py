@@ -182,10 +182,11 @@ def plan_leaf(uses: list[Use], w: Any, b: int) -> LeafRoute:
     return direct
   h = statics[0][1]
   t = sum(s[2] for s in statics)
-  kp = max(s[3] for s in statics)
+  t_dense = sum(s[2] for s in statics if not s[5])  # index factors' Grams are comparisons
+  kp = max([s[3] for s in statics if not s[5]], default=1)
   kq = statics[0][4]
   acc = 8 if jnp.issubdtype(w.dtype, jnp.complexfloating) else 4
-  ghost = LeafRoute("ghost", b * h * (2 * t * t * (kp + kq) + 4 * t * t),
+  ghost = LeafRoute("ghost", b * h * (2 * t_dense * t_dense * kp + 2 * t * t * kq + 4 * t * t),
                     b * h * t * t * 2 * acc)
   return ghost if ghost.flops <= direct.flops else direct
 
@@ -315,13 +316,28 @@ def _norm_dtype(w):
   return jnp.finfo(_acc(w.dtype)).dtype
 
 
+def _rows(keep: jax.Array, x: Any) -> Any:
+  """``x`` [B, ...] with the rows where ``keep`` is False set to 0 (floats only)."""
+  if x is None or not jnp.issubdtype(x.dtype, jnp.inexact):
+    return x
+  return jnp.where(keep.reshape((-1,) + (1,) * (x.ndim - 1)), x, 0)
+
+
 def weighted_grad(uses: list[Use], operands: dict, cots: dict, weights: jax.Array,
-                  w: jax.Array) -> jax.Array:
-  """Σᵢ wᵢ·(per-example gradient of ``w``): one vjp of the batched uses."""
+                  w: jax.Array, keep: jax.Array | None = None) -> jax.Array:
+  """Σᵢ wᵢ·(per-example gradient of ``w``): one vjp of the batched uses.
+
+  Rows where ``keep`` is False are zeroed in the operands too, so that a
+  non-finite example cannot reach the sum through 0·inf.
+  """
   ops = [operands[u.key] for u in uses]
+  if keep is not None:
+    ops = [tuple(_rows(keep, x) for x in o) for o in ops]
   cs = []
   for u in uses:
     c = cots[u.key]
+    if keep is not None:
+      c = _rows(keep, c)
     cs.append(c * weights.reshape((-1,) + (1,) * (c.ndim - 1)).astype(c.dtype))
 
   def outs(w):
@@ -347,9 +363,15 @@ def _per_example_norms(g: jax.Array) -> jax.Array:
 
 
 def run(closed, analysis: Analysis, routes: dict, assemble, params_flat, batch_flat, b,
-        clip: Callable[[jax.Array], jax.Array] | None):
-  """Per-example norms [B] and, when ``clip`` maps norms to weights, the
-  weighted sums Σᵢ wᵢ gᵢ of every leaf. Returns (norms, sums or None, aux)."""
+        weights_fn: Callable | None, mask: jax.Array | None, nan_safe: bool):
+  """Per-example norms [B], the clipped sums Σᵢ wᵢ gᵢ of every leaf (when
+  ``weights_fn`` maps (per-leaf norms [B, L], norms [B]) to each leaf's weights
+  [B]), and the loss's auxiliary outputs stacked over the batch.
+
+  ``mask`` [B] (False: padding) zeroes an example's norm and weight; with
+  ``nan_safe`` an example whose gradient is not finite gets weight 0 (its norm
+  is reported as computed) and cannot make the sums NaN.
+  """
   fb_grads, operands, cots, aux = batched_pass(
       closed, analysis, assemble, params_flat, batch_flat, b)
   formed, leaf_norms = {}, []
@@ -368,17 +390,27 @@ def run(closed, analysis: Analysis, routes: dict, assemble, params_flat, batch_f
     else:
       n = jnp.zeros((b,), dtype)
     leaf_norms.append(n.astype(dtype))
-  norms = (jax.vmap(tree_norm)(jnp.stack(leaf_norms, axis=1)) if leaf_norms
-           else jnp.zeros((b,), dtype))
-  if clip is None:
+  leaf_norms = jnp.stack(leaf_norms, axis=1) if leaf_norms else jnp.zeros((b, 0), dtype)
+  norms = jax.vmap(tree_norm)(leaf_norms)
+  keep = jnp.ones((b,), bool) if mask is None else mask
+  if mask is not None:
+    norms = jnp.where(keep, norms, 0)
+    leaf_norms = jnp.where(keep[:, None], leaf_norms, 0)
+  if weights_fn is None:
     return norms, None, aux
-  weights = clip(norms)
+  if nan_safe:
+    keep = keep & jnp.isfinite(norms)
   sums = []
-  for leaf, w in enumerate(params_flat):
+  for leaf, (w, weights) in enumerate(zip(params_flat, weights_fn(leaf_norms, norms))):
+    weights = jnp.where(keep, weights, 0)
     if leaf in formed:
-      sums.append(weighted_sum(weights, formed[leaf]))
+      g = formed[leaf]
+      if nan_safe or mask is not None:
+        g = jnp.where(keep.reshape((-1,) + (1,) * (g.ndim - 1)), g, 0)
+      sums.append(weighted_sum(weights, g))
     elif routes[leaf].route == "ghost":
-      sums.append(weighted_grad(analysis.uses[leaf], operands, cots, weights, w))
+      sums.append(weighted_grad(analysis.uses[leaf], operands, cots, weights, w,
+                                keep if (nan_safe or mask is not None) else None))
     else:
       sums.append(jnp.zeros_like(w))
   return norms, sums, aux

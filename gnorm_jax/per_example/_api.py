@@ -42,7 +42,8 @@ class _PerExample:
         isinstance(microbatch_size, bool) or not isinstance(microbatch_size, int)
         or microbatch_size < 1):
       raise ValueError(
-          f"microbatch_size must be a positive int or None, got microbatch_size={microbatch_size!r}."
+          "microbatch_size must be a positive int or None, got"
+          f" microbatch_size={microbatch_size!r}."
       )
     self.loss = loss
     self.argnums = _as_tuple(argnums)
@@ -143,7 +144,8 @@ class _PerExample:
         param_positions[offsets[i] + j] = len(param_positions)
     params_flat = [jnp.asarray(flat_args[p]) for p in param_positions]
     if self.method == "vmap":
-      analysis = Analysis(uses={}, fallback={leaf: "method='vmap'" for leaf in param_positions.values()})
+      every = {leaf: "method='vmap'" for leaf in param_positions.values()}
+      analysis = Analysis(uses={}, fallback=every)
     else:
       analysis = analyze(closed, param_positions)
     routes = {}

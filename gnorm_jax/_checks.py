@@ -1,0 +1,231 @@
+"""The one validation policy of gnorm_jax: what a number is, and how bad arguments are reported.
+
+Every public function checks its arguments here, when it is called or built:
+
+* A *number* is a Python int or float, a numpy scalar, or a concrete 0-d
+  numpy/jax array of a real dtype. Numbers are checked (range, finiteness,
+  integrality) and a bad one raises ValueError.
+* Bools are not numbers: ``True`` where a number is meant raises TypeError
+  (``momentum=True`` would otherwise run with β = 1).
+* Traced values (under ``jit``, ``grad``, ``vmap``, or from
+  ``optax.inject_hyperparams`` inside a jitted step) cannot be inspected and
+  pass unchecked; each function documents how it treats a bad traced value.
+* Anything else (a string, a list, a non-scalar array) where a number is meant
+  raises TypeError.
+
+Every message names the argument and the value it got, and says how to fix the
+call.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import operator
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+
+_ORDS = (None, 1, 2, math.inf)
+
+
+def _is_traced(value: Any) -> bool:
+  return isinstance(value, jax.core.Tracer)
+
+
+def _fail_type(name: str, value: Any, what: str, fix: str) -> None:
+  raise TypeError(
+      f"{name} must be {what}, got {name}={value!r} ({type(value).__name__}). {fix}".rstrip()
+  )
+
+
+def concrete_number(name: str, value: Any, fix: str = "") -> int | float | None:
+  """``value`` as a Python int or float, or None if it is traced.
+
+  Raises:
+    TypeError: ``value`` is a bool, or not a real scalar (see the module
+      docstring); the message names ``name``.
+  """
+  if _is_traced(value):
+    return None
+  what = "a real number (a Python or numpy scalar, or a 0-d array)"
+  if isinstance(value, (bool, np.bool_)):
+    _fail_type(name, value, "a number, not a bool", fix)
+  if hasattr(value, "dtype") and hasattr(value, "ndim"):  # numpy/jax arrays and scalars
+    dtype = np.dtype(value.dtype)
+    if dtype == np.bool_:
+      _fail_type(name, value, "a number, not a bool", fix)
+    if not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)):
+      _fail_type(name, value, what, fix)
+    if value.ndim != 0:
+      _fail_type(name, value, f"a scalar, not an array of shape {tuple(value.shape)}", fix)
+    return value.item()
+  if isinstance(value, numbers.Real):
+    return value
+  _fail_type(name, value, what, fix)
+
+
+def is_number(value: Any) -> bool:
+  """True for a concrete number in the sense of this module (never for a bool)."""
+  try:
+    return concrete_number("value", value) is not None
+  except TypeError:
+    return False
+
+
+def _interval(low, high, low_open, high_open) -> str:
+  if low is not None and high is not None:
+    return f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+  if low is not None:
+    return f"{'>' if low_open else '>='} {low:g}"
+  if high is not None:
+    return f"{'<' if high_open else '<='} {high:g}"
+  return ""
+
+
+def check_number(
+    name: str,
+    value: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    finite: bool = False,
+    integer: bool = False,
+    allow_none: bool = False,
+    fix: str = "",
+) -> None:
+  """Checks a scalar hyperparameter under the number policy.
+
+  Args:
+    name: the argument's name, for the message.
+    value: the value given.
+    low, high: bounds; ``low_open``/``high_open`` exclude them.
+    finite: reject ±inf. NaN is always rejected.
+    integer: require an integral value (an int, or a float such as 25.0).
+    allow_none: accept None (an optional hyperparameter left out).
+    fix: a sentence telling the caller what to pass instead.
+
+  Raises:
+    TypeError: ``value`` is not a number (a bool, a string, an array of
+      shape other than ()).
+    ValueError: ``value`` is a concrete number outside the requirements.
+  """
+  if value is None and allow_none:
+    return
+  x = concrete_number(name, value, fix)
+  if x is None:
+    return
+  ok = not math.isnan(x)
+  ok = ok and not (finite and math.isinf(x))
+  ok = ok and not (integer and not float(x).is_integer())
+  if low is not None:
+    ok = ok and (x > low if low_open else x >= low)
+  if high is not None:
+    ok = ok and (x < high if high_open else x <= high)
+  if not ok:
+    kind = "an integer" if integer else ("a finite number" if finite else "")
+    requirement = " ".join(s for s in (kind, _interval(low, high, low_open, high_open)) if s)
+    raise ValueError(
+        f"{name} must be {requirement or 'a number, not NaN'}, got {name}={value!r}. {fix}".rstrip()
+    )
+
+
+def check_size(name: str, value: Any) -> int:
+  """A buffer length: a Python int >= 1 (it is the state's shape, never traced)."""
+  if isinstance(value, (bool, np.bool_)) or _is_traced(value):
+    size = None
+  else:
+    try:
+      size = operator.index(value)
+    except TypeError:
+      size = None
+  if size is None:
+    raise TypeError(
+        f"{name} must be a Python int (it fixes the shape of the state), got"
+        f" {name}={value!r}. With optax.inject_hyperparams, pass static_args=({name!r},)."
+    )
+  if size < 1:
+    raise ValueError(f"{name} must be an int >= 1, got {name}={value!r}.")
+  return size
+
+
+def check_argnums(name: str, argnums: Any) -> tuple[int, ...]:
+  """Checks ``argnums`` (an int or a non-empty tuple of ints >= 0) and returns it as a tuple.
+
+  Raises:
+    TypeError: not an int or a non-empty tuple/list of ints (bools are not ints).
+    ValueError: some entries are negative (the message names them).
+  """
+  nums = argnums if isinstance(argnums, (tuple, list)) else (argnums,)
+  try:
+    ok = bool(nums) and not any(isinstance(a, (bool, np.bool_)) for a in nums)
+    nums = tuple(operator.index(a) for a in nums) if ok else ()
+  except TypeError:
+    ok = False
+  if not ok:
+    raise TypeError(
+        f"{name} must be an int or a non-empty tuple of ints, got {name}={argnums!r}."
+    )
+  negative = [a for a in nums if a < 0]
+  if negative:
+    raise ValueError(
+        f"{name} must count positional arguments from 0, got {name}={argnums!r} with negative"
+        f" entries {negative}. Pass the position from the left, e.g. {name}=1 for the second"
+        " argument."
+    )
+  return nums
+
+
+def check_choice(name: str, value: Any, choices: Sequence[Any], fix: str = "") -> None:
+  """Raises ValueError unless ``value`` is one of ``choices`` (compared by type and value)."""
+  if not any(type(value) is type(c) and value == c for c in choices):
+    raise ValueError(
+        f"{name} must be one of {tuple(choices)!r}, got {name}={value!r}. {fix}".rstrip()
+    )
+
+
+def check_ord(ord: Any) -> None:
+  """Raises ValueError unless ``ord`` is one of None, 1, 2 or inf (a static Python/numpy scalar)."""
+  scalar = isinstance(ord, numbers.Real) and not isinstance(ord, (bool, np.bool_))
+  if not any(ord is o or (o is not None and scalar and ord == o) for o in _ORDS):
+    raise ValueError(
+        f"ord must be None (Euclidean), 1, 2 or inf (math.inf / jnp.inf); got ord={ord!r}."
+    )
+
+
+def check_fun(fun: Any, caller: str) -> None:
+  """Raises TypeError unless ``fun`` (the first argument of ``caller``) is callable."""
+  if not callable(fun):
+    raise TypeError(f"{caller} expects a callable as its first argument, got {fun!r}.")
+
+
+def is_tree(value: Any) -> bool:
+  """True if ``value`` is a pytree container (a dict, list, ...), not one leaf."""
+  leaves = jax.tree.leaves(value)
+  return not (len(leaves) == 1 and leaves[0] is value)
+
+
+def check_threshold_tree(name: str, value: Any, *, allow_tree: bool, fix: str = "") -> None:
+  """A threshold >= 0: one number, or (with ``allow_tree``) a pytree of them.
+
+  A tree of thresholds is a prefix of the tree it applies to; its structure is
+  checked against that tree when the transformation runs.
+
+  Raises:
+    TypeError: a leaf is not a number.
+    ValueError: a concrete leaf is negative or NaN, or ``value`` is a tree and
+      ``allow_tree`` is False.
+  """
+  if not is_tree(value):
+    check_number(name, value, low=0, fix=fix)
+    return
+  if not allow_tree:
+    raise ValueError(
+        f"{name} must be one number here, got the pytree {name}={value!r}. A pytree of"
+        " thresholds (one per leaf or subtree) needs per='leaf'."
+    )
+  for path, leaf in jax.tree_util.tree_flatten_with_path(value)[0]:
+    check_number(f"{name}{jax.tree_util.keystr(path)}", leaf, low=0, fix=fix)

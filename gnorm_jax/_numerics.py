@@ -1,0 +1,177 @@
+"""Small numerical helpers shared by the modules: dtypes, safe division, exact rescaling.
+
+* :func:`accumulation_dtype` and :func:`upcast`: arithmetic on float16/bfloat16
+  values happens in at least float32 and is rounded back once.
+* :func:`safe_divide`: a quotient with a chosen value where the denominator is
+  0, NaN-free in values and derivatives (the "double where").
+* :func:`pow2_split` and :func:`scale_tree`: dividing by a norm through an
+  exact power of two, so that neither ``1/norm`` nor ``x/norm`` overflows or
+  underflows on the way (1/1.4e38 is subnormal in float32, and flushed to 0).
+* :func:`clip_factor` and :func:`clip_scales`: the clipping factor
+  min(1, τ/‖g‖), whole or split the same way.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+def accumulation_dtype(dtype: Any) -> jnp.dtype:
+  """The dtype norms of ``dtype`` values accumulate in: at least float32."""
+  real = jnp.finfo(dtype).dtype  # complex64 -> float32, bfloat16 -> bfloat16
+  return jnp.promote_types(real, jnp.float32)
+
+
+def upcast(fn: Callable[..., jax.Array], x: Any, *args: Any) -> jax.Array:
+  """``fn(x, *args)`` computed in at least float32, rounded once to ``x``'s dtype.
+
+  The computing dtype is the promotion of ``x``, float32 and ``args`` (Python
+  scalars do not widen it), so float64 stays float64.
+  """
+  x = jnp.asarray(x)
+  acc = jnp.result_type(x, jnp.float32, *args)
+  return fn(x.astype(acc), *(jnp.asarray(a).astype(acc) for a in args)).astype(x.dtype)
+
+
+def safe_divide(num: Any, den: Any, at_zero: Any = 0) -> jax.Array:
+  """``num/den`` where ``den != 0``, else ``at_zero``; NaN-free derivatives too.
+
+  The inner ``where`` keeps the unselected quotient finite, so its derivative
+  (multiplied by a zero cotangent) cannot produce NaN. A NaN ``den`` gives NaN.
+  """
+  num, den = jnp.asarray(num), jnp.asarray(den)
+  nonzero = den != 0
+  return jnp.where(nonzero, num / jnp.where(nonzero, den, 1), at_zero)
+
+
+def pow2_exponent(amax: jax.Array) -> jax.Array:
+  """Exponent k with amax·2^k in [0.5, 1), clipped so 2^±k stay normal numbers."""
+  finfo = jnp.finfo(amax.dtype)
+  _, e = jnp.frexp(amax)
+  return jnp.clip(-e, -(finfo.maxexp - 2), -finfo.minexp)
+
+
+def pow2_split(norm: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``(s, m)``: ``s`` an exact power of two and ``m = norm·s``, in [0.5, 1) when possible.
+
+  Then ``x/norm = (x·s)/m``: for ``|x| <= norm`` the product ``x·s`` is at
+  most 1 and ``1/m`` at most 2, so neither step overflows or underflows where
+  ``x/norm`` itself is representable. ``s`` carries no derivative (it is
+  piecewise constant); ``m`` is differentiable in ``norm``. A zero, infinite
+  or NaN norm gives ``s = 1``.
+  """
+  norm = jnp.asarray(norm)
+  s = lax.stop_gradient(jnp.ldexp(jnp.ones_like(norm), pow2_exponent(lax.stop_gradient(norm))))
+  return s, norm * s
+
+
+def pow2_inverse(norm: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``(s, inv)`` with ``x/norm = (x·s)·inv``; ``inv = 0`` for a zero or NaN norm.
+
+  :func:`pow2_split` with the division done: ``inv = 1/(norm·s)`` is at most
+  2. A zero norm gives 0 (the direction of a zero vector is taken as 0), a
+  NaN norm too, so the finite entries of a vector with a NaN entry stay
+  finite; an infinite norm gives ``inv = 0``.
+  """
+  s, m = pow2_split(norm)
+  return s, safe_divide(1, jnp.where(m > 0, m, 0))
+
+
+def scale_tree(tree: Any, *factors: Any) -> Any:
+  """Multiplies every leaf by each of ``factors`` in turn, in at least float32.
+
+  Each factor is a scalar or a pytree prefix of ``tree`` (e.g. one scalar per
+  leaf). The products are formed in the factors' dtype (at least float32) and
+  rounded to the leaf's dtype once, so float16 leaves are scaled precisely
+  even when an intermediate product would underflow float16. None leaves stay
+  None; Python-number leaves become arrays. One fused elementwise op per leaf.
+  """
+
+  def scale(leaf, *fs):
+    if leaf is None:
+      return None
+
+    def product(x, *fs):
+      for f in fs:
+        x = x * f
+      return x
+
+    return upcast(product, leaf, *fs)
+
+  full = [broadcast_prefix(f, tree) for f in factors]
+  return jax.tree.map(scale, tree, *full, is_leaf=lambda x: x is None)
+
+
+def broadcast_prefix(factor: Any, tree: Any) -> Any:
+  """``factor`` (a scalar, or a pytree prefix of ``tree``) with one entry per leaf of ``tree``.
+
+  Raises:
+    ValueError: ``factor`` is a pytree but not a prefix of ``tree``.
+  """
+  is_none = lambda x: x is None
+  if not jax.tree.leaves(factor) or jax.tree.leaves(factor)[0] is not factor:
+    return jax.tree.map(
+        lambda f, sub: jax.tree.map(lambda _: f, sub, is_leaf=is_none), factor, tree,
+        is_leaf=is_none,
+    )
+  return jax.tree.map(lambda _: factor, tree, is_leaf=is_none)
+
+
+def _clip_parts(norm: Any, max_norm: Any):
+  """(over, s, ratio): clip iff ``over``; then the factor is s·ratio = max_norm/norm."""
+  norm = jnp.asarray(norm)
+  max_norm = jnp.asarray(max_norm, norm.dtype)
+  max_norm = jnp.where(max_norm > 0, max_norm, 0)
+  over = (norm > max_norm) | (max_norm == 0)
+  s, m = pow2_split(norm)
+  s = jnp.where(over, s, 1)
+  # Only the selected branch may see the real norm: the other one must not
+  # produce inf·0 = NaN in the backward pass (e.g. 1/m² for a tiny m).
+  ratio = _ratio(jnp.where(over, max_norm, 1), jnp.where(over & (norm > 0), m, 1))
+  return over, s, jnp.where(over, ratio, 1)
+
+
+def clip_factor(norm: jax.Array, max_norm: jax.Array | float) -> jax.Array:
+  """The factor min(1, max_norm/norm): exactly 1 at or below the threshold.
+
+  NaN-free with finite derivatives everywhere, zero included. A threshold of
+  0 gives the factor 0 (also at norm 0, so the derivative of the clipped update
+  ``factor·g ≡ 0`` is 0 there too); a negative or NaN threshold — possible only
+  when traced — acts as 0. A NaN norm gives 1 (the update is left as it is),
+  an infinite one 0. The factor itself underflows for ``max_norm/norm`` below
+  the smallest normal number (1e38 clipped to 1 in float32): apply
+  :func:`clip_scales` to an update instead.
+  """
+  norm = jnp.asarray(norm)
+  _, s, ratio = _clip_parts(norm, max_norm)
+  return (ratio * s).astype(norm.dtype)
+
+
+def clip_scales(norm: jax.Array, max_norm: jax.Array | float) -> tuple[jax.Array, jax.Array]:
+  """``(s, f)`` with ``s·f = clip_factor(norm, max_norm)``, for ``scale_tree(g, s, f)``.
+
+  ``s`` is an exact power of two and ``f`` lies in [0, 2·max_norm], so ``(g·s)·f``
+  neither overflows nor flushes to zero where the clipped update is
+  representable. Both are exactly 1 at or below the threshold, so such
+  updates pass bit-for-bit.
+  """
+  norm = jnp.asarray(norm)
+  _, s, ratio = _clip_parts(norm, max_norm)
+  return s, ratio.astype(norm.dtype)
+
+
+@jax.custom_jvp
+def _ratio(num: jax.Array, den: jax.Array) -> jax.Array:
+  return num / den
+
+
+@_ratio.defjvp
+def _ratio_jvp(primals, tangents):
+  # d(a/b) = (da − (a/b)·db)/b: no b² that underflows to 0 for tiny b.
+  (num, den), (dnum, dden) = primals, tangents
+  ratio = num / den
+  return ratio, (dnum - ratio * dden) / den

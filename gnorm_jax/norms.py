@@ -21,43 +21,16 @@ Policy, in one place:
 from __future__ import annotations
 
 import functools
-import math
-import numbers
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from gnorm_jax._checks import check_ord
+from gnorm_jax._numerics import accumulation_dtype, pow2_exponent, pow2_inverse, safe_divide
+
 __all__ = ["tree_norm", "leaf_norms"]
-
-_ORDS = (None, 1, 2, math.inf)
-
-
-def check_ord(ord: Any) -> None:
-  """Raises ValueError unless ``ord`` is one of None, 1, 2 or inf."""
-  if isinstance(ord, bool) or not any(
-      ord is o or (o is not None and ord == o) for o in _ORDS
-  ):
-    raise ValueError(
-        f"ord must be None (Euclidean), 1, 2 or inf (math.inf / jnp.inf); got"
-        f" ord={ord!r}."
-    )
-
-
-def is_number(x: Any) -> bool:
-  """True for a concrete Python/numpy real number (not bool, not an array).
-
-  Hyperparameters given as such numbers are validated at construction; traced
-  values (e.g. from ``optax.inject_hyperparams``) are accepted as they are.
-  """
-  return isinstance(x, numbers.Real) and not isinstance(x, bool)
-
-
-def accumulation_dtype(dtype: Any) -> jnp.dtype:
-  """The dtype norms of ``dtype`` values accumulate in: at least float32."""
-  real = jnp.finfo(dtype).dtype  # complex64 -> float32, bfloat16 -> bfloat16
-  return jnp.promote_types(real, jnp.float32)
 
 
 def _checked_leaves(tree: Any) -> list[jax.Array]:
@@ -101,13 +74,6 @@ def _group_dtype(leaves: list[jax.Array]) -> jnp.dtype:
   return jnp.result_type(*[accumulation_dtype(x.dtype) for x in leaves])
 
 
-def _pow2_scale(amax: jax.Array) -> jax.Array:
-  """Exponent k with amax·2^k in [0.5, 1), clipped so 2^±k stay normal numbers."""
-  finfo = jnp.finfo(amax.dtype)
-  _, e = jnp.frexp(amax)
-  return jnp.clip(-e, -(finfo.maxexp - 2), -finfo.minexp)
-
-
 def _fast_path_ok(sumsq: jax.Array) -> jax.Array:
   """True where a plain sum of squares is accurate: finite, no underflow loss.
 
@@ -130,7 +96,7 @@ def _rescaled_l2(leaves: list[jax.Array]) -> jax.Array:
   """
   acc = _group_dtype(leaves)
   amax = jnp.max(jnp.stack([_amax(x, acc) for x in leaves]))
-  k = _pow2_scale(amax)
+  k = pow2_exponent(amax)
   scale = jnp.ldexp(jnp.ones((), acc), k)
   total = jnp.zeros((), acc)
   for x in leaves:
@@ -212,15 +178,16 @@ def _l2_norms_jvp(primals, tangents):
 def _l2_jvp(norm: jax.Array, leaves: list[jax.Array], dleaves: list[jax.Array]) -> jax.Array:
   """d‖x‖ = Re<x/‖x‖, dx>, and 0 at x = 0 (the zero subgradient).
 
-  x/‖x‖ is bounded, so this cannot overflow; the double ``where`` keeps both
-  the value and its own derivative NaN-free at 0.
+  x/‖x‖ is formed as (x·2^k)/(‖x‖·2^k) with ‖x‖·2^k in [0.5, 1): 1/‖x‖ alone
+  is subnormal (flushed to 0) for norms above 1/tiny (1e38 in float32), and
+  its derivative −1/‖x‖² overflows for norms below 1e-19, which made second
+  derivatives −inf there. Both stay NaN-free at 0.
   """
-  nonzero = norm > 0
-  inv = jnp.where(nonzero, 1 / jnp.where(nonzero, norm, 1), 0)
+  s, inv = pow2_inverse(norm)
   dnorm = jnp.zeros((), norm.dtype)
   for x, dx in zip(leaves, dleaves):
     dtype = jnp.promote_types(x.dtype, norm.dtype)
-    unit = x.astype(dtype) * inv.astype(dtype)
+    unit = (x.astype(dtype) * s.astype(dtype)) * inv.astype(dtype)
     dnorm = dnorm + jnp.real(jnp.sum(jnp.conj(unit) * dx)).astype(norm.dtype)
   return dnorm
 
@@ -350,5 +317,4 @@ def _safe_sqrt(x):
 def _safe_sqrt_jvp(primals, tangents):
   (x,), (dx,) = primals, tangents
   y = jnp.sqrt(x)
-  pos = y > 0
-  return y, jnp.where(pos, dx / (2 * jnp.where(pos, y, 1)), 0)
+  return y, safe_divide(dx, 2 * y)

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import np_norm
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.test_util import check_grads
@@ -23,26 +24,6 @@ FLOAT_DTYPES = [jnp.float16, jnp.bfloat16, jnp.float32, jnp.complex64]
 
 
 # ------------------------------------------------------------------ references
-
-
-def np_values(tree):
-  """All leaves of ``tree`` as one float64/complex128 numpy vector."""
-  leaves = [np.asarray(x) for x in jax.tree.leaves(tree)]
-  if not leaves:
-    return np.zeros(0)
-  as64 = [
-      x.astype(np.complex128 if np.iscomplexobj(x) else np.float64).ravel() for x in leaves
-  ]
-  return np.concatenate(as64)
-
-
-def np_norm(tree, ord=None):
-  x = np.abs(np_values(tree))
-  if ord == 1:
-    return x.sum()
-  if ord == math.inf:
-    return x.max(initial=0.0)
-  return np.sqrt(np.sum(x * x))
 
 
 def mixed_tree(dtype=jnp.float32, seed=0):
@@ -376,6 +357,26 @@ def test_hessian_matches_formula():
   expected = (np.eye(3) - np.outer(u, u)) / 3.0
   np.testing.assert_allclose(
       jax.hessian(gnorm_jax.tree_norm)(jnp.asarray(x, jnp.float32)), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "values",
+    [[1e38, 1e38], [3e38, -1e37, 0.0], [1e-30, 1e-30], [2e-37, -5e-38, 3e-37], [1e19, 0.5]],
+)
+def test_grad_and_hessian_at_extreme_norms_match_float64(values):
+  # Regression: 1/‖x‖ is subnormal (flushed to 0) for ‖x‖ >= 1e38, which made
+  # the gradient 0 there; −1/‖x‖² overflowed for ‖x‖ <= 1e-19, which made the
+  # Hessian −inf. ∇‖x‖ = u and ∇²‖x‖ = (I − uuᵀ)/‖x‖ with u = x/‖x‖.
+  x = jnp.asarray(values, jnp.float32)
+  x64 = np.asarray(x, np.float64)
+  norm = np_norm(x64)
+  unit = x64 / norm
+  hessian = (np.eye(len(x64)) - np.outer(unit, unit)) / norm
+  np.testing.assert_allclose(jax.grad(gnorm_jax.tree_norm)(x), unit, rtol=1e-5, atol=1e-7)
+  got = np.asarray(jax.hessian(gnorm_jax.tree_norm)(x), np.float64)
+  assert np.all(np.isfinite(got))
+  # Hessian entries below float32's smallest normal number may be flushed to 0.
+  np.testing.assert_allclose(got, hessian, rtol=1e-4, atol=2 * np.finfo(np.float32).tiny)
 
 
 def test_complex_grad_matches_naive_expression():

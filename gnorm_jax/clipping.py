@@ -15,14 +15,23 @@ skips these steps. The ``grad_norm`` in the state records the NaN or ``inf``.
 
 from __future__ import annotations
 
-import math
+import numbers
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from gnorm_jax.norms import _pow2_scale, check_ord, is_number, leaf_norms, tree_norm
+from gnorm_jax._checks import (
+  check_choice,
+  check_number,
+  check_ord,
+  check_threshold_tree,
+  is_tree,
+)
+from gnorm_jax._numerics import broadcast_prefix, clip_scales, pow2_inverse, scale_tree
+from gnorm_jax._numerics import clip_factor as clip_factor  # re-exported: per_example uses it
+from gnorm_jax.norms import leaf_norms, tree_norm
 
 __all__ = [
     "ClipByNormState",
@@ -53,82 +62,23 @@ class NormalizeState(NamedTuple):
   grad_norm: Any
 
 
-def clip_factor(norm: jax.Array, max_norm: jax.Array | float) -> jax.Array:
-  """The factor min(1, max_norm/norm): exactly 1 at or below the threshold.
-
-  NaN-free with finite derivatives everywhere, zero included. A threshold of
-  0 gives the factor 0 (also at norm 0, so the derivative of the clipped update
-  ``factor·g ≡ 0`` is 0 there too); a negative or NaN threshold — possible only
-  when traced — acts as 0. A NaN norm gives 1 (the update is left as it is),
-  an infinite one 0.
-  """
-  norm = jnp.asarray(norm)
-  max_norm = jnp.asarray(max_norm, norm.dtype)
-  max_norm = jnp.where(max_norm > 0, max_norm, 0)
-  over = (norm > max_norm) | (max_norm == 0)
-  # Only the selected branch may see the real norm: the other one must not
-  # produce inf·0 = NaN in the backward pass (e.g. 1/norm² at norm = 1e-30).
-  ratio = _ratio(jnp.where(over, max_norm, 1), jnp.where(over & (norm > 0), norm, 1))
-  return jnp.where(over, ratio, 1).astype(norm.dtype)
-
-
-@jax.custom_jvp
-def _ratio(num: jax.Array, den: jax.Array) -> jax.Array:
-  return num / den
-
-
-@_ratio.defjvp
-def _ratio_jvp(primals, tangents):
-  # d(a/b) = (da − (a/b)·db)/b: no b² that underflows to 0 for tiny b.
-  (num, den), (dnum, dden) = primals, tangents
-  ratio = num / den
-  return ratio, (dnum - ratio * dden) / den
-
-
-def scale_tree(tree: Any, factor: Any) -> Any:
-  """Multiplies every leaf by ``factor`` (a scalar, or a pytree prefix of scalars).
-
-  The product is formed in the factor's dtype (at least float32) and cast back
-  to the leaf's dtype, so float16 updates are scaled precisely. One elementwise
-  op per leaf: XLA fuses it into whatever consumes the update next.
-  """
-
-  def scale(leaf, f):
-    if leaf is None:
-      return None
-    return (leaf * f.astype(jnp.promote_types(leaf.dtype, f.dtype))).astype(leaf.dtype)
-
-  if jax.tree_util.treedef_is_leaf(jax.tree.structure(factor)):
-    factor = jnp.asarray(factor)
-    return jax.tree.map(lambda x: scale(x, factor), tree)
-  return jax.tree.map(scale, tree, factor, is_leaf=lambda x: x is None)
-
-
 def _normalized(tree: Any, norm: jax.Array, scale: jax.Array | float) -> Any:
   """``scale·tree/norm``, or zeros where ``norm`` is 0 (all leaves of ``tree``).
 
-  ``scale/norm`` can overflow for a tiny norm (1e3/1e-37 in float32), so the
-  tree is first multiplied by an exact power of two 2^k with norm·2^k in
-  [0.5, 1): every factor stays finite and the result is rounded once.
+  ``scale/norm`` can overflow for a tiny norm (1e3/1e-37 in float32), and
+  ``tree·2^k`` underflow float16, so the tree is multiplied, in at least
+  float32, by an exact power of two 2^k with norm·2^k in [0.5, 1) and then by
+  scale/(norm·2^k): every factor stays finite and the result is rounded once.
   """
-  k = _pow2_scale(norm)
-  normal = jnp.ldexp(norm, k)
-  nonzero = normal > 0
-  factor = jnp.where(nonzero, jnp.asarray(scale, norm.dtype) / jnp.where(nonzero, normal, 1), 0)
-  return scale_tree(scale_tree(tree, jnp.ldexp(jnp.ones_like(norm), k)), factor)
-
-
-def _check_nonnegative(name: str, value: Any, hint: str) -> None:
-  if is_number(value) and not value >= 0:  # also catches NaN
-    raise ValueError(f"{name} must be >= 0, got {name}={value!r}. {hint}")
+  s, inv = pow2_inverse(norm)
+  return scale_tree(tree, s, jnp.asarray(scale, norm.dtype) * inv)
 
 
 def _check_per(per: Any) -> None:
-  if per not in _PERS:
-    raise ValueError(
-        f'per must be "global" (one norm over the whole update) or "leaf" (one'
-        f" norm per leaf), got per={per!r}."
-    )
+  check_choice(
+      "per", per, _PERS, 'Use "global" (one norm over the whole update) or "leaf" (one norm per'
+      ' leaf).'
+  )
 
 
 def _norm_fn(ord: Any, per: str) -> Callable[[Any], Any]:
@@ -148,11 +98,18 @@ def _cast_like(new: Any, old: Any) -> Any:
   return jax.tree.map(lambda n, o: n.astype(o.dtype), new, old)
 
 
-def _per_norm(per: str, fn: Callable[..., Any], norm: Any, *args: Any) -> Any:
-  """``fn(norm, *args)`` for a scalar norm, or for each leaf norm."""
-  if per == "global":
-    return fn(norm, *args)
-  return jax.tree.map(lambda n: fn(n, *args), norm)
+def _per_leaf_thresholds(max_norm: Any, norms: Any) -> Any:
+  """``max_norm`` (one number, or a pytree prefix of the update) as one per leaf norm."""
+  if not is_tree(max_norm):
+    return jax.tree.map(lambda _: max_norm, norms)
+  try:
+    return broadcast_prefix(max_norm, norms)
+  except ValueError:
+    raise ValueError(
+        "max_norm must be one number or a pytree prefix of the updates (one threshold per"
+        f" leaf or subtree); its structure {jax.tree.structure(max_norm)} does not match the"
+        f" updates' {jax.tree.structure(norms)}."
+    ) from None
 
 
 def _act_on_norm(
@@ -195,7 +152,10 @@ def clip_by_norm(
   through bit-for-bit unchanged. Zero updates and ``max_norm=0`` give zeros,
   never NaN, and derivatives through the update (meta-gradients) are finite
   there. float16/bfloat16 updates are measured and scaled in float32, so they
-  are clipped correctly rather than zeroed by an overflowing norm.
+  are clipped correctly rather than zeroed by an overflowing norm. The factor
+  τ/‖g‖ is applied as an exact power of two times a number near τ, so it is
+  not flushed to 0 where it is subnormal (``[1e38, 1e38]`` clipped to 1 gives
+  ``[0.707, 0.707]`` in float32).
 
   The state's ``grad_norm`` is the norm measured before clipping (a scalar, or
   a pytree of scalars for ``per="leaf"``): read it with
@@ -204,9 +164,12 @@ def clip_by_norm(
   ``optax.apply_if_finite`` to skip such steps).
 
   Args:
-    max_norm: the threshold τ ≥ 0. A Python number is checked here; a traced
-      value (``optax.inject_hyperparams``) is used as it is, a negative or NaN
-      one acting as 0.
+    max_norm: the threshold τ ≥ 0. A number (Python, numpy, or a concrete 0-d
+      array) is checked here; a traced value (``optax.inject_hyperparams``
+      under ``jit``) is used as it is, a negative or NaN one acting as 0. With
+      ``per="leaf"`` it may also be a pytree of thresholds that is a prefix of
+      the update's tree (one per leaf, or one per subtree), e.g.
+      ``{"encoder": 1.0, "head": 0.1}``.
     ord: None or 2 (Euclidean), 1 or ``inf`` (largest absolute entry). Under
       ``optax.inject_hyperparams`` pass ``static_args=("ord",)`` with a
       numeric ``ord``.
@@ -216,8 +179,12 @@ def clip_by_norm(
     An ``optax.GradientTransformation`` with state :class:`ClipByNormState`.
 
   Raises:
-    ValueError: ``max_norm`` is a negative or NaN Python number, or ``ord`` or
-      ``per`` is not an accepted value.
+    ValueError: ``max_norm`` (or a leaf of a threshold tree) is a negative or
+      NaN number; a threshold tree with ``per="global"``, or whose structure
+      is not a prefix of the update's (at ``update``); ``ord`` or ``per`` is
+      not an accepted value.
+    TypeError: ``max_norm`` is not a number (a bool, a string, an array of
+      more than one element).
 
   Examples:
     >>> import jax.numpy as jnp, optax
@@ -232,14 +199,18 @@ def clip_by_norm(
     Pascanu, Mikolov & Bengio, `On the difficulty of training recurrent neural
     networks <https://arxiv.org/abs/1211.5063>`_, 2013.
   """
-  _check_nonnegative(
-      "max_norm", max_norm, "Pass the largest update norm to allow, e.g. max_norm=1.0."
-  )
   check_ord(ord)
   _check_per(per)
+  check_threshold_tree(
+      "max_norm", max_norm, allow_tree=per == "leaf",
+      fix="Pass the largest update norm to allow, e.g. max_norm=1.0.",
+  )
 
   def clip(updates, norm):
-    return scale_tree(updates, _per_norm(per, clip_factor, norm, max_norm))
+    if per == "global":
+      return scale_tree(updates, *clip_scales(norm, max_norm))
+    pairs = jax.tree.map(clip_scales, norm, _per_leaf_thresholds(max_norm, norm))
+    return scale_tree(updates, *(jax.tree.map(lambda _, p: p[i], norm, pairs) for i in (0, 1)))
 
   return _act_on_norm(_norm_fn(ord, per), ClipByNormState, clip)
 
@@ -266,8 +237,8 @@ def normalize(
   ``inf`` in the update: see the module docstring.
 
   Args:
-    scale: the norm of the output (its sign sets the direction). A Python
-      number must be finite; a traced value is used as it is.
+    scale: the norm of the output (its sign sets the direction). A number
+      must be finite; a traced value is used as it is.
     ord: None or 2 (Euclidean), 1 or ``inf``.
     per: ``"global"`` or ``"leaf"``.
 
@@ -275,8 +246,9 @@ def normalize(
     An ``optax.GradientTransformation`` with state :class:`NormalizeState`.
 
   Raises:
-    ValueError: ``scale`` is a non-finite Python number, or ``ord`` or ``per``
-      is not an accepted value.
+    ValueError: ``scale`` is a non-finite number, or ``ord`` or ``per`` is not
+      an accepted value.
+    TypeError: ``scale`` is not a number.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -293,11 +265,9 @@ def normalize(
     `Block-normalized gradient method <https://arxiv.org/abs/1707.04822>`_,
     2017.
   """
-  if is_number(scale) and not math.isfinite(scale):
-    raise ValueError(
-        f"scale must be a finite number, got scale={scale!r}. It is the norm of"
-        " the normalized update, e.g. scale=1.0."
-    )
+  check_number(
+      "scale", scale, finite=True, fix="It is the norm of the normalized update, e.g. scale=1.0."
+  )
   check_ord(ord)
   _check_per(per)
 
@@ -335,8 +305,8 @@ def normalized_sgd(
   ``grad_norm`` is the norm of the buffer that was normalized.
 
   Args:
-    learning_rate: the step length η ≥ 0, or an optax schedule.
-    momentum: β in [0, 1). A Python number is checked here; a traced value is
+    learning_rate: the step length η ≥ 0 (finite), or an optax schedule.
+    momentum: β in [0, 1). A number is checked here; a traced value is
       used as it is.
     nesterov: use Nesterov momentum.
     ord: None or 2 (Euclidean), 1 or ``inf``.
@@ -346,9 +316,11 @@ def normalized_sgd(
     An ``optax.GradientTransformation``.
 
   Raises:
-    ValueError: ``learning_rate`` is a negative or NaN Python number,
-      ``momentum`` is a Python number outside [0, 1), or ``ord`` or ``per`` is
-      not an accepted value.
+    ValueError: ``learning_rate`` is a negative or non-finite number,
+      ``momentum`` is a number outside [0, 1), or ``ord`` or ``per`` is not an
+      accepted value.
+    TypeError: ``learning_rate`` or ``momentum`` is not a number (``True`` is
+      not 1.0).
 
   Examples:
     >>> import jax.numpy as jnp, optax
@@ -365,21 +337,23 @@ def normalized_sgd(
     `Beyond convexity: stochastic quasi-convex optimization
     <https://arxiv.org/abs/1507.02030>`_, 2015.
   """
-  _check_nonnegative(
-      "learning_rate",
-      learning_rate,
-      "It is the length of every step, e.g. learning_rate=0.01 (the sign of"
-      " descent is applied for you).",
-  )
-  if is_number(momentum) and not 0 <= momentum < 1:
-    raise ValueError(
-        f"momentum must be in [0, 1), got momentum={momentum!r}, e.g."
-        " momentum=0.9, or 0.0 for plain normalized gradient descent."
+  if not callable(learning_rate):
+    check_number(
+        "learning_rate", learning_rate, low=0, finite=True,
+        fix="It is the length of every step, e.g. learning_rate=0.01 (the sign of descent is"
+        " applied for you), or an optax schedule.",
     )
+  check_number(
+      "momentum", momentum, low=0, high=1, high_open=True,
+      fix="E.g. momentum=0.9, or 0.0 for plain normalized gradient descent.",
+  )
   parts = [
       normalize(ord=ord, per=per),
       optax.scale_by_learning_rate(learning_rate),
   ]
-  if not (is_number(momentum) and momentum == 0):
+  # Only a scalar (not an array) 0 drops the trace: optax.inject_hyperparams
+  # passes a concrete array at init and a traced one in update, and the
+  # chain's structure must be the same in both.
+  if not (isinstance(momentum, numbers.Real) and momentum == 0):
     parts.insert(0, optax.trace(decay=momentum, nesterov=nesterov))
   return optax.chain(*parts)

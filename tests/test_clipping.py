@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import np_norm
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.test_util import check_grads
@@ -29,11 +30,6 @@ def make_tree(seed=0, scale=1.0, dtype=jnp.float32):
       "b": (scale * jax.random.normal(k2, (3,))).astype(dtype),
       "nested": {"s": (scale * jax.random.normal(k3, ())).astype(dtype)},
   }
-
-
-def np_norm(leaves, ord):
-  flat = np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in leaves])
-  return np.linalg.norm(flat, ord=2 if ord is None else ord)
 
 
 def np_apply(tree, ord, per, factor_fn):
@@ -188,10 +184,20 @@ def test_clip_meta_gradient_wrt_max_norm():
   np.testing.assert_allclose(dtau, g / 5.0, rtol=1e-5)  # d(τ g/‖g‖)/dτ
 
 
-@pytest.mark.parametrize("bad", [-1.0, -1e-9, float("nan"), -3])
+@pytest.mark.parametrize(
+    "bad", [-1.0, -1e-9, float("nan"), -3, np.float32(-1.0), jnp.array(-1.0), np.array(math.nan)]
+)
 def test_clip_rejects_negative_or_nan_max_norm(bad):
-  with pytest.raises(ValueError, match=rf"max_norm={bad!r}".replace("(", r"\(")):
+  # Concrete 0-d arrays are numbers too: jnp.array(-1.) used to zero every update.
+  with pytest.raises(ValueError, match=r"max_norm must be >= 0, got max_norm="):
     gnorm_jax.clip_by_norm(bad)
+
+
+@pytest.mark.parametrize("factory", FACTORIES)
+@pytest.mark.parametrize("bad", [True, "1.0", jnp.ones(2), 1 + 2j])
+def test_non_number_hyperparameters_raise_type_error(factory, bad):
+  with pytest.raises(TypeError, match=r"must be a"):
+    factory(bad)
 
 
 @pytest.mark.parametrize("factory", FACTORIES)
@@ -342,6 +348,100 @@ def test_traced_negative_or_nan_max_norm_acts_as_zero():
     assert all(np.all(np.asarray(x) == 0) for x in jax.tree.leaves(out))
 
 
+# ------------------------------------------------------------- extreme inputs
+
+
+@pytest.mark.parametrize("ord", ORDS)
+@pytest.mark.parametrize("per", PERS)
+@pytest.mark.parametrize(
+    "values, max_norm", [([1e38, 1e38], 1.0), ([2e38, -1e38, 1.0], 1e-3), ([1e-30, 2e-30], 1e-31)]
+)
+def test_clip_extreme_norms_match_float64(values, max_norm, per, ord):
+  # Regression: min(1, τ/‖g‖) = 1/1.4e38 is subnormal in float32 and was
+  # flushed to 0, so [1e38, 1e38] clipped to 1 became [0, 0].
+  g = {"a": jnp.asarray(values, jnp.float32)}
+  out, _ = apply(gnorm_jax.clip_by_norm(max_norm, ord=ord, per=per), g)
+  # Entries whose clipped value is subnormal (1·1e-3/2.2e38) may be flushed to 0.
+  tiny = np.finfo(np.float32).tiny
+  assert_tree_close(out, np_clip(g, max_norm, ord, per)[0], rtol=1e-5, atol=tiny)
+
+
+def test_clip_meta_gradient_at_huge_norm_is_finite_and_exact():
+  g = jnp.asarray([1e38, 1e38], jnp.float32)
+  dtau = jax.jacobian(lambda tau: apply(gnorm_jax.clip_by_norm(tau), g)[0])(1.0)
+  np.testing.assert_allclose(dtau, [np.sqrt(0.5)] * 2, rtol=1e-5)  # d(τ g/‖g‖)/dτ
+
+
+@pytest.mark.parametrize("per", PERS)
+def test_normalize_float16_keeps_small_entries(per):
+  # Regression: the power-of-two pre-scaling was rounded to float16 before the
+  # second factor, so 1e-4·2^-15 underflowed and [3e4, 1e-4] became [3e4, 0].
+  g = jnp.asarray([30000.0, 1e-4], jnp.float16)
+  out, _ = apply(gnorm_jax.normalize(3e4, per=per), g)
+  expected = np.asarray(g, np.float64) * 3e4 / np_norm(g)
+  assert out.dtype == jnp.float16
+  np.testing.assert_allclose(np.asarray(out, np.float64), expected, rtol=1e-3)
+
+
+@pytest.mark.parametrize("factory", FACTORIES)
+def test_leaf_clipping_of_an_empty_tree(factory):
+  # Regression: per="leaf" crashed on {} (its factor tree was taken for a scalar).
+  out, state = apply(factory(1.0, per="leaf"), {})
+  assert out == {} and state.grad_norm == {}
+
+
+@pytest.mark.parametrize("per", PERS)
+@pytest.mark.parametrize(
+    "tx",
+    [
+        lambda per: gnorm_jax.clip_by_norm(1.0, per=per),
+        lambda per: gnorm_jax.normalize(2.0, per=per),
+        lambda per: gnorm_jax.normalized_sgd(0.1, momentum=0.9, per=per),
+    ],
+)
+def test_python_float_leaves(tx, per):
+  # Regression: Python-float leaves raised AttributeError ('float' has no dtype).
+  g = {"a": 3.0, "b": [4.0, None]}
+  out, _ = tx(per).update(g, tx(per).init(g), g)
+  ref = tx(per).update(jax.tree.map(jnp.float32, g), tx(per).init(g), g)[0]
+  chex.assert_trees_all_close(out, ref)
+  assert out["b"][1] is None
+
+
+# ----------------------------------------------------------- threshold trees
+
+
+def test_leaf_clipping_with_a_tree_of_thresholds_matches_float64():
+  g = make_tree(scale=3.0)
+  thresholds = {"w": 0.5, "b": jnp.float32(2.0), "nested": {"s": 0.1}}
+  out, _ = jax.jit(lambda g, t: apply(gnorm_jax.clip_by_norm(t, per="leaf"), g))(g, thresholds)
+  leaves, treedef = jax.tree.flatten(g)
+  taus = jax.tree.leaves(thresholds)
+  expected = [np_clip([x], float(t))[0][0] for x, t in zip(leaves, taus)]
+  assert_tree_close(out, jax.tree.unflatten(treedef, expected))
+
+
+def test_leaf_clipping_with_a_prefix_tree_of_thresholds():
+  g = make_tree(scale=3.0)
+  out, _ = apply(gnorm_jax.clip_by_norm({"w": 0.5, "b": 1.0, "nested": 0.2}, per="leaf"), g)
+  full = {"w": 0.5, "b": 1.0, "nested": {"s": 0.2}}
+  expected, _ = apply(gnorm_jax.clip_by_norm(full, per="leaf"), g)
+  chex.assert_trees_all_equal(out, expected)
+
+
+def test_threshold_tree_errors_are_clear():
+  with pytest.raises(ValueError, match="needs per='leaf'"):
+    gnorm_jax.clip_by_norm({"w": 1.0})
+  with pytest.raises(ValueError, match=r"max_norm\['w'\] must be >= 0, got max_norm\['w'\]=-1.0"):
+    gnorm_jax.clip_by_norm({"w": -1.0}, per="leaf")
+  with pytest.raises(TypeError, match=r"max_norm\['w'\] must be a real number"):
+    gnorm_jax.clip_by_norm({"w": "1.0"}, per="leaf")
+  tx = gnorm_jax.clip_by_norm({"w": 1.0, "other": 2.0}, per="leaf")
+  g = make_tree()
+  with pytest.raises(ValueError, match="pytree prefix of the updates"):
+    tx.update(g, tx.init(g))
+
+
 # ------------------------------------------------------------------- non-finite
 
 
@@ -435,7 +535,7 @@ def test_normalize_extreme_norms_have_norm_scale(value, scale, dtype):
   )
 
 
-@pytest.mark.parametrize("bad", [math.inf, math.nan])
+@pytest.mark.parametrize("bad", [math.inf, math.nan, jnp.array(math.inf), np.float32(math.nan)])
 def test_normalize_rejects_non_finite_scale(bad):
   with pytest.raises(ValueError, match="scale="):
     gnorm_jax.normalize(bad)
@@ -504,10 +604,22 @@ def test_normalized_sgd_with_traced_momentum_and_schedule():
         ({"learning_rate": math.nan}, "learning_rate=nan"),
         ({"learning_rate": 0.1, "momentum": 1.0}, "momentum=1.0"),
         ({"learning_rate": 0.1, "momentum": -0.5}, "momentum=-0.5"),
+        ({"learning_rate": jnp.array(-0.1)}, "learning_rate must be a finite number >= 0"),
+        ({"learning_rate": math.inf}, "learning_rate must be a finite number >= 0"),
+        ({"learning_rate": 0.1, "momentum": jnp.array(1.0)}, r"momentum must be in \[0, 1\)"),
     ],
 )
 def test_normalized_sgd_rejects_bad_hyperparameters(kwargs, match):
   with pytest.raises(ValueError, match=match):
+    gnorm_jax.normalized_sgd(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"learning_rate": 0.1, "momentum": True}, {"learning_rate": True}]
+)
+def test_normalized_sgd_rejects_bools(kwargs):
+  # momentum=True used to run with β = 1.
+  with pytest.raises(TypeError, match="must be a number, not a bool"):
     gnorm_jax.normalized_sgd(**kwargs)
 
 

@@ -26,41 +26,23 @@ non-finite (like ``optax.clip_by_global_norm``); :func:`skip_spikes` skips it.
 
 from __future__ import annotations
 
-import operator
+import math
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from gnorm_jax.clipping import clip_factor, scale_tree
-from gnorm_jax.norms import is_number, tree_norm
+from gnorm_jax._checks import check_number, check_size
+from gnorm_jax._numerics import clip_scales, pow2_split, scale_tree
+from gnorm_jax.norms import tree_norm
 
 __all__ = ["autoclip", "zclip", "quantile_clip", "skip_spikes"]
 
 
-# --------------------------------------------------------------------------
-# Construction-time checks (only on concrete Python numbers: traced
-# hyperparameters from optax.inject_hyperparams are accepted as they are).
-
-
-def _check(ok: bool, name: str, value: Any, requirement: str, fix: str = "") -> None:
-  if not ok:
-    raise ValueError(f"{name} must be {requirement}; got {name}={value!r}. {fix}".rstrip())
-
-
-def _check_size(name: str, value: Any) -> int:
-  """A buffer length: a Python int >= 1 (it is the state's shape, never traced)."""
-  try:
-    size = operator.index(value)
-  except TypeError:
-    raise TypeError(
-        f"{name} must be a Python int (it fixes the shape of the state); got"
-        f" {name}={value!r}. With optax.inject_hyperparams, pass"
-        f" static_args=({name!r},)."
-    ) from None
-  _check(size >= 1, name, value, "an int >= 1")
-  return size
+# The largest learning rate of quantile_clip: e^η, the most one step can
+# change the threshold by, stays a finite float32.
+_MAX_QUANTILE_LEARNING_RATE = math.log(float(jnp.finfo(jnp.float32).max))
 
 
 # --------------------------------------------------------------------------
@@ -77,7 +59,7 @@ def _count_if(counter: jax.Array, cond: jax.Array) -> jax.Array:
 
 
 def _record(history: jax.Array, num_recorded: jax.Array, norm: jax.Array):
-  """Writes a finite ``norm`` into the ring buffer; non-finite norms are dropped."""
+  """Writes a finite ``norm`` into the ring buffer; non-finite values are dropped."""
   finite = jnp.isfinite(norm)
   slot = num_recorded % history.shape[0]
   history = jnp.where(finite, history.at[slot].set(norm), history)
@@ -106,13 +88,21 @@ def _percentile(history: jax.Array, num_recorded: jax.Array, q: Any) -> jax.Arra
 
 
 def _mean_std(history: jax.Array, num_recorded: jax.Array):
-  """Mean and population standard deviation of the filled entries (two-pass)."""
+  """Mean and population standard deviation of the filled entries (two-pass).
+
+  Overflow-safe: the sum is taken of the entries scaled by an exact power of
+  two of the largest (so 128 norms of 1e37 do not sum to inf), and the
+  standard deviation is ‖x − mean‖/√n with :func:`tree_norm`, whose squares
+  never overflow (a plain (x − mean)² is inf for x = 1e20 in float32).
+  """
   n = _filled(history, num_recorded)
   filled = jnp.arange(history.shape[0]) < n
   denom = jnp.maximum(n, 1).astype(history.dtype)
-  mean = jnp.sum(jnp.where(filled, history, 0)) / denom
-  var = jnp.sum(jnp.where(filled, (history - mean) ** 2, 0)) / denom
-  return mean, jnp.sqrt(var)
+  values = jnp.where(filled, history, 0)
+  s, _ = pow2_split(jnp.max(values))
+  mean = jnp.sum(values * s) / denom / s
+  std = tree_norm(jnp.where(filled, history - mean, 0)).astype(history.dtype) / jnp.sqrt(denom)
+  return mean, std
 
 
 def _clip(updates: Any, norm: jax.Array, max_norm: jax.Array) -> Any:
@@ -120,7 +110,7 @@ def _clip(updates: Any, norm: jax.Array, max_norm: jax.Array) -> Any:
   # an update with an infinite norm is handled as clip_by_norm handles one:
   # finite entries scaled to 0, infinite ones NaN (not passed through as is).
   max_norm = jnp.minimum(max_norm, jnp.finfo(norm.dtype).max)
-  return scale_tree(updates, clip_factor(norm, max_norm))
+  return scale_tree(updates, *clip_scales(norm, max_norm))
 
 
 def _empty_history(size: int, dtype: jnp.dtype) -> jax.Array:
@@ -178,7 +168,7 @@ def autoclip(percentile: Any = 10.0, *, history: int = 1000) -> optax.GradientTr
 
   Raises:
     ValueError: ``percentile`` outside (0, 100] or ``history`` < 1.
-    TypeError: ``history`` is not an int.
+    TypeError: ``history`` is not an int, or ``percentile`` is not a number.
 
   References:
     Seetharaman et al., 2020. `AutoClip: Adaptive Gradient Clipping for Source
@@ -194,10 +184,9 @@ def autoclip(percentile: Any = 10.0, *, history: int = 1000) -> optax.GradientTr
     >>> float(state.max_norm), updates  # the median of (5, 1, 9)
     (5.0, Array([0., 5.], dtype=float32))
   """
-  if is_number(percentile):
-    _check(0 < percentile <= 100, "percentile", percentile, "in (0, 100]",
-           "It is a percentage: 10.0 clips to the 10th percentile.")
-  size = _check_size("history", history)
+  check_number("percentile", percentile, low=0, high=100, low_open=True,
+               fix="It is a percentage: 10.0 clips to the 10th percentile.")
+  size = check_size("history", history)
 
   def init_fn(params):
     dtype = _norm_dtype(params)
@@ -282,7 +271,11 @@ def zclip(
   cap (inf without one); then :math:`g_t^*` on a spike, else the largest
   unclipped norm :math:`\mu_{t-1} + z_\text{thres}\sigma_{t-1}`; at most the
   cap. Non-finite norms are passed on non-finite and touch neither the
-  statistics nor the warm-up count.
+  statistics nor the warm-up count. The statistics never overflow on the way
+  (the warm-up update is written without Welford's product of two
+  differences); a variance beyond the largest float (a norm of ≳1e20 in
+  float32) saturates there instead of becoming inf, which would switch
+  clipping off, and decays with the EMA like any other.
 
   Args:
     alpha: EMA weight of the old value, in (0, 1); 0.97 in the paper.
@@ -297,6 +290,7 @@ def zclip(
 
   Raises:
     ValueError: a hyperparameter outside the ranges above.
+    TypeError: a hyperparameter is not a number (e.g. a bool).
 
   References:
     Kumar et al., 2025. `ZClip: Adaptive Spike Mitigation for LLM Pre-Training
@@ -313,16 +307,12 @@ def zclip(
     >>> updates  # clipped to 2 + 2.5**2 / 5 * 1
     Array([3.25], dtype=float32)
   """
-  if is_number(alpha):
-    _check(0 < alpha < 1, "alpha", alpha, "in (0, 1)",
-           "It is the EMA weight of the old value, e.g. 0.97.")
-  if is_number(z_threshold):
-    _check(z_threshold >= 0, "z_threshold", z_threshold, ">= 0", "The paper uses 2.5.")
-  if is_number(warmup_steps):
-    _check(warmup_steps >= 1 and float(warmup_steps).is_integer(), "warmup_steps",
-           warmup_steps, "an integer >= 1", "The paper uses 25.")
-  if is_number(max_norm):
-    _check(max_norm >= 0, "max_norm", max_norm, ">= 0 or None (no fixed cap)")
+  check_number("alpha", alpha, low=0, high=1, low_open=True, high_open=True,
+               fix="It is the EMA weight of the old value, e.g. 0.97.")
+  check_number("z_threshold", z_threshold, low=0, fix="The paper uses 2.5.")
+  check_number("warmup_steps", warmup_steps, low=1, integer=True, fix="The paper uses 25.")
+  check_number("max_norm", max_norm, low=0, allow_none=True,
+               fix="It is an optional fixed cap on the norm; None for none.")
   cap = jnp.inf if max_norm is None else max_norm
 
   def init_fn(params):
@@ -349,11 +339,13 @@ def zclip(
     a, zt, cap_t = (jnp.asarray(x, dtype) for x in (alpha, z_threshold, cap))
 
     # Warm-up: running mean and population variance (Welford), numerically
-    # stable where sums of squares are not.
+    # stable where sums of squares are not. Welford's delta·(norm − new mean)
+    # is written as the square (delta·√(n−1)/n)², which overflows only where
+    # the variance itself does (a norm of 3e19 overflowed the product).
     n = (state.num_recorded + 1).astype(dtype)
     delta = norm - mean
     warm_mean = mean + delta / n
-    warm_var = var + (delta * (norm - warm_mean) - var) / n
+    warm_var = var * ((n - 1) / n) + jnp.square(delta * (jnp.sqrt(n - 1) / n))
 
     # After warm-up: z-score and the reciprocal rule; z = ±inf where std = 0.
     std = jnp.sqrt(var)
@@ -365,11 +357,14 @@ def zclip(
     clipped = mean + zt**2 / jnp.where(spike, z, 1) * std
     g_star = jnp.where(spike, clipped, norm)
     ema_mean = a * mean + (1 - a) * g_star
-    ema_var = a * var + (1 - a) * (g_star - ema_mean) ** 2
+    ema_var = a * var + jnp.square(jnp.sqrt(1 - a) * (g_star - ema_mean))
 
     keep = ~finite
     new_mean = jnp.where(keep, mean, jnp.where(warm, warm_mean, ema_mean))
-    new_var = jnp.where(keep, var, jnp.where(warm, warm_var, ema_var))
+    # A variance beyond the largest float saturates there: inf would make every
+    # later z-score 0 and switch clipping off for good.
+    new_var = jnp.minimum(jnp.where(keep, var, jnp.where(warm, warm_var, ema_var)),
+                          jnp.finfo(dtype).max)
     limit = jnp.minimum(jnp.where(spike, clipped, jnp.inf), cap_t)
     reported = jnp.where(
         warm, cap_t, jnp.minimum(jnp.where(spike, clipped, mean + zt * std), cap_t))
@@ -401,6 +396,12 @@ class QuantileClipState(NamedTuple):
   num_clipped: jax.Array  # () int32: steps with grad_norm > max_norm
 
 
+def _clamp_threshold(c: jax.Array) -> jax.Array:
+  """C within [tiny, max] of its dtype: never 0 (a geometric update cannot leave 0)."""
+  finfo = jnp.finfo(c.dtype)
+  return jnp.clip(c, finfo.tiny, finfo.max)
+
+
 def quantile_clip(
     target_quantile: Any = 0.9,
     *,
@@ -424,11 +425,19 @@ def quantile_clip(
   the norm. Zero norms shrink :math:`C` like any small norm, never to NaN.
   Non-finite norms are passed on non-finite and leave :math:`C` unchanged.
 
+  :math:`C` is kept between the smallest normal and the largest finite number
+  of the norm's dtype (1.2e-38 and 3.4e38 in float32): a long run of zero
+  norms (~4400 at the default rate) or one step at a large rate brings it to
+  the floor, not to 0, from which a geometric update could never move; the
+  first norm above it grows it again by :math:`e^{\eta\gamma}` per step.
+
   Args:
     target_quantile: :math:`\gamma \in (0, 1]`.
-    learning_rate: :math:`\eta \ge 0` (0 keeps a fixed threshold); 0.2 in the
-      paper.
-    initial_max_norm: :math:`C_1 > 0` (a geometric update cannot leave 0).
+    learning_rate: :math:`\eta \in [0, 88.7]` (0 keeps a fixed threshold); 0.2
+      in the paper. One step changes :math:`C` by up to :math:`e^\eta`, which
+      must be a finite float32.
+    initial_max_norm: :math:`C_1 > 0`, finite (a geometric update cannot leave
+      0).
 
   Returns:
     An ``optax.GradientTransformation`` with state :class:`QuantileClipState`;
@@ -437,6 +446,7 @@ def quantile_clip(
 
   Raises:
     ValueError: a hyperparameter outside the ranges above.
+    TypeError: a hyperparameter is not a number (e.g. a bool).
 
   References:
     Andrew et al., 2021. `Differentially Private Learning with Adaptive
@@ -451,14 +461,13 @@ def quantile_clip(
     >>> updates, float(state.next_max_norm)  # clipped to 1; C grows by e^0.25
     (Array([0.6, 0.8], dtype=float32), 1.2840...)
   """
-  if is_number(target_quantile):
-    _check(0 < target_quantile <= 1, "target_quantile", target_quantile, "in (0, 1]",
-           "It is a fraction: 0.9 tracks the 90th percentile of the norm.")
-  if is_number(learning_rate):
-    _check(learning_rate >= 0, "learning_rate", learning_rate, ">= 0", "The paper uses 0.2.")
-  if is_number(initial_max_norm):
-    _check(initial_max_norm > 0, "initial_max_norm", initial_max_norm, "> 0",
-           "The geometric update cannot move a threshold of 0; start from e.g. 1.0.")
+  check_number("target_quantile", target_quantile, low=0, high=1, low_open=True,
+               fix="It is a fraction: 0.9 tracks the 90th percentile of the norm.")
+  check_number("learning_rate", learning_rate, low=0, high=_MAX_QUANTILE_LEARNING_RATE,
+               fix="It is the adaptation rate η of the threshold; the paper uses 0.2. One step"
+               " changes the threshold by up to e^η.")
+  check_number("initial_max_norm", initial_max_norm, low=0, low_open=True, finite=True,
+               fix="The geometric update cannot move a threshold of 0; start from e.g. 1.0.")
 
   def init_fn(params):
     dtype = _norm_dtype(params)
@@ -466,8 +475,8 @@ def quantile_clip(
     return QuantileClipState(
         count=_zero_count(),
         grad_norm=jnp.zeros((), dtype),
-        max_norm=jnp.array(initial_max_norm, dtype),
-        next_max_norm=jnp.array(initial_max_norm, dtype),
+        max_norm=_clamp_threshold(jnp.array(initial_max_norm, dtype)),
+        next_max_norm=_clamp_threshold(jnp.array(initial_max_norm, dtype)),
         num_clipped=_zero_count(),
     )
 
@@ -483,7 +492,7 @@ def quantile_clip(
         count=optax.safe_increment(state.count),
         grad_norm=norm,
         max_norm=c,
-        next_max_norm=jnp.where(jnp.isfinite(norm), c * step, c),
+        next_max_norm=_clamp_threshold(jnp.where(jnp.isfinite(norm), c * step, c)),
         num_clipped=_count_if(state.num_clipped, norm > c),
     )
     return _clip(updates, norm, c), new_state
@@ -501,7 +510,7 @@ class SkipSpikesState(NamedTuple):
   count: jax.Array  # () int32: steps taken, skipped ones included
   grad_norm: jax.Array  # () float: global norm of the last incoming update
   max_norm: jax.Array  # () float: skip threshold of the last step (inf before min_history)
-  history: jax.Array  # (window,) float: ring buffer of finite norms, inf = empty
+  history: jax.Array  # (window,) float: finite norms (skipped ones at the threshold), inf = empty
   num_recorded: jax.Array  # () int32: finite norms recorded so far
   num_skipped: jax.Array  # () int32: steps skipped (spikes and non-finite norms)
   inner_state: Any  # the wrapped transformation's state, untouched on skipped steps
@@ -528,10 +537,17 @@ def skip_spikes(
   zero updates and leaves the inner state exactly as it was (so Adam's moments
   and step count do not see the batch) and increments ``num_skipped``.
 
-  Every finite norm is recorded, the skipped spikes too: a lasting change of
-  scale enters the statistics and stops being skipped after a few steps
-  instead of freezing training. Non-finite norms are always skipped (this
-  subsumes ``optax.apply_if_finite``) and never recorded.
+  What is recorded: every finite norm of a step that is taken, and for a
+  skipped spike the threshold it exceeded (the norm winsorized at
+  :math:`m_t + k s_t`). So one spike cannot raise the bar for the rest of the
+  window (a recorded 1e20 would let the next 1e20 through), while a lasting
+  change of scale still ratchets the threshold up step by step until steps
+  are taken again (about 40 skipped steps for a 100-fold jump with ``window=16,
+  num_sigmas=3``; watch ``num_skipped``) instead of freezing training.
+  Non-finite norms are always skipped (this subsumes
+  ``optax.apply_if_finite``) and never recorded. The mean and standard
+  deviation are computed without overflow (norms of 1e20 in float32, 1e160 in
+  float64 have squares beyond the largest float).
 
   The inner update always runs and its result is selected with ``jnp.where``
   (as ``optax.apply_if_finite`` does; a ``lax.cond`` measured no faster and
@@ -559,7 +575,8 @@ def skip_spikes(
 
   Raises:
     ValueError: a hyperparameter outside the ranges above.
-    TypeError: ``window`` is not an int.
+    TypeError: ``window`` is not an int, or another hyperparameter is not a
+      number.
 
   References:
     Chowdhery et al., 2022. `PaLM: Scaling Language Modeling with Pathways
@@ -578,12 +595,10 @@ def skip_spikes(
     >>> updates, int(state.num_skipped)  # 50 > 1.0 + 3 * 0.163
     (Array([0.], dtype=float32), 1)
   """
-  size = _check_size("window", window)
-  if is_number(num_sigmas):
-    _check(num_sigmas >= 0, "num_sigmas", num_sigmas, ">= 0", "6.0 skips only extreme spikes.")
-  if is_number(min_history):
-    _check(min_history >= 1, "min_history", min_history, ">= 1",
-           "It is the number of norms recorded before spikes are detected.")
+  size = check_size("window", window)
+  check_number("num_sigmas", num_sigmas, low=0, fix="6.0 skips only extreme spikes.")
+  check_number("min_history", min_history, low=1,
+               fix="It is the number of norms recorded before spikes are detected.")
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params):
@@ -612,7 +627,10 @@ def skip_spikes(
     new_updates = jax.tree.map(lambda u: jnp.where(skip, jnp.zeros_like(u), u), new_updates)
     inner_state = jax.tree.map(lambda old, new: jnp.where(skip, old, new),
                                state.inner_state, new_inner)
-    history, num_recorded = _record(state.history, state.num_recorded, norm)
+    # A skipped spike enters the window at the threshold (winsorized), so one
+    # spike cannot raise the bar; non-finite norms are dropped by _record.
+    recorded = jnp.where(jnp.isfinite(norm), jnp.minimum(norm, threshold), norm)
+    history, num_recorded = _record(state.history, state.num_recorded, recorded)
     new_state = SkipSpikesState(
         count=optax.safe_increment(state.count),
         grad_norm=norm,

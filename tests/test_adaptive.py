@@ -133,15 +133,17 @@ def ref_quantile(norms, target_quantile, learning_rate, initial_max_norm):
   return out
 
 
-def ref_skip(norms, window, num_sigmas, min_history):
-  """True where the step is skipped."""
+def ref_skip(norms, window, num_sigmas, min_history, thresholds=None):
+  """True where the step is skipped; a skipped spike is recorded at the threshold."""
   hist, skipped = [], []
   for g in norms:
-    last = np.asarray(hist[-window:])
+    last = np.asarray(hist[-window:], np.float64)
     thr = last.mean() + num_sigmas * last.std() if len(hist) >= min_history else np.inf
+    if thresholds is not None:
+      thresholds.append(thr)
     skipped.append(not np.isfinite(g) or g > thr)
     if np.isfinite(g):
-      hist.append(g)
+      hist.append(min(g, thr))
   return skipped
 
 
@@ -246,9 +248,14 @@ def test_skip_spikes_matches_reference_and_independent_adam(stream):
 
 
 def test_skip_spikes_recovers_from_a_lasting_shift():
-  norms, _, states = _run("skip", "shift")
+  # A 100x lasting jump: each skipped norm enters the window at the threshold,
+  # which ratchets up until steps are taken again (~40 steps at these settings).
+  rng = np.random.default_rng(0)
+  norms = np.where(np.arange(150) < 30, 1.0, 100.0) * (1 + 0.05 * rng.standard_normal(150))
+  _, states = _scan(_skip_tx())(_grads(norms))
   skipped = np.diff(np.concatenate([[0], np.asarray(states.num_skipped)])) > 0
-  assert skipped[30] and not skipped[-10:].any()  # the jump is skipped, training resumes
+  assert skipped[30] and not skipped[-50:].any()  # the jump is skipped, training resumes
+  np.testing.assert_array_equal(skipped, ref_skip(np.asarray(states.grad_norm), **SKIP))
 
 
 def test_autoclip_first_step_is_not_clipped():
@@ -360,6 +367,123 @@ def test_nonfinite_norms_do_not_poison_the_statistics(name):
   assert np.isfinite(_norms(updates)[np.isfinite(norms)]).all()
 
 
+# ---------------------------------------------------------------------------
+# Extreme norms: the statistics neither overflow nor get stuck (float64 references).
+
+
+def _clip_run(tx, norms):
+  """(measured norms float64, update norms float64, states) of ``tx`` over ``norms``."""
+  updates, states = _scan(tx)(_grads(norms))
+  return np.asarray(states.grad_norm, np.float64), _norms(updates), states
+
+
+@pytest.mark.parametrize("spike", [4e19, 1e20])
+def test_zclip_huge_warmup_norm_matches_float64(spike):
+  # Regression: Welford's delta·(norm − mean) overflowed for a warm-up norm of
+  # ≳3e19, the variance became NaN for good: the next spike was zeroed and
+  # every later one passed. 4e19: the variance (2.6e38) fits float32 and the
+  # run matches float64 throughout. 1e20: it does not and saturates at
+  # float32's largest number, so the run matches float64 once it has decayed.
+  rng = np.random.default_rng(0)
+  norms = 1 + 0.05 * rng.standard_normal(1500)
+  spikes = [1200, 1300, 1490]
+  norms[2], norms[spikes] = spike, [50.0, 1e3, 1e30]
+  norms, out, states = _clip_run(gnorm_jax.zclip(**ZCLIP), norms)
+  limits, (mean, var) = ref_zclip(norms, **ZCLIP)
+  expected = np.minimum(norms, np.array(limits, np.float64))
+  start = 0 if spike < 1e20 else 1100
+  np.testing.assert_allclose(out[start:], expected[start:], rtol=1e-4)
+  assert np.all(out[spikes] < 2)  # every later spike is clipped to about 1
+  np.testing.assert_allclose([states.mean[-1], states.var[-1]], [mean, var], rtol=1e-3)
+  assert np.isfinite(np.asarray(states.var)).all()
+
+
+def test_skip_spikes_huge_norms_float32():
+  # Regression: (x − mean)² overflowed for norms of 1e20 (deviations ≳ 2e19),
+  # the threshold was inf and a spike of 1e21 was applied.
+  rng = np.random.default_rng(1)
+  norms = 1e20 * rng.lognormal(0.0, 0.2, 40)
+  norms[[20, 30]] = [1e21, 3e38]
+  norms, _, states = _clip_run(_skip_tx(), norms)
+  thresholds = []
+  skipped = ref_skip(norms, **SKIP, thresholds=thresholds)
+  assert skipped[20] and skipped[30]
+  steps = np.diff(np.concatenate([[0], np.asarray(states.num_skipped)])) > 0
+  np.testing.assert_array_equal(steps, skipped)
+  np.testing.assert_allclose(np.asarray(states.max_norm, np.float64), thresholds, rtol=1e-5)
+
+
+def test_skip_spikes_huge_norms_float64():
+  with jax.enable_x64(True):
+    tx = gnorm_jax.skip_spikes(optax.sgd(1.0), **SKIP)
+    rng = np.random.default_rng(2)
+    norms = 1e160 * rng.lognormal(0.0, 0.2, 30)
+    norms[20] = 1e161
+    state, skipped, thresholds = tx.init(jnp.zeros(1)), [], []
+    step = jax.jit(tx.update)
+    for g in norms:
+      _, state = step(jnp.array([g]), state)
+      skipped.append(int(state.num_skipped))
+      thresholds.append(float(state.max_norm))
+    # The reference itself overflows at 1e160 (1e320 > 1.8e308): run it scaled.
+    want_thresholds = []
+    want = ref_skip(norms / 1e160, **SKIP, thresholds=want_thresholds)
+    np.testing.assert_array_equal(np.diff(np.concatenate([[0], skipped])) > 0, want)
+    assert want[20]
+    np.testing.assert_allclose(thresholds, np.array(want_thresholds) * 1e160, rtol=1e-12)
+
+
+def test_skip_spikes_records_a_skipped_spike_at_the_threshold():
+  # One spike cannot raise the bar: it enters the window as the threshold.
+  tx = gnorm_jax.skip_spikes(optax.sgd(1.0), window=4, num_sigmas=3.0, min_history=2)
+  state = tx.init(jnp.zeros(1))
+  for g in (1.0, 1.2, 0.8):
+    _, state = tx.update(jnp.array([g]), state)
+  _, state = tx.update(jnp.array([1e6]), state)
+  threshold = 1.0 + 3 * np.std([1.0, 1.2, 0.8])
+  assert int(state.num_skipped) == 1
+  np.testing.assert_allclose(np.sort(state.history), [0.8, 1.0, 1.2, threshold], rtol=1e-6)
+
+
+def test_quantile_clip_threshold_never_reaches_zero():
+  # Regression: ~4400 zero norms at the default rate underflowed C to exactly
+  # 0, and a geometric update cannot leave 0: every later update was zeroed.
+  # C now stops at float32's smallest normal number and grows back by e^{ηγ}
+  # per step above it.
+  kwargs = dict(target_quantile=0.9, learning_rate=0.2, initial_max_norm=1.0)
+  norms = np.concatenate([np.zeros(6000), np.ones(600)])
+  norms, out, states = _clip_run(gnorm_jax.quantile_clip(**kwargs), norms)
+  tiny = float(np.finfo(np.float32).tiny)
+  c, expected = 1.0, []
+  for g in norms:  # float64 reference with the documented floor
+    expected.append(min(g, c))
+    c = max(c * math.exp(-0.2 * (float(g <= c) - 0.9)), tiny)
+  assert np.all(np.asarray(states.next_max_norm) >= tiny)
+  np.testing.assert_allclose(out, expected, rtol=1e-3, atol=1e-37)
+  assert out[-1] == pytest.approx(1.0)  # recovered
+
+
+def test_quantile_clip_large_rate_keeps_a_positive_threshold():
+  # One zero norm at η = 80 used to send C to 0 (e^-72 of 1e-30 underflows).
+  tx = gnorm_jax.quantile_clip(0.1, learning_rate=80.0, initial_max_norm=1e-30)
+  norms = np.concatenate([np.zeros(3), np.ones(20)])
+  _, out, states = _clip_run(tx, norms)
+  assert np.all(np.asarray(states.next_max_norm) >= np.finfo(np.float32).tiny)
+  assert np.all(np.isfinite(np.asarray(states.next_max_norm)))
+  assert out[3:].max() == pytest.approx(1.0)  # the threshold came back up
+
+
+@pytest.mark.parametrize("name", list(ALL))
+def test_python_float_leaves(name):
+  # Regression: Python-float leaves raised AttributeError ('float' has no dtype).
+  tx = ALL[name]()
+  g = {"a": 3.0, "b": [4.0, None]}
+  state = tx.init(g)
+  out, _ = tx.update(g, state, g)
+  ref, _ = tx.update(jax.tree.map(jnp.float32, g), state, g)
+  chex.assert_trees_all_close(out, ref)
+
+
 def test_skip_spikes_skips_nonfinite_before_min_history():
   tx = gnorm_jax.skip_spikes(optax.sgd(1.0), min_history=100)
   state = tx.init(_params())
@@ -416,12 +540,32 @@ BAD = [
      "num_sigmas"),
     (functools.partial(gnorm_jax.skip_spikes, optax.sgd(1.0)), dict(min_history=0),
      "min_history"),
+    # Concrete arrays and numpy scalars are numbers too (they used to pass unchecked).
+    (gnorm_jax.zclip, dict(max_norm=jnp.array(-1.0)), "max_norm must be >= 0"),
+    (gnorm_jax.zclip, dict(alpha=np.float32(1.5)), r"alpha must be in \(0, 1\)"),
+    (gnorm_jax.zclip, dict(warmup_steps=np.float64(2.5)), "warmup_steps must be an integer"),
+    (gnorm_jax.quantile_clip, dict(initial_max_norm=jnp.array(0.0)), "initial_max_norm"),
+    (gnorm_jax.quantile_clip, dict(initial_max_norm=math.inf), "initial_max_norm"),
+    (gnorm_jax.quantile_clip, dict(learning_rate=900.0), r"learning_rate must be in \[0, 88"),
+    (gnorm_jax.autoclip, dict(percentile=jnp.array(math.nan)), "percentile"),
 ]
 
 
 @pytest.mark.parametrize("factory,kwargs,name", BAD)
 def test_bad_hyperparameters_raise_at_construction(factory, kwargs, name):
   with pytest.raises(ValueError, match=name):
+    factory(**kwargs)
+
+
+@pytest.mark.parametrize("factory,kwargs", [
+    (gnorm_jax.autoclip, dict(percentile=True)),
+    (gnorm_jax.zclip, dict(max_norm="1.0")),
+    (gnorm_jax.zclip, dict(warmup_steps=jnp.ones(2))),
+    (gnorm_jax.quantile_clip, dict(target_quantile=True)),
+    (functools.partial(gnorm_jax.skip_spikes, optax.sgd(1.0)), dict(num_sigmas=True)),
+])
+def test_non_number_hyperparameters_raise_type_error(factory, kwargs):
+  with pytest.raises(TypeError, match=f"{next(iter(kwargs))} must be a"):
     factory(**kwargs)
 
 
@@ -529,8 +673,9 @@ def test_traced_percentile_outside_range_is_clipped_into_it(percentile, expect):
   tx = optax.inject_hyperparams(gnorm_jax.autoclip, static_args=("history",))(history=4)
   state = tx.init(_params())
   state.hyperparams["percentile"] = jnp.float32(percentile)
+  update = jax.jit(tx.update)  # traced: a concrete bad value is rejected (see below)
   for g in (1.0, 3.0, 2.0):
-    _, state = tx.update(jax.tree.map(lambda u: g * u, UNIT), state)
+    _, state = update(jax.tree.map(lambda u: g * u, UNIT), state)
   assert float(state.inner_state.max_norm) == pytest.approx(expect)
 
 

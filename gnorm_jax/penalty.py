@@ -19,14 +19,14 @@ derivative is finite: the norm's derivative there is the zero subgradient.
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 
-from gnorm_jax.norms import check_ord, safe_sqrt, sum_of_squares, tree_norm
-from gnorm_jax.transforms import check_argnums, check_fun
+from gnorm_jax._checks import check_argnums, check_choice, check_fun, check_number, check_ord
+from gnorm_jax._numerics import pow2_inverse, scale_tree, upcast
+from gnorm_jax.norms import leaf_norms, safe_sqrt, sum_of_squares, tree_norm
 
 __all__ = [
     "penalized",
@@ -39,18 +39,12 @@ __all__ = [
 _METHODS = ("hvp", "double_backprop", "finite_difference")
 
 
-# --------------------------------------------------------------------------- #
-# Argument checks (construction time; traced values are accepted as they are).
-# --------------------------------------------------------------------------- #
+_WEIGHT_FIX = "Pass the penalty weight λ, e.g. 0.1."
 
-
-def _check_number(value: Any, name: str, *, positive: bool, fix: str) -> None:
-  """Checks a Python-number hyperparameter: finite and ≥ 0 (> 0 if positive)."""
-  if isinstance(value, bool) or not isinstance(value, (int, float)):
-    return  # arrays and tracers: accepted as they are
-  if not math.isfinite(value) or value < 0 or (positive and value == 0):
-    bound = "> 0" if positive else ">= 0"
-    raise ValueError(f"{name} must be a finite number {bound}, got {name}={value!r}. {fix}")
+# The finite-difference step is at least this many units of the parameters'
+# resolution (ε·‖θ‖, leaf by leaf): rounding the probe to θ's dtype then turns
+# its direction by at most about 1/16.
+_RESOLUTION_STEPS = 8
 
 
 # --------------------------------------------------------------------------- #
@@ -75,20 +69,23 @@ def _penalty_fn(squared: bool, ord: Any) -> Callable[[Any], jax.Array]:
   return lambda g: tree_norm(g, ord)
 
 
-def _safe_inverse(x: jax.Array) -> jax.Array:
-  """1/x where x > 0, else 0 (double where: no NaN in values or derivatives)."""
-  pos = x > 0
-  return jnp.where(pos, 1 / jnp.where(pos, x, 1), 0)
-
-
 def _axpy(a: Any, x: Any, y: Any) -> Any:
   """y + a·x leaf by leaf, formed in at least float32 and cast to y's dtype."""
+  return jax.tree.map(lambda xi, yi: upcast(lambda y, x, a: y + a * x, yi, xi, a), x, y)
 
-  def leaf(xi, yi):
-    acc = jnp.promote_types(yi.dtype, jnp.float32)
-    return (yi.astype(acc) + jnp.asarray(a, acc) * xi.astype(acc)).astype(yi.dtype)
 
-  return jax.tree.map(leaf, x, y)
+def _unit(v: Any) -> tuple[Any, jax.Array]:
+  """(v/‖v‖ in v's dtypes, ‖v‖); 0 for v = 0. Never overflows (see pow2_split)."""
+  v_norm = tree_norm(v)
+  return scale_tree(v, *pow2_inverse(v_norm)), v_norm
+
+
+def _resolution(theta: Any) -> jax.Array:
+  """‖(ε_ℓ·‖θ_ℓ‖)_ℓ‖: how far rounding to θ's dtypes can move a point near θ."""
+  norms = leaf_norms(theta)
+  return tree_norm(
+      jax.tree.map(lambda n, x: n * jnp.finfo(jnp.asarray(x).dtype).eps, norms, theta)
+  )
 
 
 def _bind(fun: Callable[..., Any], argnums: int | Sequence[int], args, kwargs):
@@ -98,7 +95,7 @@ def _bind(fun: Callable[..., Any], argnums: int | Sequence[int], args, kwargs):
   a tuple it is the tuple of them (the layout :func:`jax.grad` returns).
   """
   nums = (argnums,) if isinstance(argnums, int) else tuple(argnums)
-  if max(nums) >= len(args) or min(nums) < -len(args):
+  if max(nums) >= len(args):
     raise TypeError(
         f"argnums={argnums!r} refers to a positional argument that was not"
         f" given: the function was called with {len(args)} positional"
@@ -154,7 +151,8 @@ def penalized(
   Args:
     fun: a function returning a real scalar J (or ``(J, aux)`` with
       ``has_aux``).
-    weight: λ ≥ 0, a Python number or an array (traced values are accepted).
+    weight: λ ≥ 0, finite: a number (Python, numpy or a 0-d array, checked
+      here) or a traced value (accepted as it is).
     squared: penalize ‖∇J‖² (default, as in the classic double-backprop
       regularizer) or ‖∇J‖ (as in Zhao et al. 2022).
     ord: the norm of ∇J: None or 2 (Euclidean), 1 or ``inf``.
@@ -166,9 +164,10 @@ def penalized(
     A function with ``fun``'s signature returning P (or ``(P, aux)``).
 
   Raises:
-    ValueError: ``weight`` is a negative or non-finite Python number, or ``ord``
-      is not accepted.
-    TypeError: ``fun`` is not callable or ``argnums`` is malformed.
+    ValueError: ``weight`` is a negative or non-finite number, ``ord`` is not
+      accepted, or ``argnums`` has negative entries.
+    TypeError: ``fun`` is not callable, ``argnums`` is malformed or
+      ``weight`` is not a number.
 
   Examples:
     >>> import jax, jax.numpy as jnp
@@ -187,9 +186,9 @@ def penalized(
     https://arxiv.org/abs/2202.03599
   """
   check_fun(fun, "penalized")
-  _check_number(weight, "weight", positive=False, fix="Pass the penalty weight λ, e.g. 0.1.")
+  check_number("weight", weight, low=0, finite=True, fix=_WEIGHT_FIX)
   check_ord(ord)
-  check_argnums(argnums)
+  check_argnums("argnums", argnums)
   vg = jax.value_and_grad(fun, argnums=argnums, has_aux=has_aux)
   penalty = _penalty_fn(squared, ord)
 
@@ -203,24 +202,36 @@ def penalized(
 
 
 def _hvp_method(f, theta, *, weight, penalty, has_aux, radius):
-  """∇J + λ·H·∇φ(∇J), the product forward-over-reverse (jax.linearize of ∇J)."""
+  """∇J + λ‖v‖·H·(v/‖v‖), the product forward-over-reverse (jax.linearize of ∇J).
+
+  H is applied to the unit vector and ‖v‖ multiplied in afterwards in at
+  least float32: H·v itself can overflow a float16 θ (H·v = 1.1e5 at
+  θ = 30 for J = Σθ³/3) where the result ∇J + λ·H·v does not.
+  """
   del radius
   vg = jax.value_and_grad(f, has_aux=has_aux)
   # linearize runs J's forward and backward pass once and returns H·(·) as a
   # linear map, so the primal is not recomputed for the product.
   grads, hvp, out = jax.linearize(lambda t: vg(t)[::-1], theta, has_aux=True)
   pen, v = jax.value_and_grad(penalty)(grads)
-  return out, pen, _axpy(weight, hvp(v), grads)
+  u, v_norm = _unit(v)
+  return out, pen, _axpy(weight * v_norm, hvp(u), grads)
 
 
 def _finite_difference_method(f, theta, *, weight, penalty, has_aux, radius):
-  """Zhao et al. 2022: H·v ≈ ‖v‖·(∇J(θ + r·v/‖v‖) − ∇J(θ))/r, v = ∇φ(∇J)."""
+  """Zhao et al. 2022: H·v ≈ ‖v‖·(∇J(θ + r·v/‖v‖) − ∇J(θ))/r, v = ∇φ(∇J).
+
+  The step r is at least 8·ε·‖θ‖ (ε the resolution of θ's dtype, leaf by
+  leaf): a smaller probe offset would be rounded away (θ + 0.01 = θ for a
+  bfloat16 θ = 300), silently dropping the penalty from the gradient.
+  """
   out, grads = jax.value_and_grad(f, has_aux=has_aux)(theta)
   pen, v = jax.value_and_grad(penalty)(grads)
-  v_norm = tree_norm(v)
-  # v = 0 at a stationary point: then the probe is θ itself and the
-  # correction is 0·0, not 0/0.
-  probe = _axpy(radius * _safe_inverse(v_norm), v, theta)
+  u, v_norm = _unit(v)
+  radius = jnp.maximum(jnp.asarray(radius, v_norm.dtype), _RESOLUTION_STEPS * _resolution(theta))
+  # u = 0 at a stationary point: then the probe is θ itself and the
+  # correction is 0·0.
+  probe = _axpy(radius, u, theta)
   probe_grads = jax.grad(f, has_aux=has_aux)(probe)
   if has_aux:
     probe_grads = probe_grads[0]
@@ -268,7 +279,16 @@ def penalized_value_and_grad(
     :math:`\alpha = \lambda/r`. For the squared penalty the probe is the same
     and :math:`\alpha = 2\lambda\|g\|/r`. The error is
     :math:`\lambda\|v\|\,O(r)` (zero when J is quadratic); ``radius`` r trades it
-    against float rounding, which grows like ε·‖g‖/r.
+    against float rounding, which grows like ε·‖g‖/r. The step actually taken
+    is :math:`\max(r,\ 8\,\|(\varepsilon_\ell \|\theta_\ell\|)_\ell\|)`,
+    with :math:`\varepsilon_\ell` the resolution of leaf ℓ's dtype: a smaller
+    offset would be rounded away when the probe is stored in θ's dtype
+    (``300 + 0.01 = 300`` in bfloat16), silently dropping the penalty. For
+    float32 parameters of ordinary size this is r itself.
+
+  ``"hvp"`` applies H to :math:`v/\|v\|` and multiplies by :math:`\|v\|` in at
+  least float32, so a float16 θ gets the gradient ``"double_backprop"`` gets
+  even where H·v alone would overflow float16.
 
   At a stationary point (g = 0) v = 0 (the norm's zero subgradient), so every
   method returns the gradient 0 and no NaN. A NaN or inf in g propagates to
@@ -282,7 +302,8 @@ def penalized_value_and_grad(
     squared: penalize ‖∇J‖² (default) or ‖∇J‖ (as in Zhao et al. 2022).
     ord: the norm of ∇J: None or 2 (Euclidean), 1 or ``inf``.
     radius: r > 0, the finite-difference step in parameter space (only used by
-      ``"finite_difference"``; traced values are accepted).
+      ``"finite_difference"``; traced values are accepted). Raised to the
+      parameters' resolution where it is below it (see above).
     argnums: the positional argument(s) θ, as in :func:`jax.value_and_grad`.
     has_aux: ``fun`` returns ``(J, aux)``; the value is then ``(P, aux)``.
 
@@ -292,8 +313,9 @@ def penalized_value_and_grad(
 
   Raises:
     ValueError: unknown ``method``; negative/non-finite ``weight``; ``radius``
-      not > 0; ``ord`` not accepted.
-    TypeError: ``fun`` is not callable or ``argnums`` is malformed.
+      not a finite number > 0; ``ord`` not accepted; negative ``argnums``.
+    TypeError: ``fun`` is not callable, ``argnums`` is malformed, or
+      ``weight``/``radius`` is not a number.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -315,14 +337,12 @@ def penalized_value_and_grad(
     Generalization in Deep Learning", https://arxiv.org/abs/2202.03599
   """
   check_fun(fun, "penalized_value_and_grad")
-  if method not in _METHODS:
-    raise ValueError(f"method must be one of {_METHODS}, got method={method!r}.")
-  _check_number(weight, "weight", positive=False, fix="Pass the penalty weight λ, e.g. 0.1.")
-  _check_number(
-      radius, "radius", positive=True, fix="Pass a small step in parameter space, e.g. 0.01."
-  )
+  check_choice("method", method, _METHODS)
+  check_number("weight", weight, low=0, finite=True, fix=_WEIGHT_FIX)
+  check_number("radius", radius, low=0, low_open=True, finite=True,
+               fix="Pass a small step in parameter space, e.g. 0.01.")
   check_ord(ord)
-  check_argnums(argnums)
+  check_argnums("argnums", argnums)
 
   if method == "double_backprop":
     p = penalized(fun, weight, squared=squared, ord=ord, argnums=argnums, has_aux=has_aux)
@@ -419,7 +439,8 @@ def gradient_penalty(critic: Callable[[Any], jax.Array], x: Any, *, target: Any 
 
   Raises:
     ValueError: the critic's output is not one score per example, x has no
-      batch axis, or ``target`` is a negative or non-finite Python number.
+      batch axis, or ``target`` is a negative or non-finite number.
+    TypeError: ``target`` is not a number.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -433,9 +454,8 @@ def gradient_penalty(critic: Callable[[Any], jax.Array], x: Any, *, target: Any 
     https://arxiv.org/abs/1704.00028
   """
   check_fun(critic, "gradient_penalty")
-  _check_number(
-      target, "target", positive=False, fix="Pass the target norm, 1.0 in WGAN-GP."
-  )
+  check_number("target", target, low=0, finite=True,
+               fix="Pass the target norm, 1.0 in WGAN-GP.")
   _check_batch(x, "x")
   norms = safe_sqrt(_per_example_sq_norms(_input_grads(critic, x)))
   return jnp.mean(jnp.square(norms - jnp.asarray(target, norms.dtype)))
@@ -526,8 +546,7 @@ def interpolate(key: jax.Array, real: Any, fake: Any) -> Any:
   eps = jax.random.uniform(key, (batch,), jnp.float32)
 
   def mix(r, f):
-    acc = jnp.promote_types(r.dtype, jnp.float32)
-    e = eps.astype(acc).reshape((batch,) + (1,) * (r.ndim - 1))
-    return (e * r.astype(acc) + (1 - e) * f.astype(acc)).astype(r.dtype)
+    e = eps.reshape((batch,) + (1,) * (jnp.ndim(r) - 1))
+    return upcast(lambda r, f, e: e * r + (1 - e) * f, r, f, e)
 
   return jax.tree.map(mix, real, fake)

@@ -517,6 +517,97 @@ def test_penalized_value_and_grad_rejects_bad_hyperparameters(kwargs, match):
     gnorm_jax.penalized_value_and_grad(jnp.sum, weight, **kwargs)
 
 
+@pytest.mark.parametrize(
+    "weight, error, match",
+    [
+        ("0.1", TypeError, "weight must be a real number"),
+        (True, TypeError, "weight must be a number, not a bool"),
+        (jnp.ones(2), TypeError, r"weight must be a scalar"),
+        (np.float32(-1.0), ValueError, "weight must be a finite number >= 0"),
+        (jnp.array(-1.0), ValueError, "weight must be a finite number >= 0"),
+        (jnp.array(math.nan), ValueError, "weight must be a finite number >= 0"),
+    ],
+)
+@pytest.mark.parametrize("make", [gnorm_jax.penalized, gnorm_jax.penalized_value_and_grad])
+def test_penalty_weight_follows_the_number_policy(make, weight, error, match):
+  # weight="0.1" used to fail with "Only integer scalar arrays can be converted
+  # to a scalar index"; numpy scalars and concrete arrays went unchecked.
+  with pytest.raises(error, match=match):
+    make(jnp.sum, weight)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(radius=jnp.array(0.0)), ValueError, "radius must be a finite number > 0"),
+        (dict(radius=math.inf), ValueError, "radius must be a finite number > 0"),
+        (dict(method=3), ValueError, "method must be one of"),
+        (dict(argnums=-1), ValueError, r"negative entries \[-1\]"),
+        (dict(argnums=(0, -2)), ValueError, r"negative entries \[-2\]"),
+        (dict(argnums=True), TypeError, "argnums must be an int"),
+    ],
+)
+def test_penalized_value_and_grad_argument_checks(kwargs, error, match):
+  with pytest.raises(error, match=match):
+    gnorm_jax.penalized_value_and_grad(jnp.sum, 0.1, **kwargs)
+
+
+def test_gan_penalty_target_follows_the_number_policy():
+  critic = lambda x: x @ jnp.ones(2)
+  with pytest.raises(ValueError, match="target must be a finite number >= 0"):
+    gnorm_jax.gradient_penalty(critic, jnp.ones((2, 2)), target=jnp.array(-1.0))
+  with pytest.raises(TypeError, match="target must be a number, not a bool"):
+    gnorm_jax.gradient_penalty(critic, jnp.ones((2, 2)), target=True)
+
+
+def _np_cubic_penalized_grad(w, weight):
+  """J = Σw³/3: ∇J = w², H = diag(2w), ∇(J + λ‖∇J‖²) = w² + 4λw³ (float64)."""
+  w = np.asarray(w, np.float64)
+  return w**2 + 4 * weight * w**3
+
+
+@pytest.mark.parametrize("dtype, theta, weight", [(jnp.bfloat16, 300.0, 0.1),
+                                                  (jnp.float16, 100.0, 0.01)])
+def test_finite_difference_step_is_not_rounded_away(dtype, theta, weight):
+  # Regression: θ + 0.01·v/‖v‖ = θ in bfloat16 at θ = 300 (its spacing there
+  # is 2), so the probe gradient equalled ∇J and the penalty vanished from ∇P:
+  # 90112 against the exact 1.089e7. The step is now at least 8·ε·‖θ‖.
+  J = lambda w: jnp.sum(w.astype(jnp.float32) ** 3) / 3
+  w = jnp.asarray([theta], dtype)
+  _, grad = gnorm_jax.penalized_value_and_grad(J, weight, method="finite_difference")(w)
+  assert grad.dtype == dtype
+  # The O(r) error of the wider step: r/(2θ), 1.6% for bfloat16, 0.4% for float16.
+  np.testing.assert_allclose(np.asarray(grad, np.float64), _np_cubic_penalized_grad(w, weight),
+                             rtol=0.03)
+
+
+def test_finite_difference_step_floor_leaves_float32_unchanged():
+  # In float32 at ordinary scales 8·ε·‖θ‖ is far below the radius: the step is
+  # exactly the radius, as in Zhao et al.
+  J = lambda w: jnp.sum(w**3) / 3
+  w = jnp.asarray([1.0, 2.0])
+  _, grad = gnorm_jax.penalized_value_and_grad(J, 0.1, method="finite_difference",
+                                               radius=1e-3)(w)
+  # ((w + r u)² − w²)/r·‖v‖ = 2w·v_u + r·u²·‖v‖ exactly, for u = v/‖v‖, v = 2w².
+  v = 2 * np.array([1.0, 4.0])
+  u = v / np.linalg.norm(v)
+  expected = np.array([1.0, 4.0]) + 0.1 * np.linalg.norm(v) * (2 * np.array([1.0, 2.0]) * u
+                                                                + 1e-3 * u**2)
+  np.testing.assert_allclose(grad, expected, rtol=1e-4)
+
+
+def test_hvp_method_float16_does_not_overflow():
+  # Regression: H·v = 2w·2w² = 1.08e5 overflows float16 at w = 30 although
+  # ∇P = w² + 4λw³ = 11700 does not; the product now runs on v/‖v‖.
+  J = lambda w: jnp.sum(w.astype(jnp.float32) ** 3) / 3
+  w = jnp.asarray([10.0, 30.0], jnp.float16)
+  expected = _np_cubic_penalized_grad(w, 0.1)
+  for method in EXACT:
+    _, grad = gnorm_jax.penalized_value_and_grad(J, 0.1, method=method)(w)
+    assert grad.dtype == jnp.float16
+    np.testing.assert_allclose(np.asarray(grad, np.float64), expected, rtol=2e-3)
+
+
 def test_penalized_rejects_bad_arguments():
   with pytest.raises(ValueError, match="weight"):
     gnorm_jax.penalized(jnp.sum, -0.5)

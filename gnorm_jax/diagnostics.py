@@ -21,7 +21,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gnorm_jax.norms import check_ord, is_number, leaf_norms, tree_norm
+from gnorm_jax._checks import check_number, check_ord, concrete_number
+from gnorm_jax._numerics import safe_divide
+from gnorm_jax.norms import leaf_norms, tree_norm
 
 __all__ = [
     "NoiseScale",
@@ -50,16 +52,11 @@ class NoiseScale(NamedTuple):
 
 
 def _check_batch_sizes(b_small: Any, b_big: Any, names: tuple[str, str]) -> None:
-  """Validates batch sizes given as Python numbers; traced ones pass as they are."""
+  """Validates batch sizes given as numbers; traced ones pass as they are."""
   for value, name in zip((b_small, b_big), names):
-    if isinstance(value, bool):
-      raise TypeError(f"{name} must be a number of examples, got {name}={value!r}.")
-  if is_number(b_small) and b_small < 1:
-    raise ValueError(
-        f"{names[0]} must be at least 1 (a number of examples), got"
-        f" {names[0]}={b_small!r}."
-    )
-  if is_number(b_big) and is_number(b_small) and b_big <= b_small:
+    check_number(name, value, low=1, finite=True, fix="It is a number of examples.")
+  small, big = concrete_number(names[0], b_small), concrete_number(names[1], b_big)
+  if small is not None and big is not None and big <= small:
     raise ValueError(
         f"{names[1]} must be larger than {names[0]}: the estimates divide by"
         f" {names[1]} - {names[0]}; got {names[0]}={b_small!r}, {names[1]}={b_big!r}."
@@ -69,11 +66,9 @@ def _check_batch_sizes(b_small: Any, b_big: Any, names: tuple[str, str]) -> None
 
 def _safe_ratio(num: jax.Array, den: jax.Array) -> jax.Array:
   """num/den, with 0/0 = 0 and x/0 = ±inf; NaN only from NaN inputs."""
-  nonzero = den != 0
-  ratio = num / jnp.where(nonzero, den, 1)
   # Constants, not sign(num)·inf: a zero cotangent times inf would be NaN.
   at_zero = jnp.where(num > 0, jnp.inf, jnp.where(num < 0, -jnp.inf, 0)).astype(num.dtype)
-  return jnp.where(nonzero, ratio, jnp.where(jnp.isnan(num), num, at_zero))
+  return safe_divide(num, den, jnp.where(jnp.isnan(num), num, at_zero))
 
 
 def noise_scale_from_two_batches(
@@ -116,9 +111,9 @@ def noise_scale_from_two_batches(
     ``grad_sq_norm`` is 0; inf or NaN inputs give inf or NaN estimates.
 
   Raises:
-    ValueError: ``b_small < 1`` or ``b_big <= b_small`` (given as Python numbers;
-      traced batch sizes are not checked).
-    TypeError: a batch size is a bool.
+    ValueError: ``b_small < 1`` or ``b_big <= b_small`` (given as numbers,
+      concrete 0-d arrays included; traced batch sizes are not checked).
+    TypeError: a batch size is a bool or not a number.
 
   Examples:
     >>> import gnorm_jax
@@ -180,7 +175,8 @@ def gradient_noise_scale(
 
   Raises:
     ValueError: ``per_example_sq_norms`` is not a non-empty 1-D array, or
-      ``batch_size`` (a Python number) is below 2.
+      ``batch_size`` (a number) is below 2.
+    TypeError: ``batch_size`` is not a number (e.g. a bool).
 
   Examples:
     >>> import jax.numpy as jnp
@@ -202,11 +198,8 @@ def gradient_noise_scale(
         f" per-example gradient norms, got shape {sq.shape}. Flatten it"
         " (e.g. `x.reshape(-1)`) if it has a microbatch axis."
     )
-  if is_number(batch_size) and batch_size < 2:
-    raise ValueError(
-        f"batch_size must be at least 2 (the estimates divide by batch_size - 1),"
-        f" got batch_size={batch_size!r}."
-    )
+  check_number("batch_size", batch_size, low=2, finite=True,
+               fix="The estimates divide by batch_size - 1.")
   small = jnp.mean(sq.astype(jnp.promote_types(sq.dtype, jnp.float32)))
   return noise_scale_from_two_batches(small, batch_grad_sq_norm, 1, batch_size)
 
@@ -266,7 +259,8 @@ def noise_scale_tracker(decay: float | jax.Array = 0.99) -> NoiseScaleTracker:
     smoothed :class:`NoiseScale` (float32) and the new state.
 
   Raises:
-    ValueError: ``decay`` (a Python number) is not in [0, 1).
+    ValueError: ``decay`` (a number) is not in [0, 1).
+    TypeError: ``decay`` is not a number (e.g. a bool).
 
   Examples:
     >>> import jax.numpy as jnp
@@ -283,13 +277,8 @@ def noise_scale_tracker(decay: float | jax.Array = 0.99) -> NoiseScaleTracker:
     McCandlish, Kaplan, Amodei et al. 2018, "An Empirical Model of Large-Batch
     Training", appendix A. https://arxiv.org/abs/1812.06162
   """
-  if isinstance(decay, bool) or (
-      is_number(decay) and not 0 <= decay < 1
-  ):
-    raise ValueError(
-        f"decay must be in [0, 1) (e.g. 0.99 averages over ~100 steps), got"
-        f" decay={decay!r}."
-    )
+  check_number("decay", decay, low=0, high=1, high_open=True,
+               fix="E.g. 0.99 averages over ~100 steps.")
 
   def init() -> NoiseScaleTrackerState:
     # Distinct buffers, so the state can be donated to a jitted step.
@@ -314,7 +303,7 @@ def noise_scale_tracker(decay: float | jax.Array = 0.99) -> NoiseScaleTracker:
         skipped=state.skipped + jnp.where(finite, 0, 1).astype(jnp.int32),
     )
     seen = state.weight > 0
-    inv_weight = jnp.where(seen, 1 / jnp.where(seen, state.weight, 1), jnp.nan)
+    inv_weight = safe_divide(1, state.weight, jnp.nan)
     smoothed = NoiseScale(
         b_simple=jnp.where(
             seen, _safe_ratio(state.trace_cov, state.grad_sq_norm), jnp.nan

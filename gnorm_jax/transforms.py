@@ -7,27 +7,24 @@ from typing import Any, Callable, Sequence
 
 import jax
 
-from gnorm_jax.norms import check_ord, tree_norm
+from gnorm_jax import _checks
+from gnorm_jax._checks import check_fun, check_ord
+from gnorm_jax.norms import tree_norm
 
 __all__ = ["grad_norm", "value_grad_and_norm"]
 
 
 def check_argnums(argnums: Any, name: str = "argnums") -> None:
-  """Raises TypeError unless ``argnums`` is an int or a non-empty tuple of ints."""
-  nums = argnums if isinstance(argnums, (tuple, list)) else (argnums,)
-  if not nums or not all(
-      isinstance(a, int) and not isinstance(a, bool) for a in nums
-  ):
-    raise TypeError(
-        f"{name} must be an int or a non-empty tuple of ints, got"
-        f" {name}={argnums!r}."
-    )
+  """Raises unless ``argnums`` is an int or a non-empty tuple of ints >= 0.
 
+  Kept with this signature for the per-example engine; the policy is
+  :func:`gnorm_jax._checks.check_argnums`.
 
-def check_fun(fun: Any, name: str) -> None:
-  """Raises TypeError unless ``fun`` is callable; ``name`` is the caller."""
-  if not callable(fun):
-    raise TypeError(f"{name} expects a callable as its first argument, got {fun!r}.")
+  Raises:
+    TypeError: not an int or a non-empty tuple of ints.
+    ValueError: a negative entry (the message names it).
+  """
+  _checks.check_argnums(name, argnums)
 
 
 def value_grad_and_norm(
@@ -61,7 +58,8 @@ def value_grad_and_norm(
   Raises:
     TypeError: ``fun`` is not callable or ``argnums`` is not an int or a
       non-empty tuple of ints.
-    ValueError: ``ord`` is not None, 1, 2 or inf.
+    ValueError: ``ord`` is not None, 1, 2 or inf, or ``argnums`` has negative
+      entries (count positions from 0).
 
   Examples:
     >>> import jax.numpy as jnp
@@ -124,7 +122,8 @@ def grad_norm(
       non-empty tuple of ints (at construction); as in :func:`jax.grad`, at
       call time, for argnums beyond the arguments, integer inputs or a
       non-scalar output.
-    ValueError: ``ord`` is not None, 1, 2 or inf.
+    ValueError: ``ord`` is not None, 1, 2 or inf, or ``argnums`` has negative
+      entries (count positions from 0).
 
   Examples:
     >>> import jax, jax.numpy as jnp

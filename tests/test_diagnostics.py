@@ -221,10 +221,14 @@ def test_derivatives():
 @pytest.mark.parametrize(
     "kwargs,error,match",
     [
-        ({"b_small": 0, "b_big": 4}, ValueError, "b_small must be at least 1"),
+        ({"b_small": 0, "b_big": 4}, ValueError, "b_small must be a finite number >= 1"),
+        ({"b_small": jnp.array(0), "b_big": 4}, ValueError, "b_small must be"),
+        ({"b_small": 2, "b_big": np.int32(2)}, ValueError, "b_big must be larger"),
+        ({"b_small": 2, "b_big": math.inf}, ValueError, "b_big must be a finite number"),
         ({"b_small": 4, "b_big": 4}, ValueError, "b_big must be larger"),
         ({"b_small": 8, "b_big": 2}, ValueError, "b_big must be larger"),
         ({"b_small": True, "b_big": 4}, TypeError, "b_small must be a number"),
+        ({"b_small": 2, "b_big": "8"}, TypeError, "b_big must be a real number"),
     ],
 )
 def test_two_batches_validation(kwargs, error, match):
@@ -235,8 +239,9 @@ def test_two_batches_validation(kwargs, error, match):
 @pytest.mark.parametrize(
     "sq,batch_size,match",
     [
-        (jnp.ones(4), 1, "batch_size must be at least 2"),
-        (jnp.ones(4), 0, "batch_size must be at least 2"),
+        (jnp.ones(4), 1, "batch_size must be a finite number >= 2"),
+        (jnp.ones(4), 0, "batch_size must be a finite number >= 2"),
+        (jnp.ones(4), jnp.array(1), "batch_size must be a finite number >= 2"),
         (jnp.ones((2, 2)), 4, "non-empty 1-D"),
         (jnp.ones(()), 4, "non-empty 1-D"),
         (jnp.ones((0,)), 4, "non-empty 1-D"),
@@ -372,9 +377,15 @@ def test_tracker_of_constant_estimates_is_that_constant(value, decay, steps):
     np.testing.assert_allclose(smoothed, [tr / g2, g2, tr], rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("decay", [-0.1, 1.0, 1.5, True])
+@pytest.mark.parametrize("decay", [-0.1, 1.0, 1.5, jnp.array(1.0), np.float32(-0.5), math.nan])
 def test_tracker_validation(decay):
-  with pytest.raises(ValueError, match="decay must be in"):
+  with pytest.raises(ValueError, match=r"decay must be in \[0, 1\)"):
+    gnorm_jax.noise_scale_tracker(decay)
+
+
+@pytest.mark.parametrize("decay", [True, "0.9", jnp.ones(2)])
+def test_tracker_rejects_non_numbers(decay):
+  with pytest.raises(TypeError, match="decay must be a"):
     gnorm_jax.noise_scale_tracker(decay)
 
 

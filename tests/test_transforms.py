@@ -5,11 +5,13 @@ jax.hessian used independently of gnorm_jax with the norm taken in numpy.
 """
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import np_norm
 from jax.test_util import check_grads
 
 import gnorm_jax
@@ -19,11 +21,6 @@ RNG = np.random.default_rng(0)
 W = RNG.normal(size=(3, 4))
 X = RNG.normal(size=4)
 Y = RNG.normal(size=3)
-
-
-def np_norm(v, ord=None):
-  v = np.abs(np.concatenate([np.ravel(np.asarray(a, np.float64)) for a in v]))
-  return {None: np.sqrt(np.sum(v * v)), 1: v.sum(), math.inf: v.max(initial=0.0)}[ord]
 
 
 def loss(w, x, y):
@@ -241,6 +238,26 @@ def test_grad_of_grad_norm_in_a_training_step():
 def test_bad_argnums_raise_type_error_at_construction(transform, argnums):
   with pytest.raises(TypeError, match="argnums must be an int or a non-empty tuple of ints"):
     transform(loss, argnums)
+
+
+@pytest.mark.parametrize("transform", [gnorm_jax.grad_norm, gnorm_jax.value_grad_and_norm])
+@pytest.mark.parametrize("argnums, negative", [(-1, [-1]), ((0, -2), [-2]), ([-3, -1], [-3, -1])])
+def test_negative_argnums_are_rejected_naming_them(transform, argnums, negative):
+  # One policy for every function transformation (the per-example engine
+  # failed on them deep inside vmap).
+  with pytest.raises(ValueError, match=rf"negative entries {re.escape(str(negative))}"):
+    transform(loss, argnums)
+
+
+def test_check_argnums_keeps_its_signature():
+  # The per-example engine imports it: (argnums, name="argnums").
+  from gnorm_jax.transforms import check_argnums
+
+  assert check_argnums((0, 2)) is None and check_argnums(np.int64(1), "batch_argnums") is None
+  with pytest.raises(TypeError, match="batch_argnums must be an int or a non-empty tuple"):
+    check_argnums("1", "batch_argnums")
+  with pytest.raises(ValueError, match="batch_argnums must count"):
+    check_argnums(-1, "batch_argnums")
 
 
 @pytest.mark.parametrize("transform", [gnorm_jax.grad_norm, gnorm_jax.value_grad_and_norm])

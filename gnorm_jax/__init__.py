@@ -32,6 +32,15 @@ from gnorm_jax.diagnostics import (
     noise_scale_tracker,
     record_leaf_norms,
 )
+from gnorm_jax.dp import (
+    DPNoiseState,
+    PoissonBatches,
+    dp_epsilon,
+    dp_noise,
+    dp_noise_multiplier,
+    poisson_batches,
+    poisson_max_batch_size,
+)
 from gnorm_jax.norms import leaf_norms, tree_norm
 from gnorm_jax.penalty import (
     gradient_penalty,
@@ -84,6 +93,14 @@ __all__ = [
     "PerExamplePlan",
     "LeafPlan",
     "clipped_grad",
+    # differential privacy (DP-SGD)
+    "dp_noise",
+    "DPNoiseState",
+    "dp_epsilon",
+    "dp_noise_multiplier",
+    "poisson_batches",
+    "PoissonBatches",
+    "poisson_max_batch_size",
     # diagnostics
     "gradient_noise_scale",
     "noise_scale_from_two_batches",

@@ -1,0 +1,532 @@
+"""Differentially private training (DP-SGD) around the per-example engine.
+
+A DP-SGD step (Abadi et al. 2016) samples a batch by Poisson sampling (each of
+the N examples independently, with probability q), clips every example's
+gradient to norm C and sums (:func:`gnorm_jax.clipped_grad` with
+``reduce="sum"``), adds Gaussian noise N(0, σ²C²) to every entry of the sum and
+divides by the expected batch size qN. This module supplies the batches
+(:func:`poisson_batches`), the noise (:func:`dp_noise`, an Optax
+transformation) and the privacy accounting (:func:`dp_epsilon`,
+:func:`dp_noise_multiplier`). The accounting is Google's ``dp_accounting``
+package, called as it is: nothing here computes a privacy loss by hand.
+
+``dp_accounting`` and ``scipy.stats`` are imported inside the functions that
+use them: they take about a second to import, which ``import gnorm_jax``
+should not pay.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable, Iterator, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from gnorm_jax._checks import check_choice, check_number, check_size, concrete_number
+from gnorm_jax.norms import tree_norm
+
+__all__ = [
+    "DPNoiseState",
+    "PoissonBatches",
+    "dp_epsilon",
+    "dp_noise",
+    "dp_noise_multiplier",
+    "poisson_batches",
+    "poisson_max_batch_size",
+]
+
+_ACCOUNTANTS = ("pld", "rdp")
+
+
+# Validation, by the one policy of gnorm_jax._checks. dp_noise's hyperparameters
+# may be traced (then unchecked); the host-side functions need concrete numbers.
+
+
+def _host_number(name: str, value: Any, fix: str, **requirements: Any) -> int | float:
+  """``value`` as a Python number, checked; TypeError if it is traced."""
+  number = concrete_number(name, value, fix)
+  if number is None:
+    raise TypeError(
+        f"{name} must be a concrete number: this function runs on the host, not under"
+        f" jit/grad/vmap; got the traced {name}={value!r}. {fix}"
+    )
+  check_number(name, number, fix=fix, **requirements)
+  return number
+
+
+_NOISE_MULTIPLIER = dict(
+    low=0, finite=True,
+    fix="It is σ, the noise std in units of the sensitivity (e.g. 1.0; 0 adds no noise).",
+)
+_SAMPLING_RATE = dict(
+    low=0, low_open=True, high=1,
+    fix="It is q, each example's probability of being in a batch (e.g. 256 / N).",
+)
+_STEPS = dict(low=1, integer=True, fix="Pass the number of training steps (e.g. 1000).")
+_DELTA = dict(low=0, high=1, low_open=True, high_open=True,
+              fix="Pick δ well below 1/N for N examples (e.g. 1e-5).")
+_NUM_EXAMPLES = dict(low=1, integer=True, fix="Pass the number of training examples N.")
+
+
+def _check_accounting(sampling_rate: Any, steps: Any, delta: Any, accountant: Any):
+  """(q, T, δ) as Python numbers, with ``accountant`` checked."""
+  q = _host_number("sampling_rate", sampling_rate, **_SAMPLING_RATE)
+  t = _host_number("steps", steps, **_STEPS)
+  d = _host_number("delta", delta, **_DELTA)
+  check_choice("accountant", accountant, _ACCOUNTANTS,
+               '"pld" (privacy loss distributions) is tight; "rdp" (Rényi DP) faster, looser.')
+  return float(q), int(t), float(d)
+
+
+# The transformation.
+
+
+class DPNoiseState(NamedTuple):
+  """State of :func:`dp_noise`."""
+
+  key: jax.Array  # key data (uint32 [2] for the default threefry): split at every step
+  noise_std: jax.Array  # () float32: σ·Δ, the std of the noise of the last step (0 before any)
+
+
+def _sensitivity(max_norm: Any) -> jax.Array:
+  """Δ = ‖(C_g)_g‖₂ over the leaves of ``max_norm`` (Δ = C for a number), float32."""
+  return tree_norm(jax.tree.map(lambda c: jnp.asarray(c, jnp.float32), max_norm))
+
+
+def _add_noise(leaf: jax.Array, key: jax.Array, std: jax.Array, batch_size: Any) -> jax.Array:
+  """(leaf + std·N(0, 1)) / batch_size, in at least float32, cast back to the leaf's dtype."""
+  dtype = jnp.promote_types(leaf.dtype, jnp.float32)
+  noise = jax.random.normal(key, leaf.shape, dtype)
+  noisy = (leaf.astype(dtype) + std.astype(dtype) * noise) / jnp.asarray(batch_size, dtype)
+  return noisy.astype(leaf.dtype)
+
+
+def _check_updates(updates: Any, max_norm: Any) -> None:
+  """TypeError for non-float leaves; ValueError if a ``max_norm`` tree is no prefix."""
+  for path, leaf in jax.tree_util.tree_flatten_with_path(updates)[0]:
+    if not jnp.issubdtype(leaf.dtype, jnp.floating):
+      raise TypeError(
+          f"dp_noise adds real Gaussian noise and needs real floating-point updates, but"
+          f" the leaf at {jax.tree_util.keystr(path) or '<root>'} has dtype {leaf.dtype}."
+          " Cast it (e.g. `x.astype(jnp.float32)`) or leave it out of the update tree."
+      )
+  treedef = jax.tree.structure(max_norm)
+  if not jax.tree_util.treedef_is_leaf(treedef):
+    try:
+      treedef.flatten_up_to(updates)
+    except (ValueError, TypeError) as error:
+      raise ValueError(
+          f"A per-layer max_norm must be a prefix of the update tree (one threshold per"
+          f" layer or per leaf), but max_norm has structure {treedef} and the updates"
+          f" {jax.tree.structure(updates)}. Give the thresholds the parameters' structure,"
+          f" as passed to clipped_grad."
+      ) from error
+
+
+def dp_noise(
+    max_norm: Any,
+    noise_multiplier: float | jax.Array,
+    *,
+    batch_size: float | jax.Array,
+    seed: int | jax.Array = 0,
+) -> optax.GradientTransformation:
+  r"""Adds the Gaussian noise of DP-SGD to a clipped gradient sum (Abadi et al. 2016).
+
+  .. math::
+    \tilde g = \frac{1}{B}\Big(\sum_{i} \bar g_i + \mathcal N(0, \sigma^2\Delta^2 I)\Big),
+    \qquad \Delta = \begin{cases} C & \text{one threshold} \\
+      \sqrt{\textstyle\sum_g C_g^2} & \text{per-layer thresholds } C_g \end{cases}
+
+  The input is the sum of the clipped per-example gradients
+  :math:`\sum_i \bar g_i` (``gnorm_jax.clipped_grad(..., reduce="sum")``); Δ is
+  its sensitivity to adding or removing one example, σ the noise multiplier
+  and B the expected batch size qN under Poisson sampling (dividing by the
+  expected size rather than the drawn one keeps the sensitivity Δ/B fixed).
+  Every entry gets independent noise of std σΔ: with per-layer thresholds
+  that is the same std everywhere, from the whole tree's Δ.
+
+  The PRNG key lives in the state and is split at every step: fresh noise each
+  step, the same sequence for the same ``seed``. The noise is drawn and added
+  in the update's dtype, at least float32, and the result cast back, so
+  bfloat16/float16 updates keep their dtype. ``noise_multiplier=0`` returns
+  exactly ``sum / batch_size`` (under ``jit``, XLA may compute a division by
+  a constant ``batch_size`` as a multiplication by its reciprocal: 1 ulp).
+  The state's ``noise_std`` is σΔ of the last step (read it with
+  ``optax.tree.get(state, "noise_std")``); the noise in the returned update
+  has std σΔ/B.
+
+  Args:
+    max_norm: the clipping threshold C ≥ 0 used to clip the per-example
+      gradients, or a tree of per-layer thresholds C_g (a prefix of the
+      parameter tree). A tree is a static argument: with
+      ``optax.inject_hyperparams`` it is kept as it is, not traced.
+    noise_multiplier: σ ≥ 0, finite.
+    batch_size: the expected batch size B = qN > 0 (a float is fine).
+    seed: an integer seeding the PRNG key of the state.
+
+  Returns:
+    An ``optax.GradientTransformation`` with state :class:`DPNoiseState`. It
+    chains with any optimizer (``optax.chain(dp_noise(...), optax.sgd(0.1))``)
+    and works under ``jax.jit`` and ``optax.inject_hyperparams`` (traced
+    hyperparameters do not cause retracing).
+
+  Raises:
+    ValueError: at construction, a concrete ``max_norm`` leaf that is negative,
+      NaN or inf, an empty ``max_norm`` tree, a negative, NaN or infinite
+      ``noise_multiplier``, a ``batch_size`` that is not finite and positive,
+      or a non-integer ``seed``; at the update, a ``max_norm`` tree that is
+      not a prefix of the update tree.
+    TypeError: at construction, a bool or a non-number (a string, an array of
+      shape other than ()) for any of them; at the update, an update leaf
+      that is not real floating-point.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax
+    >>> import gnorm_jax
+    >>> grad_sum = jnp.array([2.0, 4.0])  # from clipped_grad(..., reduce="sum")
+    >>> tx = gnorm_jax.dp_noise(1.0, 0.0, batch_size=4)  # σ = 0: just the mean
+    >>> updates, _ = tx.update(grad_sum, tx.init(grad_sum))
+    >>> [float(u) for u in updates]
+    [0.5, 1.0]
+    >>> tx = gnorm_jax.dp_noise({"w": 3.0, "b": 4.0}, 1.1, batch_size=256)  # per layer
+    >>> grads = {"w": jnp.zeros((10, 10)), "b": jnp.zeros(10)}
+    >>> updates, state = tx.update(grads, tx.init(grads))
+    >>> round(float(optax.tree.get(state, "noise_std")), 4)  # σ·√(3² + 4²)
+    5.5
+
+  References:
+    Abadi et al. 2016, "Deep Learning with Differential Privacy",
+    https://arxiv.org/abs/1607.00133.
+  """
+  if not jax.tree.leaves(max_norm):
+    raise ValueError(
+        f"max_norm has no leaves: got max_norm={max_norm!r}. Pass the clipping threshold"
+        " C (e.g. 1.0) or a tree of per-layer thresholds."
+    )
+  for path, c in jax.tree_util.tree_flatten_with_path(max_norm)[0]:
+    check_number(f"max_norm{jax.tree_util.keystr(path)}", c, low=0, finite=True,
+                 fix="Pass the threshold the per-example gradients were clipped to (e.g. 1.0).")
+  check_number("noise_multiplier", noise_multiplier, **_NOISE_MULTIPLIER)
+  check_number("batch_size", batch_size, low=0, low_open=True, finite=True,
+               fix="Pass the expected batch size q·N under Poisson sampling (e.g. 256).")
+  check_number("seed", seed, integer=True, fix="Pass e.g. seed=0.")
+  seed_value = concrete_number("seed", seed)
+  seed = seed if seed_value is None else int(seed_value)
+
+  def init_fn(params):
+    del params
+    # Raw key data, not a typed key: numpy, chex and checkpointers read the state as it is.
+    key = jax.random.key_data(jax.random.key(seed))
+    return DPNoiseState(key=key, noise_std=jnp.zeros([], jnp.float32))
+
+  def update_fn(updates, state, params=None):
+    del params
+    _check_updates(updates, max_norm)
+    std = jnp.asarray(noise_multiplier, jnp.float32) * _sensitivity(max_norm)
+    key, noise_key = jax.random.split(jax.random.wrap_key_data(state.key))
+    # One draw per leaf in the leaf's shape (as optax.add_noise): under sharding each
+    # device draws only its shard. It costs one compiled threefry per leaf.
+    leaves, treedef = jax.tree.flatten(updates)
+    keys = jax.random.split(noise_key, len(leaves))
+    noisy = [_add_noise(leaf, k, std, batch_size) for leaf, k in zip(leaves, keys)]
+    state = DPNoiseState(key=jax.random.key_data(key), noise_std=std)
+    return jax.tree.unflatten(treedef, noisy), state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+# Accounting, by dp_accounting.
+
+
+def _dp_sgd_event(noise_multiplier: float, sampling_rate: float, steps: int) -> Any:
+  """The DpEvent of DP-SGD: ``steps`` Poisson-subsampled Gaussian mechanisms."""
+  from dp_accounting import dp_event
+
+  return dp_event.SelfComposedDpEvent(
+      dp_event.PoissonSampledDpEvent(sampling_rate, dp_event.GaussianDpEvent(noise_multiplier)),
+      steps,
+  )
+
+
+def _make_accountant(accountant: str) -> Callable[[], Any]:
+  from dp_accounting import pld, rdp
+
+  return {"pld": pld.PLDAccountant, "rdp": rdp.RdpAccountant}[accountant]
+
+
+def dp_epsilon(
+    noise_multiplier: float,
+    sampling_rate: float,
+    steps: int,
+    delta: float,
+    *,
+    accountant: str = "pld",
+) -> float:
+  r"""The ε of DP-SGD at a given δ: (ε, δ)-DP after ``steps`` steps.
+
+  .. math::
+    M = \underbrace{S_q \circ \mathcal N(\cdot, \sigma^2) \;\circ \cdots \circ\;
+      S_q \circ \mathcal N(\cdot, \sigma^2)}_{T \text{ steps}}
+
+  The mechanism is the Gaussian mechanism with noise multiplier σ (noise std
+  σΔ for sensitivity Δ), subsampled by Poisson sampling with rate q
+  (:func:`poisson_batches`) and composed over T steps, under add-or-remove-one
+  neighbouring datasets. ε comes from ``dp_accounting``:
+  ``PLDAccountant`` (privacy loss distributions, Doroshenko et al. 2022;
+  tight, about 0.5 s, several seconds when σ is small) or ``RdpAccountant``
+  (Rényi DP, Mironov 2017; an upper bound, milliseconds).
+
+  Args:
+    noise_multiplier: σ ≥ 0 (0 gives ε = inf).
+    sampling_rate: q in (0, 1], each example's probability of being in a batch.
+    steps: T ≥ 1, the number of noisy steps.
+    delta: δ in (0, 1).
+    accountant: ``"pld"`` or ``"rdp"``.
+
+  Returns:
+    ε as a Python float (``inf`` when σ = 0).
+
+  Raises:
+    ValueError: a number out of its range above (NaN included), a
+      non-integer ``steps``, or an unknown ``accountant``.
+    TypeError: a bool, a non-number or a traced value where a number is meant.
+
+  Examples:
+    >>> import gnorm_jax
+    >>> eps = gnorm_jax.dp_epsilon(1.0, 0.01, steps=100, delta=1e-5)
+    >>> round(eps, 1)
+    0.7
+    >>> round(gnorm_jax.dp_epsilon(1.0, 0.01, steps=100, delta=1e-5, accountant="rdp"), 1)
+    1.2
+
+  References:
+    Abadi et al. 2016, https://arxiv.org/abs/1607.00133; Mironov 2017, "Rényi
+    Differential Privacy", https://arxiv.org/abs/1702.07476; Doroshenko et al.
+    2022, "Connect the Dots: Tighter Discrete Approximations of Privacy Loss
+    Distributions", https://arxiv.org/abs/2207.04380.
+  """
+  sigma = float(_host_number("noise_multiplier", noise_multiplier, **_NOISE_MULTIPLIER))
+  q, t, d = _check_accounting(sampling_rate, steps, delta, accountant)
+  return float(_make_accountant(accountant)().compose(_dp_sgd_event(sigma, q, t)).get_epsilon(d))
+
+
+def dp_noise_multiplier(
+    epsilon: float,
+    sampling_rate: float,
+    steps: int,
+    delta: float,
+    *,
+    accountant: str = "pld",
+) -> float:
+  r"""The smallest noise multiplier σ for which DP-SGD is (ε, δ)-DP after ``steps`` steps.
+
+  .. math::
+    \sigma^\ast = \min\{\sigma \ge 0 : \varepsilon(\sigma, q, T, \delta) \le \varepsilon\}
+
+  The inverse of :func:`dp_epsilon`, by ``dp_accounting.calibrate_dp_mechanism``
+  (Brent's method on the accountant's ε, to 1e-6 in σ). The returned σ never
+  spends more than ``epsilon``: ``dp_epsilon(σ, ...) <= epsilon``. With
+  ``"pld"`` it takes a few seconds (more for large ε, where σ is small);
+  ``"rdp"`` is fast and gives a larger σ.
+
+  Args:
+    epsilon: the target ε > 0, finite.
+    sampling_rate: q in (0, 1].
+    steps: T ≥ 1.
+    delta: δ in (0, 1).
+    accountant: ``"pld"`` or ``"rdp"``.
+
+  Returns:
+    σ as a Python float.
+
+  Raises:
+    ValueError: a number out of its range above (NaN included), a
+      non-integer ``steps``, or an unknown ``accountant``.
+    TypeError: a bool, a non-number or a traced value where a number is meant.
+
+  Examples:
+    >>> import gnorm_jax
+    >>> sigma = gnorm_jax.dp_noise_multiplier(2.0, 0.01, steps=100, delta=1e-5,
+    ...                                       accountant="rdp")
+    >>> round(sigma, 2)
+    0.83
+    >>> gnorm_jax.dp_epsilon(sigma, 0.01, steps=100, delta=1e-5, accountant="rdp") <= 2.0
+    True
+
+  References:
+    Abadi et al. 2016, https://arxiv.org/abs/1607.00133; Mironov 2017,
+    https://arxiv.org/abs/1702.07476; Doroshenko et al. 2022,
+    https://arxiv.org/abs/2207.04380.
+  """
+  eps = float(_host_number("epsilon", epsilon, low=0, low_open=True, finite=True,
+                           fix="Pass the privacy budget ε (e.g. 8.0)."))
+  q, t, d = _check_accounting(sampling_rate, steps, delta, accountant)
+  import dp_accounting
+
+  return float(dp_accounting.calibrate_dp_mechanism(
+      _make_accountant(accountant),
+      lambda sigma: _dp_sgd_event(sigma, q, t),
+      eps,
+      d,
+      bracket_interval=dp_accounting.LowerEndpointAndGuess(0.0, 1.0),
+  ))
+
+
+# Poisson sampling.
+
+
+class PoissonBatches(Iterator[tuple[np.ndarray, np.ndarray]]):
+  """The iterator :func:`poisson_batches` returns.
+
+  Attributes:
+    num_examples: N, as given.
+    sampling_rate: q, as given.
+    max_batch_size: the fixed batch shape, as given.
+    steps: the number of batches it yields, or None (infinite).
+    num_batches: batches drawn so far.
+    num_truncated: of those, batches whose Poisson draw had more than
+      ``max_batch_size`` examples and was cut down to ``max_batch_size``.
+  """
+
+  def __init__(self, num_examples, sampling_rate, max_batch_size, seed, steps):
+    self.num_examples = num_examples
+    self.sampling_rate = sampling_rate
+    self.max_batch_size = max_batch_size
+    self.steps = steps
+    self.num_batches = 0
+    self.num_truncated = 0
+    self._rng = np.random.default_rng(seed)
+
+  def __iter__(self) -> PoissonBatches:
+    return self
+
+  def __next__(self) -> tuple[np.ndarray, np.ndarray]:
+    if self.steps is not None and self.num_batches >= self.steps:
+      raise StopIteration
+    # Poisson sampling = a Binomial(N, q) size, then a uniform subset of that
+    # size; a uniform subset of max_batch_size of it is a uniform subset of N.
+    drawn = int(self._rng.binomial(self.num_examples, self.sampling_rate))
+    size = min(drawn, self.max_batch_size)
+    self.num_batches += 1
+    if drawn > self.max_batch_size:
+      self.num_truncated += 1
+      if self.num_truncated == 1:
+        warnings.warn(
+            f"poisson_batches drew {drawn} examples, more than max_batch_size="
+            f"{self.max_batch_size}; the batch is a uniformly random subset of"
+            f" {self.max_batch_size} of them. The privacy accounting assumes no truncation:"
+            f" raise max_batch_size (see poisson_max_batch_size). `.num_truncated` counts"
+            f" these batches; this warning is given once.",
+            stacklevel=2,
+        )
+    indices = np.zeros(self.max_batch_size, np.int64)
+    indices[:size] = np.sort(self._rng.choice(self.num_examples, size, replace=False))
+    return indices, np.arange(self.max_batch_size) < size
+
+
+def poisson_batches(
+    num_examples: int,
+    sampling_rate: float,
+    *,
+    max_batch_size: int,
+    seed: int = 0,
+    steps: int | None = None,
+) -> PoissonBatches:
+  r"""Batches of Poisson sampling, padded to a fixed shape for ``jit``.
+
+  .. math::
+    \Pr[i \in \text{batch}] = q \text{ independently for every example } i,
+    \qquad |\text{batch}| \sim \mathrm{Binomial}(N, q)
+
+  This is the sampling the accounting of :func:`dp_epsilon` assumes (Abadi et
+  al. 2016). Each batch is ``(indices, mask)``, two numpy arrays of shape
+  ``[max_batch_size]``: the sampled indices (sorted) followed by padding, where
+  ``mask`` is False and the index 0. Pass the mask on to the function
+  :func:`gnorm_jax.clipped_grad` returns (``mask=mask``): padding rows then
+  add nothing to the clipped sum.
+
+  Truncation: a draw of more than ``max_batch_size`` examples is cut down to a
+  uniformly random subset of ``max_batch_size`` of them. That changes the
+  mechanism, so it is counted (``.num_truncated`` of ``.num_batches``) and
+  warned about once; choose ``max_batch_size`` with
+  :func:`poisson_max_batch_size` so it happens with negligible probability.
+
+  Args:
+    num_examples: N ≥ 1, the size of the dataset.
+    sampling_rate: q in (0, 1].
+    max_batch_size: the fixed batch shape, ≥ 1.
+    seed: a non-negative integer seeding a ``numpy.random.Generator``.
+    steps: the number of batches, or None for an infinite iterator.
+
+  Returns:
+    A :class:`PoissonBatches` iterator of ``(indices, mask)``.
+
+  Raises:
+    ValueError: a non-integer or non-positive ``num_examples``,
+      ``max_batch_size`` or ``steps``, a ``sampling_rate`` outside (0, 1], or a
+      negative or non-integer ``seed``.
+    TypeError: a bool, a non-number or a traced value where a number is meant,
+      or a ``max_batch_size`` that is not a Python int (it fixes the shapes).
+
+  Examples:
+    >>> import gnorm_jax
+    >>> batches = gnorm_jax.poisson_batches(1000, 0.01, max_batch_size=30, steps=3)
+    >>> [(indices.shape, int(mask.sum()) <= 30) for indices, mask in batches]
+    [((30,), True), ((30,), True), ((30,), True)]
+    >>> batches.num_batches, batches.num_truncated
+    (3, 0)
+
+  References:
+    Abadi et al. 2016, https://arxiv.org/abs/1607.00133.
+  """
+  n = int(_host_number("num_examples", num_examples, **_NUM_EXAMPLES))
+  q = float(_host_number("sampling_rate", sampling_rate, **_SAMPLING_RATE))
+  size = check_size("max_batch_size", max_batch_size)
+  seed = int(_host_number("seed", seed, low=0, integer=True, fix="Pass e.g. seed=0."))
+  if steps is not None:
+    steps = int(_host_number("steps", steps, **_STEPS))
+  return PoissonBatches(n, q, size, seed, steps)
+
+
+def poisson_max_batch_size(
+    num_examples: int, sampling_rate: float, *, failure_probability: float = 1e-9
+) -> int:
+  r"""The smallest size a Poisson batch exceeds with probability at most ``failure_probability``.
+
+  .. math::
+    m = \min\{m \ge 1 : \Pr[\mathrm{Binomial}(N, q) > m] \le p\}
+
+  The tail comes from ``scipy.stats.binom``. Use it as ``max_batch_size`` of
+  :func:`poisson_batches`: per step, truncation happens with probability at
+  most p (at most T·p over T steps, by the union bound).
+
+  Args:
+    num_examples: N ≥ 1.
+    sampling_rate: q in (0, 1].
+    failure_probability: p in (0, 1), the allowed probability of a larger draw.
+
+  Returns:
+    m as a Python int (at least 1).
+
+  Raises:
+    ValueError: a non-integer or non-positive ``num_examples``, a
+      ``sampling_rate`` outside (0, 1], or a ``failure_probability`` outside
+      (0, 1).
+    TypeError: a bool, a non-number or a traced value where a number is meant.
+
+  Examples:
+    >>> import gnorm_jax
+    >>> gnorm_jax.poisson_max_batch_size(60_000, 256 / 60_000)  # mean 256
+    357
+  """
+  n = int(_host_number("num_examples", num_examples, **_NUM_EXAMPLES))
+  q = float(_host_number("sampling_rate", sampling_rate, **_SAMPLING_RATE))
+  p = float(_host_number("failure_probability", failure_probability, low=0, high=1,
+                         low_open=True, high_open=True, fix="Pass e.g. 1e-9."))
+  from scipy import stats
+
+  m = stats.binom.isf(p, n, q)
+  return max(int(m), 1)

@@ -1,0 +1,371 @@
+"""Tests of gnorm_jax.dp: dp_noise, dp_epsilon, dp_noise_multiplier, poisson_batches.
+
+The accounting is checked against dp_accounting called here directly. PLD
+calls take about 0.5 s each and a PLD calibration several seconds, so there are
+few of them (one calibration, shared through a fixture).
+"""
+
+import itertools
+import math
+import warnings
+
+import chex
+import dp_accounting
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import gnorm_jax
+
+DELTA = 1e-5
+
+
+def noisy_update(max_norm, noise_multiplier, batch_size, updates, seed=0, jit=True):
+  tx = gnorm_jax.dp_noise(max_norm, noise_multiplier, batch_size=batch_size, seed=seed)
+  return (jax.jit(tx.update) if jit else tx.update)(updates, tx.init(updates))
+
+
+# dp_noise
+
+
+def test_noise_has_std_sigma_times_max_norm_over_batch_size():
+  sigma, c, b = 1.3, 0.7, 10.0
+  updates, state = noisy_update(c, sigma, b, jnp.zeros(400_000))
+  noise = np.asarray(updates, np.float64)
+  np.testing.assert_allclose(noise.std(), sigma * c / b, rtol=0.01)
+  assert abs(noise.mean()) < 5 * sigma * c / b / math.sqrt(noise.size)
+  np.testing.assert_allclose(float(optax.tree.get(state, "noise_std")), sigma * c, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_zero_noise_multiplier_gives_exactly_sum_over_batch_size(dtype):
+  grad_sum = {"w": jax.random.normal(jax.random.key(1), (5, 3)).astype(dtype), "b": None,
+              "s": jnp.asarray(3.0, dtype)}
+  # Eagerly: under jit XLA may turn x / 7 into x · (1/7), 1 ulp away.
+  updates, state = noisy_update(1.0, 0.0, 7, grad_sum, jit=False)
+  assert updates["b"] is None
+  for name in ["w", "s"]:
+    expected = (grad_sum[name].astype(jnp.float32) / 7).astype(dtype)
+    assert updates[name].dtype == dtype
+    np.testing.assert_array_equal(np.asarray(updates[name], np.float32),
+                                  np.asarray(expected, np.float32))
+  assert float(state.noise_std) == 0.0
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_low_precision_updates_keep_their_dtype_and_get_the_noise(dtype):
+  updates, state = noisy_update(1.0, 2.0, 4, {"w": jnp.zeros((300, 300), dtype)})
+  assert updates["w"].dtype == dtype and state.noise_std.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(updates["w"], np.float64).std(), 0.5, rtol=0.02)
+
+
+def test_per_layer_thresholds_give_the_norm_of_the_thresholds_as_sensitivity():
+  grads = {"layer1": {"w": jnp.zeros((100, 300)), "b": jnp.zeros(300)},
+           "layer2": {"w": jnp.zeros((300, 100))}}
+  updates, state = noisy_update({"layer1": 3.0, "layer2": 4.0}, 1.5, 2.0, grads)
+  np.testing.assert_allclose(float(state.noise_std), 1.5 * 5.0, rtol=1e-6)
+  for leaf in [updates["layer1"]["w"], updates["layer2"]["w"]]:  # one std for every leaf
+    np.testing.assert_allclose(np.asarray(leaf).std(), 1.5 * 5.0 / 2.0, rtol=0.02)
+  # A tree of per-leaf thresholds (the full structure) is a prefix too.
+  per_leaf = {"layer1": {"w": 1.0, "b": 2.0}, "layer2": {"w": 2.0}}
+  _, state = noisy_update(per_leaf, 1.0, 1.0, grads)
+  np.testing.assert_allclose(float(state.noise_std), 3.0, rtol=1e-6)
+
+
+def test_per_layer_thresholds_must_be_a_prefix_of_the_updates():
+  with pytest.raises(ValueError, match="prefix of the update tree"):
+    noisy_update({"layer1": 1.0, "other": 1.0}, 1.0, 1.0, {"layer1": jnp.zeros(3)})
+
+
+def test_integer_updates_are_rejected_with_the_leaf_path():
+  with pytest.raises(TypeError, match=r"\['n'\].*int32"):
+    noisy_update(1.0, 1.0, 1.0, {"n": jnp.zeros(3, jnp.int32)})
+
+
+def test_key_advances_each_step_and_the_seed_fixes_the_sequence():
+  grads = {"a": jnp.zeros(8), "b": jnp.zeros(8)}
+
+  def run(seed):
+    tx = gnorm_jax.dp_noise(1.0, 1.0, batch_size=1, seed=seed)
+    state = tx.init(grads)
+    steps = []
+    for _ in range(2):
+      updates, state = tx.update(grads, state)
+      steps.append(updates)
+    return steps
+
+  first, second = run(0)
+  assert not np.array_equal(first["a"], second["a"])  # fresh noise each step
+  assert not np.array_equal(first["a"], first["b"])  # independent noise per leaf
+  chex.assert_trees_all_equal(run(0), [first, second])  # same seed, same noise
+  assert not np.array_equal(run(1)[0]["a"], first["a"])
+
+
+def test_chains_with_sgd_under_jit_and_matches_eager():
+  params = {"w": jnp.ones((4, 3)), "b": jnp.zeros(3)}
+  grad_sum = jax.tree.map(lambda p: 2.0 * jnp.ones_like(p), params)
+  exact = optax.chain(gnorm_jax.dp_noise(1.0, 0.0, batch_size=4), optax.sgd(0.1))
+  updates, _ = jax.jit(exact.update)(grad_sum, exact.init(params), params)
+  chex.assert_trees_all_close(updates, jax.tree.map(lambda g: -0.1 * g / 4, grad_sum))
+
+  noisy = optax.chain(gnorm_jax.dp_noise(1.0, 1.0, batch_size=4), optax.sgd(0.1))
+  state = noisy.init(params)
+  eager = noisy.update(grad_sum, state, params)
+  jitted = jax.jit(noisy.update)(grad_sum, state, params)
+  chex.assert_trees_all_close(eager, jitted, rtol=1e-6)
+  assert float(optax.tree.get(jitted[1], "noise_std")) == 1.0
+
+
+def test_inject_hyperparams_changes_values_without_retrace():
+  chex.clear_trace_counter()
+  params = {"w": jnp.zeros(1000)}
+  tx = optax.inject_hyperparams(gnorm_jax.dp_noise)(max_norm=1.0, noise_multiplier=1.0,
+                                                    batch_size=10.0)
+  state = tx.init(params)
+
+  @jax.jit
+  @chex.assert_max_traces(n=1)
+  def step(grads, state):
+    return tx.update(grads, state, params)
+
+  for sigma, b in [(1.0, 10.0), (0.0, 5.0)]:
+    state.hyperparams["noise_multiplier"] = jnp.asarray(sigma)
+    state.hyperparams["batch_size"] = jnp.asarray(b)
+    updates, state = step({"w": jnp.full(1000, 2.0)}, state)
+    assert float(optax.tree.get(state, "noise_std")) == sigma
+  np.testing.assert_array_equal(updates["w"], np.float32(2.0) / np.float32(5.0))
+
+
+def test_state_is_plain_arrays():
+  state = gnorm_jax.dp_noise(1.0, 1.0, batch_size=1).init(jnp.zeros(3))
+  assert all(isinstance(np.asarray(x), np.ndarray) for x in state)  # no typed keys
+
+
+def test_one_dp_sgd_step_end_to_end():
+  """poisson_batches → clipped_grad(mask=) → dp_noise with σ = 0 is the clipped mean."""
+  loss = lambda w, x: jnp.sum(x * w)  # the gradient of example i is x_i
+  x = jax.random.normal(jax.random.key(2), (50, 3)) * 2.0
+  idx, mask = next(gnorm_jax.poisson_batches(50, 0.2, max_batch_size=25, seed=1))
+  grad_sum = gnorm_jax.clipped_grad(loss, 1.0, reduce="sum")(jnp.zeros(3), x[idx], mask=mask)
+  updates, _ = noisy_update(1.0, 0.0, 0.2 * 50, grad_sum)
+  chosen = np.asarray(x)[idx[mask]]
+  norms = np.linalg.norm(chosen, axis=1, keepdims=True)
+  expected = (chosen * np.minimum(1.0, 1.0 / norms)).sum(0) / 10.0
+  np.testing.assert_allclose(updates, expected, rtol=1e-5)
+
+
+# The accounting
+
+
+def dp_sgd_event(sigma, q, steps):
+  return dp_accounting.SelfComposedDpEvent(
+      dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps)
+
+
+ACCOUNTANTS = {"pld": dp_accounting.pld.PLDAccountant, "rdp": dp_accounting.rdp.RdpAccountant}
+
+
+def reference_epsilon(sigma, q, steps, accountant="pld"):
+  return ACCOUNTANTS[accountant]().compose(dp_sgd_event(sigma, q, steps)).get_epsilon(DELTA)
+
+
+@pytest.mark.parametrize("accountant", ["pld", "rdp"])
+def test_dp_epsilon_is_dp_accountings_epsilon(accountant):
+  eps = gnorm_jax.dp_epsilon(1.1, 0.02, 50, DELTA, accountant=accountant)
+  assert isinstance(eps, float)
+  assert eps == reference_epsilon(1.1, 0.02, 50, accountant)
+
+
+def test_dp_noise_multiplier_rdp_is_dp_accountings_calibration():
+  sigma = gnorm_jax.dp_noise_multiplier(1.0, 0.02, 50, DELTA, accountant="rdp")
+  reference = dp_accounting.calibrate_dp_mechanism(
+      dp_accounting.rdp.RdpAccountant, lambda s: dp_sgd_event(s, 0.02, 50), 1.0, DELTA)
+  np.testing.assert_allclose(sigma, reference, atol=2e-6)
+  assert reference_epsilon(sigma, 0.02, 50, "rdp") <= 1.0
+
+
+@pytest.fixture(scope="module")
+def pld_sigma():
+  """σ for ε = 1 at q = 0.02, 50 steps, by PLD (the one PLD calibration here, ~4 s)."""
+  return gnorm_jax.dp_noise_multiplier(1.0, 0.02, 50, DELTA)
+
+
+def test_pld_noise_multiplier_round_trip_is_tight(pld_sigma):
+  eps = gnorm_jax.dp_epsilon(pld_sigma, 0.02, 50, DELTA)
+  assert 1.0 - 1e-3 <= eps <= 1.0  # never over budget, and nearly all of it spent
+  assert reference_epsilon(pld_sigma * (1 - 1e-3), 0.02, 50) > 1.0  # the smallest such σ
+
+
+def test_rdp_is_looser_than_pld(pld_sigma):
+  assert reference_epsilon(pld_sigma, 0.02, 50, "rdp") > 1.0
+  assert gnorm_jax.dp_noise_multiplier(1.0, 0.02, 50, DELTA, accountant="rdp") > pld_sigma
+
+
+def test_epsilon_is_monotone():
+  eps = lambda sigma=1.0, q=0.01, steps=100, delta=DELTA: gnorm_jax.dp_epsilon(
+      sigma, q, steps, delta, accountant="rdp")
+  assert eps(sigma=0.8) > eps() > eps(sigma=1.5)
+  assert eps(q=0.005) < eps() < eps(q=0.02)
+  assert eps(steps=10) < eps() < eps(steps=1000)
+  assert eps(delta=1e-3) < eps() < eps(delta=1e-7)
+  assert gnorm_jax.dp_epsilon(2.0, 0.01, 10, DELTA) < gnorm_jax.dp_epsilon(1.0, 0.01, 10, DELTA)
+
+
+@pytest.mark.parametrize("accountant", ["pld", "rdp"])
+def test_no_noise_has_infinite_epsilon(accountant):
+  assert gnorm_jax.dp_epsilon(0.0, 0.01, 10, DELTA, accountant=accountant) == math.inf
+
+
+# Poisson sampling
+
+
+def test_poisson_batches_have_fixed_shapes_and_padding():
+  batches = gnorm_jax.poisson_batches(500, 0.05, max_batch_size=60, seed=3)
+  for indices, mask in itertools.islice(batches, 200):
+    assert indices.shape == mask.shape == (60,) and mask.dtype == bool
+    size = int(mask.sum())
+    assert mask[:size].all() and not mask[size:].any()  # samples first, then padding
+    assert (indices[size:] == 0).all()
+    taken = indices[:size]
+    assert len(np.unique(taken)) == size and (taken >= 0).all() and (taken < 500).all()
+  assert (batches.num_batches, batches.num_truncated) == (200, 0)
+
+
+def test_poisson_batch_sizes_are_binomial_and_inclusion_is_uniform():
+  n, q, steps = 1000, 0.05, 2000
+  counts, inclusions = [], np.zeros(n)
+  for indices, mask in gnorm_jax.poisson_batches(n, q, max_batch_size=120, steps=steps):
+    counts.append(mask.sum())
+    inclusions[indices[mask]] += 1
+  assert len(counts) == steps
+  assert abs(np.mean(counts) - q * n) < 5 * math.sqrt(n * q * (1 - q) / steps)
+  np.testing.assert_allclose(np.var(counts), n * q * (1 - q), rtol=0.15)
+  # Each example is in ~Binomial(steps, q) batches: 100 ± 9.7.
+  assert abs(inclusions.mean() - q * steps) < 1.0 and inclusions.std() < 1.2 * 9.75
+
+
+def test_poisson_batches_are_reproducible_by_seed():
+  take = lambda seed: list(itertools.islice(
+      gnorm_jax.poisson_batches(100, 0.1, max_batch_size=30, seed=seed), 5))
+  chex.assert_trees_all_equal(take(7), take(7))
+  assert not all(np.array_equal(a[0], b[0]) for a, b in zip(take(7), take(8)))
+
+
+def test_truncation_is_counted_and_warned_once():
+  batches = gnorm_jax.poisson_batches(100, 0.5, max_batch_size=40, steps=50)
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    sizes = [int(mask.sum()) for _, mask in batches]
+  assert len(caught) == 1 and "max_batch_size=40" in str(caught[0].message)
+  assert batches.num_batches == 50
+  assert 40 < batches.num_truncated <= 50  # P(Binomial(100, 0.5) > 40) ≈ 0.97
+  assert sizes.count(40) >= batches.num_truncated and max(sizes) == 40
+
+
+def test_poisson_max_batch_size_is_the_smallest_safe_size():
+  n, q, p = 200, 0.1, 1e-6
+  m = gnorm_jax.poisson_max_batch_size(n, q, failure_probability=p)
+  tail = lambda m: sum(math.comb(n, k) * q**k * (1 - q) ** (n - k) for k in range(m + 1, n + 1))
+  assert tail(m) <= p < tail(m - 1)
+  assert gnorm_jax.poisson_max_batch_size(n, q, failure_probability=1e-3) < m
+  assert gnorm_jax.poisson_max_batch_size(n, 1.0) == n
+  assert gnorm_jax.poisson_max_batch_size(10, 1e-12) == 1
+
+
+# Validation: every error names the argument and the value (ValueError for a number out of
+# range, TypeError for a bool or a non-number: the policy of gnorm_jax._checks).
+
+V, T = ValueError, TypeError
+NOISE_BAD = [
+    (V, "max_norm", dict(max_norm=-1.0)), (V, "max_norm", dict(max_norm=math.nan)),
+    (V, "max_norm", dict(max_norm=math.inf)), (T, "max_norm", dict(max_norm=True)),
+    (V, r"max_norm\['b'\]", dict(max_norm={"w": 1.0, "b": -2.0})),
+    (V, "max_norm", dict(max_norm={})),
+    (V, "noise_multiplier", dict(noise_multiplier=-0.5)),
+    (V, "noise_multiplier", dict(noise_multiplier=math.nan)),
+    (V, "noise_multiplier", dict(noise_multiplier=math.inf)),
+    (T, "noise_multiplier", dict(noise_multiplier=np.bool_(True))),
+    (V, "batch_size", dict(batch_size=0)), (V, "batch_size", dict(batch_size=-4)),
+    (V, "batch_size", dict(batch_size=math.inf)), (T, "batch_size", dict(batch_size=True)),
+    (V, "seed", dict(seed=1.5)), (T, "seed", dict(seed=False)),
+]
+
+
+@pytest.mark.parametrize("error, name, bad", NOISE_BAD, ids=repr)
+def test_dp_noise_rejects_bad_hyperparameters(error, name, bad):
+  kwargs = dict(max_norm=1.0, noise_multiplier=1.0, batch_size=8) | bad
+  with pytest.raises(error, match=rf"{name}.*got {name}"):
+    gnorm_jax.dp_noise(**kwargs)
+
+
+def test_dp_noise_accepts_traced_hyperparameters_unchecked():
+  @jax.jit
+  def noise_std(sigma, b):
+    tx = gnorm_jax.dp_noise(1.0, sigma, batch_size=b)
+    return tx.update(jnp.zeros(3), tx.init(jnp.zeros(3)))[1].noise_std
+
+  assert float(noise_std(-1.0, 0.0)) == -1.0  # no check possible, and no error
+
+
+FIRST_BAD = [
+    (V, -1.0), (V, math.nan), (V, math.inf), (T, True), (T, "1.0"), (T, np.zeros(2)),
+]
+ACCOUNTING_BAD = [
+    (V, "sampling_rate", dict(sampling_rate=0.0)), (V, "sampling_rate", dict(sampling_rate=1.5)),
+    (V, "sampling_rate", dict(sampling_rate=math.nan)),
+    (T, "sampling_rate", dict(sampling_rate=True)),
+    (V, "steps", dict(steps=0)), (V, "steps", dict(steps=10.5)), (T, "steps", dict(steps=True)),
+    (V, "delta", dict(delta=0.0)), (V, "delta", dict(delta=1.0)),
+    (V, "delta", dict(delta=math.nan)),
+    (V, "accountant", dict(accountant="moments")), (V, "accountant", dict(accountant=None)),
+] + [(error, name, {name: value}) for name in ("noise_multiplier", "epsilon")
+     for error, value in FIRST_BAD] + [(V, "epsilon", dict(epsilon=0.0))]
+
+
+@pytest.mark.parametrize("error, name, bad", ACCOUNTING_BAD, ids=repr)
+def test_accounting_rejects_bad_arguments(error, name, bad):
+  args = {"sampling_rate": 0.01, "steps": 10, "delta": DELTA} | bad
+  for fn, first in [(gnorm_jax.dp_epsilon, "noise_multiplier"),
+                    (gnorm_jax.dp_noise_multiplier, "epsilon")]:
+    if name in ("noise_multiplier", "epsilon") and name != first:
+      continue
+    with pytest.raises(error, match=rf"{name}.*got {name}"):
+      fn(**({first: 1.0} | args))
+
+
+def test_accounting_needs_concrete_numbers():
+  with pytest.raises(TypeError, match="concrete"):
+    jax.jit(lambda s: gnorm_jax.dp_epsilon(s, 0.01, 10, DELTA))(1.0)
+
+
+SAMPLING_BAD = [
+    (V, "num_examples", dict(num_examples=0)), (V, "num_examples", dict(num_examples=10.5)),
+    (T, "num_examples", dict(num_examples=True)),
+    (V, "sampling_rate", dict(sampling_rate=0.0)), (V, "sampling_rate", dict(sampling_rate=-0.1)),
+    (V, "sampling_rate", dict(sampling_rate=2.0)),
+    (V, "max_batch_size", dict(max_batch_size=0)), (T, "max_batch_size", dict(max_batch_size=8.5)),
+    (T, "max_batch_size", dict(max_batch_size=True)),
+    (V, "seed", dict(seed=-1)), (V, "seed", dict(seed=0.5)),
+    (V, "steps", dict(steps=0)), (V, "steps", dict(steps=2.5)),
+]
+
+
+@pytest.mark.parametrize("error, name, bad", SAMPLING_BAD, ids=repr)
+def test_poisson_batches_rejects_bad_arguments(error, name, bad):
+  kwargs = dict(num_examples=100, sampling_rate=0.1, max_batch_size=8) | bad
+  with pytest.raises(error, match=rf"{name}.*{name}="):
+    gnorm_jax.poisson_batches(**kwargs)
+
+
+@pytest.mark.parametrize("error, name, bad", [
+    (V, "num_examples", dict(num_examples=-5)), (V, "sampling_rate", dict(sampling_rate=0.0)),
+    (V, "failure_probability", dict(failure_probability=0.0)),
+    (V, "failure_probability", dict(failure_probability=1.0)),
+    (T, "failure_probability", dict(failure_probability=False)),
+], ids=repr)
+def test_poisson_max_batch_size_rejects_bad_arguments(error, name, bad):
+  kwargs = dict(num_examples=100, sampling_rate=0.1) | bad
+  with pytest.raises(error, match=rf"{name}.*got {name}"):
+    gnorm_jax.poisson_max_batch_size(**kwargs)

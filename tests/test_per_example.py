@@ -305,8 +305,8 @@ def _classify(name):
              "['ln2']", "['b1']"},
             set(),
         ),
-        ("cnn", {"['w']"}, {"['kernel']"}),  # convolutions: no rule yet
-        ("gru_scan", {"['out']"}, {"['wx']", "['wh']"}),
+        ("cnn", {"['w']", "['kernel']"}, set()),
+        ("gru_scan", {"['out']", "['wx']", "['wh']"}, set()),  # scan bodies are looked into
         ("shared_unrolled", {"['w']", "['u']"}, set()),
     ],
 )
@@ -315,9 +315,16 @@ def test_analysis_recognizes_ruled_uses(name, recognized, fallback):
 
 
 def test_ghost_method_names_unrecognized_leaves():
-  loss, params, batch = cnn()
-  with pytest.raises(ValueError, match=r"\['kernel'\].*conv_general_dilated.*method='auto'"):
+  def loss(p, x, y):  # a running sum of a parameter: no rule for cumsum
+    return jnp.sum((x @ p["w"] + jnp.cumsum(p["c"]) - y) ** 2)
+
+  params = {"w": jnp.ones((5, 3)), "c": jnp.ones(3)}
+  batch = (jnp.ones((4, 5)), jnp.zeros((4, 3)))
+  with pytest.raises(ValueError, match=r"\['c'\]: used by cumsum.*method='auto'"):
     gnorm_jax.per_example_grad_norms(loss, batch_argnums=(1, 2), method="ghost")(params, *batch)
+  np.testing.assert_allclose(
+      gnorm_jax.per_example_grad_norms(loss, batch_argnums=(1, 2))(params, *batch),
+      _reference(loss, params, batch, 1.0)[0], rtol=RTOL)
   loss, params, batch = mlp(bias=True)
   norms = gnorm_jax.per_example_grad_norms(loss, batch_argnums=(1, 2), method="ghost")(
       params, *batch

@@ -10,8 +10,11 @@ a value returned as it is) makes the leaf a *fallback* leaf, whose
 per-example gradient is computed exactly. The analysis only ever errs
 towards fallback: it can cost speed, never accuracy.
 
-Nested ``jit`` calls are looked through (``jnp`` functions and user code wrap
-layers in them); uses are keyed by their path of equation indices.
+Nested ``jit`` calls and ``checkpoint``/``remat`` are looked through (``jnp``
+functions and user code wrap layers in them); so are ``scan`` bodies (a
+parameter closed over by the body is used at every step; one scanned over, as
+by ``nn.scan`` over layers, is sliced per step) and ``cond``/``switch``
+branches. Uses are keyed by their path of equation (and branch) indices.
 """
 
 from __future__ import annotations
@@ -27,13 +30,15 @@ from gnorm_jax.per_example._rules import CHAIN_OPS, LAYOUT_OPS, Use
 
 # Call-like primitives whose body is evaluated inline by the engine.
 CALL_PRIMITIVES = frozenset({"jit", "pjit", "closed_call", "core_call"})
+# Rematerialization: looked through, and re-applied around the instrumented body.
+REMAT_PRIMITIVES = frozenset({"checkpoint", "remat", "remat2"})
 
 _rules.load_rules()
 
 
 def call_body(eqn: Any) -> jcore.ClosedJaxpr | None:
   """The closed body of an inlinable call equation, else None."""
-  if eqn.primitive.name not in CALL_PRIMITIVES:
+  if eqn.primitive.name not in CALL_PRIMITIVES | REMAT_PRIMITIVES:
     return None
   body = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
   if isinstance(body, jcore.Jaxpr):
@@ -43,10 +48,18 @@ def call_body(eqn: Any) -> jcore.ClosedJaxpr | None:
 
 @dataclasses.dataclass(frozen=True)
 class Origin:
-  """A value derived from parameter leaf ``leaf`` by ``chain``."""
+  """A value derived from parameter leaf ``leaf`` by ``chain`` (one tuple of
+  equations per level of ``scopes``, as in :class:`Use`)."""
 
   leaf: int
-  chain: tuple
+  chain: tuple = ((),)
+  scopes: tuple = ()
+
+  def then(self, eqn: Any) -> "Origin":
+    return Origin(self.leaf, self.chain[:-1] + (self.chain[-1] + (eqn,),), self.scopes)
+
+  def enter(self, kind: str, length: int) -> "Origin":
+    return Origin(self.leaf, self.chain + ((),), self.scopes + ((kind, length),))
 
 
 def _is_chain(eqn: Any, operand: int) -> bool:
@@ -61,10 +74,7 @@ def _literal(eqn: Any, operand: int) -> Any:
   return value
 
 
-def chain_layout(chain: tuple, ndim: int) -> tuple[list, Any] | None:
-  """(leaf axis of each axis of the chain's output, scalar factor), or None when
-  the chain is more than a permutation, a cast and a scalar factor."""
-  axes, coef = list(range(ndim)), 1.0
+def _segment_layout(chain: tuple, axes: list, coef: Any) -> tuple[list, Any] | None:
   for eqn in chain:
     name = eqn.primitive.name
     operand = next(i for i, v in enumerate(eqn.invars) if not isinstance(v, jcore.Literal))
@@ -84,6 +94,22 @@ def chain_layout(chain: tuple, ndim: int) -> tuple[list, Any] | None:
     else:
       return None
   return axes, coef
+
+
+def chain_layout(use: Any, ndim: int) -> tuple[list, Any, list] | None:
+  """(leaf axis of each axis of the use's operand, scalar factor, leaf axes
+  scanned over by the use's "xs" scopes), or None when some chain is more than
+  a permutation, a cast and a scalar factor."""
+  axes, coef, heads = list(range(ndim)), 1.0, []
+  for level, segment in enumerate(use.chain):
+    out = _segment_layout(segment, axes, coef)
+    if out is None:
+      return None
+    axes, coef = out
+    if level < len(use.scopes) and use.scopes[level][0] == "xs":
+      heads.append(axes[0])
+      axes = axes[1:]
+  return axes, coef, heads
 
 
 @dataclasses.dataclass
@@ -113,7 +139,7 @@ def analyze(closed: jcore.ClosedJaxpr, param_positions: dict[int, int]) -> Analy
   def unrecognized(origin: Origin, why: str) -> None:
     bad.setdefault(origin.leaf, why)
 
-  def walk(jaxpr: jcore.Jaxpr, origins: dict, path: tuple) -> None:
+  def walk(jaxpr: jcore.Jaxpr, origins: dict, path: tuple, passthrough: bool = False) -> None:
     def origin_of(v):
       return None if isinstance(v, jcore.Literal) else origins.get(v)
 
@@ -122,35 +148,55 @@ def analyze(closed: jcore.ClosedJaxpr, param_positions: dict[int, int]) -> Analy
       name = eqn.primitive.name
       ins = [origin_of(v) for v in eqn.invars]
       derived = [j for j, o in enumerate(ins) if o is not None]
-      body = call_body(eqn)
       if not derived:
         continue
+      body = call_body(eqn)
       if body is not None:
         inner = {v: o for v, o in zip(body.jaxpr.invars, ins) if o is not None}
-        walk(body.jaxpr, inner, key)
-        for v in body.jaxpr.outvars:
+        walk(body.jaxpr, inner, key, passthrough=True)
+        # A call returning a value derived from a leaf extends its chain.
+        for out, v in zip(eqn.outvars, body.jaxpr.outvars):
           if not isinstance(v, jcore.Literal) and v in inner:
-            unrecognized(inner[v], f"returned from a nested call ({name})")
+            origins[out] = inner[v]
+      elif name == "scan":
+        body = eqn.params["jaxpr"].jaxpr
+        nc, nk = eqn.params["num_consts"], eqn.params["num_carry"]
+        inner = {}
+        for j in derived:
+          if nc <= j < nc + nk:
+            unrecognized(ins[j], "enters a scan as its carry")
+          else:
+            inner[body.invars[j]] = ins[j].enter(
+                "const" if j < nc else "xs", eqn.params["length"])
+        walk(body, inner, key)
+      elif name == "cond":
+        if ins[0] is not None:
+          unrecognized(ins[0], "used as a cond index")
+        for b, branch in enumerate(eqn.params["branches"]):
+          inner = {v: o for v, o in zip(branch.jaxpr.invars, ins[1:]) if o is not None}
+          walk(branch.jaxpr, inner, key + (b,))
       elif len(derived) == 1 and _is_chain(eqn, derived[0]):
-        o = ins[derived[0]]
-        origins[eqn.outvars[0]] = Origin(o.leaf, o.chain + (eqn,))
+        origins[eqn.outvars[0]] = ins[derived[0]].then(eqn)
       elif len(derived) == 1 and len(eqn.outvars) == 1:
         o = ins[derived[0]]
         rule, why = _rules.find_rule(eqn, derived[0])
         if rule is None:
           unrecognized(o, why)
         else:
-          uses.setdefault(o.leaf, []).append(Use(key, o.leaf, o.chain, derived[0], eqn, rule))
+          uses.setdefault(o.leaf, []).append(
+              Use(key, o.leaf, o.chain, derived[0], eqn, rule, o.scopes))
       else:
         for o in ins:
           if o is not None:
-            unrecognized(o, f"used by {name} together with another parameter or as a body"
+            unrecognized(o, f"used by {name} together with another parameter"
                          if len(derived) > 1 else f"used by {name}")
+    if passthrough:
+      return
     for v in jaxpr.outvars:
       if (o := origin_of(v)) is not None:
-        unrecognized(o, "returned by the loss")
+        unrecognized(o, "returned by the loss" if not path else "returned from a nested body")
 
-  origins = {closed.jaxpr.invars[pos]: Origin(leaf, ()) for pos, leaf in param_positions.items()}
+  origins = {closed.jaxpr.invars[pos]: Origin(leaf) for pos, leaf in param_positions.items()}
   walk(closed.jaxpr, origins, ())
   recognized = {leaf: us for leaf, us in uses.items() if leaf not in bad}
   for leaf in param_positions.values():

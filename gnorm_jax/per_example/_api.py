@@ -570,8 +570,8 @@ def per_example_plan(
     >>> import gnorm_jax
     >>> def loss(p, x):  # a dense layer with a bias, used at 3 positions
     ...   return jnp.sum(jnp.tanh(x @ p["w"] + p["b"]))
-    >>> p = {"w": jnp.ones((4, 5)), "b": jnp.zeros(5)}
-    >>> plan = gnorm_jax.per_example_plan(loss)(p, jnp.ones((8, 3, 4)))
+    >>> p = {"w": jnp.ones((64, 32)), "b": jnp.zeros(32)}
+    >>> plan = gnorm_jax.per_example_plan(loss)(p, jnp.ones((8, 3, 64)))
     >>> [(l.path, l.rules, l.route) for l in plan.leaves]
     [("['b']", ('bias',), 'direct'), ("['w']", ('dot_general',), 'ghost')]
   """

@@ -32,7 +32,7 @@ from jax import lax
 from jax.extend import core as jcore
 
 from gnorm_jax.norms import tree_norm
-from gnorm_jax.per_example._analysis import Analysis, call_body, chain_layout
+from gnorm_jax.per_example._analysis import REMAT_PRIMITIVES, Analysis, call_body, chain_layout
 from gnorm_jax.per_example._rules import Dense, Ghost, Index, Use
 
 # Relative error above which a ghost sum is recomputed exactly.
@@ -48,9 +48,20 @@ def _bind(eqn: Any, invals: list) -> list:
   return list(out) if eqn.primitive.multiple_results else [out]
 
 
-def eval_instrumented(closed: jcore.ClosedJaxpr, flat_args: list, uses: dict) -> tuple:
-  """Evaluates ``closed``; adds ``perts[key]`` to each use's output and records
-  its operands (the parameter slot as None). Returns (outputs, {key: operands}).
+def _inside(key: tuple, uses: dict) -> dict:
+  """The uses nested under the equation at ``key``."""
+  return {k: u for k, u in uses.items() if len(k) > len(key) and k[:len(key)] == key}
+
+
+def eval_instrumented(closed: jcore.ClosedJaxpr, flat_args: list, uses: dict) -> Callable:
+  """A function of perturbations {key: array} evaluating ``closed``: it adds
+  ``perts[key]`` to each use's output and records the use's operands (the
+  parameter slot as None). Returns (outputs, {key: operands}).
+
+  Scan bodies holding uses are run by ``lax.scan`` with the perturbations
+  scanned over and the operands stacked as outputs; ``checkpoint`` bodies are
+  re-wrapped in ``jax.checkpoint``; ``cond`` branches run by ``lax.switch``,
+  each recording zeros for the other branches' uses.
   """
 
   def run(jaxpr, consts, args, path, perts, operands):
@@ -66,9 +77,17 @@ def eval_instrumented(closed: jcore.ClosedJaxpr, flat_args: list, uses: dict) ->
     for i, eqn in enumerate(jaxpr.eqns):
       key = path + (i,)
       invals = [read(v) for v in eqn.invars]
+      inner = _inside(key, uses)
+      name = eqn.primitive.name
       body = call_body(eqn)
-      if body is not None:
+      if body is not None and name in REMAT_PRIMITIVES and inner:
+        outs = _remat(eqn, body, invals, key, perts, operands, inner, run)
+      elif body is not None:
         outs = run(body.jaxpr, body.consts, invals, key, perts, operands)
+      elif name == "scan" and inner:
+        outs = _scan(eqn, invals, key, perts, operands, inner, run)
+      elif name == "cond" and inner:
+        outs = _switch(eqn, invals, key, perts, operands, inner, run)
       else:
         outs = _bind(eqn, invals)
         if key in uses:
@@ -88,15 +107,89 @@ def eval_instrumented(closed: jcore.ClosedJaxpr, flat_args: list, uses: dict) ->
   return evaluate
 
 
+def _remat(eqn, body, invals, key, perts, operands, inner, run):
+  def fn(args, ps):
+    ops = {}
+    outs = run(body.jaxpr, body.consts, args, key, ps, ops)
+    return outs, ops
+
+  params = eqn.params
+  outs, ops = jax.checkpoint(fn, prevent_cse=params.get("prevent_cse", True),
+                             policy=params.get("policy"))(invals, {k: perts[k] for k in inner})
+  operands.update(ops)
+  return outs
+
+
+def _scan(eqn, invals, key, perts, operands, inner, run):
+  p = eqn.params
+  nc, nk = p["num_consts"], p["num_carry"]
+  body = p["jaxpr"]
+  consts, init, xs = invals[:nc], invals[nc:nc + nk], invals[nc + nk:]
+
+  def step(carry, x):
+    x_vals, ps = x
+    ops = {}
+    outs = run(body.jaxpr, body.consts, [*consts, *carry, *x_vals], key, ps, ops)
+    return outs[:nk], (outs[nk:], ops)
+
+  carry, (ys, ops) = lax.scan(step, init, (xs, {k: perts[k] for k in inner}),
+                              length=p["length"], reverse=p["reverse"], unroll=p["unroll"])
+  operands.update(ops)
+  return [*carry, *ys]
+
+
+def _switch(eqn, invals, key, perts, operands, inner, run):
+  index, args = invals[0], invals[1:]
+  branches = eqn.params["branches"]
+  ps = {k: perts[k] for k in inner}
+
+  def branch_fn(b):
+    def fn(args, ps):
+      ops = {}
+      outs = run(branches[b].jaxpr, branches[b].consts, args, key + (b,), ps, ops)
+      return outs, ops
+
+    return fn
+
+  shapes = [jax.eval_shape(branch_fn(b), args, ps)[1] for b in range(len(branches))]
+  every = {k: v for s in shapes for k, v in s.items()}
+
+  def padded(b):
+    def fn(args, ps):
+      outs, ops = branch_fn(b)(args, ps)
+      full = {k: ops.get(k, jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), v))
+              for k, v in every.items()}
+      return outs, full
+
+    return fn
+
+  outs, ops = lax.switch(index, [padded(b) for b in range(len(branches))], args, ps)
+  operands.update(ops)
+  return outs
+
+
+def _apply_chain(segment: tuple, w: jax.Array) -> jax.Array:
+  for eqn in segment:
+    invals = [v.val if isinstance(v, jcore.Literal) else w for v in eqn.invars]
+    (w,) = _bind(eqn, invals)
+  return w
+
+
 def use_output(use: Use, operands: tuple, w: jax.Array) -> jax.Array:
-  """The single-example output of ``use`` from leaf value ``w``."""
-  o = w
-  for eqn in use.chain:
-    invals = [v.val if isinstance(v, jcore.Literal) else o for v in eqn.invars]
-    (o,) = _bind(eqn, invals)
-  vals = list(operands)
-  vals[use.operand] = o
-  return _bind(use.eqn, vals)[0]
+  """The use's output for one example from leaf value ``w``; inside scans, the
+  outputs of every step, stacked (the operands carry the step axes)."""
+
+  def at(level, w, ops):
+    w = _apply_chain(use.chain[level], w)
+    if level == len(use.scopes):
+      vals = list(ops)
+      vals[use.operand] = w
+      return _bind(use.eqn, vals)[0]
+    if use.scopes[level][0] == "const":
+      return jax.vmap(lambda o: at(level + 1, w, o))(ops)
+    return jax.vmap(lambda wl, o: at(level + 1, wl, o))(w, ops)
+
+  return at(0, w, operands)
 
 
 def batched_pass(closed, analysis: Analysis, assemble: Callable, params_flat, batch_flat, b):
@@ -117,7 +210,7 @@ def batched_pass(closed, analysis: Analysis, assemble: Callable, params_flat, ba
 
   grad_fn = jax.grad(single, argnums=(0, 1), has_aux=True)
   perts = {
-      k: jnp.zeros((b, *u.out_aval.shape), u.out_aval.dtype) for k, u in uses.items()
+      k: jnp.zeros((b, *u.steps, *u.out_aval.shape), u.out_aval.dtype) for k, u in uses.items()
   }
   (fb_grads, cots), (operands, aux) = jax.vmap(grad_fn, in_axes=(None, 0, 0))(
       [params_flat[i] for i in fallback], perts, batch_flat
@@ -138,24 +231,61 @@ class LeafRoute:
   why: str = ""
 
 
-def _ghost_static(use: Use, ndim: int):
-  """(layout, H, T, Kp, Kq, p is index) of a use's ghost factors, or None."""
+def use_ghost(use: Use, operands: tuple, cot: jax.Array, ndim: int) -> Ghost | None:
+  """The use's ghost factors for batched ``operands`` and ``cot``, or None.
+
+  Inside scans the rule sees the steps as extra examples; its factors are then
+  folded back: steps of a "const" scope become positions, steps of an "xs"
+  scope (each its own slice of the leaf) become heads.
+  """
   if use.rule.ghost is None:
     return None
-  lay = chain_layout(use.chain, ndim)
+  lay = chain_layout(use, ndim)
   if lay is None:
     return None
-  perm, coef = lay
+  perm, coef, scope_heads = lay
+  b, steps = cot.shape[0], use.steps
+  n = len(steps)
+
+  def merge(x):
+    return None if x is None else x.reshape((b * math.prod(steps),) + x.shape[1 + n:])
+
+  g = use.rule.ghost(use, [merge(o) for o in operands], merge(cot), perm, coef)
+  if g is None or not steps:
+    return g
+  head, pg, qg = g.layout
+  if scope_heads != sorted(scope_heads) or (head and scope_heads and max(scope_heads) >= min(head)):
+    return None  # the heads would not be in leaf-axis order
+  kinds = [k for k, _ in use.scopes]
+  xs_ax = [1 + i for i, k in enumerate(kinds) if k == "xs"]
+  c_ax = [1 + i for i, k in enumerate(kinds) if k == "const"]
+
+  def fold(x):  # [B·L…, H, T, (K)] -> [B, L_xs…·H, L_const…·T, (K)]
+    x = x.reshape(b, *steps, *x.shape[1:])
+    order = [0, *xs_ax, 1 + n, *c_ax, 2 + n, *range(3 + n, x.ndim)]
+    x = jnp.transpose(x, order)
+    h = math.prod(x.shape[1:2 + len(xs_ax)])
+    t = math.prod(x.shape[2 + len(xs_ax):3 + n])
+    return x.reshape(b, h, t, *x.shape[3 + n:])
+
+  layout = (tuple(sorted([*scope_heads, *head])), pg, qg)
+  p = (Index(fold(g.p.index), fold(g.p.valid), g.p.size) if isinstance(g.p, Index)
+       else Dense(fold(g.p.value), g.p.kind))
+  return Ghost(layout, p, Dense(fold(g.q.value), g.q.kind))
+
+
+def _ghost_static(use: Use, ndim: int):
+  """(layout, H, T, Kp, Kq, p is index) of a use's ghost factors, or None."""
   found = []
 
   def shapes(operands, cot):
-    g = use.rule.ghost(use, operands, cot, perm, coef)
-    found.append(g)
+    found.append(use_ghost(use, operands, cot, ndim))
     return 0
 
-  avals = [None if j == use.operand else jax.ShapeDtypeStruct((1, *v.aval.shape), v.aval.dtype)
+  avals = [None if j == use.operand else
+           jax.ShapeDtypeStruct((1, *use.steps, *v.aval.shape), v.aval.dtype)
            for j, v in enumerate(use.eqn.invars)]
-  cot = jax.ShapeDtypeStruct((1, *use.out_aval.shape), use.out_aval.dtype)
+  cot = jax.ShapeDtypeStruct((1, *use.steps, *use.out_aval.shape), use.out_aval.dtype)
   jax.eval_shape(shapes, avals, cot)
   (g,) = found
   if g is None:
@@ -175,7 +305,8 @@ def plan_leaf(uses: list[Use], w: Any, b: int) -> LeafRoute:
   n = math.prod(w.shape)
   if not uses:
     return LeafRoute("unused", 0, 0)
-  direct = LeafRoute("direct", b * (sum(u.rule.direct_flops(u) for u in uses) + 2 * n),
+  direct_flops = sum(u.rule.direct_flops(u) * math.prod(u.steps) for u in uses)
+  direct = LeafRoute("direct", b * (direct_flops + 2 * n),
                      b * n * itemsize)
   statics = [_ghost_static(u, len(w.shape)) for u in uses]
   if any(s is None for s in statics) or len({s[0] for s in statics}) != 1:
@@ -218,11 +349,7 @@ def _amax(x: jax.Array, acc) -> jax.Array:
 
 
 def ghosts(uses: list[Use], operands: dict, cots: dict, ndim: int) -> list[Ghost]:
-  out = []
-  for u in uses:
-    perm, coef = chain_layout(u.chain, ndim)
-    out.append(u.rule.ghost(u, operands[u.key], cots[u.key], perm, coef))
-  return out
+  return [use_ghost(u, operands[u.key], cots[u.key], ndim) for u in uses]
 
 
 def ghost_norms(gs: list[Ghost], exact: Callable[[jax.Array], jax.Array]) -> jax.Array:

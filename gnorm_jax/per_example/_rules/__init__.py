@@ -44,16 +44,25 @@ CHAIN_OPS = LAYOUT_OPS | SCALAR_OPS | frozenset({
 class Use:
   """One recognized use of a parameter leaf.
 
-  ``eqn`` is the equation; ``operand`` the index of its parameter-derived input,
-  reached from the leaf through ``chain`` (equations applied in order).
+  ``eqn`` is the equation; ``operand`` the index of its parameter-derived input.
+  The use may sit inside scan bodies: ``scopes`` lists them from the outside in,
+  each ``("const", length)`` (the value enters every step whole: the steps are
+  extra positions) or ``("xs", length)`` (the value is scanned over: step l
+  sees slice l, its own part of the leaf). ``chain`` holds one tuple of
+  equations per level: applied at the top, then inside each scope.
   """
 
   key: tuple  # path of equation indices from the top-level jaxpr
   leaf: int
-  chain: tuple
+  chain: tuple  # len(scopes) + 1 tuples of equations
   operand: int
   eqn: Any
   rule: "Rule"
+  scopes: tuple = ()
+
+  @property
+  def steps(self) -> tuple:
+    return tuple(n for _, n in self.scopes)
 
   @property
   def out_aval(self):
@@ -166,4 +175,4 @@ def to_factor(x: jax.Array, head: list, pos: list, feat: list, feat_leaf_axes: l
 
 def load_rules() -> None:
   """Imports the rule modules (each registers itself)."""
-  from gnorm_jax.per_example._rules import dot, elementwise, gather  # noqa: F401
+  from gnorm_jax.per_example._rules import conv, dot, elementwise, gather  # noqa: F401

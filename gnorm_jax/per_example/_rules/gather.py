@@ -23,17 +23,25 @@ def _match(eqn, operand):
   o_shape = eqn.invars[0].aval.shape
   out_nd = len(eqn.outvars[0].aval.shape)
   n_rest = len(o_shape) - 1
-  if (tuple(dn.collapsed_slice_dims) != (0,) or tuple(dn.start_index_map) != (0,)
+  starts = tuple(dn.start_index_map)
+  # Other start indices may only address axes read whole, where they are
+  # clamped to 0 (vmap of ``E[i]`` gathers with one per operand axis).
+  others_ok = starts == (0,) or (
+      eqn.params["mode"] != lax.GatherScatterMode.FILL_OR_DROP and 0 in starts)
+  collapsed = tuple(dn.collapsed_slice_dims)
+  n_offset = n_rest + (collapsed == ())  # an uncollapsed row axis stays, of size 1
+  if (collapsed not in ((0,), ()) or not others_ok
       or tuple(getattr(dn, "operand_batching_dims", ())) != ()
       or tuple(eqn.params["slice_sizes"]) != (1, *o_shape[1:])
-      or tuple(dn.offset_dims) != tuple(range(out_nd - n_rest, out_nd))
-      or eqn.invars[1].aval.shape[-1:] != (1,)):
+      or tuple(dn.offset_dims) != tuple(range(out_nd - n_offset, out_nd))
+      or eqn.invars[1].aval.shape[-1:] != (len(starts),)):
     return "not a lookup of whole rows along the first axis"
   return None
 
 
 def _ghost(use, operands, cot, perm, coef):
-  idx = operands[1]
+  starts = tuple(use.eqn.params["dimension_numbers"].start_index_map)
+  idx = operands[1][..., starts.index(0)]
   rows = use.operand_aval(0).shape[0]
   i = idx.reshape(idx.shape[0], 1, -1).astype(jnp.int32)
   mode = use.eqn.params.get("mode")

@@ -1,0 +1,76 @@
+"""conv_general_dilated: convolution kernels of any spatial rank and layout.
+
+For z = conv(x, K) the per-example gradient of K is, for each feature group,
+Σ_t p_tᵀ g_t over the output positions t (and the convolution's own batch
+axis): p_t is the input patch that output position t sees (input channels ×
+filter taps, with the convolution's strides, padding and dilations) and g_t
+the output cotangent there. The ghost route is the Gram over positions of the
+patches and of the cotangents (mixed ghost clipping, Bu et al. 2022); the
+direct route forms the kernel gradient per example with one batched
+convolution. Depthwise and grouped convolutions (``feature_group_count``) are
+groups of heads; ``batch_group_count`` (which appears in convolution
+backward passes, not in models) has no rule.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from gnorm_jax.per_example._rules import Dense, Ghost, Rule, layout_of, register, size
+
+
+def _match(eqn, operand):
+  if operand != 1:
+    return "the parameter is the convolution's input, not its kernel"
+  if eqn.params["batch_group_count"] != 1:
+    return "batch_group_count > 1"
+  return None
+
+
+def _positions_last(x, spec):
+  """[B, *layout] -> [B, T, F]: the conv batch and spatial axes as positions."""
+  n, f, sp = spec[0], spec[1], spec[2:]
+  x = jnp.transpose(x, [0, 1 + n, *[1 + d for d in sp], 1 + f])
+  return x.reshape(x.shape[0], -1, x.shape[-1])
+
+
+def _ghost(use, operands, cot, perm, coef):
+  p = use.eqn.params
+  lhs_spec, rhs_spec, out_spec = p["dimension_numbers"]
+  kernel = use.operand_aval(1).shape
+  taps = [kernel[d] for d in rhs_spec[2:]]
+  groups = p["feature_group_count"]
+  x = operands[0]
+  patches = jax.vmap(lambda x: lax.conv_general_dilated_patches(
+      x, taps, p["window_strides"], p["padding"], p["lhs_dilation"], p["rhs_dilation"],
+      p["dimension_numbers"], precision=lax.Precision.HIGHEST))(x)
+  b = x.shape[0]
+  a = _positions_last(patches, out_spec)  # features: (input channel, taps…)
+  t = a.shape[1]
+  channels = x.shape[1 + lhs_spec[1]]
+  a = a.reshape(b, t, groups, channels // groups, *taps)
+  c_axes = [perm[rhs_spec[1]], *[perm[d] for d in rhs_spec[2:]]]
+  order = sorted(range(len(c_axes)), key=lambda i: c_axes[i])
+  a = jnp.transpose(a, [0, 2, 1, *[3 + i for i in order]]).reshape(b, groups, t, -1)
+  g = _positions_last(cot, out_spec)
+  g = jnp.transpose(g.reshape(b, t, groups, -1), [0, 2, 1, 3])
+  if coef != 1:
+    g = g * coef
+  layout, swapped = layout_of({"head": [], "first": c_axes, "second": [perm[rhs_spec[0]]]})
+  if groups > 1:  # the groups split the output-feature axis: only equal groupings stack
+    layout = ((-groups,),) + layout[1:]
+  p_, q_ = (Dense(g, "cot"), Dense(a, "act")) if swapped else (Dense(a, "act"), Dense(g, "cot"))
+  return Ghost(layout, p_, q_)
+
+
+def _direct_flops(use):
+  p = use.eqn.params
+  _, rhs_spec, _ = p["dimension_numbers"]
+  kernel = use.operand_aval(1).shape
+  per_output = kernel[rhs_spec[1]] * size([kernel[d] for d in rhs_spec[2:]])
+  return 2 * size(use.out_aval.shape) * per_output
+
+
+RULE = register(Rule("conv", ("conv_general_dilated",), _match, _ghost, _direct_flops))

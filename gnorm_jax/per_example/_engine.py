@@ -92,7 +92,8 @@ def eval_instrumented(closed: jcore.ClosedJaxpr, flat_args: list, uses: dict) ->
         outs = _bind(eqn, invals)
         if key in uses:
           u = uses[key]
-          operands[key] = tuple(None if j == u.operand else x for j, x in enumerate(invals))
+          operands[key] = tuple(None if j == u.operand or not u.rule.records else x
+                                for j, x in enumerate(invals))
           outs = [outs[0] + perts[key]]
       for v, x in zip(eqn.outvars, outs):
         if not isinstance(v, jcore.DropVar):
@@ -126,15 +127,33 @@ def _scan(eqn, invals, key, perts, operands, inner, run):
   body = p["jaxpr"]
   consts, init, xs = invals[:nc], invals[nc:nc + nk], invals[nc + nk:]
 
+  layout = []  # where each recorded operand sits among the distinct values
+
   def step(carry, x):
     x_vals, ps = x
     ops = {}
     outs = run(body.jaxpr, body.consts, [*consts, *carry, *x_vals], key, ps, ops)
-    return outs[:nk], (outs[nk:], ops)
+    # Several uses often record the same value (an LSTM's four gates read one
+    # h): stack each distinct value once.
+    distinct, index = [], {}
+    layout.clear()
+    for k, vals in ops.items():
+      row = []
+      for x in vals:
+        if x is None:
+          row.append(None)
+          continue
+        if id(x) not in index:
+          index[id(x)] = len(distinct)
+          distinct.append(x)
+        row.append(index[id(x)])
+      layout.append((k, row))
+    return outs[:nk], (outs[nk:], distinct)
 
-  carry, (ys, ops) = lax.scan(step, init, (xs, {k: perts[k] for k in inner}),
-                              length=p["length"], reverse=p["reverse"], unroll=p["unroll"])
-  operands.update(ops)
+  carry, (ys, distinct) = lax.scan(step, init, (xs, {k: perts[k] for k in inner}),
+                                   length=p["length"], reverse=p["reverse"], unroll=p["unroll"])
+  for k, row in layout:
+    operands[k] = tuple(None if i is None else distinct[i] for i in row)
   return [*carry, *ys]
 
 
@@ -182,12 +201,15 @@ def use_output(use: Use, operands: tuple, w: jax.Array) -> jax.Array:
   def at(level, w, ops):
     w = _apply_chain(use.chain[level], w)
     if level == len(use.scopes):
-      vals = list(ops)
+      # Operands a rule does not record do not enter its gradient: zeros stand in.
+      vals = [jnp.zeros(v.aval.shape, v.aval.dtype) if o is None else o
+              for o, v in zip(ops, use.eqn.invars)]
       vals[use.operand] = w
       return _bind(use.eqn, vals)[0]
-    if use.scopes[level][0] == "const":
-      return jax.vmap(lambda o: at(level + 1, w, o))(ops)
-    return jax.vmap(lambda wl, o: at(level + 1, wl, o))(w, ops)
+    kind, length = use.scopes[level]
+    if kind == "const":
+      return jax.vmap(lambda o: at(level + 1, w, o), axis_size=length)(ops)
+    return jax.vmap(lambda wl, o: at(level + 1, wl, o), axis_size=length)(w, ops)
 
   return at(0, w, operands)
 
@@ -254,7 +276,8 @@ def use_ghost(use: Use, operands: tuple, cot: jax.Array, ndim: int) -> Ghost | N
   if g is None or not steps:
     return g
   head, pg, qg = g.layout
-  if scope_heads != sorted(scope_heads) or (head and scope_heads and max(scope_heads) >= min(head)):
+  if any(not isinstance(e, int) for e in head) or scope_heads != sorted(scope_heads) or (
+      head and scope_heads and max(scope_heads) >= min(head)):
     return None  # the heads would not be in leaf-axis order
   kinds = [k for k, _ in use.scopes]
   xs_ax = [1 + i for i, k in enumerate(kinds) if k == "xs"]
@@ -410,10 +433,48 @@ def ghost_norms(gs: list[Ghost], exact: Callable[[jax.Array], jax.Array]) -> jax
 
 
 def direct_grads(uses: list[Use], operands: dict, cots: dict, w: jax.Array) -> jax.Array:
-  """[B, *w.shape]: each example's gradient of leaf ``w`` from its uses."""
+  """[B, *w.shape]: each example's gradient of leaf ``w`` from its uses.
+
+  Where the uses have ghost factors of one layout, Σ_t P_t ⊗ Q_t is one batched
+  contraction (a convolution's patches times its output cotangents); otherwise
+  it is the vjp of the uses' equations, vmapped over the batch.
+  """
+  gs = ghosts(uses, operands, cots, w.ndim)
+  if all(g is not None for g in gs) and len({g.layout for g in gs}) == 1:
+    return _factor_grads(gs, w)
   ops = [operands[u.key] for u in uses]
   cs = [cots[u.key] for u in uses]
   return jax.vmap(lambda o, c: one_grad(uses, o, c, w))(ops, cs)
+
+
+def _factor_grads(gs: list[Ghost], w: jax.Array) -> jax.Array:
+  head, pa, qa = gs[0].layout
+  total = 0
+  for g in gs:
+    q = g.q.value
+    if isinstance(g.p, Index):
+      b, h, t = g.p.index.shape
+      bi = jnp.arange(b)[:, None, None]
+      hi = jnp.arange(h)[None, :, None]
+      rows = jnp.zeros((b, h, g.p.size, q.shape[-1]), q.dtype)
+      total = total + rows.at[bi, hi, g.p.index].add(q * g.p.valid[..., None].astype(q.dtype))
+    else:
+      total = total + jnp.einsum("bhtp,bhtq->bhpq", g.p.value, q,
+                                 precision=lax.Precision.HIGHEST)
+  b = total.shape[0]
+  groups = [e for e in head if not isinstance(e, int)]
+  if groups:  # ("split", axis, G): G groups of one axis (grouped convolutions)
+    (_, axis, n_groups), = groups
+    sizes = [w.shape[a] // n_groups if a == axis else w.shape[a] for a in pa + qa]
+    x = total.reshape(b, n_groups, *sizes)
+    x = jnp.moveaxis(x, 1, 1 + (pa + qa).index(axis))
+    x = x.reshape(b, *[w.shape[a] for a in pa + qa])
+    order = list(pa + qa)
+  else:
+    order = list(head + pa + qa)
+    x = total.reshape(b, *[w.shape[a] for a in order])
+  x = jnp.transpose(x, [0] + [1 + order.index(j) for j in range(w.ndim)])
+  return x.astype(w.dtype)
 
 
 def one_grad(uses: list[Use], ops: list, cs: list, w: jax.Array) -> jax.Array:

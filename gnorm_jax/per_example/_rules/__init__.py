@@ -117,6 +117,8 @@ class Rule:
       batched output cotangent, the leaf axis of each operand axis (``perm``)
       and the chain's scalar factor. None: no ghost route for this use.
     direct_flops: per-example flops of the direct route (vjp of the equation).
+    records: whether the engine must record the other operands (a bias's
+      gradient does not depend on what it is added to).
   """
 
   name: str
@@ -124,6 +126,7 @@ class Rule:
   match: Callable[[Any, int], str | None]
   ghost: Callable[..., Ghost | None] | None
   direct_flops: Callable[[Use], int]
+  records: bool = True
 
 
 _REGISTRY: dict[str, list[Rule]] = {}

@@ -60,7 +60,7 @@ def _ghost(use, operands, cot, perm, coef):
     g = g * coef
   layout, swapped = layout_of({"head": [], "first": c_axes, "second": [perm[rhs_spec[0]]]})
   if groups > 1:  # the groups split the output-feature axis: only equal groupings stack
-    layout = ((-groups,),) + layout[1:]
+    layout = ((("split", perm[rhs_spec[0]], groups),),) + layout[1:]
   p_, q_ = (Dense(g, "cot"), Dense(a, "act")) if swapped else (Dense(a, "act"), Dense(g, "cot"))
   return Ghost(layout, p_, q_)
 

@@ -29,6 +29,7 @@ def parse_args(description: str) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=description)
   parser.add_argument("--quick", action="store_true", help="smaller sizes, fewer rounds")
   parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds")
+  parser.add_argument("--only", nargs="*", default=None, help="run only these rows (by name)")
   return parser.parse_args()
 
 

@@ -55,6 +55,18 @@ def pow2_exponent(amax: jax.Array) -> jax.Array:
   return jnp.clip(-e, -(finfo.maxexp - 2), -finfo.minexp)
 
 
+def pow2(k: jax.Array, dtype: Any) -> jax.Array:
+  """2^k in ``dtype``, exactly, for k from :func:`pow2_exponent` (2^±k normal).
+
+  Written as 1/2^-k (exact for powers of two): XLA counts a division as
+  expensive and computes it once, while it copies cheap bit operations such
+  as ``ldexp`` — and everything they depend on, e.g. a maximum over every
+  leaf — into each consumer. With one consumer per leaf that made compile
+  time grow quadratically in the number of leaves.
+  """
+  return 1 / jnp.ldexp(jnp.ones((), dtype), -k)
+
+
 def pow2_split(norm: jax.Array) -> tuple[jax.Array, jax.Array]:
   """``(s, m)``: ``s`` an exact power of two and ``m = norm·s``, in [0.5, 1) when possible.
 
@@ -65,7 +77,7 @@ def pow2_split(norm: jax.Array) -> tuple[jax.Array, jax.Array]:
   or NaN norm gives ``s = 1``.
   """
   norm = jnp.asarray(norm)
-  s = lax.stop_gradient(jnp.ldexp(jnp.ones_like(norm), pow2_exponent(lax.stop_gradient(norm))))
+  s = lax.stop_gradient(pow2(pow2_exponent(lax.stop_gradient(norm)), norm.dtype))
   return s, norm * s
 
 

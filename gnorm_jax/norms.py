@@ -28,7 +28,13 @@ import jax.numpy as jnp
 from jax import lax
 
 from gnorm_jax._checks import check_ord
-from gnorm_jax._numerics import accumulation_dtype, pow2_exponent, pow2_inverse, safe_divide
+from gnorm_jax._numerics import (
+  accumulation_dtype,
+  pow2,
+  pow2_exponent,
+  pow2_inverse,
+  safe_divide,
+)
 
 __all__ = ["tree_norm", "leaf_norms"]
 
@@ -97,7 +103,7 @@ def _rescaled_l2(leaves: list[jax.Array]) -> jax.Array:
   acc = _group_dtype(leaves)
   amax = jnp.max(jnp.stack([_amax(x, acc) for x in leaves]))
   k = pow2_exponent(amax)
-  scale = jnp.ldexp(jnp.ones((), acc), k)
+  scale = pow2(k, acc)  # not ldexp: see pow2 (compile time with many leaves)
   total = jnp.zeros((), acc)
   for x in leaves:
     # The barrier keeps XLA from sharing one full-size broadcast of ``scale``

@@ -1,15 +1,14 @@
-"""Tests of gnorm_jax.demo: the command line, the printed table, the figure, and
-the step's measurements against independent references."""
+"""Tests of gnorm_jax.demo: what the training does (it learns the digits, the clippers act on
+the corrupted batches, the figure is written) and each step's measurements against
+independent references. Nothing here pins the printed text."""
 
 from __future__ import annotations
 
 import contextlib
 import functools
 import io
-import math
 import os
 import pathlib
-import re
 import subprocess
 import sys
 
@@ -23,118 +22,145 @@ import gnorm_jax
 from gnorm_jax import demo
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-STEPS = 6
-TABLE_HEAD = [
-    "set-up", "train loss", "test acc", "median ‖∇J‖", "max ‖∇J‖",
-    "median ‖update‖", "B_simple (EMA, end)", "norm-based action",
-]
+STEPS = 100  # enough to learn the digits well above chance; spikes at steps 45 and 70
+SIZES = (demo.PIXELS, *demo.Config.hidden, demo.CLASSES)
 
 
 def run_main(argv):
-  out, err = io.StringIO(), io.StringIO()
-  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-    result = demo.main(argv)
-  return result, out.getvalue(), err.getvalue()
-
-
-def table_rows(text):
-  """The markdown table printed by the demo, as a list of cell lists."""
-  lines = [l for l in text.splitlines() if l.startswith("|")]
-  return [[c.strip() for c in l.strip("|").split("|")] for l in lines]
+  with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+    return demo.main(argv)
 
 
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory):
+  """Every set-up, trained side by side for STEPS steps."""
   figure = tmp_path_factory.mktemp("demo") / "nested" / "norms.png"
-  result, out, err = run_main(["--steps", str(STEPS), "--out", str(figure)])
-  return figure, result, out, err
+  return figure, run_main(["--steps", str(STEPS), "--out", str(figure)])
+
+
+def by_key(result, key):
+  """The curves of the set-up with this --runs key."""
+  name = next(r.name for r in demo.RUNS if r.key == key)
+  return result["curves"][name]
 
 
 # ---------------------------------------------------------------------------
-# main(): figure, table, checks, progress bar.
+# The data: scikit-learn's digits, held out by class.
 
 
-def test_figure_is_written_where_it_says(full_run):
-  figure, result, out, _ = full_run
-  assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-  assert figure.stat().st_size > 10_000
-  assert result["figure"] == str(figure)
-  assert f"Figure written to {figure}" in out
+def test_data_is_the_digits_split_into_disjoint_stratified_sets():
+  x_train, y_train, x_test, y_test = demo.make_data(demo.Config())
+  assert len(x_train) + len(x_test) == 1797  # every image of load_digits, once
+  assert x_train.shape[1:] == x_test.shape[1:] == (demo.PIXELS,)
+  assert x_train.dtype == np.float32 and y_train.dtype == np.int32
+  assert set(np.unique(y_train)) == set(np.unique(y_test)) == set(range(demo.CLASSES))
+  rows = {row.tobytes() for row in x_train}
+  assert sum(row.tobytes() in rows for row in x_test) < 0.02 * len(x_test)  # held out
+  np.testing.assert_allclose(x_train.mean(0), 0, atol=1e-5)  # standardized on the training set
 
 
-def test_summary_table_has_a_row_per_set_up(full_run):
-  _, result, out, _ = full_run
-  rows = table_rows(out)
-  assert rows[0] == TABLE_HEAD
-  assert rows[1] == ["---"] * len(TABLE_HEAD)
-  assert [r[0] for r in rows[2:]] == [run.name for run in demo.RUNS]
-  assert [r["set-up"] for r in result["rows"]] == [run.name for run in demo.RUNS]
-  for row in result["rows"]:
-    assert math.isfinite(row["train loss"]) and row["train loss"] > 0
-    assert 0 <= row["test acc"] <= 1
-    assert 0 < row["median ‖∇J‖"] <= row["max ‖∇J‖"] < math.inf
-    assert 0 < row["median ‖update‖"] < math.inf
+def test_corrupted_batches_are_gradient_spikes():
+  x, y, _, _ = demo.make_data(demo.Config())
+  x, y = jnp.asarray(x[:64]), jnp.asarray(y[:64])
+  params = demo.init_mlp(jax.random.key(0), SIZES)
+  norm = lambda x, y: float(jax.jit(gnorm_jax.grad_norm(demo.batch_loss))(params, x, y))
+  x_bad, y_bad = demo.corrupt_batch(x, y, jnp.bool_(True), demo.Config.spike_factor)
+  assert np.all(np.asarray(y_bad) != np.asarray(y))
+  assert norm(x_bad, y_bad) > 5 * norm(x, y)
+  x_same, y_same = demo.corrupt_batch(x, y, jnp.bool_(False), demo.Config.spike_factor)
+  np.testing.assert_array_equal(x_same, x)
+  np.testing.assert_array_equal(y_same, y)
 
 
-def test_table_says_what_the_norm_based_step_did(full_run):
-  _, result, _, _ = full_run
-  action = {r["set-up"]: r["norm-based action"] for r in result["rows"]}
-  assert action["adam"] == "-" and action["normalize + sgd"] == "-"
-  for name in ("clip_by_norm + adam", "autoclip + adam", "zclip + adam", "quantile_clip + adam"):
-    assert re.fullmatch(r"\d+ steps? clipped", action[name])
-    assert 0 <= int(action[name].split()[0]) <= STEPS
-  assert re.fullmatch(r"\d+ steps? skipped", action["skip_spikes(adam)"])
-  assert action["per-example clip + adam"].endswith("% of examples clipped")
+# ---------------------------------------------------------------------------
+# main(): training, the clippers, the checks and the figure.
+
+
+@pytest.mark.parametrize("key", demo.RUN_KEYS)
+def test_every_set_up_learns_the_digits(full_run, key):
+  _, result = full_run
+  name = next(r.name for r in demo.RUNS if r.key == key)
+  loss = by_key(result, key)["loss"]
+  assert np.all(np.isfinite(loss))
+  assert np.mean(loss[-10:]) < 0.75 * np.mean(loss[:10])  # normalized SGD learns slowest
+  assert result["accuracy"][name] > 0.5  # chance is 0.1 on the held-out digits
+
+
+def test_clipping_run_clips_the_spikes(full_run):
+  _, result = full_run
+  curves = by_key(result, "clip")
+  spikes = demo.spike_steps(demo.Config(steps=STEPS))
+  assert spikes
+  assert np.all(curves["clipped"][spikes])
+  assert np.all(curves["clipped"] == (curves["grad_norm"] > demo.MAX_NORM))
+  np.testing.assert_array_equal(curves["threshold"], demo.MAX_NORM)
+  # Clipped, the spike moves Adam less than unclipped.
+  adam = by_key(result, "adam")
+  assert np.all(curves["update_norm"][spikes] < adam["update_norm"][spikes])
+
+
+def test_adaptive_clippers_act_and_skip_spikes_skips_them(full_run):
+  _, result = full_run
+  spikes = demo.spike_steps(demo.Config(steps=STEPS))
+  for key in ("autoclip", "zclip", "quantile"):
+    assert by_key(result, key)["num_clipped"][-1] >= 1, key
+  skipped = by_key(result, "skip")["num_skipped"]
+  assert skipped[-1] >= 1
+  assert np.all(np.diff(skipped)[np.asarray(spikes) - 1] == 1)  # each spike step is skipped
+
+
+def test_per_example_clipping_clips_some_examples(full_run):
+  _, result = full_run
+  fraction = by_key(result, "dp")["examples_clipped"]
+  assert np.all((0 <= fraction) & (fraction <= 1))
+  assert 0 < np.mean(fraction) < 1
 
 
 def test_fast_paths_agree_with_references(full_run):
-  _, result, out, _ = full_run
+  _, result = full_run
   assert result["checks"]["per_example_rel_err"] < 1e-5
   assert result["checks"]["penalty_grad_rel_err"] < 1e-4
-  assert "ghost per-example norms vs vmap(grad)" in out
 
 
-def test_per_layer_norms_are_printed(full_run):
-  _, result, out, _ = full_run
+def test_per_layer_norms_cover_every_layer(full_run):
+  _, result = full_run
   expected = {f"grad_norm/dense{i}/{w}" for i in range(3) for w in ("kernel", "bias")}
   assert set(result["layer_norms"]) == expected
-  for path, value in result["layer_norms"].items():
-    assert path in out and value > 0
-  assert "global (tree_norm)" in out and "B_simple ≈" in out
+  assert all(value > 0 for value in result["layer_norms"].values())
+  assert set(by_key(result, "adam")["layer_norms"]) == {p.split("/", 1)[1] for p in expected}
 
 
-def test_progress_bar_goes_to_stderr(full_run):
-  _, _, out, err = full_run
-  assert f"training {len(demo.RUNS)} set-ups |" in err
-  assert f"{STEPS}/{STEPS}" in err.splitlines()[-1]
-  assert "set-ups |" not in out
+def test_figure_is_written_where_asked(full_run):
+  figure, result = full_run
+  assert result["figure"] == str(figure)
+  assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert figure.stat().st_size > 10_000
 
 
-def test_runs_flag_selects_set_ups(tmp_path):
-  figure = tmp_path / "two.png"
-  result, out, _ = run_main(["--steps", "3", "--runs", "clip,dp", "--out", str(figure)])
-  assert [r[0] for r in table_rows(out)[2:]] == ["clip_by_norm + adam", "per-example clip + adam"]
-  assert figure.exists()
-  assert re.fullmatch(r"\d+ steps? clipped", result["rows"][0]["norm-based action"])
+def test_every_set_up_is_reported(full_run):
+  _, result = full_run
+  names = [run.name for run in demo.RUNS]
+  assert list(result["curves"]) == [r["set-up"] for r in result["rows"]] == names
+  assert list(result["accuracy"]) == names
+
+
+def test_runs_flag_selects_set_ups_in_order():
+  args = demo.parse_args(["--runs", "dp, clip", "--steps", "7", "--seed", "3"])
+  assert [run.key for run in args.runs] == ["dp", "clip"]
+  assert (args.steps, args.seed) == (7, 3)
 
 
 @pytest.mark.parametrize(
-    "argv,message",
-    [
-        (["--steps", "0"], "--steps must be at least 1"),
-        (["--runs", "adam,bogus"], "unknown set-up"),
-        (["--runs", ","], "unknown set-up"),
-        (["--steps", "many"], "invalid int value"),
-    ],
+    "argv", [["--steps", "0"], ["--runs", "adam,bogus"], ["--runs", ","], ["--steps", "many"]]
 )
-def test_bad_arguments_exit_with_a_message(argv, message, capsys):
+def test_bad_arguments_exit_with_usage_error(argv, capsys):
   with pytest.raises(SystemExit) as exit_info:
     demo.parse_args(argv)
   assert exit_info.value.code == 2
-  assert message in capsys.readouterr().err
+  assert capsys.readouterr().err  # argparse explains
 
 
-def test_help_from_the_command_line():
+def test_runs_as_a_module():
   env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
   proc = subprocess.run(
       [sys.executable, "-m", "gnorm_jax.demo", "--help"],
@@ -143,7 +169,6 @@ def test_help_from_the_command_line():
   assert proc.returncode == 0, proc.stderr
   for flag in ("--steps", "--out", "--runs", "--seed"):
     assert flag in proc.stdout
-  assert proc.stdout.startswith("usage: python -m gnorm_jax.demo")
 
 
 # ---------------------------------------------------------------------------
@@ -156,7 +181,7 @@ def one_step(key, batch_size=16):
   cfg = demo.Config(steps=10)
   x, y, _, _ = demo.make_data(cfg)
   x, y = jnp.asarray(x[:batch_size]), jnp.asarray(y[:batch_size])
-  params = demo.init_mlp(jax.random.key(1), (cfg.dim, *cfg.hidden, cfg.classes))
+  params = demo.init_mlp(jax.random.key(1), SIZES)
   run = next(r for r in demo.RUNS if r.key == key)
   opt = run.optimizer(optax.constant_schedule(cfg.learning_rate))
   tracker = gnorm_jax.noise_scale_tracker(0.5)
@@ -230,49 +255,4 @@ def test_corrupted_batches_are_skipped_by_the_noise_scale_tracker():
 
 def test_spikes_only_in_runs_long_enough_to_show_them():
   assert demo.spike_steps(demo.Config(steps=300)) == [135, 210]
-  assert demo.spike_steps(demo.Config(steps=STEPS)) == []
-
-
-# ---------------------------------------------------------------------------
-# Helpers.
-
-
-class FakeTerminal(io.StringIO):
-  def isatty(self):
-    return True
-
-
-@pytest.mark.parametrize("stream_type", [io.StringIO, FakeTerminal])
-def test_progress_bar(stream_type):
-  stream = stream_type()
-  bar = demo.ProgressBar("train", 8, width=8, stream=stream)
-  for done in range(1, 9):
-    bar.update(done, "info")
-  bar.close("done")
-  text = stream.getvalue()
-  assert "train |########| 8/8" in text
-  assert text.rstrip().endswith("done")
-  if stream_type is FakeTerminal:
-    assert text.count("\r") == 9 and text.count("\n") == 1
-  else:  # a log: one line per quarter, then the final line
-    lines = text.splitlines()
-    assert "\r" not in text and len(lines) == 4
-    assert [l.split("| ")[1].split()[0] for l in lines] == ["2/8", "4/8", "6/8", "8/8"]
-
-
-@pytest.mark.parametrize(
-    "curve,text",
-    [
-        ({"num_skipped": np.array([0, 1, 1])}, "1 step skipped"),
-        ({"num_clipped": np.array([1, 2, 3])}, "3 steps clipped"),
-        ({"clipped": np.array([True, False, True])}, "2 steps clipped"),
-        ({"loss": np.ones(3)}, "-"),
-    ],
-)
-def test_acted(curve, text):
-  assert demo.acted(curve) == text
-
-
-def test_markdown_table():
-  rows = [{"a": "x", "b": 1.23456}, {"a": "y", "b": 2.0}]
-  assert demo.markdown_table(rows) == "| a | b |\n|---|---|\n| x | 1.235 |\n| y | 2 |"
+  assert demo.spike_steps(demo.Config(steps=10)) == []

@@ -511,7 +511,7 @@ def test_microbatches_equal_the_whole_batch(microbatch_size):
         ({"max_norm": 1.0, "method": "fast"}, ValueError, "method='fast'"),
         ({"max_norm": 1.0, "argnums": 1}, ValueError, "share"),
         ({"max_norm": 1.0, "argnums": "0"}, TypeError, "argnums"),
-        ({"max_norm": True}, ValueError, "max_norm"),
+        ({"max_norm": True}, TypeError, "max_norm"),
         ({"max_norm": {"a": -1.0}}, ValueError, "max_norm"),
         ({"max_norm": None}, ValueError, "max_norm"),
         ({"max_norm": 1.0, "microbatch_size": 0}, ValueError, "microbatch_size=0"),

@@ -8,13 +8,12 @@ from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from gnorm_jax.clipping import clip_factor
+from gnorm_jax._checks import check_argnums, check_choice, check_fun, check_threshold_tree
+from gnorm_jax._numerics import clip_factor
 from gnorm_jax.norms import tree_norm
 from gnorm_jax.per_example import _engine
 from gnorm_jax.per_example._analysis import Analysis, analyze
-from gnorm_jax.transforms import check_argnums
 
 _METHODS = ("auto", "ghost", "vmap")
 _REDUCTIONS = ("mean", "sum")
@@ -29,12 +28,10 @@ class _PerExample:
 
   def __init__(self, loss, argnums, batch_argnums, method, caller, *, has_aux=False,
                nan_safe=True, microbatch_size=None):
-    if not callable(loss):
-      raise TypeError(f"{caller} expects the single-example loss as a callable, got {loss!r}.")
-    check_argnums(argnums, "argnums")
-    check_argnums(batch_argnums, "batch_argnums")
-    if method not in _METHODS:
-      raise ValueError(f"method must be one of {_METHODS}, got method={method!r}.")
+    check_fun(loss, caller)
+    check_argnums("argnums", argnums)
+    check_argnums("batch_argnums", batch_argnums)
+    check_choice("method", method, _METHODS)
     for name, flag in (("has_aux", has_aux), ("nan_safe", nan_safe)):
       if not isinstance(flag, bool):
         raise TypeError(f"{name} must be True or False, got {name}={flag!r}.")
@@ -510,22 +507,14 @@ def clipped_grad(
     Abadi et al. 2016, https://arxiv.org/abs/1607.00133; Bu et al. 2023,
     https://arxiv.org/abs/2210.00038.
   """
-  for path, c in jax.tree_util.tree_flatten_with_path(max_norm)[0]:
-    if isinstance(c, bool) or (
-        isinstance(c, (int, float, np.number)) and not (c >= 0)) or (
-        isinstance(c, (np.ndarray, jax.Array)) and not isinstance(c, jax.core.Tracer)
-        and np.ndim(c) == 0 and not (float(c) >= 0)):
-      where = f"max_norm{jax.tree_util.keystr(path)}"
-      raise ValueError(
-          f"{where} must be a non-negative number, got {where}={c!r}. Pass the clipping"
-          " threshold C ≥ 0 (e.g. 1.0), or a tree of them for per-layer clipping."
-      )
-  if not jax.tree.leaves(max_norm):
+  if max_norm is None or not jax.tree.leaves(max_norm):
     raise ValueError(
         f"max_norm must be a non-negative number or a tree of them, got max_norm={max_norm!r}."
     )
-  if reduce not in _REDUCTIONS:
-    raise ValueError(f"reduce must be one of {_REDUCTIONS}, got reduce={reduce!r}.")
+  check_threshold_tree("max_norm", max_norm, allow_tree=True,
+                       fix="Pass the clipping threshold C >= 0 (e.g. 1.0), or a tree of them"
+                       " (a prefix of the parameters) for per-layer clipping.")
+  check_choice("reduce", reduce, _REDUCTIONS)
   spec = _PerExample(loss, argnums, batch_argnums, method, "clipped_grad", has_aux=has_aux,
                      nan_safe=nan_safe, microbatch_size=microbatch_size)
 

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.extend import core as jcore
 
+from gnorm_jax._numerics import pow2_exponent
 from gnorm_jax.norms import tree_norm
 from gnorm_jax.per_example._analysis import REMAT_PRIMITIVES, Analysis, call_body, chain_layout
 from gnorm_jax.per_example._rules import Dense, Ghost, Index, Use
@@ -360,13 +361,6 @@ def _gram(x, y):
   return jnp.einsum("bhtk,bhsk->bhts", x, _conj(y), precision=lax.Precision.HIGHEST)
 
 
-def _pow2_exponent(amax: jax.Array) -> jax.Array:
-  """e with amax·2^-e in [0.5, 1), clipped so that 2^±e stay normal numbers."""
-  finfo = jnp.finfo(amax.dtype)
-  _, e = jnp.frexp(amax)
-  return jnp.clip(e, finfo.minexp, finfo.maxexp - 2)
-
-
 def _amax(x: jax.Array, acc) -> jax.Array:
   return jnp.max(jnp.abs(x), axis=tuple(range(1, x.ndim)), initial=0).astype(acc)
 
@@ -389,7 +383,7 @@ def ghost_norms(gs: list[Ghost], exact: Callable[[jax.Array], jax.Array]) -> jax
     for f in (g.p, g.q):
       if isinstance(f, Dense):
         kinds[f.kind].append(_amax(f.value, real))
-  e = {k: _pow2_exponent(jnp.max(jnp.stack(v), axis=0)) if v and (k == "cot" or not index)
+  e = {k: -pow2_exponent(jnp.max(jnp.stack(v), axis=0)) if v and (k == "cot" or not index)
        else None for k, v in kinds.items()}
 
   def scaled(f):

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import optax
 
 from gnorm_jax._checks import check_number, check_size
-from gnorm_jax._numerics import clip_scales, pow2_split, scale_tree
+from gnorm_jax._numerics import clip_scales, pow2_split, safe_divide, scale_tree
 from gnorm_jax.norms import tree_norm
 
 __all__ = ["autoclip", "zclip", "quantile_clip", "skip_spikes"]
@@ -347,12 +347,11 @@ def zclip(
     warm_mean = mean + delta / n
     warm_var = var * ((n - 1) / n) + jnp.square(delta * (jnp.sqrt(n - 1) / n))
 
-    # After warm-up: z-score and the reciprocal rule; z = ±inf where std = 0.
+    # After warm-up: z-score and the reciprocal rule; z = inf where std = 0
+    # and the norm is above the mean (0 at or below it).
     std = jnp.sqrt(var)
     excess = norm - mean
-    pos = std > 0
-    z = jnp.where(pos, excess / jnp.where(pos, std, 1),
-                  jnp.where(excess > 0, jnp.inf, 0))
+    z = safe_divide(excess, std, jnp.where(excess > 0, jnp.inf, 0).astype(dtype))
     spike = ~warm & (z > zt)
     clipped = mean + zt**2 / jnp.where(spike, z, 1) * std
     g_star = jnp.where(spike, clipped, norm)

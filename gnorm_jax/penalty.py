@@ -187,6 +187,7 @@ def penalized(
   """
   check_fun(fun, "penalized")
   check_number("weight", weight, low=0, finite=True, fix=_WEIGHT_FIX)
+  check_choice("squared", squared, (True, False), "Pass a bool: penalize ‖∇J‖² or ‖∇J‖.")
   check_ord(ord)
   check_argnums("argnums", argnums)
   vg = jax.value_and_grad(fun, argnums=argnums, has_aux=has_aux)
@@ -341,6 +342,7 @@ def penalized_value_and_grad(
   check_number("weight", weight, low=0, finite=True, fix=_WEIGHT_FIX)
   check_number("radius", radius, low=0, low_open=True, finite=True,
                fix="Pass a small step in parameter space, e.g. 0.01.")
+  check_choice("squared", squared, (True, False), "Pass a bool: penalize ‖∇J‖² or ‖∇J‖.")
   check_ord(ord)
   check_argnums("argnums", argnums)
 

@@ -545,6 +545,7 @@ def test_penalty_weight_follows_the_number_policy(make, weight, error, match):
         (dict(argnums=-1), ValueError, r"negative entries \[-1\]"),
         (dict(argnums=(0, -2)), ValueError, r"negative entries \[-2\]"),
         (dict(argnums=True), TypeError, "argnums must be an int"),
+        (dict(squared="no"), ValueError, r"squared must be one of \(True, False\)"),
     ],
 )
 def test_penalized_value_and_grad_argument_checks(kwargs, error, match):

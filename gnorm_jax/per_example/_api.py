@@ -347,13 +347,17 @@ _RULES_DOC = """
   attention projections, tied output layers), ``bias`` (an added broadcast
   parameter: biases, norm offsets, position embeddings), ``scale`` (a
   multiplied broadcast parameter: norm scales), ``gather`` (embedding lookups)
-  — which supplies the per-example norm of that leaf's gradient by the cheaper
-  exact route: ghost Gram matrices of the layer's inputs and output cotangents
-  over positions (Goodfellow 2015; Li et al. 2021), or the per-example gradient
-  formed directly from them (the mixed rule of Bu et al. 2022). A leaf with
-  several uses (a tied embedding's lookup and output projection) gets ONE
-  gradient, cross terms included. Leaves no rule recognizes (convolutions,
-  anything inside scan/while/cond or a custom derivative) get exact
+  — and ``conv`` (convolutions of any rank, strides, dilations, groups), also
+  inside ``scan`` bodies (steps are extra positions; a parameter scanned over
+  is sliced per step), ``checkpoint``/``remat`` and ``cond``/``switch``. The
+  rule supplies the per-example norm of that leaf's gradient by the cheaper
+  exact route: ghost Gram matrices of the layer's inputs and output
+  cotangents over positions (Goodfellow 2015; Li et al. 2021), or the
+  per-example gradient formed directly from them (the mixed rule of Bu et al.
+  2022). A leaf with several uses (a tied embedding's lookup and output
+  projection) gets ONE gradient, cross terms included. Leaves no rule
+  recognizes (a parameter in a ``while_loop`` body or a scan carry, inside a
+  custom derivative, or combined with another parameter) get exact
   per-example gradients of just those leaves in the same pass;
   :func:`per_example_plan` shows every leaf's route.
 

@@ -441,20 +441,36 @@ def direct_grads(uses: list[Use], operands: dict, cots: dict, w: jax.Array) -> j
   return jax.vmap(lambda o, c: one_grad(uses, o, c, w))(ops, cs)
 
 
-def _factor_grads(gs: list[Ghost], w: jax.Array) -> jax.Array:
+def _factor_grads(gs: list[Ghost], w: jax.Array, weights: jax.Array | None = None,
+                  keep: jax.Array | None = None) -> jax.Array:
+  """Σ_t P_t ⊗ Q_t in the leaf's layout: [B, *w.shape] per example, or with
+  ``weights`` the book-keeping sum Σᵢ wᵢ Σ_t P_t ⊗ Q_t, [*w.shape]. Rows where
+  ``keep`` is False are zeroed first (a non-finite example cannot reach the
+  sum through 0·inf)."""
   head, pa, qa = gs[0].layout
   total = 0
   for g in gs:
     q = g.q.value
+    if keep is not None:
+      q = _rows(keep, q)
+    if weights is not None:
+      q = q * weights.astype(q.dtype)[:, None, None, None]
     if isinstance(g.p, Index):
       b, h, t = g.p.index.shape
-      bi = jnp.arange(b)[:, None, None]
+      q = q * g.p.valid[..., None].astype(q.dtype)
       hi = jnp.arange(h)[None, :, None]
-      rows = jnp.zeros((b, h, g.p.size, q.shape[-1]), q.dtype)
-      total = total + rows.at[bi, hi, g.p.index].add(q * g.p.valid[..., None].astype(q.dtype))
+      if weights is None:
+        bi = jnp.arange(b)[:, None, None]
+        rows = jnp.zeros((b, h, g.p.size, q.shape[-1]), q.dtype)
+        total = total + rows.at[bi, hi, g.p.index].add(q)
+      else:
+        rows = jnp.zeros((1, h, g.p.size, q.shape[-1]), q.dtype)
+        total = total + rows.at[0, hi, g.p.index].add(q)
     else:
-      total = total + jnp.einsum("bhtp,bhtq->bhpq", g.p.value, q,
-                                 precision=lax.Precision.HIGHEST)
+      pv = g.p.value if keep is None else _rows(keep, g.p.value)
+      spec = "bhtp,bhtq->bhpq" if weights is None else "bhtp,bhtq->hpq"
+      out = jnp.einsum(spec, pv, q, precision=lax.Precision.HIGHEST)
+      total = total + (out if weights is None else out[None])
   b = total.shape[0]
   groups = [e for e in head if not isinstance(e, int)]
   if groups:  # ("split", axis, G): G groups of one axis (grouped convolutions)
@@ -467,8 +483,8 @@ def _factor_grads(gs: list[Ghost], w: jax.Array) -> jax.Array:
   else:
     order = list(head + pa + qa)
     x = total.reshape(b, *[w.shape[a] for a in order])
-  x = jnp.transpose(x, [0] + [1 + order.index(j) for j in range(w.ndim)])
-  return x.astype(w.dtype)
+  x = jnp.transpose(x, [0] + [1 + order.index(j) for j in range(w.ndim)]).astype(w.dtype)
+  return x if weights is None else x[0]
 
 
 def one_grad(uses: list[Use], ops: list, cs: list, w: jax.Array) -> jax.Array:
@@ -591,8 +607,9 @@ def run(closed, analysis: Analysis, routes: dict, assemble, params_flat, batch_f
         g = jnp.where(keep.reshape((-1,) + (1,) * (g.ndim - 1)), g, 0)
       sums.append(weighted_sum(weights, g))
     elif routes[leaf].route == "ghost":
-      sums.append(weighted_grad(analysis.uses[leaf], operands, cots, weights, w,
-                                keep if (nan_safe or mask is not None) else None))
+      # The norm's factors again (XLA computes them once): Σᵢ wᵢ Σ_t P_t ⊗ Q_t.
+      gs = ghosts(analysis.uses[leaf], operands, cots, w.ndim)
+      sums.append(_factor_grads(gs, w, weights, keep if (nan_safe or mask is not None) else None))
     else:
       sums.append(jnp.zeros_like(w))
   return norms, sums, aux

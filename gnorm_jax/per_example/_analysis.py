@@ -62,6 +62,16 @@ class Origin:
     return Origin(self.leaf, self.chain + ((),), self.scopes + ((kind, length),))
 
 
+def _parts(o: Any) -> tuple:
+  """The origins of a value: one, or several for a concatenation of parameters."""
+  return () if o is None else (o if isinstance(o, tuple) else (o,))
+
+
+def _each(o: Any, fn) -> Any:
+  out = tuple(fn(x) for x in _parts(o))
+  return out[0] if len(out) == 1 else out
+
+
 def _is_chain(eqn: Any, operand: int) -> bool:
   """Whether ``eqn`` is a unary function of input ``operand`` (others literal)."""
   if eqn.primitive.name not in CHAIN_OPS or eqn.primitive.multiple_results:
@@ -76,6 +86,8 @@ def _literal(eqn: Any, operand: int) -> Any:
 
 def _segment_layout(chain: tuple, axes: list, coef: Any) -> tuple[list, Any] | None:
   for eqn in chain:
+    if isinstance(eqn, tuple):  # a slot of a concatenation
+      return None
     name = eqn.primitive.name
     operand = next(i for i, v in enumerate(eqn.invars) if not isinstance(v, jcore.Literal))
     if name == "transpose":
@@ -136,8 +148,9 @@ def analyze(closed: jcore.ClosedJaxpr, param_positions: dict[int, int]) -> Analy
   uses: dict[int, list[Use]] = {}
   bad: dict[int, str] = {}
 
-  def unrecognized(origin: Origin, why: str) -> None:
-    bad.setdefault(origin.leaf, why)
+  def unrecognized(origin: Any, why: str) -> None:
+    for o in _parts(origin):
+      bad.setdefault(o.leaf, why)
 
   def walk(jaxpr: jcore.Jaxpr, origins: dict, path: tuple, passthrough: bool = False) -> None:
     def origin_of(v):
@@ -166,8 +179,8 @@ def analyze(closed: jcore.ClosedJaxpr, param_positions: dict[int, int]) -> Analy
           if nc <= j < nc + nk:
             unrecognized(ins[j], "enters a scan as its carry")
           else:
-            inner[body.invars[j]] = ins[j].enter(
-                "const" if j < nc else "xs", eqn.params["length"])
+            inner[body.invars[j]] = _each(ins[j], lambda o, j=j: o.enter(
+                "const" if j < nc else "xs", eqn.params["length"]))
         walk(body, inner, key)
       elif name == "cond":
         if ins[0] is not None:
@@ -176,15 +189,21 @@ def analyze(closed: jcore.ClosedJaxpr, param_positions: dict[int, int]) -> Analy
           inner = {v: o for v, o in zip(branch.jaxpr.invars, ins[1:]) if o is not None}
           walk(branch.jaxpr, inner, key + (b,))
       elif len(derived) == 1 and _is_chain(eqn, derived[0]):
-        origins[eqn.outvars[0]] = ins[derived[0]].then(eqn)
+        origins[eqn.outvars[0]] = _each(ins[derived[0]], lambda o: o.then(eqn))
+      elif name == "concatenate" and len(derived) == len(eqn.invars):
+        # Parameters concatenated (OptimizedLSTMCell's gate kernels): each is a
+        # slice of the result; its chain re-binds the concatenation with zeros
+        # in the other slots (exact for the direct route; no ghost layout).
+        origins[eqn.outvars[0]] = tuple(
+            x.then((eqn, j)) for j in derived for x in _parts(ins[j]))
       elif len(derived) == 1 and len(eqn.outvars) == 1:
-        o = ins[derived[0]]
         rule, why = _rules.find_rule(eqn, derived[0])
-        if rule is None:
-          unrecognized(o, why)
-        else:
-          uses.setdefault(o.leaf, []).append(
-              Use(key, o.leaf, o.chain, derived[0], eqn, rule, o.scopes))
+        for o in _parts(ins[derived[0]]):
+          if rule is None:
+            unrecognized(o, why)
+          else:
+            uses.setdefault(o.leaf, []).append(
+                Use(key, o.leaf, o.chain, derived[0], eqn, rule, o.scopes))
       else:
         for o in ins:
           if o is not None:

@@ -190,7 +190,12 @@ def _switch(eqn, invals, key, perts, operands, inner, run):
 
 def _apply_chain(segment: tuple, w: jax.Array) -> jax.Array:
   for eqn in segment:
-    invals = [v.val if isinstance(v, jcore.Literal) else w for v in eqn.invars]
+    if isinstance(eqn, tuple):  # slot j of a concatenation: zeros in the others
+      eqn, j = eqn
+      invals = [w if k == j else jnp.zeros(v.aval.shape, v.aval.dtype)
+                for k, v in enumerate(eqn.invars)]
+    else:
+      invals = [v.val if isinstance(v, jcore.Literal) else w for v in eqn.invars]
     (w,) = _bind(eqn, invals)
   return w
 

@@ -157,6 +157,72 @@ CHILD = textwrap.dedent(
     expected = jnp.stack([gnorm_jax.tree_norm(c) for c in np.split(np.asarray(w), 8)])
     record("shard_map/per_shard_tree_norm", per_shard(w), expected)
 
+    # ---- DP-SGD, the batch sharded over devices (NamedSharding under jit): the
+    # per-example norms, clipped sums and a whole noisy step equal one device's.
+    dparams = {"w1": rng.normal(size=(16, 32)), "b1": np.zeros(32), "w2": rng.normal(size=(32, 8))}
+    dparams = {k: jnp.asarray(v, jnp.float32) for k, v in dparams.items()}
+
+
+    def example_loss(p, x, y):  # one example; x and y are both batched (batch_argnums)
+      return jnp.sum((jnp.tanh(x @ p["w1"] + p["b1"]) @ p["w2"] - y) ** 2)
+
+
+    mask = jnp.arange(32) < 29  # Poisson-style padding rows, split unevenly over devices
+    dlocal = jax.device_put(dparams, one)
+    drep = jax.device_put(dparams, NamedSharding(dp, P()))
+    bmask = jax.device_put(mask, NamedSharding(dp, P("batch")))
+    for reduce in ("mean", "sum"):
+      cg = jax.jit(gnorm_jax.clipped_grad(
+          example_loss, 1.0, batch_argnums=(1, 2), reduce=reduce, return_norms=True))
+      record(f"named/clipped_grad/{reduce}",
+             cg(drep, bx, by, mask=bmask), cg(dlocal, x, y, mask=mask))
+    pen = jax.jit(gnorm_jax.per_example_grad_norms(example_loss, batch_argnums=(1, 2)))
+    record("named/per_example_grad_norms", pen(drep, bx, by), pen(dlocal, x, y))
+    clipped_sum = gnorm_jax.clipped_grad(example_loss, 1.0, batch_argnums=(1, 2), reduce="sum")
+    dp_tx = optax.chain(gnorm_jax.dp_noise(1.0, 1.1, batch_size=29, seed=0), optax.adam(1e-2))
+
+
+    def dp_sgd_step(p, state, x, y, mask):
+      updates, state = dp_tx.update(clipped_sum(p, x, y, mask=mask), state, p)
+      return optax.apply_updates(p, updates), state
+
+
+    step = jax.jit(dp_sgd_step)
+    p_s, s_s = drep, dp_tx.init(drep)
+    p_1, s_1 = dlocal, dp_tx.init(dlocal)
+    for _ in range(3):  # same seed: the same noise draws on 8 devices as on one
+      p_s, s_s = step(p_s, s_s, bx, by, bmask)
+      p_1, s_1 = step(p_1, s_1, x, y, mask)
+    record("named/dp_sgd_step", p_s, p_1)
+
+    # ---- shard_map: each device clips its own shard, the clipped sums are psum'd, and the
+    # noise is added ONCE, after the psum (the same key on every device: one replicated draw).
+    # check_vma=False: clipped_grad re-binds the loss's jaxpr without jax's varying-axes
+    # annotations; the gradient of replicated p is then each device's own (no implicit psum).
+    noise_tx = gnorm_jax.dp_noise(1.0, 1.1, batch_size=29, seed=0)
+
+
+    def sharded_noisy_mean(p, x, y, mask):
+      total = jax.lax.psum(clipped_sum(p, x, y, mask=mask), "batch")
+      noisy, _ = noise_tx.update(total, noise_tx.init(p))
+      return total, noisy
+
+
+    total, noisy = jax.jit(shard_map(
+        sharded_noisy_mean, mesh=dp, in_specs=(P(), P("batch"), P("batch"), P("batch")),
+        out_specs=(P(), P()), check_vma=False))(drep, bx, by, bmask)
+    ref_total = clipped_sum(dlocal, x, y, mask=mask)
+    ref_noisy, _ = noise_tx.update(ref_total, noise_tx.init(dlocal))
+    record("shard_map/clipped_sum", total, ref_total)
+    record("shard_map/dp_noise_once", noisy, ref_noisy)
+    # The noise itself, B·noisy - sum: one draw of std σC = 1.1 (8 draws would have std
+    # sqrt(8)·1.1, or 8·1.1 with the same key on every device).
+    noise = jax.tree.map(lambda a, t: 29 * a - t, noisy, total)
+    record("shard_map/dp_noise_draw", noise,
+           jax.tree.map(lambda a, t: 29 * a - t, ref_noisy, ref_total))
+    noise_std = float(np.std(np.concatenate([np.ravel(a) for a in jax.tree.leaves(noise)])))
+    assert 0.9 < noise_std / 1.1 < 1.1, noise_std
+
     # ---- the README's "Sharded use" example, as written there.
     print("RESULTS", json.dumps(errors), flush=True)
 
@@ -242,6 +308,13 @@ def _results(child_output):
         "shard_map/leaf_norms",
         "shard_map/clip_by_norm",
         "shard_map/per_shard_tree_norm",
+        "named/clipped_grad/mean",
+        "named/clipped_grad/sum",
+        "named/per_example_grad_norms",
+        "named/dp_sgd_step",
+        "shard_map/clipped_sum",
+        "shard_map/dp_noise_once",
+        "shard_map/dp_noise_draw",
     ],
 )
 def test_sharded_equals_single_device(child_output, name):

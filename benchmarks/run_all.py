@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 HERE = pathlib.Path(__file__).parent
-SCRIPTS = ["norms.py", "optax_step.py", "penalty.py", "per_example.py"]
+SCRIPTS = ["norms.py", "optax_step.py", "penalty.py", "per_example.py", "dp_step.py"]
 
 
 def main() -> int:

@@ -452,9 +452,10 @@ def clipped_grad(
     \qquad g_i = \nabla_\theta \ell(\theta, x_i)
 
   (``reduce="sum"`` drops the 1/B). This is the core of DP-SGD (Abadi et al.
-  2016); :func:`dp_noise` adds the noise. For leaves with a rule the clipped
-  sum is one vjp of the layer at the weighted cotangents (book-keeping, Bu et
-  al. 2023): no second backward pass, no per-example gradient.
+  2016); :func:`dp_noise` adds the noise. For a ghost leaf the clipped sum is
+  one contraction of the layer's recorded inputs and weighted cotangents
+  (book-keeping, Bu et al. 2023): no second backward pass, no per-example
+  gradient.
   {rules}
 
   Edge cases: an example with ‖gᵢ‖ = 0 has weight 1 (nothing to clip), never

@@ -16,8 +16,9 @@ would give them. Then each recognized leaf takes the cheaper exact route
 * direct: the per-example gradient of the leaf, a vjp of its uses' equations.
 
 Per-leaf norms are combined by the norm core (``tree_norm``). With clip
-weights wᵢ known, a ghost leaf's clipped sum is one vjp of its batched uses
-at the weighted cotangents (book-keeping, Bu et al. 2023).
+weights wᵢ known, a ghost leaf's clipped sum Σᵢ wᵢ Σ_t P_t ⊗ Q_t is one
+contraction of the same factors (book-keeping, Bu et al. 2023); a direct
+leaf's is a weighted sum of its per-example gradients.
 """
 
 from __future__ import annotations
@@ -524,31 +525,6 @@ def _rows(keep: jax.Array, x: Any) -> Any:
   if x is None or not jnp.issubdtype(x.dtype, jnp.inexact):
     return x
   return jnp.where(keep.reshape((-1,) + (1,) * (x.ndim - 1)), x, 0)
-
-
-def weighted_grad(uses: list[Use], operands: dict, cots: dict, weights: jax.Array,
-                  w: jax.Array, keep: jax.Array | None = None) -> jax.Array:
-  """Σᵢ wᵢ·(per-example gradient of ``w``): one vjp of the batched uses.
-
-  Rows where ``keep`` is False are zeroed in the operands too, so that a
-  non-finite example cannot reach the sum through 0·inf.
-  """
-  ops = [operands[u.key] for u in uses]
-  if keep is not None:
-    ops = [tuple(_rows(keep, x) for x in o) for o in ops]
-  cs = []
-  for u in uses:
-    c = cots[u.key]
-    if keep is not None:
-      c = _rows(keep, c)
-    cs.append(c * weights.reshape((-1,) + (1,) * (c.ndim - 1)).astype(c.dtype))
-
-  def outs(w):
-    return [jax.vmap(lambda o, u=u: use_output(u, o, w))(o) for u, o in zip(uses, ops)]
-
-  _, vjp = jax.vjp(outs, w)
-  (g,) = vjp(cs)
-  return g
 
 
 def weighted_sum(weights: jax.Array, per_example: jax.Array) -> jax.Array:

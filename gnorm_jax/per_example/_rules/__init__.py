@@ -15,8 +15,9 @@ parameter operand factorizes. The engine needs nothing else from it:
   per-example copy of the leaf. Uses of one leaf whose groups agree stack
   along positions, so cross terms between uses (a tied embedding's lookup and
   output projection) are part of the norm;
-* the *book-keeping* clipped sum Σᵢ wᵢ gᵢ — one vjp of the batched equation
-  at the weighted cotangents (Bu et al. 2023), again for any rule.
+* the *book-keeping* clipped sum Σᵢ wᵢ gᵢ — one contraction of the ghost
+  factors with the weights (Bu et al. 2023), or a weighted sum of the direct
+  route's per-example gradients.
 
 Adding a layer kind is one module here that calls :func:`register`.
 """

@@ -10,6 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import gnorm_jax
 from gnorm_jax.per_example import _engine
@@ -533,3 +535,40 @@ def test_call_errors():
     gnorm_jax.per_example_grad_norms(lambda w, x: jnp.sum(x))(jnp.arange(3), jnp.ones((4, 3)))
   with pytest.raises(TypeError, match="need at least 2"):
     gnorm_jax.per_example_grad_norms(lambda w: jnp.sum(w))(jnp.ones(3))
+
+
+# ------------------------------------------------- properties: masks and thresholds
+
+_MLP = mlp()
+
+
+@jax.jit
+def _MLP_FN(params, x, y, max_norm, mask):  # noqa: N802 (a jitted constant)
+  fn = gnorm_jax.clipped_grad(_MLP[0], max_norm, batch_argnums=(1, 2), reduce="sum",
+                              return_norms=True)
+  return fn(params, x, y, mask=mask)
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    mask=st.lists(st.booleans(), min_size=6, max_size=6),
+    thresholds=st.lists(st.floats(1e-3, 10.0), min_size=4, max_size=4),
+    per_layer=st.booleans(),
+)
+def test_masks_and_thresholds_match_float64_reference(mask, thresholds, per_layer):
+  """Any padding mask and any (per-layer) thresholds: the clipped sum of the kept rows."""
+  loss, params, batch = _MLP
+  keys = ["w1", "b1", "w2", "b2"]
+  max_norm = dict(zip(keys, thresholds)) if per_layer else thresholds[0]
+  grads, norms = _MLP_FN(params, *batch, max_norm, jnp.asarray(mask))
+  per_ex = jax.vmap(jax.grad(loss), in_axes=(None, 0, 0))(params, *batch)
+  flat = {k: np.asarray(per_ex[k], np.float64).reshape(6, -1) for k in keys}
+  keep = np.asarray(mask)
+  total = np.sqrt(sum(np.sum(g**2, 1) for g in flat.values()))
+  np.testing.assert_allclose(np.asarray(norms), np.where(keep, total, 0), rtol=RTOL)
+  for k in keys:
+    n = np.linalg.norm(flat[k], axis=1) if per_layer else total
+    c = max_norm[k] if per_layer else max_norm
+    w = np.where(keep, np.minimum(1.0, c / np.where(n > 0, n, 1.0)), 0.0)
+    want = np.tensordot(w, flat[k], 1).reshape(params[k].shape)
+    np.testing.assert_allclose(grads[k], want, rtol=RTOL, atol=1e-6 * max(1.0, np.abs(want).max()))

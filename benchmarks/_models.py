@@ -24,71 +24,49 @@ class Block(nn.Module):
     return x + nn.Dense(self.d)(h)
 
 
+class _Step(nn.Module):
+  """One block as a scan step (carry in, carry out)."""
+
+  d: int
+  heads: int
+
+  @nn.compact
+  def __call__(self, x, _):
+    return Block(self.d, self.heads)(x), None
+
+
 class GPT(nn.Module):
-  """Token embedding, learned positions, ``layers`` blocks, a tied output projection."""
+  """Token embedding, learned positions, ``layers`` blocks, a tied output projection.
+
+  ``scanned``: the blocks as ``nn.scan(nn.remat(Block))`` (parameters stacked over
+  layers), how deep flax transformers are written; otherwise a Python loop.
+  """
 
   vocab: int
   d: int
   heads: int
   seq: int
   layers: int = 1
+  scanned: bool = False
 
   @nn.compact
   def __call__(self, tokens):
     embed = nn.Embed(self.vocab, self.d)
     pos = self.param("pos", nn.initializers.normal(0.02), (self.seq, self.d))
     x = embed(tokens) + pos[: tokens.shape[-1]]
-    for _ in range(self.layers):
-      x = Block(self.d, self.heads)(x)
+    if self.scanned:
+      stack = nn.scan(nn.remat(_Step), variable_axes={"params": 0},
+                      split_rngs={"params": True}, length=self.layers)
+      x, _ = stack(self.d, self.heads)(x, None)
+    else:
+      for _ in range(self.layers):
+        x = Block(self.d, self.heads)(x)
     return embed.attend(nn.LayerNorm()(x))
 
 
-def gpt(key, *, batch, seq, d, heads, vocab, layers=1):
+def gpt(key, *, batch, seq, d, heads, vocab, layers=1, scanned=False):
   """(loss, params, (tokens, targets)): next-token cross entropy of ONE sequence."""
-  model = GPT(vocab, d, heads, seq, layers)
-  k1, k2, k3 = jax.random.split(key, 3)
-  params = model.init(k1, jnp.zeros((seq,), jnp.int32))
-
-  def loss(p, tokens, targets):
-    logits = model.apply(p, tokens)
-    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, targets))
-
-  tokens = jax.random.randint(k2, (batch, seq), 0, vocab)
-  targets = jax.random.randint(k3, (batch, seq), 0, vocab)
-  return loss, params, (tokens, targets)
-
-
-class ScannedGPT(nn.Module):
-  """``layers`` blocks as ``nn.scan(nn.remat(Block))``: how deep flax transformers are written."""
-
-  vocab: int
-  d: int
-  heads: int
-  seq: int
-  layers: int
-
-  @nn.compact
-  def __call__(self, tokens):
-    embed = nn.Embed(self.vocab, self.d)
-    pos = self.param("pos", nn.initializers.normal(0.02), (self.seq, self.d))
-    x = embed(tokens) + pos[: tokens.shape[-1]]
-
-    class Step(nn.Module):
-      d: int
-      heads: int
-
-      @nn.compact
-      def __call__(self, x, _):
-        return Block(self.d, self.heads)(x), None
-
-    stack = nn.scan(nn.remat(Step), variable_axes={"params": 0}, split_rngs={"params": True},
-                    length=self.layers)
-    x, _ = stack(self.d, self.heads)(x, None)
-    return embed.attend(nn.LayerNorm()(x))
-
-
-def scanned_gpt(key, *, batch, seq, d, heads, vocab, layers):
-  model = ScannedGPT(vocab, d, heads, seq, layers)
+  model = GPT(vocab, d, heads, seq, layers, scanned)
   k1, k2, k3 = jax.random.split(key, 3)
   params = model.init(k1, jnp.zeros((seq,), jnp.int32))
 

@@ -220,9 +220,9 @@ def main():
       "scanned_gpt": lambda: run(
           "4-layer GPT as nn.scan(nn.remat(Block)), d=256, T=64, B=32, vocab 1000"
           if not q else "scanned GPT small",
-          *_models.scanned_gpt(key, batch=32 if not q else 8, seq=64 if not q else 16,
-                               d=256 if not q else 32, heads=4, vocab=1000 if not q else 100,
-                               layers=4 if not q else 2),
+          *_models.gpt(key, batch=32 if not q else 8, seq=64 if not q else 16,
+                       d=256 if not q else 32, heads=4, vocab=1000 if not q else 100,
+                       layers=4 if not q else 2, scanned=True),
           rounds, goal_time=1.3, goal_memory=2.0),
       "gpt2_memory": lambda: memory_only(
           "GPT-2-small-shaped block (vocab 50257, d=768, 12 heads, T=128, B=32, tied)"

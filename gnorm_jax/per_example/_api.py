@@ -9,7 +9,13 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-from gnorm_jax._checks import check_argnums, check_choice, check_fun, check_threshold_tree
+from gnorm_jax._checks import (
+    check_argnums,
+    check_choice,
+    check_fun,
+    check_threshold_tree,
+    is_tree,
+)
 from gnorm_jax._numerics import clip_factor
 from gnorm_jax.norms import tree_norm
 from gnorm_jax.per_example import _engine
@@ -176,10 +182,7 @@ class _PerExample:
     """A function of per-leaf norms [B, L] giving each leaf's clip weights [B]."""
     params = self._params(args)
     n_leaves = len(jax.tree.leaves(params))
-    if not jax.tree.leaves(max_norm):
-      raise ValueError(f"max_norm must be a number or a tree of numbers, got {max_norm!r}.")
-    if jax.tree.structure(max_norm).num_leaves == 1 and jax.tree.structure(max_norm) == \
-        jax.tree.structure(0.0):
+    if not is_tree(max_norm):
       return lambda leaf_norms, norms: [clip_factor(norms, max_norm)] * n_leaves
     thresholds = jax.tree.leaves(max_norm)
     ids = jax.tree.unflatten(jax.tree.structure(max_norm), range(len(thresholds)))

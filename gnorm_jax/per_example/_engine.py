@@ -553,7 +553,7 @@ def run(closed, analysis: Analysis, routes: dict, assemble, params_flat, batch_f
   """
   fb_grads, operands, cots, aux = batched_pass(
       closed, analysis, assemble, params_flat, batch_flat, b)
-  formed, leaf_norms = {}, []
+  formed, factors, leaf_norms = {}, {}, []
   dtype = jnp.result_type(*[_norm_dtype(w) for w in params_flat]) if params_flat else jnp.float32
   for leaf, w in enumerate(params_flat):
     route = routes[leaf].route
@@ -565,7 +565,8 @@ def run(closed, analysis: Analysis, routes: dict, assemble, params_flat, batch_f
     if leaf in formed:
       n = _per_example_norms(formed[leaf])
     elif route == "ghost":
-      n = ghost_norms(ghosts(uses, operands, cots, w.ndim), exact_norms(uses, operands, cots, w))
+      factors[leaf] = ghosts(uses, operands, cots, w.ndim)  # reused for the clipped sum
+      n = ghost_norms(factors[leaf], exact_norms(uses, operands, cots, w))
     else:
       n = jnp.zeros((b,), dtype)
     leaf_norms.append(n.astype(dtype))
@@ -579,18 +580,15 @@ def run(closed, analysis: Analysis, routes: dict, assemble, params_flat, batch_f
     return norms, None, aux
   if nan_safe:
     keep = keep & jnp.isfinite(norms)
+  zero_rows = keep if (nan_safe or mask is not None) else None
   sums = []
   for leaf, (w, weights) in enumerate(zip(params_flat, weights_fn(leaf_norms, norms))):
     weights = jnp.where(keep, weights, 0)
     if leaf in formed:
-      g = formed[leaf]
-      if nan_safe or mask is not None:
-        g = jnp.where(keep.reshape((-1,) + (1,) * (g.ndim - 1)), g, 0)
+      g = formed[leaf] if zero_rows is None else _rows(zero_rows, formed[leaf])
       sums.append(weighted_sum(weights, g))
-    elif routes[leaf].route == "ghost":
-      # The norm's factors again (XLA computes them once): Σᵢ wᵢ Σ_t P_t ⊗ Q_t.
-      gs = ghosts(analysis.uses[leaf], operands, cots, w.ndim)
-      sums.append(_factor_grads(gs, w, weights, keep if (nan_safe or mask is not None) else None))
+    elif leaf in factors:  # Σᵢ wᵢ Σ_t P_t ⊗ Q_t from the norm's own factors
+      sums.append(_factor_grads(factors[leaf], w, weights, zero_rows))
     else:
       sums.append(jnp.zeros_like(w))
   return norms, sums, aux

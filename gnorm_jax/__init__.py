@@ -3,7 +3,7 @@
 Everything public is importable from here; submodules are private.
 """
 
-from gnorm_jax.adaptive import (
+from gnorm_jax._adaptive import (
     AutoClipState,
     QuantileClipState,
     SkipSpikesState,
@@ -13,14 +13,14 @@ from gnorm_jax.adaptive import (
     skip_spikes,
     zclip,
 )
-from gnorm_jax.clipping import (
+from gnorm_jax._clipping import (
     ClipByNormState,
     NormalizeState,
     clip_by_norm,
     normalize,
     normalized_sgd,
 )
-from gnorm_jax.diagnostics import (
+from gnorm_jax._diagnostics import (
     NoiseScale,
     NoiseScaleTracker,
     NoiseScaleTrackerState,
@@ -32,7 +32,7 @@ from gnorm_jax.diagnostics import (
     noise_scale_tracker,
     record_leaf_norms,
 )
-from gnorm_jax.dp import (
+from gnorm_jax._dp import (
     DPNoiseState,
     PoissonBatches,
     dp_epsilon,
@@ -41,22 +41,22 @@ from gnorm_jax.dp import (
     poisson_batches,
     poisson_max_batch_size,
 )
-from gnorm_jax.norms import leaf_norms, tree_norm
-from gnorm_jax.penalty import (
+from gnorm_jax._norms import leaf_norms, tree_norm
+from gnorm_jax._penalty import (
     gradient_penalty,
     interpolate,
     penalized,
     penalized_value_and_grad,
     r1_penalty,
 )
-from gnorm_jax.per_example import (
+from gnorm_jax._per_example import (
     LeafPlan,
     PerExamplePlan,
     clipped_grad,
     per_example_grad_norms,
     per_example_plan,
 )
-from gnorm_jax.transforms import grad_norm, value_grad_and_norm
+from gnorm_jax._transforms import grad_norm, value_grad_and_norm
 
 __version__ = "0.1.0.dev0"
 

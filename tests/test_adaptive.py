@@ -1,4 +1,4 @@
-"""Tests of gnorm_jax.adaptive: autoclip, zclip, quantile_clip, skip_spikes.
+"""Tests of gnorm_jax._adaptive: autoclip, zclip, quantile_clip, skip_spikes.
 
 Every threshold is checked step by step against a float64 numpy transcription
 of the paper's rule, fed the norms the transform measured (so float32 rounding

@@ -1,4 +1,4 @@
-"""Tests of gnorm_jax.clipping: clip_by_norm, normalize, normalized_sgd."""
+"""Tests of gnorm_jax._clipping: clip_by_norm, normalize, normalized_sgd."""
 
 import functools
 import math
@@ -164,7 +164,7 @@ def test_clip_derivatives_finite_at_extreme_norms(per, scale):
     "norm,max_norm", [(1e-30, 1.0), (2e-30, 1e-30), (3.0, 1.0), (1e30, 2e29), (0.5, 1.0)]
 )
 def test_clip_factor_derivatives_match_float64(norm, max_norm):
-  from gnorm_jax.clipping import clip_factor
+  from gnorm_jax._clipping import clip_factor
 
   d_norm, d_tau = jax.grad(clip_factor, (0, 1))(jnp.float32(norm), jnp.float32(max_norm))
   over = norm > max_norm

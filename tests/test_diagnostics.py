@@ -1,4 +1,4 @@
-"""Tests of gnorm_jax.diagnostics against float64 numpy references."""
+"""Tests of gnorm_jax._diagnostics against float64 numpy references."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests of gnorm_jax.dp: dp_noise, dp_epsilon, dp_noise_multiplier, poisson_batches.
+"""Tests of gnorm_jax._dp: dp_noise, dp_epsilon, dp_noise_multiplier, poisson_batches.
 
 The accounting is checked against dp_accounting called here directly. PLD
 calls take about 0.5 s each and a PLD calibration several seconds, so there are

@@ -1,4 +1,4 @@
-"""Tests of gnorm_jax.penalty: penalized objectives and GAN input-gradient penalties."""
+"""Tests of gnorm_jax._penalty: penalized objectives and GAN input-gradient penalties."""
 
 from __future__ import annotations
 

@@ -14,8 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import gnorm_jax
-from gnorm_jax.per_example import _engine
-from gnorm_jax.per_example._analysis import analyze
+from gnorm_jax._per_example import _engine
+from gnorm_jax._per_example._analysis import analyze
 
 RTOL = 2e-4
 

@@ -251,7 +251,7 @@ def test_negative_argnums_are_rejected_naming_them(transform, argnums, negative)
 
 def test_check_argnums_keeps_its_signature():
   # The per-example engine imports it: (argnums, name="argnums").
-  from gnorm_jax.transforms import check_argnums
+  from gnorm_jax._transforms import check_argnums
 
   assert check_argnums((0, 2)) is None and check_argnums(np.int64(1), "batch_argnums") is None
   with pytest.raises(TypeError, match="batch_argnums must be an int or a non-empty tuple"):

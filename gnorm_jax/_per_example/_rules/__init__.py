@@ -179,4 +179,4 @@ def to_factor(x: jax.Array, head: list, pos: list, feat: list, feat_leaf_axes: l
 
 def load_rules() -> None:
   """Imports the rule modules (each registers itself)."""
-  from gnorm_jax.per_example._rules import conv, dot, elementwise, gather  # noqa: F401
+  from gnorm_jax._per_example._rules import conv, dot, elementwise, gather  # noqa: F401

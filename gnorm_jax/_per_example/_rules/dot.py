@@ -7,7 +7,7 @@ activation over O's contracted axes times the cotangent over O's free axes.
 
 from __future__ import annotations
 
-from gnorm_jax.per_example._rules import Dense, Ghost, Rule, layout_of, register, size, to_factor
+from gnorm_jax._per_example._rules import Dense, Ghost, Rule, layout_of, register, size, to_factor
 
 
 def _match(eqn, operand):

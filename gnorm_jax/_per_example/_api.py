@@ -10,16 +10,16 @@ import jax
 import jax.numpy as jnp
 
 from gnorm_jax._checks import (
-    check_argnums,
-    check_choice,
-    check_fun,
-    check_threshold_tree,
-    is_tree,
+  check_argnums,
+  check_choice,
+  check_fun,
+  check_threshold_tree,
+  is_tree,
 )
+from gnorm_jax._norms import tree_norm
 from gnorm_jax._numerics import clip_factor
-from gnorm_jax.norms import tree_norm
-from gnorm_jax.per_example import _engine
-from gnorm_jax.per_example._analysis import Analysis, analyze
+from gnorm_jax._per_example import _engine
+from gnorm_jax._per_example._analysis import Analysis, analyze
 
 _METHODS = ("auto", "ghost", "vmap")
 _REDUCTIONS = ("mean", "sum")

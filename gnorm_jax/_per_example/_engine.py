@@ -32,10 +32,10 @@ import jax.numpy as jnp
 from jax import lax
 from jax.extend import core as jcore
 
+from gnorm_jax._norms import tree_norm
 from gnorm_jax._numerics import pow2_exponent
-from gnorm_jax.norms import tree_norm
-from gnorm_jax.per_example._analysis import REMAT_PRIMITIVES, Analysis, call_body, chain_layout
-from gnorm_jax.per_example._rules import Dense, Ghost, Index, Use
+from gnorm_jax._per_example._analysis import REMAT_PRIMITIVES, Analysis, call_body, chain_layout
+from gnorm_jax._per_example._rules import Dense, Ghost, Index, Use
 
 # Relative error above which a ghost sum is recomputed exactly.
 GHOST_RTOL = 1e-3

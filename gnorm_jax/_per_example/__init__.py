@@ -1,6 +1,6 @@
 """Per-example gradient norms and clipped gradients (the ghost engine)."""
 
-from gnorm_jax.per_example._api import (
+from gnorm_jax._per_example._api import (
     LeafPlan,
     PerExamplePlan,
     clipped_grad,

@@ -26,7 +26,7 @@ import numpy as np
 import optax
 
 from gnorm_jax._checks import check_choice, check_number, check_size, concrete_number
-from gnorm_jax.norms import tree_norm
+from gnorm_jax._norms import tree_norm
 
 __all__ = [
     "DPNoiseState",

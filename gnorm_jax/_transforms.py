@@ -9,7 +9,7 @@ import jax
 
 from gnorm_jax import _checks
 from gnorm_jax._checks import check_fun, check_ord
-from gnorm_jax.norms import tree_norm
+from gnorm_jax._norms import tree_norm
 
 __all__ = ["grad_norm", "value_grad_and_norm"]
 

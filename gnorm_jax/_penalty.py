@@ -1,6 +1,6 @@
 r"""Gradient-norm penalties: J + λ‖∇J‖² and its gradient; GAN input-gradient penalties.
 
-Two families, both built on :mod:`gnorm_jax.norms`:
+Two families, both built on :mod:`gnorm_jax._norms`:
 
 * Parameter-gradient penalties (Zhao, Zhang & Hu 2022): the objective
   :math:`P(\theta) = J(\theta) + \lambda\,\phi(\nabla J(\theta))` with
@@ -25,8 +25,8 @@ import jax
 import jax.numpy as jnp
 
 from gnorm_jax._checks import check_argnums, check_choice, check_fun, check_number, check_ord
+from gnorm_jax._norms import leaf_norms, safe_sqrt, sum_of_squares, tree_norm
 from gnorm_jax._numerics import pow2_inverse, scale_tree, upcast
-from gnorm_jax.norms import leaf_norms, safe_sqrt, sum_of_squares, tree_norm
 
 __all__ = [
     "penalized",

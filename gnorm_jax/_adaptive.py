@@ -34,8 +34,8 @@ import jax.numpy as jnp
 import optax
 
 from gnorm_jax._checks import check_number, check_size
+from gnorm_jax._norms import tree_norm
 from gnorm_jax._numerics import clip_scales, pow2_split, safe_divide, scale_tree
-from gnorm_jax.norms import tree_norm
 
 __all__ = ["autoclip", "zclip", "quantile_clip", "skip_spikes"]
 

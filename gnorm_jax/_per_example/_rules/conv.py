@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from gnorm_jax.per_example._rules import Dense, Ghost, Rule, layout_of, register, size
+from gnorm_jax._per_example._rules import Dense, Ghost, Rule, layout_of, register, size
 
 
 def _match(eqn, operand):

@@ -29,9 +29,9 @@ from gnorm_jax._checks import (
   check_threshold_tree,
   is_tree,
 )
+from gnorm_jax._norms import leaf_norms, tree_norm
 from gnorm_jax._numerics import broadcast_prefix, clip_scales, pow2_inverse, scale_tree
 from gnorm_jax._numerics import clip_factor as clip_factor  # re-exported: per_example uses it
-from gnorm_jax.norms import leaf_norms, tree_norm
 
 __all__ = [
     "ClipByNormState",

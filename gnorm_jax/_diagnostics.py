@@ -22,8 +22,8 @@ import jax.numpy as jnp
 import optax
 
 from gnorm_jax._checks import check_number, check_ord, concrete_number
+from gnorm_jax._norms import leaf_norms, tree_norm
 from gnorm_jax._numerics import safe_divide
-from gnorm_jax.norms import leaf_norms, tree_norm
 
 __all__ = [
     "NoiseScale",

@@ -12,7 +12,7 @@ one; these rules have no ghost route.
 
 from __future__ import annotations
 
-from gnorm_jax.per_example._rules import Rule, register, size
+from gnorm_jax._per_example._rules import Rule, register, size
 
 
 def _binary(eqn, operand):

@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 from jax.extend import core as jcore
 
-from gnorm_jax.per_example import _rules
-from gnorm_jax.per_example._rules import CHAIN_OPS, LAYOUT_OPS, Use
+from gnorm_jax._per_example import _rules
+from gnorm_jax._per_example._rules import CHAIN_OPS, LAYOUT_OPS, Use
 
 # Call-like primitives whose body is evaluated inline by the engine.
 CALL_PRIMITIVES = frozenset({"jit", "pjit", "closed_call", "core_call"})

@@ -13,7 +13,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
-from gnorm_jax.per_example._rules import Dense, Ghost, Index, Rule, layout_of, register, size
+from gnorm_jax._per_example._rules import Dense, Ghost, Index, Rule, layout_of, register, size
 
 
 def _match(eqn, operand):

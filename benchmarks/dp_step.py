@@ -50,7 +50,7 @@ def steps(loss, batch_size) -> dict[str, tuple[Callable[..., Any], optax.Gradien
   grads = {
       BASELINE: (batch_mean_grad, adam),
       "gnorm_jax DP step": (
-          gnorm_jax.clipped_grad(loss, CLIP, batch_argnums=(1, 2), reduce="sum"), dp_tx),
+          gnorm_jax.clipped_grad(loss, max_norm=CLIP, batch_argnums=(1, 2), reduce="sum"), dp_tx),
   }
   try:
     from jax_privacy import clipping

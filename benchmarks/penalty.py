@@ -93,8 +93,8 @@ def variants(loss: Callable[..., Any]) -> dict[str, Callable[..., Any]]:
   """name -> (params, x, y) -> (value, grad); the baseline first."""
   out = {BASELINE: jax.value_and_grad(loss)}
   for method in ("hvp", "double_backprop", "finite_difference"):
-    out[method] = gnorm_jax.penalized_value_and_grad(loss, WEIGHT, method=method)
-  out["hvp, unsquared"] = gnorm_jax.penalized_value_and_grad(loss, WEIGHT, squared=False)
+    out[method] = gnorm_jax.penalized_value_and_grad(loss, weight=WEIGHT, method=method)
+  out["hvp, unsquared"] = gnorm_jax.penalized_value_and_grad(loss, weight=WEIGHT, squared=False)
   return out
 
 

@@ -114,9 +114,9 @@ def variants(loss, params, batch):
           loss, batch_argnums=(1, 2)
       ),
       "vmap clipped grad": gnorm_jax.clipped_grad(
-          loss, CLIP, batch_argnums=(1, 2), method="vmap"
+          loss, max_norm=CLIP, batch_argnums=(1, 2), method="vmap"
       ),
-      "gnorm_jax clipped_grad": gnorm_jax.clipped_grad(loss, CLIP, batch_argnums=(1, 2)),
+      "gnorm_jax clipped_grad": gnorm_jax.clipped_grad(loss, max_norm=CLIP, batch_argnums=(1, 2)),
   }
   try:
     from jax_privacy import clipping

@@ -152,11 +152,12 @@ def check_size(name: str, value: Any) -> int:
   return size
 
 
-def check_argnums(name: str, argnums: Any) -> tuple[int, ...]:
+def check_argnums(name: str, argnums: Any, fix: str = "") -> tuple[int, ...]:
   """Checks ``argnums`` (an int or a non-empty tuple of ints >= 0) and returns it as a tuple.
 
   Raises:
-    TypeError: not an int or a non-empty tuple/list of ints (bools are not ints).
+    TypeError: not an int or a non-empty tuple/list of ints (bools and floats
+      are not ints); the message ends with ``fix``.
     ValueError: some entries are negative (the message names them).
   """
   nums = argnums if isinstance(argnums, (tuple, list)) else (argnums,)
@@ -167,7 +168,8 @@ def check_argnums(name: str, argnums: Any) -> tuple[int, ...]:
     ok = False
   if not ok:
     raise TypeError(
-        f"{name} must be an int or a non-empty tuple of ints, got {name}={argnums!r}."
+        f"{name} must be an int or a non-empty tuple of ints, got {name}={argnums!r}. {fix}"
+        .rstrip()
     )
   negative = [a for a in nums if a < 0]
   if negative:
@@ -176,6 +178,37 @@ def check_argnums(name: str, argnums: Any) -> tuple[int, ...]:
         f" entries {negative}. Pass the position from the left, e.g. {name}=1 for the second"
         " argument."
     )
+  return nums
+
+
+def signature_fix(caller: str, signature: str) -> str:
+  """The sentence that ends an error about a value in the wrong slot of ``caller``.
+
+  ``signature`` is the parameter list, e.g. ``"(fun, argnums=0, has_aux=False, *,
+  weight)"``: a call written for an older order (``clipped_grad(loss, 1.0)``)
+  puts a hyperparameter where ``argnums`` or ``has_aux`` now is.
+  """
+  return (
+      f"The signature is {caller}{signature}: argnums and has_aux follow fun, as in jax.grad;"
+      " pass the other arguments by keyword."
+  )
+
+
+def check_grad_args(caller: str, signature: str, argnums: Any, has_aux: Any) -> tuple[int, ...]:
+  """Checks ``argnums`` and ``has_aux`` of a transformation with jax.grad's signature.
+
+  Returns ``argnums`` as a tuple; every message names ``caller``'s
+  ``signature`` (see :func:`signature_fix`).
+
+  Raises:
+    TypeError: ``argnums`` is not an int or a non-empty tuple of ints, or
+      ``has_aux`` is not a bool.
+    ValueError: ``argnums`` has negative entries.
+  """
+  fix = signature_fix(caller, signature)
+  nums = check_argnums("argnums", argnums, fix)
+  if not isinstance(has_aux, (bool, np.bool_)):
+    raise TypeError(f"has_aux must be True or False, got has_aux={has_aux!r}. {fix}")
   return nums
 
 

@@ -24,7 +24,13 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-from gnorm_jax._checks import check_argnums, check_choice, check_fun, check_number, check_ord
+from gnorm_jax._checks import (
+  check_choice,
+  check_fun,
+  check_grad_args,
+  check_number,
+  check_ord,
+)
 from gnorm_jax._norms import leaf_norms, safe_sqrt, sum_of_squares, tree_norm
 from gnorm_jax._numerics import pow2_inverse, scale_tree, upcast
 
@@ -39,7 +45,12 @@ __all__ = [
 _METHODS = ("hvp", "double_backprop", "finite_difference")
 
 
-_WEIGHT_FIX = "Pass the penalty weight λ, e.g. 0.1."
+_WEIGHT_FIX = "Pass the penalty weight λ, e.g. weight=0.1."
+_PENALIZED_SIGNATURE = "(fun, argnums=0, has_aux=False, *, weight, squared=True, ord=None)"
+_PVG_SIGNATURE = (
+    '(fun, argnums=0, has_aux=False, *, weight, method="hvp", squared=True, ord=None,'
+    " radius=0.01)"
+)
 
 # The finite-difference step is at least this many units of the parameters'
 # resolution (ε·‖θ‖, leaf by leaf): rounding the probe to θ's dtype then turns
@@ -127,12 +138,12 @@ def _join(value: Any, aux: Any, has_aux: bool) -> Any:
 
 def penalized(
     fun: Callable[..., Any],
-    weight: Any,
-    *,
-    squared: bool = True,
-    ord: int | float | None = None,
     argnums: int | Sequence[int] = 0,
     has_aux: bool = False,
+    *,
+    weight: Any,
+    squared: bool = True,
+    ord: int | float | None = None,
 ) -> Callable[..., Any]:
   r"""Returns the gradient-norm-penalized objective of ``fun``.
 
@@ -151,14 +162,14 @@ def penalized(
   Args:
     fun: a function returning a real scalar J (or ``(J, aux)`` with
       ``has_aux``).
-    weight: λ ≥ 0, finite: a number (Python, numpy or a 0-d array, checked
-      here) or a traced value (accepted as it is).
-    squared: penalize ‖∇J‖² (default, as in the classic double-backprop
-      regularizer) or ‖∇J‖ (as in Zhao et al. 2022).
-    ord: the norm of ∇J: None or 2 (Euclidean), 1 or ``inf``.
     argnums: the positional argument(s) θ; with a tuple the norm is over all of
       their gradients together.
     has_aux: ``fun`` returns ``(J, aux)``; the result then returns ``(P, aux)``.
+    weight: λ ≥ 0, finite, keyword-only: a number (Python, numpy or a 0-d
+      array, checked here) or a traced value (accepted as it is).
+    squared: penalize ‖∇J‖² (default, as in the classic double-backprop
+      regularizer) or ‖∇J‖ (as in Zhao et al. 2022).
+    ord: the norm of ∇J: None or 2 (Euclidean), 1 or ``inf``.
 
   Returns:
     A function with ``fun``'s signature returning P (or ``(P, aux)``).
@@ -166,14 +177,15 @@ def penalized(
   Raises:
     ValueError: ``weight`` is a negative or non-finite number, ``ord`` is not
       accepted, or ``argnums`` has negative entries.
-    TypeError: ``fun`` is not callable, ``argnums`` is malformed or
-      ``weight`` is not a number.
+    TypeError: ``fun`` is not callable, ``argnums`` is malformed (a float
+      there is the weight of an older call: pass ``weight=`` by keyword),
+      ``has_aux`` is not a bool or ``weight`` is not a number.
 
   Examples:
     >>> import jax, jax.numpy as jnp
     >>> import gnorm_jax
     >>> J = lambda w: 0.5 * jnp.sum(w ** 2)  # ∇J = w
-    >>> P = gnorm_jax.penalized(J, 0.1)
+    >>> P = gnorm_jax.penalized(J, weight=0.1)
     >>> float(P(jnp.array([3.0, 4.0])))  # 12.5 + 0.1 * 25
     15.0
     >>> jax.grad(P)(jnp.array([3.0, 4.0]))  # w + 2·0.1·H·w, H = I
@@ -186,10 +198,10 @@ def penalized(
     https://arxiv.org/abs/2202.03599
   """
   check_fun(fun, "penalized")
+  check_grad_args("penalized", _PENALIZED_SIGNATURE, argnums, has_aux)
   check_number("weight", weight, low=0, finite=True, fix=_WEIGHT_FIX)
   check_choice("squared", squared, (True, False), "Pass a bool: penalize ‖∇J‖² or ‖∇J‖.")
   check_ord(ord)
-  check_argnums("argnums", argnums)
   vg = jax.value_and_grad(fun, argnums=argnums, has_aux=has_aux)
   penalty = _penalty_fn(squared, ord)
 
@@ -242,14 +254,14 @@ def _finite_difference_method(f, theta, *, weight, penalty, has_aux, radius):
 
 def penalized_value_and_grad(
     fun: Callable[..., Any],
-    weight: Any,
+    argnums: int | Sequence[int] = 0,
+    has_aux: bool = False,
     *,
+    weight: Any,
     method: str = "hvp",
     squared: bool = True,
     ord: int | float | None = None,
     radius: Any = 0.01,
-    argnums: int | Sequence[int] = 0,
-    has_aux: bool = False,
 ) -> Callable[..., tuple[Any, Any]]:
   r"""Returns a function giving the penalized objective and its gradient.
 
@@ -297,16 +309,17 @@ def penalized_value_and_grad(
 
   Args:
     fun: a function returning a real scalar J (or ``(J, aux)``).
-    weight: λ ≥ 0 (Python number or array; traced values are accepted, e.g.
-      under ``optax.inject_hyperparams`` or a schedule, without retracing).
+    argnums: the positional argument(s) θ, as in :func:`jax.value_and_grad`.
+    has_aux: ``fun`` returns ``(J, aux)``; the value is then ``(P, aux)``.
+    weight: λ ≥ 0, keyword-only (Python number or array; traced values are
+      accepted, e.g. under ``optax.inject_hyperparams`` or a schedule, without
+      retracing).
     method: ``"hvp"``, ``"double_backprop"`` or ``"finite_difference"``.
     squared: penalize ‖∇J‖² (default) or ‖∇J‖ (as in Zhao et al. 2022).
     ord: the norm of ∇J: None or 2 (Euclidean), 1 or ``inf``.
     radius: r > 0, the finite-difference step in parameter space (only used by
       ``"finite_difference"``; traced values are accepted). Raised to the
       parameters' resolution where it is below it (see above).
-    argnums: the positional argument(s) θ, as in :func:`jax.value_and_grad`.
-    has_aux: ``fun`` returns ``(J, aux)``; the value is then ``(P, aux)``.
 
   Returns:
     A function with ``fun``'s signature returning ``(P, ∇P)`` (``((P, aux),
@@ -315,21 +328,22 @@ def penalized_value_and_grad(
   Raises:
     ValueError: unknown ``method``; negative/non-finite ``weight``; ``radius``
       not a finite number > 0; ``ord`` not accepted; negative ``argnums``.
-    TypeError: ``fun`` is not callable, ``argnums`` is malformed, or
-      ``weight``/``radius`` is not a number.
+    TypeError: ``fun`` is not callable, ``argnums`` is malformed (a float
+      there is the weight of an older call: pass ``weight=`` by keyword),
+      ``has_aux`` is not a bool, or ``weight``/``radius`` is not a number.
 
   Examples:
     >>> import jax.numpy as jnp
     >>> import gnorm_jax
     >>> J = lambda w: jnp.sum(w ** 3) / 3  # ∇J = w², H = diag(2w)
     >>> w = jnp.array([1.0, 2.0])
-    >>> value, grad = gnorm_jax.penalized_value_and_grad(J, 0.1)(w)
+    >>> value, grad = gnorm_jax.penalized_value_and_grad(J, weight=0.1)(w)
     >>> float(value)  # 3 + 0.1·(1 + 16)
     4.7
     >>> grad  # w² + 0.1·diag(2w)·2w²
     Array([1.4, 7.2], dtype=float32)
     >>> _, approx = gnorm_jax.penalized_value_and_grad(
-    ...     J, 0.1, method="finite_difference", radius=1e-3)(w)
+    ...     J, weight=0.1, method="finite_difference", radius=1e-3)(w)
     >>> bool(jnp.allclose(approx, grad, rtol=1e-3))
     True
 
@@ -338,16 +352,16 @@ def penalized_value_and_grad(
     Generalization in Deep Learning", https://arxiv.org/abs/2202.03599
   """
   check_fun(fun, "penalized_value_and_grad")
+  check_grad_args("penalized_value_and_grad", _PVG_SIGNATURE, argnums, has_aux)
   check_choice("method", method, _METHODS)
   check_number("weight", weight, low=0, finite=True, fix=_WEIGHT_FIX)
   check_number("radius", radius, low=0, low_open=True, finite=True,
                fix="Pass a small step in parameter space, e.g. 0.01.")
   check_choice("squared", squared, (True, False), "Pass a bool: penalize ‖∇J‖² or ‖∇J‖.")
   check_ord(ord)
-  check_argnums("argnums", argnums)
 
   if method == "double_backprop":
-    p = penalized(fun, weight, squared=squared, ord=ord, argnums=argnums, has_aux=has_aux)
+    p = penalized(fun, argnums, has_aux, weight=weight, squared=squared, ord=ord)
     return functools.wraps(fun)(jax.value_and_grad(p, argnums=argnums, has_aux=has_aux))
 
   core = _hvp_method if method == "hvp" else _finite_difference_method
@@ -382,7 +396,7 @@ def _input_grads(critic: Callable[[Any], jax.Array], x: Any) -> Any:
     batch = jax.tree.leaves(x)[0].shape[0]
     if jnp.ndim(scores) == 0 or jnp.shape(scores)[0] != batch or jnp.size(scores) != batch:
       raise ValueError(
-          f"critic must map a batch of {batch} examples to {batch} scores (shape"
+          f"fun (the critic) must map a batch of {batch} examples to {batch} scores (shape"
           f" [{batch}] or [{batch}, 1]), got shape {jnp.shape(scores)}. For a"
           " model of one example, pass `jax.vmap(model)`."
       )
@@ -410,7 +424,7 @@ def _check_batch(x: Any, name: str) -> None:
     )
 
 
-def gradient_penalty(critic: Callable[[Any], jax.Array], x: Any, *, target: Any = 1.0) -> jax.Array:
+def gradient_penalty(fun: Callable[[Any], jax.Array], x: Any, *, target: Any = 1.0) -> jax.Array:
   r"""WGAN-GP: the mean over examples of (‖∇ₓᵢ critic‖ − target)².
 
   .. math::
@@ -429,8 +443,8 @@ def gradient_penalty(critic: Callable[[Any], jax.Array], x: Any, *, target: Any 
   gradient gives NaN/inf.
 
   Args:
-    critic: maps x to scores of shape [B] (or [B, 1]); close over its
-      parameters, e.g. ``lambda x: model.apply(params, x)``.
+    fun: the critic D, mapping x to scores of shape [B] (or [B, 1]); close
+      over its parameters, e.g. ``lambda x: model.apply(params, x)``.
     x: the points, shape [B, ...] (usually :func:`interpolate` of real and
       fake), or a pytree of such arrays.
     target: t ≥ 0, the norm the critic's gradient is pulled towards (1 in
@@ -455,15 +469,15 @@ def gradient_penalty(critic: Callable[[Any], jax.Array], x: Any, *, target: Any 
     Gulrajani et al. 2017, "Improved Training of Wasserstein GANs",
     https://arxiv.org/abs/1704.00028
   """
-  check_fun(critic, "gradient_penalty")
+  check_fun(fun, "gradient_penalty")
   check_number("target", target, low=0, finite=True,
                fix="Pass the target norm, 1.0 in WGAN-GP.")
   _check_batch(x, "x")
-  norms = safe_sqrt(_per_example_sq_norms(_input_grads(critic, x)))
+  norms = safe_sqrt(_per_example_sq_norms(_input_grads(fun, x)))
   return jnp.mean(jnp.square(norms - jnp.asarray(target, norms.dtype)))
 
 
-def r1_penalty(critic: Callable[[Any], jax.Array], x: Any) -> jax.Array:
+def r1_penalty(fun: Callable[[Any], jax.Array], x: Any) -> jax.Array:
   r"""R1: the mean over examples of ‖∇ₓᵢ critic‖², at real data x.
 
   .. math::
@@ -476,7 +490,8 @@ def r1_penalty(critic: Callable[[Any], jax.Array], x: Any) -> jax.Array:
   root), so it is smooth everywhere, including at zero gradients.
 
   Args:
-    critic: maps x to scores of shape [B] (or [B, 1]).
+    fun: the critic (discriminator) D, mapping x to scores of shape [B] (or
+      [B, 1]).
     x: real samples, shape [B, ...], or a pytree of such arrays.
 
   Returns:
@@ -497,9 +512,9 @@ def r1_penalty(critic: Callable[[Any], jax.Array], x: Any) -> jax.Array:
     Mescheder, Geiger & Nowozin 2018, "Which Training Methods for GANs do
     actually Converge?", https://arxiv.org/abs/1801.04406
   """
-  check_fun(critic, "r1_penalty")
+  check_fun(fun, "r1_penalty")
   _check_batch(x, "x")
-  return jnp.mean(_per_example_sq_norms(_input_grads(critic, x)))
+  return jnp.mean(_per_example_sq_norms(_input_grads(fun, x)))
 
 
 def interpolate(key: jax.Array, real: Any, fake: Any) -> Any:

@@ -7,24 +7,12 @@ from typing import Any, Callable, Sequence
 
 import jax
 
-from gnorm_jax import _checks
-from gnorm_jax._checks import check_fun, check_ord
+from gnorm_jax._checks import check_fun, check_grad_args, check_ord
 from gnorm_jax._norms import tree_norm
 
 __all__ = ["grad_norm", "value_grad_and_norm"]
 
-
-def check_argnums(argnums: Any, name: str = "argnums") -> None:
-  """Raises unless ``argnums`` is an int or a non-empty tuple of ints >= 0.
-
-  Kept with this signature for the per-example engine; the policy is
-  :func:`gnorm_jax._checks.check_argnums`.
-
-  Raises:
-    TypeError: not an int or a non-empty tuple of ints.
-    ValueError: a negative entry (the message names it).
-  """
-  _checks.check_argnums(name, argnums)
+_SIGNATURE = "(fun, argnums=0, has_aux=False, *, ord=None)"
 
 
 def value_grad_and_norm(
@@ -56,8 +44,8 @@ def value_grad_and_norm(
     with ``has_aux``, ``value`` is ``(loss, aux)`` as in jax.value_and_grad.
 
   Raises:
-    TypeError: ``fun`` is not callable or ``argnums`` is not an int or a
-      non-empty tuple of ints.
+    TypeError: ``fun`` is not callable, ``argnums`` is not an int or a
+      non-empty tuple of ints, or ``has_aux`` is not a bool.
     ValueError: ``ord`` is not None, 1, 2 or inf, or ``argnums`` has negative
       entries (count positions from 0).
 
@@ -75,7 +63,7 @@ def value_grad_and_norm(
     clipping measures once per step.
   """
   check_fun(fun, "value_grad_and_norm")
-  check_argnums(argnums)
+  check_grad_args("value_grad_and_norm", _SIGNATURE, argnums, has_aux)
   check_ord(ord)
   vg = jax.value_and_grad(fun, argnums=argnums, has_aux=has_aux)
 
@@ -118,10 +106,10 @@ def grad_norm(
     NaN entry ``nan``.
 
   Raises:
-    TypeError: ``fun`` is not callable or ``argnums`` is not an int or a
-      non-empty tuple of ints (at construction); as in :func:`jax.grad`, at
-      call time, for argnums beyond the arguments, integer inputs or a
-      non-scalar output.
+    TypeError: ``fun`` is not callable, ``argnums`` is not an int or a
+      non-empty tuple of ints, or ``has_aux`` is not a bool (at construction);
+      as in :func:`jax.grad`, at call time, for argnums beyond the arguments,
+      integer inputs or a non-scalar output.
     ValueError: ``ord`` is not None, 1, 2 or inf, or ``argnums`` has negative
       entries (count positions from 0).
 
@@ -143,6 +131,7 @@ def grad_norm(
     ‖∇f‖, as this function allows.
   """
   check_fun(fun, "grad_norm")
+  check_grad_args("grad_norm", _SIGNATURE, argnums, has_aux)
   vgn = value_grad_and_norm(fun, argnums, has_aux, ord=ord)
 
   @functools.wraps(fun)

@@ -167,10 +167,10 @@ RUNS = (
 )
 RUN_KEYS = tuple(r.key for r in RUNS)
 
-_penalty_value_and_grad = gnorm_jax.penalized_value_and_grad(batch_loss, PENALTY_WEIGHT)
+_penalty_value_and_grad = gnorm_jax.penalized_value_and_grad(batch_loss, weight=PENALTY_WEIGHT)
 _per_example_norms = gnorm_jax.per_example_grad_norms(example_loss, batch_argnums=(1, 2))
 _per_example_clipped = gnorm_jax.clipped_grad(
-    example_loss, EXAMPLE_MAX_NORM, batch_argnums=(1, 2), return_norms=True
+    example_loss, max_norm=EXAMPLE_MAX_NORM, batch_argnums=(1, 2), return_norms=True
 )
 _value_grad_and_norm = gnorm_jax.value_grad_and_norm(batch_loss)
 
@@ -345,7 +345,7 @@ def evaluate(finals: list, x_test, y_test, batch_size: int) -> dict[str, Any]:
   ref = finals[0]
   x, y = x_test[:batch_size], y_test[:batch_size]
   direct = gnorm_jax.per_example_grad_norms(example_loss, batch_argnums=(1, 2), method="vmap")
-  exact_penalty_grad = jax.grad(gnorm_jax.penalized(batch_loss, PENALTY_WEIGHT))
+  exact_penalty_grad = jax.grad(gnorm_jax.penalized(batch_loss, weight=PENALTY_WEIGHT))
   full_grads = jax.grad(batch_loss)(ref, x_test, y_test)
   return {
       "accuracy": [jnp.mean(jnp.argmax(mlp(p, x_test), -1) == y_test) for p in finals],

@@ -148,7 +148,8 @@ def test_one_dp_sgd_step_end_to_end():
   loss = lambda w, x: jnp.sum(x * w)  # the gradient of example i is x_i
   x = jax.random.normal(jax.random.key(2), (50, 3)) * 2.0
   idx, mask = next(gnorm_jax.poisson_batches(50, 0.2, max_batch_size=25, seed=1))
-  grad_sum = gnorm_jax.clipped_grad(loss, 1.0, reduce="sum")(jnp.zeros(3), x[idx], mask=mask)
+  clipped_sum = gnorm_jax.clipped_grad(loss, max_norm=1.0, reduce="sum")
+  grad_sum = clipped_sum(jnp.zeros(3), x[idx], mask=mask)
   updates, _ = noisy_update(1.0, 0.0, 0.2 * 50, grad_sum)
   chosen = np.asarray(x)[idx[mask]]
   norms = np.linalg.norm(chosen, axis=1, keepdims=True)

@@ -173,12 +173,13 @@ CHILD = textwrap.dedent(
     bmask = jax.device_put(mask, NamedSharding(dp, P("batch")))
     for reduce in ("mean", "sum"):
       cg = jax.jit(gnorm_jax.clipped_grad(
-          example_loss, 1.0, batch_argnums=(1, 2), reduce=reduce, return_norms=True))
+          example_loss, max_norm=1.0, batch_argnums=(1, 2), reduce=reduce, return_norms=True))
       record(f"named/clipped_grad/{reduce}",
              cg(drep, bx, by, mask=bmask), cg(dlocal, x, y, mask=mask))
     pen = jax.jit(gnorm_jax.per_example_grad_norms(example_loss, batch_argnums=(1, 2)))
     record("named/per_example_grad_norms", pen(drep, bx, by), pen(dlocal, x, y))
-    clipped_sum = gnorm_jax.clipped_grad(example_loss, 1.0, batch_argnums=(1, 2), reduce="sum")
+    clipped_sum = gnorm_jax.clipped_grad(
+        example_loss, max_norm=1.0, batch_argnums=(1, 2), reduce="sum")
     dp_tx = optax.chain(gnorm_jax.dp_noise(1.0, 1.1, batch_size=29, seed=0), optax.adam(1e-2))
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 
 import chex
 import equinox as eqx
@@ -98,7 +99,7 @@ def _all_finite(tree):
 @pytest.mark.parametrize("squared", [True, False])
 def test_penalized_value_matches_numpy(squared, ord):
   a, b, t = _problem()
-  p = gnorm_jax.penalized(_j(a, b), 0.3, squared=squared, ord=ord)
+  p = gnorm_jax.penalized(_j(a, b), weight=0.3, squared=squared, ord=ord)
   want, _ = _np_reference(a, b, t, 0.3, squared, ord)
   np.testing.assert_allclose(float(p(jnp.asarray(t, jnp.float32))), want, rtol=1e-5)
 
@@ -110,7 +111,8 @@ def test_exact_methods_match_numpy(method, squared, ord):
   a, b, t = _problem()
   want_value, want_grad = _np_reference(a, b, t, 0.3, squared, ord)
   value, grad = jax.jit(
-      gnorm_jax.penalized_value_and_grad(_j(a, b), 0.3, method=method, squared=squared, ord=ord)
+      gnorm_jax.penalized_value_and_grad(
+          _j(a, b), weight=0.3, method=method, squared=squared, ord=ord)
   )(jnp.asarray(t, jnp.float32))
   np.testing.assert_allclose(float(value), want_value, rtol=1e-5)
   np.testing.assert_allclose(grad, want_grad, rtol=2e-5, atol=1e-5)
@@ -120,7 +122,8 @@ def test_exact_methods_match_numpy(method, squared, ord):
 def test_grad_of_penalized_is_double_backprop(squared):
   a, b, t = _problem(seed=1)
   _, want = _np_reference(a, b, t, 0.2, squared, None)
-  got = jax.grad(gnorm_jax.penalized(_j(a, b), 0.2, squared=squared))(jnp.asarray(t, jnp.float32))
+  p = gnorm_jax.penalized(_j(a, b), weight=0.2, squared=squared)
+  got = jax.grad(p)(jnp.asarray(t, jnp.float32))
   np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-5)
 
 
@@ -130,7 +133,7 @@ def test_penalized_check_grads(squared):
   a, b, t = _problem(seed=2)
   with jax.enable_x64(True):
     j = lambda th: jnp.sum(jnp.log(jnp.cosh(th))) + 0.5 * th @ a @ th + b @ th
-    p = jax.jit(gnorm_jax.penalized(j, 0.3, squared=squared))
+    p = jax.jit(gnorm_jax.penalized(j, weight=0.3, squared=squared))
     check_grads(p, (jnp.asarray(t),), order=2, modes=["fwd", "rev"])
 
 
@@ -141,7 +144,7 @@ def test_exact_gradients_match_central_differences_of_the_value(method, squared)
   a, b, t = _problem(seed=8)
   with jax.enable_x64(True):
     j = lambda th: jnp.sum(jnp.log(jnp.cosh(th))) + 0.5 * th @ a @ th + b @ th
-    vg = jax.jit(gnorm_jax.penalized_value_and_grad(j, 0.3, method=method, squared=squared))
+    vg = jax.jit(gnorm_jax.penalized_value_and_grad(j, weight=0.3, method=method, squared=squared))
     eps = 1e-6
     steps = jnp.asarray(np.concatenate([eps * np.eye(5), -eps * np.eye(5)]))
     values = jax.vmap(lambda s: vg(jnp.asarray(t) + s)[0])(steps)
@@ -155,7 +158,7 @@ def test_squared_penalty_check_grads_at_a_stationary_point():
   a, _, _ = _problem(seed=9)
   with jax.enable_x64(True):
     j = lambda th: jnp.sum(jnp.cosh(th)) + 0.5 * th @ a @ th  # ∇J(0) = 0
-    p = jax.jit(gnorm_jax.penalized(j, 0.3))
+    p = jax.jit(gnorm_jax.penalized(j, weight=0.3))
     check_grads(p, (jnp.zeros(5),), order=2, modes=["fwd", "rev"])
 
 
@@ -163,7 +166,7 @@ def test_squared_penalty_check_grads_at_a_stationary_point():
 def test_value_is_exact_in_every_method(method):
   a, b, t = _problem(seed=3)
   want, _ = _np_reference(a, b, t, 0.5, True, None)
-  value, _ = gnorm_jax.penalized_value_and_grad(_j(a, b), 0.5, method=method)(
+  value, _ = gnorm_jax.penalized_value_and_grad(_j(a, b), weight=0.5, method=method)(
       jnp.asarray(t, jnp.float32)
   )
   np.testing.assert_allclose(float(value), want, rtol=1e-5)
@@ -183,7 +186,7 @@ def test_finite_difference_is_exact_for_a_quadratic(squared):
   want = g + 0.3 * a @ _np_dphi(g, squared, None)
   for radius in (1e-2, 1.0):
     _, got = gnorm_jax.penalized_value_and_grad(
-        j, 0.3, method="finite_difference", squared=squared, radius=radius
+        j, weight=0.3, method="finite_difference", squared=squared, radius=radius
     )(jnp.asarray(t, jnp.float32))
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
@@ -199,7 +202,7 @@ def test_finite_difference_matches_the_paper_formula():
   alpha = lam / r
   want = (1 - alpha) * g0 + alpha * g1
   _, got = gnorm_jax.penalized_value_and_grad(
-      j, lam, method="finite_difference", squared=False, radius=r
+      j, weight=lam, method="finite_difference", squared=False, radius=r
   )(theta)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
@@ -213,7 +216,7 @@ def test_finite_difference_converges_linearly_in_radius(squared):
     j = lambda th: jnp.sum(jnp.log(jnp.cosh(th))) + 0.5 * th @ a @ th + b @ th
     for radius in (1e-1, 1e-2, 1e-3):
       _, got = gnorm_jax.penalized_value_and_grad(
-          j, 0.3, method="finite_difference", squared=squared, radius=radius
+          j, weight=0.3, method="finite_difference", squared=squared, radius=radius
       )(jnp.asarray(t))
       errors.append(np.linalg.norm(np.asarray(got) - exact))
   # error ≈ C·r: each tenfold smaller radius gives about a tenfold smaller error.
@@ -236,7 +239,7 @@ def _stationary():
 def test_stationary_point_is_nan_free(method, squared):
   j, theta = _stationary()
   value, grad = jax.jit(
-      gnorm_jax.penalized_value_and_grad(j, 0.3, method=method, squared=squared)
+      gnorm_jax.penalized_value_and_grad(j, weight=0.3, method=method, squared=squared)
   )(theta)
   assert float(value) == 6.0  # Σ cosh 0 = 6, penalty 0
   assert _all_finite(grad)
@@ -246,12 +249,12 @@ def test_stationary_point_is_nan_free(method, squared):
 @pytest.mark.parametrize("squared", [True, False])
 def test_second_order_at_stationary_point_is_finite(squared):
   j, theta = _stationary()
-  p = gnorm_jax.penalized(j, 0.3, squared=squared)
+  p = gnorm_jax.penalized(j, weight=0.3, squared=squared)
   assert _all_finite(jax.jit(jax.hessian(p))(theta))
   # derivatives of the gradient of P: jvp of its hvp gradient and of grad(P).
   ones = jax.tree.map(jnp.ones_like, theta)
   for method in EXACT:
-    vg = gnorm_jax.penalized_value_and_grad(j, 0.3, method=method, squared=squared)
+    vg = gnorm_jax.penalized_value_and_grad(j, weight=0.3, method=method, squared=squared)
     _, tangent = jax.jit(lambda t: jax.jvp(lambda t: vg(t)[1], (t,), (ones,)))(theta)
     assert _all_finite(tangent)
 
@@ -261,17 +264,18 @@ def test_squared_hessian_at_stationary_point_is_exact():
   a, _, _ = _problem(seed=7)
   a32 = jnp.asarray(a, jnp.float32)
   j = lambda t: 0.5 * t @ a32 @ t
-  got = jax.jit(jax.hessian(gnorm_jax.penalized(j, 0.3)))(jnp.zeros(5))
+  got = jax.jit(jax.hessian(gnorm_jax.penalized(j, weight=0.3)))(jnp.zeros(5))
   np.testing.assert_allclose(got, a + 0.6 * a @ a, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_non_finite_gradients_propagate(method):
   j = lambda t: jnp.sum(jnp.sqrt(t))  # ∇J = inf at t = 0
-  value, grad = gnorm_jax.penalized_value_and_grad(j, 0.1, method=method)(jnp.array([0.0, 1.0]))
+  vg = gnorm_jax.penalized_value_and_grad(j, weight=0.1, method=method)
+  value, grad = vg(jnp.array([0.0, 1.0]))
   assert not np.isfinite(float(value))
   assert not bool(jnp.all(jnp.isfinite(grad)))
-  nan_value = gnorm_jax.penalized(lambda t: jnp.sum(t * jnp.nan), 0.1)(jnp.ones(2))
+  nan_value = gnorm_jax.penalized(lambda t: jnp.sum(t * jnp.nan), weight=0.1)(jnp.ones(2))
   assert np.isnan(float(nan_value))
 
 
@@ -315,7 +319,7 @@ def test_hvp_matches_explicit_hessian_on_mlp(squared):
   want = unravel(jnp.asarray(g + 0.2 * h @ v, jnp.float32))
   for method in EXACT:
     _, got = jax.jit(
-        gnorm_jax.penalized_value_and_grad(loss, 0.2, method=method, squared=squared)
+        gnorm_jax.penalized_value_and_grad(loss, weight=0.2, method=method, squared=squared)
     )(params, x, y)
     _leaves_close(got, want, rtol=2e-4, atol=1e-6)
 
@@ -325,7 +329,8 @@ def test_methods_agree_on_mlp(squared):
   loss, params, x, y = _mlp_problem(seed=1)
   out = {
       m: jax.jit(
-          gnorm_jax.penalized_value_and_grad(loss, 0.1, method=m, squared=squared, radius=1e-3)
+          gnorm_jax.penalized_value_and_grad(
+              loss, weight=0.1, method=m, squared=squared, radius=1e-3)
       )(params, x, y)
       for m in METHODS
   }
@@ -339,7 +344,7 @@ def test_methods_agree_on_mlp(squared):
 @pytest.mark.parametrize("method", METHODS)
 def test_eager_equals_jit(method):
   loss, params, x, y = _mlp_problem(seed=2)
-  vg = gnorm_jax.penalized_value_and_grad(loss, 0.1, method=method)
+  vg = gnorm_jax.penalized_value_and_grad(loss, weight=0.1, method=method)
   eager, jitted = vg(params, x, y), jax.jit(vg)(params, x, y)
   # Eager and jit round differently (fusion, summation order). A finite difference
   # (g(θ + r·v) − g(θ))/r magnifies that rounding by ‖g‖/(r‖Hv‖), so its tolerance is wider.
@@ -351,7 +356,7 @@ def test_eager_equals_jit(method):
 def test_vmap_over_batches_equals_loop(method):
   loss, params, x, y = _mlp_problem(seed=3)
   xs, ys = x[:12].reshape(3, 4, 6), y[:12].reshape(3, 4)
-  vg = jax.jit(gnorm_jax.penalized_value_and_grad(loss, 0.1, method=method))
+  vg = jax.jit(gnorm_jax.penalized_value_and_grad(loss, weight=0.1, method=method))
   values, grads = jax.jit(jax.vmap(vg, in_axes=(None, 0, 0)))(params, xs, ys)
   for i in range(3):
     value_i, grad_i = vg(params, xs[i], ys[i])
@@ -369,7 +374,7 @@ def test_argnums_tuple_has_aux_and_kwargs(method):
 
   w, b = jnp.array([0.3, -1.0]), jnp.array([2.0])
   (value, aux), (gw, gb) = gnorm_jax.penalized_value_and_grad(
-      j, 0.1, method=method, argnums=(0, 1), has_aux=True, radius=1e-3
+      j, weight=0.1, method=method, argnums=(0, 1), has_aux=True, radius=1e-3
   )(w, b, scale=2.0)
   wn, bn = np.asarray(w, np.float64), np.asarray(b, np.float64)
   g = 2 * np.concatenate([np.cos(wn), bn**2])
@@ -381,7 +386,7 @@ def test_argnums_tuple_has_aux_and_kwargs(method):
   tol = 1e-5 if method in EXACT else 2e-2
   np.testing.assert_allclose(np.concatenate([gw, gb]), want, rtol=tol, atol=tol)
   # penalized itself with has_aux composes with jax.grad(has_aux=True)
-  p = gnorm_jax.penalized(j, 0.1, argnums=(0, 1), has_aux=True)
+  p = gnorm_jax.penalized(j, weight=0.1, argnums=(0, 1), has_aux=True)
   (gw2, gb2), aux2 = jax.grad(p, argnums=(0, 1), has_aux=True)(w, b, scale=2.0)
   np.testing.assert_allclose(np.concatenate([gw2, gb2]), want, rtol=1e-5, atol=1e-5)
 
@@ -389,7 +394,7 @@ def test_argnums_tuple_has_aux_and_kwargs(method):
 @functools.cache
 def _float32_reference_grad(seed):
   loss, params, x, y = _mlp_problem(seed=seed)
-  return jax.jit(gnorm_jax.penalized_value_and_grad(loss, 0.1, method="double_backprop"))(
+  return jax.jit(gnorm_jax.penalized_value_and_grad(loss, weight=0.1, method="double_backprop"))(
       params, x, y
   )[1]
 
@@ -399,7 +404,7 @@ def test_low_precision_params_keep_their_dtype(method):
   loss, params, x, y = _mlp_problem(seed=4)
   params16 = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
   _, grads = jax.jit(
-      gnorm_jax.penalized_value_and_grad(loss, 0.1, method=method, radius=0.05)
+      gnorm_jax.penalized_value_and_grad(loss, weight=0.1, method=method, radius=0.05)
   )(params16, x.astype(jnp.bfloat16), y)
   assert all(g.dtype == jnp.bfloat16 for g in jax.tree.leaves(grads))
   assert _all_finite(grads)
@@ -417,7 +422,7 @@ def test_traced_hyperparameters_do_not_retrace(method):
   @jax.jit
   @chex.assert_max_traces(n=1)
   def step(weight, radius):
-    return gnorm_jax.penalized_value_and_grad(loss, weight, method=method, radius=radius)(
+    return gnorm_jax.penalized_value_and_grad(loss, weight=weight, method=method, radius=radius)(
         params, x, y
     )
 
@@ -430,7 +435,7 @@ def test_weight_zero_is_plain_value_and_grad():
   loss, params, x, y = _mlp_problem(seed=6)
   want = jax.value_and_grad(loss)(params, x, y)
   for method in METHODS:
-    got = jax.jit(gnorm_jax.penalized_value_and_grad(loss, 0.0, method=method))(params, x, y)
+    got = jax.jit(gnorm_jax.penalized_value_and_grad(loss, weight=0.0, method=method))(params, x, y)
     _leaves_close(got, want, rtol=1e-5, atol=1e-7)
 
 
@@ -447,7 +452,8 @@ def _j_hyp(t):
 
 @functools.partial(jax.jit, static_argnames=("method", "squared"))
 def _hyp_value_and_grad(theta, weight, *, method, squared):
-  return gnorm_jax.penalized_value_and_grad(_j_hyp, weight, method=method, squared=squared)(theta)
+  vg = gnorm_jax.penalized_value_and_grad(_j_hyp, weight=weight, method=method, squared=squared)
+  return vg(theta)
 
 
 @settings(max_examples=20, deadline=None)
@@ -465,8 +471,8 @@ def test_hypothesis_exact_methods_agree_and_penalty_is_nonnegative(theta, weight
 @jax.jit
 def _scaled_penalized(theta, scale):
   j = lambda t: jnp.sum(jnp.cos(t)) + 0.1 * jnp.sum(t**3)
-  p = gnorm_jax.penalized(j, 0.7, squared=False)
-  pc = gnorm_jax.penalized(lambda t: scale * j(t), 0.7, squared=False)
+  p = gnorm_jax.penalized(j, weight=0.7, squared=False)
+  pc = gnorm_jax.penalized(lambda t: scale * j(t), weight=0.7, squared=False)
   return p(theta), pc(theta)
 
 
@@ -514,7 +520,7 @@ def test_hypothesis_linear_critic_penalties(w, target, shift):
 def test_penalized_value_and_grad_rejects_bad_hyperparameters(kwargs, match):
   weight = kwargs.pop("weight", 0.1)
   with pytest.raises(ValueError, match=match):
-    gnorm_jax.penalized_value_and_grad(jnp.sum, weight, **kwargs)
+    gnorm_jax.penalized_value_and_grad(jnp.sum, weight=weight, **kwargs)
 
 
 @pytest.mark.parametrize(
@@ -533,7 +539,7 @@ def test_penalty_weight_follows_the_number_policy(make, weight, error, match):
   # weight="0.1" used to fail with "Only integer scalar arrays can be converted
   # to a scalar index"; numpy scalars and concrete arrays went unchecked.
   with pytest.raises(error, match=match):
-    make(jnp.sum, weight)
+    make(jnp.sum, weight=weight)
 
 
 @pytest.mark.parametrize(
@@ -550,7 +556,7 @@ def test_penalty_weight_follows_the_number_policy(make, weight, error, match):
 )
 def test_penalized_value_and_grad_argument_checks(kwargs, error, match):
   with pytest.raises(error, match=match):
-    gnorm_jax.penalized_value_and_grad(jnp.sum, 0.1, **kwargs)
+    gnorm_jax.penalized_value_and_grad(jnp.sum, weight=0.1, **kwargs)
 
 
 def test_gan_penalty_target_follows_the_number_policy():
@@ -575,7 +581,7 @@ def test_finite_difference_step_is_not_rounded_away(dtype, theta, weight):
   # 90112 against the exact 1.089e7. The step is now at least 8·ε·‖θ‖.
   J = lambda w: jnp.sum(w.astype(jnp.float32) ** 3) / 3
   w = jnp.asarray([theta], dtype)
-  _, grad = gnorm_jax.penalized_value_and_grad(J, weight, method="finite_difference")(w)
+  _, grad = gnorm_jax.penalized_value_and_grad(J, weight=weight, method="finite_difference")(w)
   assert grad.dtype == dtype
   # The O(r) error of the wider step: r/(2θ), 1.6% for bfloat16, 0.4% for float16.
   np.testing.assert_allclose(np.asarray(grad, np.float64), _np_cubic_penalized_grad(w, weight),
@@ -587,7 +593,7 @@ def test_finite_difference_step_floor_leaves_float32_unchanged():
   # exactly the radius, as in Zhao et al.
   J = lambda w: jnp.sum(w**3) / 3
   w = jnp.asarray([1.0, 2.0])
-  _, grad = gnorm_jax.penalized_value_and_grad(J, 0.1, method="finite_difference",
+  _, grad = gnorm_jax.penalized_value_and_grad(J, weight=0.1, method="finite_difference",
                                                radius=1e-3)(w)
   # ((w + r u)² − w²)/r·‖v‖ = 2w·v_u + r·u²·‖v‖ exactly, for u = v/‖v‖, v = 2w².
   v = 2 * np.array([1.0, 4.0])
@@ -604,20 +610,49 @@ def test_hvp_method_float16_does_not_overflow():
   w = jnp.asarray([10.0, 30.0], jnp.float16)
   expected = _np_cubic_penalized_grad(w, 0.1)
   for method in EXACT:
-    _, grad = gnorm_jax.penalized_value_and_grad(J, 0.1, method=method)(w)
+    _, grad = gnorm_jax.penalized_value_and_grad(J, weight=0.1, method=method)(w)
     assert grad.dtype == jnp.float16
     np.testing.assert_allclose(np.asarray(grad, np.float64), expected, rtol=2e-3)
 
 
 def test_penalized_rejects_bad_arguments():
   with pytest.raises(ValueError, match="weight"):
-    gnorm_jax.penalized(jnp.sum, -0.5)
+    gnorm_jax.penalized(jnp.sum, weight=-0.5)
   with pytest.raises(TypeError, match="callable"):
-    gnorm_jax.penalized(3.0, 0.1)
+    gnorm_jax.penalized(3.0, weight=0.1)
   with pytest.raises(TypeError, match="argnums"):
-    gnorm_jax.penalized_value_and_grad(jnp.sum, 0.1, argnums="0")
+    gnorm_jax.penalized_value_and_grad(jnp.sum, weight=0.1, argnums="0")
   with pytest.raises(TypeError, match="positional argument"):
-    gnorm_jax.penalized_value_and_grad(lambda a, b: jnp.sum(a * b), 0.1, argnums=1)(jnp.ones(2))
+    gnorm_jax.penalized_value_and_grad(lambda a, b: jnp.sum(a * b), 1, weight=0.1)(jnp.ones(2))
+
+
+@pytest.mark.parametrize("make", [gnorm_jax.penalized, gnorm_jax.penalized_value_and_grad])
+def test_signature_follows_jax_grad(make):
+  # (fun, argnums=0, has_aux=False, *, weight, ...): the old positional weight
+  # is missing, or lands in argnums and is named with the signature.
+  signature = re.escape(f"The signature is {make.__name__}(fun, argnums=0, has_aux=False, *,")
+  with pytest.raises(TypeError, match="keyword-only argument: 'weight'"):
+    make(jnp.sum, 0.1)
+  with pytest.raises(TypeError, match=rf"got argnums=0\.1\. {signature}"):
+    make(jnp.sum, 0.1, weight=0.1)
+  with pytest.raises(TypeError, match=rf"got has_aux=0\.1\. {signature}"):
+    make(jnp.sum, 0, 0.1, weight=0.1)
+  j = lambda a, b: (jnp.sum(a * b**3), a)
+  a, b = jnp.array([1.0, 2.0]), jnp.array([0.5, -1.0])
+  positional = make(j, 1, True, weight=0.1)(a, b)
+  keywords = make(j, argnums=1, has_aux=True, weight=0.1)(a, b)
+  for got, want in zip(jax.tree.leaves(positional), jax.tree.leaves(keywords)):
+    np.testing.assert_array_equal(got, want)
+
+
+def test_gan_penalties_take_fun():
+  critic = lambda x: x @ jnp.array([3.0, 4.0])  # ‖∇ₓᵢ‖ = 5
+  x = jnp.ones((2, 2))
+  assert float(gnorm_jax.gradient_penalty(fun=critic, x=x)) == 16.0
+  assert float(gnorm_jax.r1_penalty(fun=critic, x=x)) == 25.0
+  for penalty in (gnorm_jax.gradient_penalty, gnorm_jax.r1_penalty):
+    with pytest.raises(TypeError, match="unexpected keyword argument 'critic'"):
+      penalty(critic=critic, x=x)
 
 
 # --------------------------------------------------------------------------- #

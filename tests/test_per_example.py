@@ -2,6 +2,7 @@
 
 import dataclasses
 import math
+import re
 
 import equinox as eqx
 import flax.linen as nn
@@ -202,7 +203,7 @@ def test_zoo_matches_vmap_reference(name, jit):
   max_norm = float(np.median(want_norms))  # half the examples are clipped
   _, want = _reference(loss, params, batch, max_norm)
   norms_fn = gnorm_jax.per_example_grad_norms(loss, batch_argnums=(1, 2))
-  clip_fn = gnorm_jax.clipped_grad(loss, max_norm, batch_argnums=(1, 2), return_norms=True)
+  clip_fn = gnorm_jax.clipped_grad(loss, max_norm=max_norm, batch_argnums=(1, 2), return_norms=True)
   if jit:
     norms_fn, clip_fn = jax.jit(norms_fn), jax.jit(clip_fn)
   norms = norms_fn(params, *batch)
@@ -219,7 +220,7 @@ def test_reduce_sum_and_vmap_method(name):
   _, want = _reference(loss, params, batch, 0.5, reduce="sum")
   for method in ("auto", "vmap"):
     got = jax.jit(gnorm_jax.clipped_grad(
-        loss, 0.5, batch_argnums=(1, 2), reduce="sum", method=method))(params, *batch)
+        loss, max_norm=0.5, batch_argnums=(1, 2), reduce="sum", method=method))(params, *batch)
     _assert_tree_close(got, want)
 
 
@@ -229,7 +230,7 @@ def test_x64():
     params = jax.tree.map(lambda x: x.astype(jnp.float64), params)
     want_norms, want = _reference(loss, params, batch, 0.3)
     grads, norms = jax.jit(
-        gnorm_jax.clipped_grad(loss, 0.3, batch_argnums=(1, 2), return_norms=True)
+        gnorm_jax.clipped_grad(loss, max_norm=0.3, batch_argnums=(1, 2), return_norms=True)
     )(params, *batch)
     assert norms.dtype == jnp.float64
     np.testing.assert_allclose(norms, want_norms, rtol=1e-12)
@@ -274,7 +275,7 @@ def test_every_layout_in_both_plans(monkeypatch, spec, act_shape, w_shape, plan,
     return dataclasses.replace(route, route=plan)
 
   monkeypatch.setattr(_engine, "plan_leaf", forced_plan)
-  got_clip, got = jax.jit(gnorm_jax.clipped_grad(loss, 0.7, return_norms=True))(w, x)
+  got_clip, got = jax.jit(gnorm_jax.clipped_grad(loss, max_norm=0.7, return_norms=True))(w, x)
   monkeypatch.undo()
   want_norms, want = _reference(lambda w, x, _: loss(w, x), w, (x, x), 0.7)
   assert forced, "the einsum parameter should have been recognized"
@@ -355,7 +356,7 @@ def test_tuple_argnums_and_pytree_batch():
   def loss2(w1, rest, batch):
     return loss({"w1": w1, **rest}, *batch)
 
-  fn = gnorm_jax.clipped_grad(loss2, 0.5, argnums=(0, 1), batch_argnums=2, return_norms=True)
+  fn = gnorm_jax.clipped_grad(loss2, (0, 1), max_norm=0.5, batch_argnums=2, return_norms=True)
   (g_w1, g_rest), norms = jax.jit(fn)(w1, rest, (x, y))
   want_norms, want = _reference(loss, params, (x, y), 0.5)
   np.testing.assert_allclose(norms, want_norms, rtol=RTOL)
@@ -378,11 +379,11 @@ def test_zero_gradients_and_zero_threshold_are_nan_free():
   params = {**params, "w2": jnp.zeros_like(params["w2"])}
   y = y.at[0].set(params["b2"])  # example 0 has zero loss and zero gradient
 
-  fn = jax.jit(gnorm_jax.clipped_grad(loss, 1.0, batch_argnums=(1, 2), return_norms=True))
+  fn = jax.jit(gnorm_jax.clipped_grad(loss, max_norm=1.0, batch_argnums=(1, 2), return_norms=True))
   grads, norms = fn(params, x, y)
   assert norms[0] == 0.0
   assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
-  zero = jax.jit(gnorm_jax.clipped_grad(loss, 0.0, batch_argnums=(1, 2)))(params, x, y)
+  zero = jax.jit(gnorm_jax.clipped_grad(loss, max_norm=0.0, batch_argnums=(1, 2)))(params, x, y)
   assert all(bool(jnp.all(g == 0)) for g in jax.tree.leaves(zero))
 
 
@@ -390,11 +391,12 @@ def test_traced_max_norm_and_grad_through_threshold_is_finite():
   loss, params, batch = mlp()
 
   def total(c):
-    g = gnorm_jax.clipped_grad(loss, c, batch_argnums=(1, 2))(params, *batch)
+    g = gnorm_jax.clipped_grad(loss, max_norm=c, batch_argnums=(1, 2))(params, *batch)
     return gnorm_jax.tree_norm(g)
 
   want = _reference(loss, params, batch, 0.3)[1]
-  got = jax.jit(lambda c: gnorm_jax.clipped_grad(loss, c, batch_argnums=(1, 2))(params, *batch))(
+  got = jax.jit(
+      lambda c: gnorm_jax.clipped_grad(loss, max_norm=c, batch_argnums=(1, 2))(params, *batch))(
       jnp.float32(0.3)
   )
   _assert_tree_close(got, want)
@@ -407,7 +409,7 @@ def test_nan_safe_drops_non_finite_examples(method, bad):
   """One NaN/inf example is reported in its norm but cannot poison the sum."""
   loss, params, (x, y) = mlp()
   x = x.at[1].set(bad)
-  fn = gnorm_jax.clipped_grad(loss, 1.0, batch_argnums=(1, 2), return_norms=True,
+  fn = gnorm_jax.clipped_grad(loss, max_norm=1.0, batch_argnums=(1, 2), return_norms=True,
                               method=method, reduce="sum")
   grads, norms = jax.jit(fn)(params, x, y)
   assert not np.isfinite(norms[1]) and np.all(np.isfinite(np.delete(np.asarray(norms), 1)))
@@ -415,7 +417,8 @@ def test_nan_safe_drops_non_finite_examples(method, bad):
   want_norms, want = _reference(loss, params, (x[keep], y[keep]), 1.0, reduce="sum")
   np.testing.assert_allclose(np.asarray(norms)[keep], want_norms, rtol=RTOL)
   _assert_tree_close(grads, want)
-  unsafe = gnorm_jax.clipped_grad(loss, 1.0, batch_argnums=(1, 2), nan_safe=False, method=method)
+  unsafe = gnorm_jax.clipped_grad(loss, max_norm=1.0, batch_argnums=(1, 2), nan_safe=False,
+                                  method=method)
   assert all(bool(jnp.any(~jnp.isfinite(g))) for g in jax.tree.leaves(unsafe(params, x, y)))
 
 
@@ -425,7 +428,7 @@ def test_mask_rows_are_padding(name):
   mask = jnp.array([True, False, True, False])
   batch = tuple(b[:4] for b in batch)
   batch = (batch[0].at[1].set(jnp.nan if batch[0].dtype.kind == "f" else batch[0][1]),) + batch[1:]
-  fn = jax.jit(gnorm_jax.clipped_grad(loss, 0.5, batch_argnums=(1, 2), reduce="sum",
+  fn = jax.jit(gnorm_jax.clipped_grad(loss, max_norm=0.5, batch_argnums=(1, 2), reduce="sum",
                                       return_norms=True))
   grads, norms = fn(params, *batch, mask=mask)
   keep = np.asarray(mask)
@@ -448,7 +451,7 @@ def test_has_aux_returns_stacked_aux():
 
   for method in ("auto", "vmap"):
     (grads, norms), aux = jax.jit(gnorm_jax.clipped_grad(
-        loss_aux, 0.5, batch_argnums=(1, 2), has_aux=True, return_norms=True,
+        loss_aux, max_norm=0.5, batch_argnums=(1, 2), has_aux=True, return_norms=True,
         method=method))(params, *batch)
     want_norms, want = _reference(loss, params, batch, 0.5)
     np.testing.assert_allclose(norms, want_norms, rtol=RTOL)
@@ -468,7 +471,8 @@ def test_per_layer_thresholds():
   loss, params, batch = mlp()
   max_norm = {"w1": 0.3, "b1": 0.1, "w2": 1.0, "b2": 0.05}
   grads, norms = jax.jit(gnorm_jax.clipped_grad(
-      loss, max_norm, batch_argnums=(1, 2), reduce="sum", return_norms=True))(params, *batch)
+      loss, max_norm=max_norm, batch_argnums=(1, 2), reduce="sum", return_norms=True))(
+          params, *batch)
   per_ex = jax.vmap(jax.grad(loss), in_axes=(None, 0, 0))(params, *batch)
   for k, c in max_norm.items():
     g = np.asarray(per_ex[k], np.float64).reshape(per_ex[k].shape[0], -1)
@@ -480,7 +484,7 @@ def test_per_layer_thresholds():
   # A prefix: one threshold for all of a sub-tree.
   nested = {"a": {"w": params["w1"], "b": params["b1"]}, "c": params["w2"]}
   nl = lambda p, x: jnp.sum(jnp.tanh(x @ p["a"]["w"] + p["a"]["b"]) @ p["c"])
-  g2 = gnorm_jax.clipped_grad(nl, {"a": 0.2, "c": 0.7}, reduce="sum")(nested, batch[0])
+  g2 = gnorm_jax.clipped_grad(nl, max_norm={"a": 0.2, "c": 0.7}, reduce="sum")(nested, batch[0])
   per = jax.vmap(jax.grad(nl), in_axes=(None, 0))(nested, batch[0])
   na = np.sqrt(sum(np.sum(np.asarray(v, np.float64).reshape(6, -1) ** 2, 1)
                    for v in jax.tree.leaves(per["a"])))
@@ -488,15 +492,16 @@ def test_per_layer_thresholds():
   np.testing.assert_allclose(g2["a"]["b"], np.tensordot(wa, np.asarray(per["a"]["b"]), 1),
                              rtol=RTOL, atol=1e-6)
   with pytest.raises(ValueError, match="prefix"):
-    gnorm_jax.clipped_grad(loss, {"w1": 1.0, "zz": 1.0}, batch_argnums=(1, 2))(params, *batch)
+    gnorm_jax.clipped_grad(loss, max_norm={"w1": 1.0, "zz": 1.0}, batch_argnums=(1, 2))(
+        params, *batch)
 
 
 @pytest.mark.parametrize("microbatch_size", [1, 4, 5, 6, 100])
 def test_microbatches_equal_the_whole_batch(microbatch_size):
   loss, params, batch = ZOO["transformer"]()
   mask = jnp.array([True, True, False, True])
-  whole = gnorm_jax.clipped_grad(loss, 0.5, batch_argnums=(1, 2), return_norms=True)
-  chunked = gnorm_jax.clipped_grad(loss, 0.5, batch_argnums=(1, 2), return_norms=True,
+  whole = gnorm_jax.clipped_grad(loss, max_norm=0.5, batch_argnums=(1, 2), return_norms=True)
+  chunked = gnorm_jax.clipped_grad(loss, max_norm=0.5, batch_argnums=(1, 2), return_norms=True,
                                    microbatch_size=microbatch_size)
   (g1, n1), (g2, n2) = whole(params, *batch, mask=mask), jax.jit(chunked)(params, *batch,
                                                                          mask=mask)
@@ -537,6 +542,57 @@ def test_call_errors():
     gnorm_jax.per_example_grad_norms(lambda w: jnp.sum(w))(jnp.ones(3))
 
 
+_TRANSFORMS = [gnorm_jax.per_example_grad_norms, gnorm_jax.clipped_grad,
+               gnorm_jax.per_example_plan]
+
+
+@pytest.mark.parametrize("make", _TRANSFORMS)
+def test_signature_follows_jax_grad(make):
+  # (fun, argnums=0, has_aux=False, *, ...): a value in the argnums or has_aux
+  # slot that is not one (an older call's threshold) names itself and the signature.
+  loss = lambda w, x: jnp.sum(w * x)
+  kw = {"max_norm": 1.0} if make is gnorm_jax.clipped_grad else {}
+  signature = re.escape(f"The signature is {make.__name__}(fun, argnums=0, has_aux=False, *,")
+  with pytest.raises(TypeError, match=rf"got argnums=1\.0\. {signature}"):
+    make(loss, 1.0, **kw)
+  with pytest.raises(TypeError, match=rf"got has_aux=0\.5\. {signature}"):
+    make(loss, 0, 0.5, **kw)
+  with pytest.raises(TypeError, match=rf"got batch_argnums=0\.5\. {signature}"):
+    make(loss, batch_argnums=0.5, **kw)
+  with pytest.raises(TypeError, match="unexpected keyword argument 'loss'"):
+    make(loss=loss, **kw)
+
+
+def test_clipped_grad_old_positional_threshold_is_an_error():
+  # clipped_grad(loss, 1.0) was the old order: max_norm is now keyword-only.
+  loss = lambda w, x: jnp.sum(w * x)
+  with pytest.raises(TypeError, match="max_norm"):
+    gnorm_jax.clipped_grad(loss, 1.0)
+  with pytest.raises(ValueError, match=r"share \[1\].*The signature is clipped_grad\(fun,"):
+    gnorm_jax.clipped_grad(loss, 1, max_norm=1.0)
+
+
+def test_positional_argnums_and_has_aux_equal_keywords():
+  loss, params, batch = mlp()
+
+  def loss_aux(x, p, y):  # the parameters second
+    return loss(p, x, y), y[0]
+
+  args = (batch[0], params, batch[1])
+  positional = gnorm_jax.clipped_grad(loss_aux, 1, True, max_norm=0.5, batch_argnums=(0, 2),
+                                      return_norms=True)(*args)
+  keywords = gnorm_jax.clipped_grad(loss_aux, argnums=1, has_aux=True, max_norm=0.5,
+                                    batch_argnums=(0, 2), return_norms=True)(*args)
+  _assert_tree_close(positional, keywords)
+  want_norms, want = _reference(loss, params, batch, 0.5)
+  _assert_tree_close(positional[0], (want, want_norms))
+  norms, aux = gnorm_jax.per_example_grad_norms(loss_aux, 1, True, batch_argnums=(0, 2))(*args)
+  np.testing.assert_allclose(norms, want_norms, rtol=RTOL)
+  np.testing.assert_array_equal(aux, batch[1][:, 0])
+  plan = gnorm_jax.per_example_plan(loss_aux, 1, True, batch_argnums=(0, 2))(*args)
+  assert [l.path for l in plan.leaves] == ["['b1']", "['b2']", "['w1']", "['w2']"]
+
+
 # ------------------------------------------------- properties: masks and thresholds
 
 _MLP = mlp()
@@ -544,7 +600,7 @@ _MLP = mlp()
 
 @jax.jit
 def _MLP_FN(params, x, y, max_norm, mask):  # noqa: N802 (a jitted constant)
-  fn = gnorm_jax.clipped_grad(_MLP[0], max_norm, batch_argnums=(1, 2), reduce="sum",
+  fn = gnorm_jax.clipped_grad(_MLP[0], max_norm=max_norm, batch_argnums=(1, 2), reduce="sum",
                               return_norms=True)
   return fn(params, x, y, mask=mask)
 

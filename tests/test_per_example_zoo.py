@@ -270,8 +270,8 @@ def _run(loss, params, args, batch_argnums, method, max_norm, jit=True):
   """(norms, clipped mean, its norms, clipped sum) of one method, from one (jitted) call."""
   kw = dict(batch_argnums=batch_argnums, method=method)
   norms_fn = gnorm_jax.per_example_grad_norms(loss, **kw)
-  mean_fn = gnorm_jax.clipped_grad(loss, max_norm, return_norms=True, **kw)
-  sum_fn = gnorm_jax.clipped_grad(loss, max_norm, reduce="sum", **kw)
+  mean_fn = gnorm_jax.clipped_grad(loss, max_norm=max_norm, return_norms=True, **kw)
+  sum_fn = gnorm_jax.clipped_grad(loss, max_norm=max_norm, reduce="sum", **kw)
   run = lambda *a: (norms_fn(*a), *mean_fn(*a), sum_fn(*a))
   return (jax.jit(run) if jit else run)(params, *args)
 

@@ -402,6 +402,6 @@ def test_while_loop_under_ghost_names_the_leaf():
         params, x, y
     )
   with pytest.raises(ValueError, match=r"\['w'\]: .*while"):
-    gnorm_jax.clipped_grad(_while_loss, 1.0, batch_argnums=(1, 2), method="ghost")(
+    gnorm_jax.clipped_grad(_while_loss, max_norm=1.0, batch_argnums=(1, 2), method="ghost")(
         params, x, y
     )

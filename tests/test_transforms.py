@@ -241,6 +241,16 @@ def test_bad_argnums_raise_type_error_at_construction(transform, argnums):
 
 
 @pytest.mark.parametrize("transform", [gnorm_jax.grad_norm, gnorm_jax.value_grad_and_norm])
+def test_wrong_slot_names_the_value_and_the_signature(transform):
+  signature = re.escape(
+      f"The signature is {transform.__name__}(fun, argnums=0, has_aux=False, *, ord=None)")
+  with pytest.raises(TypeError, match=rf"got argnums=2\.0\. {signature}"):
+    transform(loss, 2.0)
+  with pytest.raises(TypeError, match=rf"got has_aux=2\. {signature}"):
+    transform(loss, 0, 2)
+
+
+@pytest.mark.parametrize("transform", [gnorm_jax.grad_norm, gnorm_jax.value_grad_and_norm])
 @pytest.mark.parametrize("argnums, negative", [(-1, [-1]), ((0, -2), [-2]), ([-3, -1], [-3, -1])])
 def test_negative_argnums_are_rejected_naming_them(transform, argnums, negative):
   # One policy for every function transformation (the per-example engine
@@ -248,16 +258,6 @@ def test_negative_argnums_are_rejected_naming_them(transform, argnums, negative)
   with pytest.raises(ValueError, match=rf"negative entries {re.escape(str(negative))}"):
     transform(loss, argnums)
 
-
-def test_check_argnums_keeps_its_signature():
-  # The per-example engine imports it: (argnums, name="argnums").
-  from gnorm_jax._transforms import check_argnums
-
-  assert check_argnums((0, 2)) is None and check_argnums(np.int64(1), "batch_argnums") is None
-  with pytest.raises(TypeError, match="batch_argnums must be an int or a non-empty tuple"):
-    check_argnums("1", "batch_argnums")
-  with pytest.raises(ValueError, match="batch_argnums must count"):
-    check_argnums(-1, "batch_argnums")
 
 
 @pytest.mark.parametrize("transform", [gnorm_jax.grad_norm, gnorm_jax.value_grad_and_norm])

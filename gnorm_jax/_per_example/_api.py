@@ -13,8 +13,10 @@ from gnorm_jax._checks import (
   check_argnums,
   check_choice,
   check_fun,
+  check_grad_args,
   check_threshold_tree,
   is_tree,
+  signature_fix,
 )
 from gnorm_jax._norms import tree_norm
 from gnorm_jax._numerics import clip_factor
@@ -23,6 +25,15 @@ from gnorm_jax._per_example._analysis import Analysis, analyze
 
 _METHODS = ("auto", "ghost", "vmap")
 _REDUCTIONS = ("mean", "sum")
+# The public signatures, named in the messages about a value in the wrong slot.
+_SIGNATURES = {
+    "per_example_grad_norms":
+        '(fun, argnums=0, has_aux=False, *, batch_argnums=1, method="auto")',
+    "clipped_grad":
+        '(fun, argnums=0, has_aux=False, *, max_norm, batch_argnums=1, method="auto",'
+        ' reduce="mean", return_norms=False, nan_safe=True, microbatch_size=None)',
+    "per_example_plan": "(fun, argnums=0, has_aux=False, *, batch_argnums=1)",
+}
 
 
 def _as_tuple(nums: int | Sequence[int]) -> tuple[int, ...]:
@@ -35,12 +46,12 @@ class _PerExample:
   def __init__(self, loss, argnums, batch_argnums, method, caller, *, has_aux=False,
                nan_safe=True, microbatch_size=None):
     check_fun(loss, caller)
-    check_argnums("argnums", argnums)
-    check_argnums("batch_argnums", batch_argnums)
+    fix = signature_fix(caller, _SIGNATURES[caller])
+    check_grad_args(caller, _SIGNATURES[caller], argnums, has_aux)
+    check_argnums("batch_argnums", batch_argnums, fix)
     check_choice("method", method, _METHODS)
-    for name, flag in (("has_aux", has_aux), ("nan_safe", nan_safe)):
-      if not isinstance(flag, bool):
-        raise TypeError(f"{name} must be True or False, got {name}={flag!r}.")
+    if not isinstance(nan_safe, bool):
+      raise TypeError(f"nan_safe must be True or False, got nan_safe={nan_safe!r}.")
     if microbatch_size is not None and (
         isinstance(microbatch_size, bool) or not isinstance(microbatch_size, int)
         or microbatch_size < 1):
@@ -56,6 +67,7 @@ class _PerExample:
       raise ValueError(
           f"argnums={argnums!r} and batch_argnums={batch_argnums!r} share {sorted(overlap)}:"
           " differentiated parameters are shared by all examples and carry no batch axis."
+          f" {fix}"
       )
     self.single_params = not isinstance(argnums, (tuple, list))
     self.method = method
@@ -374,39 +386,45 @@ _RULES_DOC = """
 
 
 def per_example_grad_norms(
-    loss: Callable[..., jax.Array],
-    *,
+    fun: Callable[..., jax.Array],
     argnums: int | Sequence[int] = 0,
+    has_aux: bool = False,
+    *,
     batch_argnums: int | Sequence[int] = 1,
     method: str = "auto",
-    has_aux: bool = False,
 ) -> Callable[..., Any]:
   r"""Returns a function computing the Euclidean norm of every example's gradient.
 
   .. math::
     (\theta, x_{1..B}) \mapsto \big(\|\nabla_\theta \ell(\theta, x_i)\|\big)_{i=1}^{B}
 
-  ``loss(params, *example)`` is the loss of ONE example; the arguments at
+  ``fun(params, *example)`` is the loss of ONE example; the arguments at
   ``batch_argnums`` carry a leading batch axis; other arguments (arrays,
   Python flags) are passed to every example as they are.
 {rules}
 
   Args:
-    loss: the single-example loss, returning a real scalar (``(scalar, aux)``
+    fun: the single-example loss, returning a real scalar (``(scalar, aux)``
       with ``has_aux``).
     argnums: which argument(s) are the parameters (int or tuple).
+    has_aux: ``fun`` returns ``(value, aux)``; the function then returns
+      ``(norms, aux)`` with every example's aux stacked on a leading axis.
     batch_argnums: which argument(s) carry the leading batch axis.
     method: ``"auto"``; ``"ghost"`` (the same, but raise a ValueError naming
       any leaf no rule recognizes, so nothing is materialized per example);
       ``"vmap"`` (materialize all per-example gradients: the reference, memory
       B×P).
-    has_aux: the loss returns ``(value, aux)``; the function then returns
-      ``(norms, aux)`` with every example's aux stacked on a leading axis.
 
   Returns:
     A function ``(*args, mask=None) -> norms`` with ``norms`` of shape ``[B]``,
     float32 (float64 under x64). ``mask`` ([B] bool, optional): rows with False
     are padding and get norm 0.
+
+  Raises:
+    TypeError: ``fun`` is not callable, ``argnums`` or ``batch_argnums`` is
+      not an int or a non-empty tuple of ints, or ``has_aux`` is not a bool.
+    ValueError: ``argnums`` and ``batch_argnums`` share a position or have
+      negative entries, or ``method`` is not an accepted value.
 
   Examples:
     >>> import jax, jax.numpy as jnp
@@ -424,10 +442,10 @@ def per_example_grad_norms(
     https://arxiv.org/abs/2110.05679; Bu et al. 2022,
     https://arxiv.org/abs/2205.10683.
   """
-  spec = _PerExample(loss, argnums, batch_argnums, method, "per_example_grad_norms",
+  spec = _PerExample(fun, argnums, batch_argnums, method, "per_example_grad_norms",
                      has_aux=has_aux)
 
-  @functools.wraps(loss)
+  @functools.wraps(fun)
   def norms_fn(*args, mask=None):
     _, norms, aux = spec(args, mask=mask)
     return (norms, aux) if has_aux else norms
@@ -436,12 +454,12 @@ def per_example_grad_norms(
 
 
 def clipped_grad(
-    loss: Callable[..., jax.Array],
-    max_norm: Any,
-    *,
+    fun: Callable[..., jax.Array],
     argnums: int | Sequence[int] = 0,
-    batch_argnums: int | Sequence[int] = 1,
     has_aux: bool = False,
+    *,
+    max_norm: Any,
+    batch_argnums: int | Sequence[int] = 1,
     method: str = "auto",
     reduce: str = "mean",
     return_norms: bool = False,
@@ -466,19 +484,22 @@ def clipped_grad(
   example whose gradient is not finite gets weight 0 (its norm is reported as
   computed, inf or NaN) and cannot poison the sum.
 
+  The signature is that of :func:`jax.grad` (and of ``jax_privacy``'s
+  ``clipped_grad``): ``fun, argnums, has_aux``, then keyword-only settings.
+
   Args:
-    loss: the single-example loss, returning a real scalar (``(scalar, aux)``
+    fun: the single-example loss, returning a real scalar (``(scalar, aux)``
       with ``has_aux``).
-    max_norm: the clipping threshold C ≥ 0 (a Python number is checked here; a
-      traced value is used as it is), or a pytree prefix of the parameters
-      with one threshold per group: each group's part of every per-example
-      gradient is clipped to its own threshold (per-layer clipping); the
-      sensitivity of the sum is then √(Σ_g C_g²).
     argnums: which argument(s) are the parameters (int or tuple).
-    batch_argnums: which argument(s) carry the leading batch axis.
-    has_aux: the loss returns ``(value, aux)``; the function then returns
+    has_aux: ``fun`` returns ``(value, aux)``; the function then returns
       ``(result, aux)``, as ``jax.grad(..., has_aux=True)`` would, with every
       example's aux stacked on a leading axis.
+    max_norm: the clipping threshold C ≥ 0, keyword-only (a Python number is
+      checked here; a traced value is used as it is), or a pytree prefix of
+      the parameters with one threshold per group: each group's part of every
+      per-example gradient is clipped to its own threshold (per-layer
+      clipping); the sensitivity of the sum is then √(Σ_g C_g²).
+    batch_argnums: which argument(s) carry the leading batch axis.
     method: ``"auto"``, ``"ghost"`` or ``"vmap"``, as in
       :func:`per_example_grad_norms`.
     reduce: ``"mean"`` (divide by B, padding rows included) or ``"sum"``.
@@ -495,19 +516,24 @@ def clipped_grad(
     norm 0.
 
   Raises:
-    ValueError: ``max_norm`` is a negative or NaN number, or ``reduce`` or
-      ``method`` is not one of the accepted values.
+    ValueError: ``max_norm`` is a negative or NaN number, ``reduce`` or
+      ``method`` is not one of the accepted values, or ``argnums`` and
+      ``batch_argnums`` share a position or have negative entries.
+    TypeError: ``fun`` is not callable, ``max_norm`` is missing or not a
+      number, ``argnums`` or ``batch_argnums`` is not an int or a non-empty
+      tuple of ints (a float there is the threshold of an older call: pass
+      ``max_norm=`` by keyword), or ``has_aux`` is not a bool.
 
   Examples:
     >>> import jax, jax.numpy as jnp
     >>> import gnorm_jax
     >>> loss = lambda w, x: jnp.sum(x * w)  # gradient of example i is x_i
     >>> x = jnp.array([[3.0, 4.0], [0.3, 0.4]])  # norms 5 and 0.5
-    >>> g = gnorm_jax.clipped_grad(loss, 1.0, reduce="sum")(jnp.zeros(2), x)
+    >>> g = gnorm_jax.clipped_grad(loss, max_norm=1.0, reduce="sum")(jnp.zeros(2), x)
     >>> [round(float(v), 4) for v in g]  # 0.2·(3,4) + 1·(0.3,0.4)
     [0.9, 1.2]
     >>> mask = jnp.array([True, False])  # the second row is padding
-    >>> g = gnorm_jax.clipped_grad(loss, 1.0, reduce="sum")(jnp.zeros(2), x, mask=mask)
+    >>> g = gnorm_jax.clipped_grad(loss, max_norm=1.0, reduce="sum")(jnp.zeros(2), x, mask=mask)
     >>> [round(float(v), 4) for v in g]
     [0.6, 0.8]
 
@@ -523,10 +549,10 @@ def clipped_grad(
                        fix="Pass the clipping threshold C >= 0 (e.g. 1.0), or a tree of them"
                        " (a prefix of the parameters) for per-layer clipping.")
   check_choice("reduce", reduce, _REDUCTIONS)
-  spec = _PerExample(loss, argnums, batch_argnums, method, "clipped_grad", has_aux=has_aux,
+  spec = _PerExample(fun, argnums, batch_argnums, method, "clipped_grad", has_aux=has_aux,
                      nan_safe=nan_safe, microbatch_size=microbatch_size)
 
-  @functools.wraps(loss)
+  @functools.wraps(fun)
   def clipped_fn(*args, mask=None):
     grads, norms, aux = spec(args, max_norm, reduce, mask=mask)
     result = (grads, norms) if return_norms else grads
@@ -540,9 +566,10 @@ clipped_grad.__doc__ = clipped_grad.__doc__.replace("{rules}", _RULES_DOC)
 
 
 def per_example_plan(
-    loss: Callable[..., jax.Array],
-    *,
+    fun: Callable[..., jax.Array],
     argnums: int | Sequence[int] = 0,
+    has_aux: bool = False,
+    *,
     batch_argnums: int | Sequence[int] = 1,
 ) -> Callable[..., PerExamplePlan]:
   """Returns a function showing how each parameter leaf's per-example norm is computed.
@@ -554,8 +581,9 @@ def per_example_plan(
   a table: a slow model's materialized leaves, and why, are in it.
 
   Args:
-    loss: the single-example loss, as for :func:`per_example_grad_norms`.
+    fun: the single-example loss, as for :func:`per_example_grad_norms`.
     argnums: which argument(s) are the parameters (int or tuple).
+    has_aux: ``fun`` returns ``(value, aux)`` (the aux is ignored).
     batch_argnums: which argument(s) carry the leading batch axis.
 
   Returns:
@@ -572,7 +600,7 @@ def per_example_plan(
     >>> [(l.path, l.rules, l.route) for l in plan.leaves]
     [("['b']", ('bias',), 'direct'), ("['w']", ('dot_general',), 'ghost')]
   """
-  spec = _PerExample(loss, argnums, batch_argnums, "auto", "per_example_plan")
+  spec = _PerExample(fun, argnums, batch_argnums, "auto", "per_example_plan", has_aux=has_aux)
 
   def plan_fn(*args):
     return spec.plan(args)

@@ -3,20 +3,25 @@
 Four ways a large-model trainer protects itself from gradient spikes, all built
 on :func:`gnorm_jax.tree_norm` (the global Euclidean norm of the update tree):
 
-* :func:`autoclip`: clip to a percentile of the last ``history`` norms
+* :func:`autoclip`: clip to a quantile of the last ``history`` norms
   (Seetharaman et al. 2020).
 * :func:`zclip`: clip norms whose z-score against an EMA mean and variance is
   too large (Kumar et al. 2025).
 * :func:`quantile_clip`: clip to a streaming estimate of a quantile of the
   norm, O(1) state (Andrew et al. 2021).
 * :func:`skip_spikes`: wrap any optimizer and skip (zero update, unchanged
-  inner state) steps whose norm is an outlier of the last ``window`` norms.
+  inner state) steps whose norm is an outlier of the last ``history`` norms.
 
 Shared conventions. States are NamedTuples of fixed-size arrays; ``grad_norm``
 is the norm measured at the last step, before clipping, and ``max_norm`` the
 threshold that step was held to (the update's norm is ``min(grad_norm,
 max_norm)``, so ``grad_norm > max_norm`` says the step was clipped). Counters
-are int32 and saturate instead of wrapping.
+are int32 and saturate instead of wrapping. Hyperparameters share names: a
+ring buffer's length is ``history``, a quantile is a fraction in (0, 1]
+(``quantile``), an EMA's weight on the old value is ``decay`` (as in
+``optax.ema``), the z-score above which a norm is an outlier is
+``z_threshold``, and the number of finite norms recorded before a rule acts is
+``warmup_steps``.
 
 Non-finite norms (inf or NaN anywhere in the gradient) are never recorded in a
 history or a running statistic, so one bad batch does not poison the
@@ -40,9 +45,9 @@ from gnorm_jax._numerics import clip_scales, pow2_split, safe_divide, scale_tree
 __all__ = ["autoclip", "zclip", "quantile_clip", "skip_spikes"]
 
 
-# The largest learning rate of quantile_clip: e^η, the most one step can
+# The largest adaptation rate of quantile_clip: e^η, the most one step can
 # change the threshold by, stays a finite float32.
-_MAX_QUANTILE_LEARNING_RATE = math.log(float(jnp.finfo(jnp.float32).max))
+_MAX_ADAPTATION_RATE = math.log(float(jnp.finfo(jnp.float32).max))
 
 
 # --------------------------------------------------------------------------
@@ -71,15 +76,15 @@ def _filled(history: jax.Array, num_recorded: jax.Array) -> jax.Array:
   return jnp.minimum(num_recorded, history.shape[0])
 
 
-def _percentile(history: jax.Array, num_recorded: jax.Array, q: Any) -> jax.Array:
-  """numpy.percentile(filled entries, q) with linear interpolation; inf if none.
+def _quantile(history: jax.Array, num_recorded: jax.Array, q: Any) -> jax.Array:
+  """numpy.quantile(filled entries, q) with linear interpolation; inf if none.
 
   Unfilled slots hold +inf, so after sorting the filled entries come first. A
-  traced ``q`` outside [0, 100] is clipped into it (never an out-of-range read).
+  traced ``q`` outside [0, 1] is clipped into it (never an out-of-range read).
   """
   n = _filled(history, num_recorded)
   ordered = jnp.sort(history)
-  fraction = jnp.clip(jnp.asarray(q, history.dtype) / 100, 0, 1)
+  fraction = jnp.clip(jnp.asarray(q, history.dtype), 0, 1)
   pos = fraction * (jnp.maximum(n, 1) - 1).astype(history.dtype)
   lo = jnp.floor(pos).astype(n.dtype)
   hi = jnp.minimum(lo + 1, jnp.maximum(n, 1) - 1)  # never reads an unfilled slot
@@ -138,28 +143,29 @@ class AutoClipState(NamedTuple):
   num_clipped: jax.Array  # () int32: steps with grad_norm > max_norm
 
 
-def autoclip(percentile: Any = 10.0, *, history: int = 1000) -> optax.GradientTransformation:
-  r"""AutoClip: clip the global norm to a percentile of its own recent history.
+def autoclip(quantile: Any = 0.1, *, history: int = 1000) -> optax.GradientTransformation:
+  r"""AutoClip: clip the global norm to a quantile of its own recent history.
 
   At step :math:`t` the norm :math:`g_t = \|u_t\|` is appended to a ring buffer
   :math:`H_t` of the last ``history`` norms, then
 
   .. math::
-    \tau_t = \operatorname{percentile}(H_t, p), \qquad
+    \tau_t = \operatorname{quantile}(H_t, q), \qquad
     u_t \leftarrow u_t \cdot \min\!\Big(1, \frac{\tau_t}{g_t}\Big),
 
   with numpy's default (linear) interpolation. Unclipped norms are recorded.
   Until the buffer is full only the recorded entries count; on the first step
   the buffer holds only :math:`g_1`, so :math:`\tau_1 = g_1` and the first
-  update passes unchanged. The percentile costs a sort of ``history`` numbers
+  update passes unchanged. The quantile costs a sort of ``history`` numbers
   per step, independent of the number of parameters.
 
   Non-finite norms are not recorded (the history stays clean) and the update is
   passed on non-finite; wrap the optimizer in :func:`skip_spikes` to drop it.
 
   Args:
-    percentile: :math:`p \in (0, 100]`; 10 in the paper (clip to the 10th
-      percentile). May be traced (``optax.inject_hyperparams``).
+    quantile: :math:`q \in (0, 1]`, a fraction as in :func:`numpy.quantile`;
+      the paper's 10th percentile is 0.1. May be traced
+      (``optax.inject_hyperparams``).
     history: length of the ring buffer, a Python int >= 1. It fixes the state's
       shape: with ``optax.inject_hyperparams`` pass ``static_args=("history",)``.
 
@@ -167,8 +173,8 @@ def autoclip(percentile: Any = 10.0, *, history: int = 1000) -> optax.GradientTr
     An ``optax.GradientTransformation`` with state :class:`AutoClipState`.
 
   Raises:
-    ValueError: ``percentile`` outside (0, 100] or ``history`` < 1.
-    TypeError: ``history`` is not an int, or ``percentile`` is not a number.
+    ValueError: ``quantile`` outside (0, 1] or ``history`` < 1.
+    TypeError: ``history`` is not an int, or ``quantile`` is not a number.
 
   References:
     Seetharaman et al., 2020. `AutoClip: Adaptive Gradient Clipping for Source
@@ -177,15 +183,15 @@ def autoclip(percentile: Any = 10.0, *, history: int = 1000) -> optax.GradientTr
   Examples:
     >>> import jax.numpy as jnp
     >>> import gnorm_jax
-    >>> tx = gnorm_jax.autoclip(50.0, history=3)
+    >>> tx = gnorm_jax.autoclip(0.5, history=3)
     >>> state = tx.init(jnp.zeros(2))
     >>> for g in ([3.0, 4.0], [0.0, 1.0], [0.0, 9.0]):  # norms 5, 1, 9
     ...   updates, state = tx.update(jnp.array(g), state)
     >>> float(state.max_norm), updates  # the median of (5, 1, 9)
     (5.0, Array([0., 5.], dtype=float32))
   """
-  check_number("percentile", percentile, low=0, high=100, low_open=True,
-               fix="It is a percentage: 10.0 clips to the 10th percentile.")
+  check_number("quantile", quantile, low=0, high=1, low_open=True,
+               fix="It is a fraction: 0.1 clips to the 10th percentile.")
   size = check_size("history", history)
 
   def init_fn(params):
@@ -203,7 +209,7 @@ def autoclip(percentile: Any = 10.0, *, history: int = 1000) -> optax.GradientTr
     del params
     norm = tree_norm(updates).astype(state.grad_norm.dtype)
     buffer, num_recorded = _record(state.history, state.num_recorded, norm)
-    max_norm = _percentile(buffer, num_recorded, percentile)
+    max_norm = _quantile(buffer, num_recorded, quantile)
     new_state = AutoClipState(
         count=optax.safe_increment(state.count),
         grad_norm=norm,
@@ -235,7 +241,7 @@ class ZClipState(NamedTuple):
 
 def zclip(
     *,
-    alpha: Any = 0.97,
+    decay: Any = 0.97,
     z_threshold: Any = 2.5,
     warmup_steps: Any = 25,
     max_norm: Any = None,
@@ -253,8 +259,8 @@ def zclip(
       \mu_{t-1} + \dfrac{z_\text{thres}^2}{z_t}\,\sigma_{t-1} & z_t > z_\text{thres}\\
       g_t & \text{otherwise,}\end{cases}
 
-  then the EMA is updated with the clipped norm (weight :math:`\alpha` on the
-  old value, the variance around the new mean):
+  then the EMA is updated with the clipped norm (weight :math:`\alpha` =
+  ``decay`` on the old value, the variance around the new mean):
 
   .. math::
     \mu_t = \alpha\mu_{t-1} + (1-\alpha)\,g_t^*, \qquad
@@ -278,7 +284,8 @@ def zclip(
   clipping off, and decays with the EMA like any other.
 
   Args:
-    alpha: EMA weight of the old value, in (0, 1); 0.97 in the paper.
+    decay: :math:`\alpha`, the EMA weight of the old value, in (0, 1); 0.97
+      in the paper (its ``alpha``).
     z_threshold: :math:`z_\text{thres} \ge 0`; 2.5 in the paper.
     warmup_steps: finite norms collected before clipping starts, >= 1. With
       very few, :math:`\sigma` can start at 0, which clips every norm above the
@@ -307,7 +314,7 @@ def zclip(
     >>> updates  # clipped to 2 + 2.5**2 / 5 * 1
     Array([3.25], dtype=float32)
   """
-  check_number("alpha", alpha, low=0, high=1, low_open=True, high_open=True,
+  check_number("decay", decay, low=0, high=1, low_open=True, high_open=True,
                fix="It is the EMA weight of the old value, e.g. 0.97.")
   check_number("z_threshold", z_threshold, low=0, fix="The paper uses 2.5.")
   check_number("warmup_steps", warmup_steps, low=1, integer=True, fix="The paper uses 25.")
@@ -336,7 +343,7 @@ def zclip(
     finite = jnp.isfinite(norm)
     warm = state.num_recorded < warmup_steps
     mean, var = state.mean, state.var
-    a, zt, cap_t = (jnp.asarray(x, dtype) for x in (alpha, z_threshold, cap))
+    a, zt, cap_t = (jnp.asarray(x, dtype) for x in (decay, z_threshold, cap))
 
     # Warm-up: running mean and population variance (Welford), numerically
     # stable where sums of squares are not. Welford's delta·(norm − new mean)
@@ -402,14 +409,14 @@ def _clamp_threshold(c: jax.Array) -> jax.Array:
 
 
 def quantile_clip(
-    target_quantile: Any = 0.9,
+    quantile: Any = 0.9,
     *,
-    learning_rate: Any = 0.2,
+    adaptation_rate: Any = 0.2,
     initial_max_norm: Any = 1.0,
 ) -> optax.GradientTransformation:
   r"""Clip to a streaming estimate of a quantile of the global norm.
 
-  The threshold :math:`C` tracks the ``target_quantile`` :math:`\gamma` of the
+  The threshold :math:`C` tracks the ``quantile`` :math:`\gamma` of the
   norm with the geometric update of Andrew et al. (their Algorithm, with one
   norm per step instead of a fraction of clients): the step is clipped to
   :math:`C_t`, then
@@ -431,10 +438,12 @@ def quantile_clip(
   first norm above it grows it again by :math:`e^{\eta\gamma}` per step.
 
   Args:
-    target_quantile: :math:`\gamma \in (0, 1]`.
-    learning_rate: :math:`\eta \in [0, 88.7]` (0 keeps a fixed threshold); 0.2
-      in the paper. One step changes :math:`C` by up to :math:`e^\eta`, which
-      must be a finite float32.
+    quantile: :math:`\gamma \in (0, 1]`, the fraction of norms to keep below
+      the threshold (the paper's target quantile).
+    adaptation_rate: :math:`\eta \in [0, 88.7]`, the paper's learning rate
+      :math:`\eta_C` of the threshold (0 keeps a fixed threshold); 0.2 in the
+      paper. One step changes :math:`C` by up to :math:`e^\eta`, which must be
+      a finite float32.
     initial_max_norm: :math:`C_1 > 0`, finite (a geometric update cannot leave
       0).
 
@@ -454,15 +463,15 @@ def quantile_clip(
   Examples:
     >>> import jax.numpy as jnp
     >>> import gnorm_jax
-    >>> tx = gnorm_jax.quantile_clip(0.5, learning_rate=0.5, initial_max_norm=1.0)
+    >>> tx = gnorm_jax.quantile_clip(0.5, adaptation_rate=0.5, initial_max_norm=1.0)
     >>> state = tx.init(jnp.zeros(2))
     >>> updates, state = tx.update(jnp.array([3.0, 4.0]), state)  # norm 5 > C = 1
     >>> updates, float(state.next_max_norm)  # clipped to 1; C grows by e^0.25
     (Array([0.6, 0.8], dtype=float32), 1.2840...)
   """
-  check_number("target_quantile", target_quantile, low=0, high=1, low_open=True,
+  check_number("quantile", quantile, low=0, high=1, low_open=True,
                fix="It is a fraction: 0.9 tracks the 90th percentile of the norm.")
-  check_number("learning_rate", learning_rate, low=0, high=_MAX_QUANTILE_LEARNING_RATE,
+  check_number("adaptation_rate", adaptation_rate, low=0, high=_MAX_ADAPTATION_RATE,
                fix="It is the adaptation rate η of the threshold; the paper uses 0.2. One step"
                " changes the threshold by up to e^η.")
   check_number("initial_max_norm", initial_max_norm, low=0, low_open=True, finite=True,
@@ -486,7 +495,7 @@ def quantile_clip(
     c = state.next_max_norm
     below = (norm <= c).astype(dtype)
     step = jnp.exp(
-        -jnp.asarray(learning_rate, dtype) * (below - jnp.asarray(target_quantile, dtype)))
+        -jnp.asarray(adaptation_rate, dtype) * (below - jnp.asarray(quantile, dtype)))
     new_state = QuantileClipState(
         count=optax.safe_increment(state.count),
         grad_norm=norm,
@@ -508,8 +517,8 @@ class SkipSpikesState(NamedTuple):
 
   count: jax.Array  # () int32: steps taken, skipped ones included
   grad_norm: jax.Array  # () float: global norm of the last incoming update
-  max_norm: jax.Array  # () float: skip threshold of the last step (inf before min_history)
-  history: jax.Array  # (window,) float: finite norms (skipped ones at the threshold), inf = empty
+  max_norm: jax.Array  # () float: skip threshold of the last step (inf before warmup_steps)
+  history: jax.Array  # (history,) float: finite norms (skipped ones at the threshold), inf = empty
   num_recorded: jax.Array  # () int32: finite norms recorded so far
   num_skipped: jax.Array  # () int32: steps skipped (spikes and non-finite norms)
   inner_state: Any  # the wrapped transformation's state, untouched on skipped steps
@@ -518,18 +527,18 @@ class SkipSpikesState(NamedTuple):
 def skip_spikes(
     inner: optax.GradientTransformation,
     *,
-    window: int = 128,
-    num_sigmas: Any = 6.0,
-    min_history: Any = 20,
+    history: int = 128,
+    z_threshold: Any = 6.0,
+    warmup_steps: Any = 20,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Skip optimizer steps whose gradient norm is a spike; otherwise run ``inner``.
 
   With :math:`m_t, s_t` the mean and population standard deviation of the
-  finite norms among the last ``window`` steps (before step :math:`t`), step
+  finite norms among the last ``history`` steps (before step :math:`t`), step
   :math:`t` is skipped when
 
   .. math::
-    n_t \ge n_\text{min} \ \text{and}\ \|u_t\| > m_t + k\,s_t,
+    n_t \ge n_\text{warm} \ \text{and}\ \|u_t\| > m_t + z\,s_t,
     \qquad\text{or}\qquad \|u_t\| \notin \mathbb{R},
 
   where :math:`n_t` counts finite norms recorded so far. A skipped step returns
@@ -538,11 +547,11 @@ def skip_spikes(
 
   What is recorded: every finite norm of a step that is taken, and for a
   skipped spike the threshold it exceeded (the norm winsorized at
-  :math:`m_t + k s_t`). So one spike cannot raise the bar for the rest of the
-  window (a recorded 1e20 would let the next 1e20 through), while a lasting
+  :math:`m_t + z s_t`). So one spike cannot raise the bar for the rest of the
+  history (a recorded 1e20 would let the next 1e20 through), while a lasting
   change of scale still ratchets the threshold up step by step until steps
-  are taken again (about 40 skipped steps for a 100-fold jump with ``window=16,
-  num_sigmas=3``; watch ``num_skipped``) instead of freezing training.
+  are taken again (about 40 skipped steps for a 100-fold jump with ``history=16,
+  z_threshold=3``; watch ``num_skipped``) instead of freezing training.
   Non-finite norms are always skipped (this subsumes
   ``optax.apply_if_finite``) and never recorded. The mean and standard
   deviation are computed without overflow (norms of 1e20 in float32, 1e160 in
@@ -560,21 +569,22 @@ def skip_spikes(
   Args:
     inner: the transformation to protect, e.g. ``optax.adamw(3e-4)``; extra
       arguments (``params``, ``value``, ...) are passed on to it.
-    window: number of recent norms the statistics use, a Python int >= 1 (the
+    history: number of recent norms the statistics use, a Python int >= 1 (the
       state's shape: with ``optax.inject_hyperparams`` pass
-      ``static_args=("window",)``).
-    num_sigmas: :math:`k \ge 0`.
-    min_history: :math:`n_\text{min} \ge 1`: no spike is detected before this
-      many finite norms are recorded.
+      ``static_args=("history",)``).
+    z_threshold: :math:`z \ge 0`, the z-score above which a norm is a spike
+      (as in :func:`zclip`).
+    warmup_steps: :math:`n_\text{warm} \ge 1`: no spike is detected before
+      this many finite norms are recorded.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state
-    :class:`SkipSpikesState`; ``max_norm`` is :math:`m_t + k s_t` (inf before
-    ``min_history`` norms).
+    :class:`SkipSpikesState`; ``max_norm`` is :math:`m_t + z s_t` (inf before
+    ``warmup_steps`` norms).
 
   Raises:
     ValueError: a hyperparameter outside the ranges above.
-    TypeError: ``window`` is not an int, or another hyperparameter is not a
+    TypeError: ``history`` is not an int, or another hyperparameter is not a
       number.
 
   References:
@@ -586,7 +596,7 @@ def skip_spikes(
     >>> import jax.numpy as jnp
     >>> import optax
     >>> import gnorm_jax
-    >>> tx = gnorm_jax.skip_spikes(optax.sgd(1.0), window=4, num_sigmas=3.0, min_history=2)
+    >>> tx = gnorm_jax.skip_spikes(optax.sgd(1.0), history=4, z_threshold=3.0, warmup_steps=2)
     >>> state = tx.init(jnp.zeros(1))
     >>> for g in (1.0, 1.2, 0.8):
     ...   _, state = tx.update(jnp.array([g]), state)
@@ -594,9 +604,9 @@ def skip_spikes(
     >>> updates, int(state.num_skipped)  # 50 > 1.0 + 3 * 0.163
     (Array([0.], dtype=float32), 1)
   """
-  size = check_size("window", window)
-  check_number("num_sigmas", num_sigmas, low=0, fix="6.0 skips only extreme spikes.")
-  check_number("min_history", min_history, low=1,
+  size = check_size("history", history)
+  check_number("z_threshold", z_threshold, low=0, fix="6.0 skips only extreme spikes.")
+  check_number("warmup_steps", warmup_steps, low=1, integer=True,
                fix="It is the number of norms recorded before spikes are detected.")
   inner = optax.with_extra_args_support(inner)
 
@@ -617,8 +627,8 @@ def skip_spikes(
     norm = tree_norm(updates).astype(dtype)
     mean, std = _mean_std(state.history, state.num_recorded)
     threshold = jnp.where(
-        state.num_recorded >= min_history,
-        mean + jnp.asarray(num_sigmas, dtype) * std,
+        state.num_recorded >= warmup_steps,
+        mean + jnp.asarray(z_threshold, dtype) * std,
         jnp.inf,
     )
     skip = ~jnp.isfinite(norm) | (norm > threshold)

@@ -51,16 +51,19 @@ class NoiseScale(NamedTuple):
   trace_cov: jax.Array  # [] same dtype: unbiased estimate of tr(Σ) (can be < 0)
 
 
-def _check_batch_sizes(b_small: Any, b_big: Any, names: tuple[str, str]) -> None:
+def _check_batch_sizes(small_batch_size: Any, big_batch_size: Any) -> None:
   """Validates batch sizes given as numbers; traced ones pass as they are."""
-  for value, name in zip((b_small, b_big), names):
+  names = ("small_batch_size", "big_batch_size")
+  for value, name in zip((small_batch_size, big_batch_size), names):
     check_number(name, value, low=1, finite=True, fix="It is a number of examples.")
-  small, big = concrete_number(names[0], b_small), concrete_number(names[1], b_big)
+  small = concrete_number(names[0], small_batch_size)
+  big = concrete_number(names[1], big_batch_size)
   if small is not None and big is not None and big <= small:
     raise ValueError(
         f"{names[1]} must be larger than {names[0]}: the estimates divide by"
-        f" {names[1]} - {names[0]}; got {names[0]}={b_small!r}, {names[1]}={b_big!r}."
-        " Measure the big-batch gradient on more examples than the small one."
+        f" {names[1]} - {names[0]}; got {names[0]}={small_batch_size!r},"
+        f" {names[1]}={big_batch_size!r}. Measure the big-batch gradient on more examples"
+        " than the small one."
     )
 
 
@@ -74,8 +77,8 @@ def _safe_ratio(num: jax.Array, den: jax.Array) -> jax.Array:
 def noise_scale_from_two_batches(
     small_sq_norm: jax.Array | float,
     big_sq_norm: jax.Array | float,
-    b_small: jax.Array | int,
-    b_big: jax.Array | int,
+    small_batch_size: jax.Array | int,
+    big_batch_size: jax.Array | int,
 ) -> NoiseScale:
   r"""The simple noise scale from gradient norms measured at two batch sizes.
 
@@ -99,11 +102,11 @@ def noise_scale_from_two_batches(
 
   Args:
     small_sq_norm: :math:`|G_{B_\text{small}}|^2`, the squared norm of the mean
-      gradient over ``b_small`` examples (or the mean of several such).
+      gradient over ``small_batch_size`` examples (or the mean of several such).
     big_sq_norm: :math:`|G_{B_\text{big}}|^2`, the squared norm of the mean
-      gradient over ``b_big`` examples.
-    b_small: the small batch size, at least 1.
-    b_big: the big batch size, larger than ``b_small``.
+      gradient over ``big_batch_size`` examples.
+    small_batch_size: :math:`B_\text{small}`, at least 1.
+    big_batch_size: :math:`B_\text{big}`, larger than ``small_batch_size``.
 
   Returns:
     A :class:`NoiseScale` of scalars in at least float32 (float64 for float64
@@ -111,13 +114,15 @@ def noise_scale_from_two_batches(
     ``grad_sq_norm`` is 0; inf or NaN inputs give inf or NaN estimates.
 
   Raises:
-    ValueError: ``b_small < 1`` or ``b_big <= b_small`` (given as numbers,
-      concrete 0-d arrays included; traced batch sizes are not checked).
+    ValueError: ``small_batch_size < 1`` or ``big_batch_size <=
+      small_batch_size`` (given as numbers, concrete 0-d arrays included;
+      traced batch sizes are not checked).
     TypeError: a batch size is a bool or not a number.
 
   Examples:
     >>> import gnorm_jax
-    >>> est = gnorm_jax.noise_scale_from_two_batches(5.0, 2.0, b_small=32, b_big=128)
+    >>> est = gnorm_jax.noise_scale_from_two_batches(
+    ...     5.0, 2.0, small_batch_size=32, big_batch_size=128)
     >>> float(est.grad_sq_norm), float(est.trace_cov), float(est.b_simple)
     (1.0, 128.0, 128.0)
 
@@ -125,13 +130,13 @@ def noise_scale_from_two_batches(
     McCandlish, Kaplan, Amodei et al. 2018, "An Empirical Model of Large-Batch
     Training", appendix A. https://arxiv.org/abs/1812.06162
   """
-  _check_batch_sizes(b_small, b_big, ("b_small", "b_big"))
+  _check_batch_sizes(small_batch_size, big_batch_size)
   small = jnp.asarray(small_sq_norm)
   big = jnp.asarray(big_sq_norm)
   dtype = jnp.result_type(small, big, jnp.float32)
   small, big = small.astype(dtype), big.astype(dtype)
-  b_small = jnp.asarray(b_small).astype(dtype)
-  b_big = jnp.asarray(b_big).astype(dtype)
+  b_small = jnp.asarray(small_batch_size).astype(dtype)
+  b_big = jnp.asarray(big_batch_size).astype(dtype)
   grad_sq = (b_big * big - b_small * small) / (b_big - b_small)
   trace_cov = (small - big) / (1 / b_small - 1 / b_big)
   return NoiseScale(_safe_ratio(trace_cov, grad_sq), grad_sq, trace_cov)
@@ -210,7 +215,7 @@ class NoiseScaleTrackerState(NamedTuple):
   grad_sq_norm: jax.Array  # [] float32: EMA of the ‖G‖² estimates (zero-initialized)
   trace_cov: jax.Array  # [] float32: EMA of the tr(Σ) estimates (zero-initialized)
   weight: jax.Array  # [] float32: EMA of 1, i.e. 1 - decay^t; divides out the zero init
-  skipped: jax.Array  # [] int32: estimates skipped because they were inf or NaN
+  num_skipped: jax.Array  # [] int32: estimates skipped because they were inf or NaN
 
 
 class NoiseScaleTracker(NamedTuple):
@@ -243,7 +248,7 @@ def noise_scale_tracker(decay: float | jax.Array = 0.99) -> NoiseScaleTracker:
   ``decay`` is a traced value that changes between steps.
 
   Estimates that are inf or NaN (e.g. from a step with a non-finite gradient)
-  are skipped: the state is left as it was and ``skipped`` counts them. Before
+  are skipped: the state is left as it was and ``num_skipped`` counts them. Before
   any finite estimate has been seen the returned estimates are NaN.
 
   Everything is a pure function of arrays: call ``update`` inside the jitted
@@ -300,7 +305,7 @@ def noise_scale_tracker(decay: float | jax.Array = 0.99) -> NoiseScaleTracker:
         grad_sq_norm=ema(state.grad_sq_norm, grad_sq),
         trace_cov=ema(state.trace_cov, trace_cov),
         weight=ema(state.weight, jnp.ones((), jnp.float32)),
-        skipped=state.skipped + jnp.where(finite, 0, 1).astype(jnp.int32),
+        num_skipped=state.num_skipped + jnp.where(finite, 0, 1).astype(jnp.int32),
     )
     seen = state.weight > 0
     inv_weight = safe_divide(1, state.weight, jnp.nan)

@@ -151,12 +151,12 @@ RUNS = (
         lambda lr: optax.chain(gnorm_jax.clip_by_norm(MAX_NORM), optax.adam(lr)),
         max_norm=MAX_NORM),
     Run("autoclip", "autoclip + adam",
-        lambda lr: optax.chain(gnorm_jax.autoclip(10.0, history=1000), optax.adam(lr))),
+        lambda lr: optax.chain(gnorm_jax.autoclip(0.1, history=1000), optax.adam(lr))),
     Run("zclip", "zclip + adam", lambda lr: optax.chain(gnorm_jax.zclip(), optax.adam(lr))),
     Run("quantile", "quantile_clip + adam",
         lambda lr: optax.chain(gnorm_jax.quantile_clip(0.9), optax.adam(lr))),
     Run("skip", "skip_spikes(adam)",
-        lambda lr: gnorm_jax.skip_spikes(optax.adam(lr), window=64, num_sigmas=6.0)),
+        lambda lr: gnorm_jax.skip_spikes(optax.adam(lr), history=64, z_threshold=6.0)),
     Run("normalize", "normalize + sgd",
         lambda lr: optax.chain(gnorm_jax.normalize(), optax.sgd(_normalized_lr(lr)))),
     Run("nsgd", "normalized_sgd",
@@ -220,7 +220,7 @@ def run_step(run: Run, optimizer, tracker, state: RunState, x, y, clean):
   # Per-example norms -> the noise scale of McCandlish et al. (B_small = 1).
   estimate = gnorm_jax.gradient_noise_scale(example_norms**2, grad_norm**2, x.shape[0])
   # A corrupted batch is not a sample of the data whose noise scale we want:
-  # a NaN estimate makes the tracker skip it (and count it in `skipped`).
+  # a NaN estimate makes the tracker skip it (and count it in `num_skipped`).
   gated = jax.tree.map(lambda v: jnp.where(clean, v, jnp.nan), estimate)
   smoothed, noise_state = tracker.update(gated, noise_state)
 

@@ -90,18 +90,18 @@ def _loop(tx, grads):
 # norm is held to (None where the norm is non-finite) and the final counter.
 
 
-def ref_autoclip(norms, percentile, history):
+def ref_autoclip(norms, quantile, history):
   buf, out = [], []
   for g in norms:
     if not np.isfinite(g):
       out.append(None)
       continue
     buf = (buf + [g])[-history:]
-    out.append(np.percentile(buf, percentile))
+    out.append(np.quantile(buf, quantile))
   return out
 
 
-def ref_zclip(norms, alpha, z_threshold, warmup_steps, max_norm=None):
+def ref_zclip(norms, decay, z_threshold, warmup_steps, max_norm=None):
   """Algorithm 1 of Kumar et al. 2025 as in its reference implementation."""
   cap = np.inf if max_norm is None else max_norm
   buf, mean, var, out = [], None, None, []
@@ -119,26 +119,26 @@ def ref_zclip(norms, alpha, z_threshold, warmup_steps, max_norm=None):
     z = (g - mean) / std if std > 0 else (math.inf if g > mean else 0.0)
     g_star = mean + z_threshold**2 / z * std if z > z_threshold else g
     out.append(min(g_star if z > z_threshold else math.inf, cap))
-    mean = alpha * mean + (1 - alpha) * g_star
-    var = alpha * var + (1 - alpha) * (g_star - mean) ** 2
+    mean = decay * mean + (1 - decay) * g_star
+    var = decay * var + (1 - decay) * (g_star - mean) ** 2
   return out, (mean, var)
 
 
-def ref_quantile(norms, target_quantile, learning_rate, initial_max_norm):
+def ref_quantile(norms, quantile, adaptation_rate, initial_max_norm):
   c, out = initial_max_norm, []
   for g in norms:
     out.append(c if np.isfinite(g) else None)
     if np.isfinite(g):
-      c *= math.exp(-learning_rate * (float(g <= c) - target_quantile))
+      c *= math.exp(-adaptation_rate * (float(g <= c) - quantile))
   return out
 
 
-def ref_skip(norms, window, num_sigmas, min_history, thresholds=None):
+def ref_skip(norms, history, z_threshold, warmup_steps, thresholds=None):
   """True where the step is skipped; a skipped spike is recorded at the threshold."""
   hist, skipped = [], []
   for g in norms:
-    last = np.asarray(hist[-window:], np.float64)
-    thr = last.mean() + num_sigmas * last.std() if len(hist) >= min_history else np.inf
+    last = np.asarray(hist[-history:], np.float64)
+    thr = last.mean() + z_threshold * last.std() if len(hist) >= warmup_steps else np.inf
     if thresholds is not None:
       thresholds.append(thr)
     skipped.append(not np.isfinite(g) or g > thr)
@@ -147,10 +147,10 @@ def ref_skip(norms, window, num_sigmas, min_history, thresholds=None):
   return skipped
 
 
-AUTOCLIP = dict(percentile=25.0, history=8)
-ZCLIP = dict(alpha=0.9, z_threshold=2.0, warmup_steps=5)
-QUANTILE = dict(target_quantile=0.8, learning_rate=0.3, initial_max_norm=0.5)
-SKIP = dict(window=16, num_sigmas=3.0, min_history=5)
+AUTOCLIP = dict(quantile=0.25, history=8)
+ZCLIP = dict(decay=0.9, z_threshold=2.0, warmup_steps=5)
+QUANTILE = dict(quantile=0.8, adaptation_rate=0.3, initial_max_norm=0.5)
+SKIP = dict(history=16, z_threshold=3.0, warmup_steps=5)
 
 CLIPPERS = {
     "autoclip": (lambda: gnorm_jax.autoclip(**AUTOCLIP), lambda g: ref_autoclip(g, **AUTOCLIP)),
@@ -259,7 +259,7 @@ def test_skip_spikes_recovers_from_a_lasting_shift():
 
 
 def test_autoclip_first_step_is_not_clipped():
-  tx = gnorm_jax.autoclip(1.0)
+  tx = gnorm_jax.autoclip(0.01)
   updates, state = tx.update(UNIT, tx.init(_params()))
   chex.assert_trees_all_close(updates, UNIT)
   assert float(state.max_norm) == pytest.approx(1.0) and int(state.num_clipped) == 0
@@ -281,7 +281,7 @@ def test_zclip_warmup_does_not_clip_except_the_cap(max_norm):
 def test_zclip_paper_example_by_hand():
   """Warm-up on (1, 3): mean 2, std 1. A norm of 7 has z = 5 > 2.5 and is
   clipped to 2 + 2.5²/5 = 3.25, which then enters the EMA."""
-  tx = gnorm_jax.zclip(alpha=0.9, warmup_steps=2)
+  tx = gnorm_jax.zclip(decay=0.9, warmup_steps=2)
   state = tx.init(jnp.zeros(1))
   for g in (1.0, 3.0, 7.0):
     updates, state = tx.update(jnp.array([g]), state)
@@ -435,7 +435,7 @@ def test_skip_spikes_huge_norms_float64():
 
 def test_skip_spikes_records_a_skipped_spike_at_the_threshold():
   # One spike cannot raise the bar: it enters the window as the threshold.
-  tx = gnorm_jax.skip_spikes(optax.sgd(1.0), window=4, num_sigmas=3.0, min_history=2)
+  tx = gnorm_jax.skip_spikes(optax.sgd(1.0), history=4, z_threshold=3.0, warmup_steps=2)
   state = tx.init(jnp.zeros(1))
   for g in (1.0, 1.2, 0.8):
     _, state = tx.update(jnp.array([g]), state)
@@ -450,7 +450,7 @@ def test_quantile_clip_threshold_never_reaches_zero():
   # 0, and a geometric update cannot leave 0: every later update was zeroed.
   # C now stops at float32's smallest normal number and grows back by e^{ηγ}
   # per step above it.
-  kwargs = dict(target_quantile=0.9, learning_rate=0.2, initial_max_norm=1.0)
+  kwargs = dict(quantile=0.9, adaptation_rate=0.2, initial_max_norm=1.0)
   norms = np.concatenate([np.zeros(6000), np.ones(600)])
   norms, out, states = _clip_run(gnorm_jax.quantile_clip(**kwargs), norms)
   tiny = float(np.finfo(np.float32).tiny)
@@ -465,7 +465,7 @@ def test_quantile_clip_threshold_never_reaches_zero():
 
 def test_quantile_clip_large_rate_keeps_a_positive_threshold():
   # One zero norm at η = 80 used to send C to 0 (e^-72 of 1e-30 underflows).
-  tx = gnorm_jax.quantile_clip(0.1, learning_rate=80.0, initial_max_norm=1e-30)
+  tx = gnorm_jax.quantile_clip(0.1, adaptation_rate=80.0, initial_max_norm=1e-30)
   norms = np.concatenate([np.zeros(3), np.ones(20)])
   _, out, states = _clip_run(tx, norms)
   assert np.all(np.asarray(states.next_max_norm) >= np.finfo(np.float32).tiny)
@@ -484,8 +484,8 @@ def test_python_float_leaves(name):
   chex.assert_trees_all_close(out, ref)
 
 
-def test_skip_spikes_skips_nonfinite_before_min_history():
-  tx = gnorm_jax.skip_spikes(optax.sgd(1.0), min_history=100)
+def test_skip_spikes_skips_nonfinite_before_warmup_steps():
+  tx = gnorm_jax.skip_spikes(optax.sgd(1.0), warmup_steps=100)
   state = tx.init(_params())
   updates, state = tx.update(jax.tree.map(lambda u: u * jnp.nan, UNIT), state)
   assert int(state.num_skipped) == 1 and int(state.num_recorded) == 0
@@ -521,33 +521,36 @@ def test_check_grads_through_the_clip(name):
 # Hyperparameters: validation, and traced values without retracing.
 
 BAD = [
-    (gnorm_jax.autoclip, dict(percentile=0.0), "percentile"),
-    (gnorm_jax.autoclip, dict(percentile=100.5), "percentile"),
-    (gnorm_jax.autoclip, dict(percentile=-3), "percentile"),
+    (gnorm_jax.autoclip, dict(quantile=0.0), "quantile"),
+    (gnorm_jax.autoclip, dict(quantile=1.5), "quantile"),
+    (gnorm_jax.autoclip, dict(quantile=10.0), r"quantile must be in \(0, 1\]"),
+    (gnorm_jax.autoclip, dict(quantile=-3), "quantile"),
     (gnorm_jax.autoclip, dict(history=0), "history"),
-    (gnorm_jax.zclip, dict(alpha=0.0), "alpha"),
-    (gnorm_jax.zclip, dict(alpha=1.0), "alpha"),
+    (gnorm_jax.zclip, dict(decay=0.0), "decay"),
+    (gnorm_jax.zclip, dict(decay=1.0), "decay"),
     (gnorm_jax.zclip, dict(z_threshold=-1.0), "z_threshold"),
     (gnorm_jax.zclip, dict(warmup_steps=0), "warmup_steps"),
     (gnorm_jax.zclip, dict(warmup_steps=2.5), "warmup_steps"),
     (gnorm_jax.zclip, dict(max_norm=-1.0), "max_norm"),
-    (gnorm_jax.quantile_clip, dict(target_quantile=0.0), "target_quantile"),
-    (gnorm_jax.quantile_clip, dict(target_quantile=1.5), "target_quantile"),
-    (gnorm_jax.quantile_clip, dict(learning_rate=-0.1), "learning_rate"),
+    (gnorm_jax.quantile_clip, dict(quantile=0.0), "quantile"),
+    (gnorm_jax.quantile_clip, dict(quantile=1.5), "quantile"),
+    (gnorm_jax.quantile_clip, dict(adaptation_rate=-0.1), "adaptation_rate"),
     (gnorm_jax.quantile_clip, dict(initial_max_norm=0.0), "initial_max_norm"),
-    (functools.partial(gnorm_jax.skip_spikes, optax.sgd(1.0)), dict(window=0), "window"),
-    (functools.partial(gnorm_jax.skip_spikes, optax.sgd(1.0)), dict(num_sigmas=-1.0),
-     "num_sigmas"),
-    (functools.partial(gnorm_jax.skip_spikes, optax.sgd(1.0)), dict(min_history=0),
-     "min_history"),
+    (functools.partial(gnorm_jax.skip_spikes, optax.sgd(1.0)), dict(history=0), "history"),
+    (functools.partial(gnorm_jax.skip_spikes, optax.sgd(1.0)), dict(z_threshold=-1.0),
+     "z_threshold"),
+    (functools.partial(gnorm_jax.skip_spikes, optax.sgd(1.0)), dict(warmup_steps=0),
+     "warmup_steps"),
+    (functools.partial(gnorm_jax.skip_spikes, optax.sgd(1.0)), dict(warmup_steps=2.5),
+     "warmup_steps must be an integer"),
     # Concrete arrays and numpy scalars are numbers too (they used to pass unchecked).
     (gnorm_jax.zclip, dict(max_norm=jnp.array(-1.0)), "max_norm must be >= 0"),
-    (gnorm_jax.zclip, dict(alpha=np.float32(1.5)), r"alpha must be in \(0, 1\)"),
+    (gnorm_jax.zclip, dict(decay=np.float32(1.5)), r"decay must be in \(0, 1\)"),
     (gnorm_jax.zclip, dict(warmup_steps=np.float64(2.5)), "warmup_steps must be an integer"),
     (gnorm_jax.quantile_clip, dict(initial_max_norm=jnp.array(0.0)), "initial_max_norm"),
     (gnorm_jax.quantile_clip, dict(initial_max_norm=math.inf), "initial_max_norm"),
-    (gnorm_jax.quantile_clip, dict(learning_rate=900.0), r"learning_rate must be in \[0, 88"),
-    (gnorm_jax.autoclip, dict(percentile=jnp.array(math.nan)), "percentile"),
+    (gnorm_jax.quantile_clip, dict(adaptation_rate=900.0), r"adaptation_rate must be in \[0, 88"),
+    (gnorm_jax.autoclip, dict(quantile=jnp.array(math.nan)), "quantile"),
 ]
 
 
@@ -558,20 +561,45 @@ def test_bad_hyperparameters_raise_at_construction(factory, kwargs, name):
 
 
 @pytest.mark.parametrize("factory,kwargs", [
-    (gnorm_jax.autoclip, dict(percentile=True)),
+    (gnorm_jax.autoclip, dict(quantile=True)),
     (gnorm_jax.zclip, dict(max_norm="1.0")),
     (gnorm_jax.zclip, dict(warmup_steps=jnp.ones(2))),
-    (gnorm_jax.quantile_clip, dict(target_quantile=True)),
-    (functools.partial(gnorm_jax.skip_spikes, optax.sgd(1.0)), dict(num_sigmas=True)),
+    (gnorm_jax.quantile_clip, dict(quantile=True)),
+    (functools.partial(gnorm_jax.skip_spikes, optax.sgd(1.0)), dict(z_threshold=True)),
 ])
 def test_non_number_hyperparameters_raise_type_error(factory, kwargs):
   with pytest.raises(TypeError, match=f"{next(iter(kwargs))} must be a"):
     factory(**kwargs)
 
 
+@pytest.mark.parametrize("factory,old", [
+    (gnorm_jax.autoclip, dict(percentile=10.0)),
+    (gnorm_jax.zclip, dict(alpha=0.97)),
+    (gnorm_jax.quantile_clip, dict(target_quantile=0.9)),
+    (gnorm_jax.quantile_clip, dict(learning_rate=0.2)),
+    (functools.partial(gnorm_jax.skip_spikes, optax.sgd(1.0)), dict(window=128)),
+    (functools.partial(gnorm_jax.skip_spikes, optax.sgd(1.0)), dict(num_sigmas=6.0)),
+    (functools.partial(gnorm_jax.skip_spikes, optax.sgd(1.0)), dict(min_history=20)),
+])
+def test_old_hyperparameter_names_are_type_errors(factory, old):
+  # One name per idea (issue 13): quantile, history, decay, z_threshold, warmup_steps,
+  # adaptation_rate.
+  with pytest.raises(TypeError, match=f"unexpected keyword argument '{next(iter(old))}'"):
+    factory(**old)
+
+
+def test_autoclip_default_is_the_papers_10th_percentile():
+  norms = [5.0, 1.0, 9.0, 3.0, 7.0, 2.0]
+  tx = gnorm_jax.autoclip()
+  state = tx.init(jnp.zeros(1))
+  for g in norms:
+    _, state = tx.update(jnp.array([g]), state)
+  assert float(state.max_norm) == pytest.approx(np.percentile(norms, 10))
+
+
 @pytest.mark.parametrize("factory,name", [
     (gnorm_jax.autoclip, "history"),
-    (functools.partial(gnorm_jax.skip_spikes, optax.sgd(1.0)), "window"),
+    (functools.partial(gnorm_jax.skip_spikes, optax.sgd(1.0)), "history"),
 ])
 def test_buffer_length_must_be_an_int(factory, name):
   with pytest.raises(TypeError, match="static_args"):
@@ -580,13 +608,13 @@ def test_buffer_length_must_be_an_int(factory, name):
 
 INJECT = [
     (optax.inject_hyperparams(gnorm_jax.autoclip, static_args=("history",)),
-     dict(percentile=10.0, history=8), "percentile", 90.0),
-    (optax.inject_hyperparams(gnorm_jax.zclip), dict(alpha=0.9, z_threshold=2.0,
+     dict(quantile=0.1, history=8), "quantile", 0.9),
+    (optax.inject_hyperparams(gnorm_jax.zclip), dict(decay=0.9, z_threshold=2.0,
                                                      warmup_steps=3), "z_threshold", 0.5),
-    (optax.inject_hyperparams(gnorm_jax.quantile_clip), dict(target_quantile=0.5),
-     "learning_rate", 0.9),
-    (optax.inject_hyperparams(gnorm_jax.skip_spikes, static_args=("window",)),
-     dict(inner=optax.sgd(1.0), window=8, min_history=3), "num_sigmas", 0.0),
+    (optax.inject_hyperparams(gnorm_jax.quantile_clip), dict(quantile=0.5),
+     "adaptation_rate", 0.9),
+    (optax.inject_hyperparams(gnorm_jax.skip_spikes, static_args=("history",)),
+     dict(inner=optax.sgd(1.0), history=8, warmup_steps=3), "z_threshold", 0.0),
 ]
 
 
@@ -615,7 +643,7 @@ def test_inject_hyperparams_changes_behaviour_without_retracing(make, kwargs, hp
 
 
 def test_state_fields_are_readable_with_optax_tree_get():
-  tx = optax.chain(gnorm_jax.autoclip(50.0), optax.adam(1e-3))
+  tx = optax.chain(gnorm_jax.autoclip(0.5), optax.adam(1e-3))
   state = tx.init(_params())
   _, state = tx.update(UNIT, state)
   assert float(optax.tree.get(state, "grad_norm")) == pytest.approx(1.0)
@@ -668,11 +696,11 @@ def test_invariants(norms, name):
     np.testing.assert_allclose(out, np.minimum(measured, limit), rtol=2e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("percentile,expect", [(150.0, 3.0), (-10.0, 1.0)])
-def test_traced_percentile_outside_range_is_clipped_into_it(percentile, expect):
+@pytest.mark.parametrize("quantile,expect", [(1.5, 3.0), (-0.1, 1.0)])
+def test_traced_quantile_outside_range_is_clipped_into_it(quantile, expect):
   tx = optax.inject_hyperparams(gnorm_jax.autoclip, static_args=("history",))(history=4)
   state = tx.init(_params())
-  state.hyperparams["percentile"] = jnp.float32(percentile)
+  state.hyperparams["quantile"] = jnp.float32(quantile)
   update = jax.jit(tx.update)  # traced: a concrete bad value is rejected (see below)
   for g in (1.0, 3.0, 2.0):
     _, state = update(jax.tree.map(lambda u: g * u, UNIT), state)

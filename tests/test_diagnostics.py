@@ -81,7 +81,7 @@ def test_gradient_noise_scale_from_model_gradients(n, d, jit):
   )
 
 
-def test_gradient_noise_scale_is_two_batches_with_b_small_one():
+def test_gradient_noise_scale_is_two_batches_with_small_batch_size_one():
   sq = jnp.array([1.0, 4.0, 2.5, 0.5])
   a = gnorm_jax.gradient_noise_scale(sq, 0.7, 4)
   b = gnorm_jax.noise_scale_from_two_batches(jnp.mean(sq), 0.7, 1, 4)
@@ -219,21 +219,27 @@ def test_derivatives():
 
 
 @pytest.mark.parametrize(
-    "kwargs,error,match",
+    "small,big,error,match",
     [
-        ({"b_small": 0, "b_big": 4}, ValueError, "b_small must be a finite number >= 1"),
-        ({"b_small": jnp.array(0), "b_big": 4}, ValueError, "b_small must be"),
-        ({"b_small": 2, "b_big": np.int32(2)}, ValueError, "b_big must be larger"),
-        ({"b_small": 2, "b_big": math.inf}, ValueError, "b_big must be a finite number"),
-        ({"b_small": 4, "b_big": 4}, ValueError, "b_big must be larger"),
-        ({"b_small": 8, "b_big": 2}, ValueError, "b_big must be larger"),
-        ({"b_small": True, "b_big": 4}, TypeError, "b_small must be a number"),
-        ({"b_small": 2, "b_big": "8"}, TypeError, "b_big must be a real number"),
+        (0, 4, ValueError, "small_batch_size must be a finite number >= 1"),
+        (jnp.array(0), 4, ValueError, "small_batch_size must be"),
+        (2, np.int32(2), ValueError, "big_batch_size must be larger"),
+        (2, math.inf, ValueError, "big_batch_size must be a finite number"),
+        (4, 4, ValueError, "big_batch_size must be larger"),
+        (8, 2, ValueError, "big_batch_size must be larger"),
+        (True, 4, TypeError, "small_batch_size must be a number"),
+        (2, "8", TypeError, "big_batch_size must be a real number"),
     ],
 )
-def test_two_batches_validation(kwargs, error, match):
+def test_two_batches_validation(small, big, error, match):
   with pytest.raises(error, match=match):
-    gnorm_jax.noise_scale_from_two_batches(1.0, 0.5, **kwargs)
+    gnorm_jax.noise_scale_from_two_batches(1.0, 0.5, small_batch_size=small, big_batch_size=big)
+
+
+def test_two_batches_old_argument_names_are_gone():
+  # b_small/b_big became small_batch_size/big_batch_size, as gradient_noise_scale's batch_size.
+  with pytest.raises(TypeError, match="unexpected keyword argument 'b_small'"):
+    gnorm_jax.noise_scale_from_two_batches(1.0, 0.5, b_small=2, b_big=8)
 
 
 @pytest.mark.parametrize(
@@ -307,7 +313,7 @@ def test_tracker_matches_reference(decay, jit):
     est = gnorm_jax.NoiseScale(jnp.float32(tr / g2), jnp.float32(g2), jnp.float32(tr))
     smoothed, state = update(est, state)
     np.testing.assert_allclose(smoothed, ref, rtol=1e-4)
-  assert int(state.skipped) == 2
+  assert int(state.num_skipped) == 2
 
 
 def test_tracker_ratio_of_averages_not_average_of_ratios():
@@ -357,7 +363,7 @@ def test_tracker_before_any_finite_estimate_is_nan():
   nan = jnp.float32(math.nan)
   smoothed, state = tracker.update(gnorm_jax.NoiseScale(nan, nan, nan), tracker.init())
   assert all(np.isnan(v) for v in smoothed)
-  assert int(state.skipped) == 1 and float(state.weight) == 0.0
+  assert int(state.num_skipped) == 1 and float(state.weight) == 0.0
 
 
 @settings(max_examples=25, deadline=None)

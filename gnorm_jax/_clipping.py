@@ -11,6 +11,10 @@ into a finite one — the output is non-finite exactly when the input is (NaN
 entries stay NaN; with an infinite norm, finite entries are scaled to 0 and
 infinite ones become NaN) — so ``optax.apply_if_finite`` around the whole chain
 skips these steps. The ``grad_norm`` in the state records the NaN or ``inf``.
+
+Like every clipping state of gnorm_jax, :class:`ClipByNormState` keeps the
+norm before clipping as ``grad_norm`` and the threshold it applied as
+``max_norm``; ``grad_norm > max_norm`` says the step was clipped.
 """
 
 from __future__ import annotations
@@ -31,7 +35,6 @@ from gnorm_jax._checks import (
 )
 from gnorm_jax._norms import leaf_norms, tree_norm
 from gnorm_jax._numerics import broadcast_prefix, clip_scales, pow2_inverse, scale_tree
-from gnorm_jax._numerics import clip_factor as clip_factor  # re-exported: per_example uses it
 
 __all__ = [
     "ClipByNormState",
@@ -51,6 +54,11 @@ class ClipByNormState(NamedTuple):
   # scalars with the update's structure (per="leaf"); float32, or float64 for
   # float64 updates.
   grad_norm: Any
+  # The threshold applied at the last step (before any: the one the next step
+  # applies), with grad_norm's structure and dtypes: per="leaf" gives every
+  # leaf its own, from a threshold tree. A traced negative or NaN max_norm
+  # acts as, and is recorded as, 0.
+  max_norm: Any
 
 
 class NormalizeState(NamedTuple):
@@ -116,20 +124,26 @@ def _act_on_norm(
     norm_fn: Callable[[Any], Any],
     state_cls: type,
     act: Callable[[Any, Any], Any],
+    thresholds: Callable[[Any], Any] | None = None,
 ) -> optax.GradientTransformation:
   """The transformation ``updates ↦ act(updates, norm_fn(updates))``.
 
-  Its state is ``state_cls(grad_norm=...)``: the norm measured before acting,
-  with dtypes fixed at init.
+  Its state is ``state_cls(grad_norm=...)``, the norm measured before acting,
+  and with ``thresholds`` also ``max_norm=thresholds(norm)``; dtypes are fixed
+  at init.
   """
 
-  def init_fn(params):
-    return state_cls(grad_norm=_zeros_like_norm(norm_fn, params))
+  def state(norm):
+    fields = {} if thresholds is None else {"max_norm": thresholds(norm)}
+    return state_cls(grad_norm=norm, **fields)
 
-  def update_fn(updates, state, params=None):
+  def init_fn(params):
+    return state(_zeros_like_norm(norm_fn, params))
+
+  def update_fn(updates, old, params=None):
     del params
     norm = norm_fn(updates)
-    return act(updates, norm), state_cls(grad_norm=_cast_like(norm, state.grad_norm))
+    return act(updates, norm), _cast_like(state(norm), old)
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -158,10 +172,12 @@ def clip_by_norm(
   ``[0.707, 0.707]`` in float32).
 
   The state's ``grad_norm`` is the norm measured before clipping (a scalar, or
-  a pytree of scalars for ``per="leaf"``): read it with
-  ``optax.tree.get(state, "grad_norm")``. NaN or ``inf`` in the update: see the
-  module docstring (the output stays non-finite; wrap the chain in
-  ``optax.apply_if_finite`` to skip such steps).
+  a pytree of scalars for ``per="leaf"``) and ``max_norm`` the threshold it was
+  clipped to, with the same structure (for ``per="leaf"`` each leaf's own, from
+  a threshold tree); read them with ``optax.tree.get(state, "grad_norm")`` and
+  ``optax.tree.get(state, "max_norm")``, as for the adaptive clippers. NaN or
+  ``inf`` in the update: see the module docstring (the output stays
+  non-finite; wrap the chain in ``optax.apply_if_finite`` to skip such steps).
 
   Args:
     max_norm: the threshold τ ≥ 0. A number (Python, numpy, or a concrete 0-d
@@ -194,6 +210,8 @@ def clip_by_norm(
     >>> clipped, state = tx.update(g, tx.init(g))
     >>> float(gnorm_jax.tree_norm(clipped)), float(optax.tree.get(state, "grad_norm"))
     (1.0, 5.0)
+    >>> float(optax.tree.get(state, "max_norm"))
+    1.0
 
   References:
     Pascanu, Mikolov & Bengio, `On the difficulty of training recurrent neural
@@ -206,13 +224,19 @@ def clip_by_norm(
       fix="Pass the largest update norm to allow, e.g. max_norm=1.0.",
   )
 
+  def thresholds(norm):
+    """The threshold of each norm, as clipping applies it (a traced τ < 0 or NaN acts as 0)."""
+    tau = max_norm if per == "global" else _per_leaf_thresholds(max_norm, norm)
+    return jax.tree.map(lambda n, t: jnp.where(t > 0, t, 0).astype(n.dtype), norm, tau)
+
   def clip(updates, norm):
+    tau = thresholds(norm)
     if per == "global":
-      return scale_tree(updates, *clip_scales(norm, max_norm))
-    pairs = jax.tree.map(clip_scales, norm, _per_leaf_thresholds(max_norm, norm))
+      return scale_tree(updates, *clip_scales(norm, tau))
+    pairs = jax.tree.map(clip_scales, norm, tau)
     return scale_tree(updates, *(jax.tree.map(lambda _, p: p[i], norm, pairs) for i in (0, 1)))
 
-  return _act_on_norm(_norm_fn(ord, per), ClipByNormState, clip)
+  return _act_on_norm(_norm_fn(ord, per), ClipByNormState, clip, thresholds)
 
 
 def normalize(

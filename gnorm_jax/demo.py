@@ -136,7 +136,6 @@ class Run(NamedTuple):
   name: str
   optimizer: Callable[[optax.Schedule], optax.GradientTransformation]
   gradient: str = "plain"  # "plain", "penalty", "input_penalty" or "per_example_clip"
-  max_norm: float | None = None  # a fixed threshold, which the state does not keep
 
 
 def _normalized_lr(lr: optax.Schedule) -> optax.Schedule:
@@ -148,8 +147,7 @@ RUNS = (
     # record_leaf_norms first in the chain: its state holds per-layer gradient norms.
     Run("adam", "adam", lambda lr: optax.chain(gnorm_jax.record_leaf_norms(), optax.adam(lr))),
     Run("clip", "clip_by_norm + adam",
-        lambda lr: optax.chain(gnorm_jax.clip_by_norm(MAX_NORM), optax.adam(lr)),
-        max_norm=MAX_NORM),
+        lambda lr: optax.chain(gnorm_jax.clip_by_norm(MAX_NORM), optax.adam(lr))),
     Run("autoclip", "autoclip + adam",
         lambda lr: optax.chain(gnorm_jax.autoclip(0.1, history=1000), optax.adam(lr))),
     Run("zclip", "zclip + adam", lambda lr: optax.chain(gnorm_jax.zclip(), optax.adam(lr))),
@@ -240,9 +238,7 @@ def run_step(run: Run, optimizer, tracker, state: RunState, x, y, clean):
   if leaf_norms is not None:
     metrics["layer_norms"] = gnorm_jax.flat_dict(leaf_norms)
   acting = optax.tree.get(opt_state, "grad_norm")  # the norm a clipper measured
-  threshold = optax.tree.get(opt_state, "max_norm")
-  if threshold is None and run.max_norm is not None:
-    threshold = jnp.float32(run.max_norm)
+  threshold = optax.tree.get(opt_state, "max_norm")  # and the threshold it applied
   if acting is not None and threshold is not None:
     metrics["threshold"] = threshold
     metrics["clipped"] = acting > threshold

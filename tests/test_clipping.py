@@ -164,7 +164,7 @@ def test_clip_derivatives_finite_at_extreme_norms(per, scale):
     "norm,max_norm", [(1e-30, 1.0), (2e-30, 1e-30), (3.0, 1.0), (1e30, 2e29), (0.5, 1.0)]
 )
 def test_clip_factor_derivatives_match_float64(norm, max_norm):
-  from gnorm_jax._clipping import clip_factor
+  from gnorm_jax._numerics import clip_factor
 
   d_norm, d_tau = jax.grad(clip_factor, (0, 1))(jnp.float32(norm), jnp.float32(max_norm))
   over = norm > max_norm
@@ -427,6 +427,38 @@ def test_leaf_clipping_with_a_prefix_tree_of_thresholds():
   full = {"w": 0.5, "b": 1.0, "nested": {"s": 0.2}}
   expected, _ = apply(gnorm_jax.clip_by_norm(full, per="leaf"), g)
   chex.assert_trees_all_equal(out, expected)
+
+
+# ----------------------------------------------------------- the state's max_norm
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_clip_state_records_the_threshold_it_applied(jit):
+  # Every clipping state records its threshold as max_norm (ClipByNormState lacked it).
+  g = make_tree(scale=3.0)
+  _, state = apply(gnorm_jax.clip_by_norm(0.5), g, jit)
+  assert state.max_norm.shape == () and state.max_norm.dtype == jnp.float32
+  assert float(state.max_norm) == 0.5 and float(state.grad_norm) > 0.5  # clipped
+  assert float(optax.tree.get(gnorm_jax.clip_by_norm(0.5).init(g), "max_norm")) == 0.5
+  _, state = apply(gnorm_jax.clip_by_norm(0.5, per="leaf"), g, jit)
+  chex.assert_trees_all_equal(state.max_norm, jax.tree.map(lambda _: jnp.float32(0.5), g))
+  thresholds = {"w": 0.5, "b": 2.0, "nested": 0.1}  # a prefix tree: one per subtree
+  _, state = apply(gnorm_jax.clip_by_norm(thresholds, per="leaf"), g, jit)
+  want = {"w": 0.5, "b": 2.0, "nested": {"s": 0.1}}
+  chex.assert_trees_all_equal(state.max_norm, jax.tree.map(jnp.float32, want))
+  chex.assert_trees_all_equal_structs(state.max_norm, state.grad_norm)
+
+
+def test_clip_state_max_norm_follows_injected_threshold():
+  g = make_tree(scale=3.0)
+  tx = optax.inject_hyperparams(gnorm_jax.clip_by_norm)(max_norm=2.0)
+  update = jax.jit(tx.update)
+  state = tx.init(g)
+  for tau, recorded in [(2.0, 2.0), (0.25, 0.25), (-1.0, 0.0)]:  # a traced τ < 0 acts as 0
+    state.hyperparams["max_norm"] = jnp.float32(tau)
+    out, state = update(g, state)
+    assert float(state.inner_state.max_norm) == recorded
+    np.testing.assert_allclose(gnorm_jax.tree_norm(out), recorded, rtol=1e-6)
 
 
 def test_threshold_tree_errors_are_clear():

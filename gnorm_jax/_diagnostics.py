@@ -32,7 +32,6 @@ __all__ = [
     "NoiseScaleTrackerState",
     "NoiseScaleTracker",
     "noise_scale_tracker",
-    "flat_dict",
     "flat_leaf_norms",
     "RecordLeafNormsState",
     "record_leaf_norms",
@@ -325,31 +324,15 @@ def noise_scale_tracker(decay: float | jax.Array = 0.99) -> NoiseScaleTracker:
 # Per-layer logging.
 
 
-def flat_dict(tree: Any, *, prefix: str = "", sep: str = "/") -> dict[str, Any]:
-  """A pytree as a flat ``{path: leaf}`` dict, paths joined with ``sep``.
+def _flat_dict(tree: Any, *, prefix: str = "", sep: str = "/") -> dict[str, Any]:
+  """A pytree as a flat ``{path: leaf}`` dict, paths joined with ``sep`` after ``prefix``.
 
-  Dict keys, attribute names (NamedTuples, dataclasses, equinox modules) and
-  sequence indices become path components: ``{"params": {"dense": {"kernel":
-  x}}}`` gives ``{"params/dense/kernel": x}``. Ready for TensorBoard, W&B or
-  CLU metric writers once fetched with ``jax.device_get``.
-
-  Args:
-    tree: any pytree (e.g. the ``leaf_norms`` of a :class:`RecordLeafNormsState`).
-    prefix: prepended to every path (with ``sep``), e.g. ``"grad_norm"``.
-    sep: the path separator.
-
-  Returns:
-    A dict from path strings to the leaves, in ``jax.tree`` flattening order.
-    A tree that is a single leaf gives ``{prefix: leaf}``.
+  Dict keys, attribute names and sequence indices are the path components; a
+  single leaf gives ``{prefix: leaf}``.
 
   Raises:
-    ValueError: two leaves give the same path (e.g. keys ``"a/b"`` and
-      ``"a"`` → ``"b"``); choose another ``sep``.
-
-  Examples:
-    >>> import gnorm_jax
-    >>> gnorm_jax.flat_dict({"dense": {"kernel": 1.0, "bias": 2.0}}, prefix="norm")
-    {'norm/dense/bias': 2.0, 'norm/dense/kernel': 1.0}
+    ValueError: two leaves give the same path (keys ``"a/b"`` and ``"a"`` →
+      ``"b"``).
   """
   out: dict[str, Any] = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
@@ -373,11 +356,14 @@ def flat_leaf_norms(
 ) -> dict[str, jax.Array]:
   r"""Per-leaf (per-layer) norms as a flat ``{path: norm}`` dict for logging.
 
-  :func:`gnorm_jax.leaf_norms` followed by :func:`flat_dict`:
+  :func:`gnorm_jax.leaf_norms` with each leaf's path as its key:
 
   .. math::
     \{\text{path}(\ell): \|x_\ell\|\ \text{for each leaf } \ell\}
 
+  Dict keys, attribute names (NamedTuples, dataclasses, equinox modules) and
+  sequence indices become path components joined with ``sep``:
+  ``{"params": {"dense": {"kernel": x}}}`` gives ``"params/dense/kernel"``.
   Works under jit (the values are scalar arrays); outside it,
   ``jax.device_get`` turns the whole dict into numpy floats in one transfer.
 
@@ -392,7 +378,8 @@ def flat_leaf_norms(
 
   Raises:
     TypeError: a leaf is an integer or bool array.
-    ValueError: ``ord`` is not accepted, or two paths collide.
+    ValueError: ``ord`` is not accepted, or two leaves give the same path
+      (keys ``"a/b"`` and ``"a"`` → ``"b"``): choose another ``sep``.
 
   Examples:
     >>> import jax, jax.numpy as jnp
@@ -402,7 +389,7 @@ def flat_leaf_norms(
     >>> {k: float(v) for k, v in jax.device_get(gnorm_jax.flat_leaf_norms(grads)).items()}
     {'params/dense/bias': 0.0, 'params/dense/kernel': 5.0}
   """
-  return flat_dict(leaf_norms(tree, ord), prefix=prefix, sep=sep)
+  return _flat_dict(leaf_norms(tree, ord), prefix=prefix, sep=sep)
 
 
 class RecordLeafNormsState(NamedTuple):
@@ -425,8 +412,9 @@ def record_leaf_norms(ord: int | float | None = None) -> optax.GradientTransform
   first). What it measures depends on where it sits in an ``optax.chain``:
   first, it records the gradient norms; last, the norms of the updates the
   optimizer applies. Read the values with ``state.leaf_norms`` on its own state, or
-  ``optax.tree.get(opt_state, "leaf_norms")`` when there is one in the chain,
-  and log them with :func:`flat_dict`. The field is not called ``grad_norm``
+  ``optax.tree.get(opt_state, "leaf_norms")`` when there is one in the chain.
+  (To log the per-layer norms of a tree directly, :func:`flat_leaf_norms` gives
+  a flat ``{path: norm}`` dict.) The field is not called ``grad_norm``
   so it never clashes with a clipping transformation's ``grad_norm``.
 
   Args:
@@ -446,7 +434,7 @@ def record_leaf_norms(ord: int | float | None = None) -> optax.GradientTransform
     >>> state = opt.init(params)
     >>> grads = {"w": jnp.array([3.0, 4.0]), "b": jnp.array(1.0)}
     >>> updates, state = opt.update(grads, state, params)
-    >>> gnorm_jax.flat_dict(optax.tree.get(state, "leaf_norms"))
+    >>> optax.tree.get(state, "leaf_norms")
     {'b': Array(1., dtype=float32), 'w': Array(5., dtype=float32)}
   """
   check_ord(ord)

@@ -138,6 +138,14 @@ class Run(NamedTuple):
   gradient: str = "plain"  # "plain", "penalty", "input_penalty" or "per_example_clip"
 
 
+def _by_path(tree: Any) -> dict[str, Any]:
+  """A tree's leaves by their path, ``{"dense0/kernel": leaf}``, for the plots and tables."""
+  return {
+      jax.tree_util.keystr(path, simple=True, separator="/"): leaf
+      for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+  }
+
+
 def _normalized_lr(lr: optax.Schedule) -> optax.Schedule:
   """Normalized steps have length lr·‖u/‖u‖‖ = lr: a larger rate than Adam's."""
   return lambda count: 10 * lr(count)
@@ -236,7 +244,7 @@ def run_step(run: Run, optimizer, tracker, state: RunState, x, y, clean):
   # What the norm-based transformations kept in their states.
   leaf_norms = optax.tree.get(opt_state, "leaf_norms")
   if leaf_norms is not None:
-    metrics["layer_norms"] = gnorm_jax.flat_dict(leaf_norms)
+    metrics["layer_norms"] = _by_path(leaf_norms)
   acting = optax.tree.get(opt_state, "grad_norm")  # the norm a clipper measured
   threshold = optax.tree.get(opt_state, "max_norm")  # and the threshold it applied
   if acting is not None and threshold is not None:

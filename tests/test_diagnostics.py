@@ -396,7 +396,7 @@ def test_tracker_rejects_non_numbers(decay):
 
 
 # ---------------------------------------------------------------------------
-# flat_dict / flat_leaf_norms
+# flat_leaf_norms
 
 
 class Pair(NamedTuple):
@@ -436,30 +436,30 @@ def get_by(tree, keys):
   return tree
 
 
-def test_flat_dict_paths():
-  tree = nested_tree()
-  flat = gnorm_jax.flat_dict(tree)
-  assert set(flat) == set(EXPECTED_PATHS)
-  for path, keys in EXPECTED_PATHS.items():
-    assert flat[path] is get_by(tree, keys)
-
-
 @pytest.mark.parametrize("prefix,sep", [("", "/"), ("grad_norm", "/"), ("g", ".")])
-def test_flat_dict_prefix_and_separator(prefix, sep):
-  flat = gnorm_jax.flat_dict({"a": {"b": 1.0}, "c": 2.0}, prefix=prefix, sep=sep)
+def test_flat_leaf_norms_prefix_and_separator(prefix, sep):
+  tree = {"a": {"b": jnp.ones(4)}, "c": jnp.zeros(2)}
+  flat = gnorm_jax.flat_leaf_norms(tree, prefix=prefix, sep=sep)
   head = prefix + sep if prefix else ""
-  assert flat == {f"{head}a{sep}b": 1.0, f"{head}c": 2.0}
+  assert {k: float(v) for k, v in flat.items()} == {f"{head}a{sep}b": 2.0, f"{head}c": 0.0}
 
 
-def test_flat_dict_single_leaf_and_empty():
-  assert gnorm_jax.flat_dict(3.0, prefix="loss") == {"loss": 3.0}
-  assert gnorm_jax.flat_dict({}) == {}
+def test_flat_leaf_norms_single_leaf_and_empty():
+  flat = gnorm_jax.flat_leaf_norms(jnp.array([3.0, 4.0]), prefix="loss")
+  assert {k: float(v) for k, v in flat.items()} == {"loss": 5.0}
+  assert gnorm_jax.flat_leaf_norms({}) == {}
 
 
-def test_flat_dict_collision_raises():
+def test_flat_leaf_norms_path_collision_raises():
+  tree = {"a/b": jnp.ones(1), "a": {"b": jnp.ones(1)}}
   with pytest.raises(ValueError, match="same flat path 'a/b'"):
-    gnorm_jax.flat_dict({"a/b": 1.0, "a": {"b": 2.0}})
-  assert len(gnorm_jax.flat_dict({"a/b": 1.0, "a": {"b": 2.0}}, sep=".")) == 2
+    gnorm_jax.flat_leaf_norms(tree)
+  assert len(gnorm_jax.flat_leaf_norms(tree, sep=".")) == 2
+
+
+def test_flat_dict_is_not_public():
+  # A generic pytree utility, not about gradient norms (issue 13): flat_leaf_norms is the API.
+  assert not hasattr(gnorm_jax, "flat_dict") and "flat_dict" not in gnorm_jax.__all__
 
 
 @pytest.mark.parametrize("ord", [None, 1, 2, math.inf])

@@ -5,7 +5,7 @@ A value derived from ONE parameter leaf through a chain of unary equations
 inputs are literals) is followed until it meets other values. That equation
 is a *use*; the rule registry decides whether some rule handles it. A leaf
 all of whose uses have rules is *recognized*; any other use (a primitive with
-no rule, two parameters meeting, a scan/while/cond body, a custom derivative,
+no rule, two parameters meeting, a while body, a custom rule JAX cannot linearize,
 a value returned as it is) makes the leaf a *fallback* leaf, whose
 per-example gradient is computed exactly. The analysis only ever errs
 towards fallback: it can cost speed, never accuracy.
@@ -14,7 +14,14 @@ Nested ``jit`` calls and ``checkpoint``/``remat`` are looked through (``jnp``
 functions and user code wrap layers in them); so are ``scan`` bodies (a
 parameter closed over by the body is used at every step; one scanned over, as
 by ``nn.scan`` over layers, is sliced per step) and ``cond``/``switch``
-branches. Uses are keyed by their path of equation (and branch) indices.
+branches. A ``custom_jvp``/``custom_vjp`` call is looked through by way of its
+own rule: a custom function of the parameter alone (``softplus(w)``) is a
+chain link, re-bound by the direct route; where the parameter meets the
+example inside one, the rule's linear map from the parameter's tangent to the
+output's (the jvp rule, or the transposed bwd rule) is analysed instead of
+the primal, so the per-example gradient is the custom rule's, never the
+primal's derivative. Uses are keyed by their path of equation (and branch)
+indices.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import jax
 import numpy as np
 from jax.extend import core as jcore
 
@@ -32,6 +40,8 @@ from gnorm_jax._per_example._rules import CHAIN_OPS, LAYOUT_OPS, Use
 CALL_PRIMITIVES = frozenset({"jit", "pjit", "closed_call", "core_call"})
 # Rematerialization: looked through, and re-applied around the instrumented body.
 REMAT_PRIMITIVES = frozenset({"checkpoint", "remat", "remat2"})
+# Custom derivatives: looked through by way of their own rule (see _tangent_jaxpr).
+CUSTOM_PRIMITIVES = frozenset({"custom_jvp_call", "custom_vjp_call"})
 
 _rules.load_rules()
 
@@ -77,6 +87,57 @@ def _is_chain(eqn: Any, operand: int) -> bool:
   if eqn.primitive.name not in CHAIN_OPS or eqn.primitive.multiple_results:
     return False
   return all(isinstance(v, jcore.Literal) for i, v in enumerate(eqn.invars) if i != operand)
+
+
+def _is_custom_chain(eqn: Any, operand: int) -> bool:
+  """A custom-derivative function of one parameter-derived value (``softplus(w)``): a chain
+  link the direct route re-binds, so its gradient goes through the custom rule itself."""
+  return (eqn.primitive.name in CUSTOM_PRIMITIVES and len(eqn.outvars) == 1
+          and all(isinstance(v, jcore.Literal) for i, v in enumerate(eqn.invars) if i != operand))
+
+
+def bind(eqn: Any, invals: list) -> list:
+  """Applies ``eqn``'s primitive to ``invals``, as jax.core.eval_jaxpr does."""
+  bind_params = eqn.primitive.get_bind_params(eqn.params)
+  subfuns, params = bind_params if isinstance(bind_params, tuple) else ((), bind_params)
+  with eqn.ctx.manager:
+    out = eqn.primitive.bind(*subfuns, *invals, **params)
+  return list(out) if eqn.primitive.multiple_results else [out]
+
+
+def _tangent_jaxpr(eqn: Any, derived: list) -> jcore.ClosedJaxpr | None:
+  """The custom rule's own linear map from the parameter-derived inputs' tangents to the
+  outputs' tangents, as a jaxpr of (all inputs, those tangents), or None.
+
+  For ``custom_jvp`` it is the jvp rule with tangents on those inputs only; for
+  ``custom_vjp`` the transpose of the bwd rule (linear in the cotangent). The
+  per-example gradient through the call is that map's transpose, so rules
+  found inside it are exact for the custom rule, whatever the primal computes.
+  """
+  n = len(eqn.invars)
+
+  def tangent(*vals):
+    args, dws = list(vals[:n]), list(vals[n:])
+
+    def f(*ws):
+      a = list(args)
+      for j, w in zip(derived, ws):
+        a[j] = w
+      return bind(eqn, a)
+
+    ws = [args[j] for j in derived]
+    if eqn.primitive.name == "custom_jvp_call":
+      return jax.jvp(f, ws, dws)[1]
+    out, vjp = jax.vjp(f, *ws)
+    return jax.linear_transpose(vjp, out)(tuple(dws))[0]
+
+  avals = [v.aval for v in eqn.invars]
+  specs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in avals]
+  specs += [specs[j] for j in derived]
+  try:
+    return jax.make_jaxpr(tangent)(*specs)
+  except Exception:  # a rule JAX cannot linearize or transpose: the leaves fall back
+    return None
 
 
 def _literal(eqn: Any, operand: int) -> Any:
@@ -128,6 +189,11 @@ def chain_layout(use: Any, ndim: int) -> tuple[list, Any, list] | None:
 class Analysis:
   uses: dict[int, list[Use]]  # recognized leaf -> its uses (empty: the leaf is unused)
   fallback: dict[int, str]  # fallback leaf -> why (first unrecognized use)
+  # scan key -> {input index: leaf} for leaves scanned over as they are (no
+  # chain), by a scan inside no other scan (``nn.scan`` over layers).
+  scan_slices: dict[tuple, dict[int, int]] = dataclasses.field(default_factory=dict)
+  # custom-derivative call key -> (its rule's tangent jaxpr, the derived input indices)
+  tangents: dict[tuple, tuple] = dataclasses.field(default_factory=dict)
 
   @property
   def recognized(self) -> list[int]:
@@ -147,6 +213,8 @@ def analyze(closed: jcore.ClosedJaxpr, param_positions: dict[int, int]) -> Analy
   """
   uses: dict[int, list[Use]] = {}
   bad: dict[int, str] = {}
+  scan_slices: dict[tuple, dict[int, int]] = {}
+  tangents: dict[tuple, tuple] = {}
 
   def unrecognized(origin: Any, why: str) -> None:
     for o in _parts(origin):
@@ -181,6 +249,9 @@ def analyze(closed: jcore.ClosedJaxpr, param_positions: dict[int, int]) -> Analy
           else:
             inner[body.invars[j]] = _each(ins[j], lambda o, j=j: o.enter(
                 "const" if j < nc else "xs", eqn.params["length"]))
+            o = ins[j]
+            if j >= nc + nk and isinstance(o, Origin) and not o.scopes and o.chain == ((),):
+              scan_slices.setdefault(key, {})[j] = o.leaf
         walk(body, inner, key)
       elif name == "cond":
         if ins[0] is not None:
@@ -188,6 +259,18 @@ def analyze(closed: jcore.ClosedJaxpr, param_positions: dict[int, int]) -> Analy
         for b, branch in enumerate(eqn.params["branches"]):
           inner = {v: o for v, o in zip(branch.jaxpr.invars, ins[1:]) if o is not None}
           walk(branch.jaxpr, inner, key + (b,))
+      elif len(derived) == 1 and _is_custom_chain(eqn, derived[0]):
+        origins[eqn.outvars[0]] = _each(ins[derived[0]], lambda o: o.then(eqn))
+      elif name in CUSTOM_PRIMITIVES:
+        t = _tangent_jaxpr(eqn, derived)
+        if t is None:
+          for j in derived:
+            unrecognized(ins[j], f"used by {name} (its rule could not be linearized)")
+        else:
+          tangents[key] = (t, tuple(derived))
+          n = len(eqn.invars)
+          inner = {t.jaxpr.invars[n + m]: ins[j] for m, j in enumerate(derived)}
+          walk(t.jaxpr, inner, key)
       elif len(derived) == 1 and _is_chain(eqn, derived[0]):
         origins[eqn.outvars[0]] = _each(ins[derived[0]], lambda o: o.then(eqn))
       elif name == "concatenate" and len(derived) == len(eqn.invars):
@@ -221,4 +304,4 @@ def analyze(closed: jcore.ClosedJaxpr, param_positions: dict[int, int]) -> Analy
   for leaf in param_positions.values():
     if leaf not in bad and leaf not in recognized:
       recognized[leaf] = []  # never used: a zero gradient
-  return Analysis(uses=recognized, fallback=bad)
+  return Analysis(uses=recognized, fallback=bad, scan_slices=scan_slices, tangents=tangents)

@@ -240,7 +240,7 @@ class _PerExample:
     def one(batch_vals, keep):
       return _engine.run(setup.closed, setup.analysis, setup.routes, setup.assemble,
                          setup.params_flat, batch_vals, chunk, weights_fn, keep,
-                         self.nan_safe)
+                         self.nan_safe, uniform_weights=max_norm is None or not is_tree(max_norm))
 
     if chunk == batch_size:
       norms, sums, aux = one(batch_flat, mask)
@@ -270,12 +270,16 @@ class _PerExample:
     batch_size = self._check_call(args)
     setup = self._setup(args, batch_size)
     paths = _param_paths(self._params(args))
+    streams = _engine.plan_streams(setup.closed, setup.analysis, setup.routes,
+                                   setup.params_flat)
+    streamed = {leaf for st in streams.values() for leaf in st.leaves}
     leaves = []
     for leaf, w in enumerate(setup.params_flat):
       r = setup.routes[leaf]
       rules = tuple(dict.fromkeys(u.rule.name for u in setup.analysis.uses.get(leaf, [])))
+      why = _engine.STREAMED if leaf in streamed else r.why
       leaves.append(LeafPlan(paths[leaf], tuple(w.shape), rules, r.route, r.flops, r.bytes,
-                             r.why))
+                             why))
     method = "vmap" if _all_materialized(setup.routes) else "ghost"
     return PerExamplePlan(tuple(leaves), batch_size, method)
 
@@ -314,7 +318,9 @@ class LeafPlan:
     flops: estimated flops of the route for the whole batch (None: not estimated,
       a materialized leaf costs what its share of vmap of grad costs).
     bytes: estimated extra memory of the route for the whole batch.
-    why: for a materialized leaf, the use no rule recognized.
+    why: for a materialized leaf, the use no rule recognized; for a leaf of a
+      rematerialized scan over layers, that its norm is streamed (computed step by step
+      in the scan's backward pass, keeping memory that of the remat'd gradient).
   """
 
   path: str

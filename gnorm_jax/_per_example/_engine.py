@@ -29,25 +29,26 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.extend import core as jcore
 
 from gnorm_jax._norms import tree_norm
 from gnorm_jax._numerics import pow2_exponent
-from gnorm_jax._per_example._analysis import REMAT_PRIMITIVES, Analysis, call_body, chain_layout
+from gnorm_jax._per_example._analysis import (
+    REMAT_PRIMITIVES,
+    Analysis,
+    bind,
+    call_body,
+    chain_layout,
+)
 from gnorm_jax._per_example._rules import Dense, Ghost, Index, Use
 
 # Relative error above which a ghost sum is recomputed exactly.
 GHOST_RTOL = 1e-3
 
 
-def _bind(eqn: Any, invals: list) -> list:
-  """Applies ``eqn``'s primitive to ``invals``, as jax.core.eval_jaxpr does."""
-  bind_params = eqn.primitive.get_bind_params(eqn.params)
-  subfuns, params = bind_params if isinstance(bind_params, tuple) else ((), bind_params)
-  with eqn.ctx.manager:
-    out = eqn.primitive.bind(*subfuns, *invals, **params)
-  return list(out) if eqn.primitive.multiple_results else [out]
+_bind = bind
 
 
 def _inside(key: tuple, uses: dict) -> dict:
@@ -55,7 +56,8 @@ def _inside(key: tuple, uses: dict) -> dict:
   return {k: u for k, u in uses.items() if len(k) > len(key) and k[:len(key)] == key}
 
 
-def eval_instrumented(closed: jcore.ClosedJaxpr, flat_args: list, uses: dict) -> Callable:
+def eval_instrumented(closed: jcore.ClosedJaxpr, flat_args: list, uses: dict,
+                      streams: dict | None = None, tangents: dict | None = None) -> Callable:
   """A function of perturbations {key: array} evaluating ``closed``: it adds
   ``perts[key]`` to each use's output and records the use's operands (the
   parameter slot as None). Returns (outputs, {key: operands}).
@@ -63,8 +65,27 @@ def eval_instrumented(closed: jcore.ClosedJaxpr, flat_args: list, uses: dict) ->
   Scan bodies holding uses are run by ``lax.scan`` with the perturbations
   scanned over and the operands stacked as outputs; ``checkpoint`` bodies are
   re-wrapped in ``jax.checkpoint``; ``cond`` branches run by ``lax.switch``,
-  each recording zeros for the other branches' uses.
+  each recording zeros for the other branches' uses. A scan in ``streams``
+  computes its leaves' per-step norms in its own backward pass (see
+  :class:`Stream`); its perturbation is the zero input those norms are the
+  cotangent of. A custom-derivative call in ``tangents`` adds its rule's
+  tangent map at zero tangents to its outputs: a zero in value, through which
+  the perturbations of the uses inside the rule get the custom rule's
+  cotangents.
   """
+  run = make_run(uses, streams or {}, tangents or {})
+
+  def evaluate(perts):
+    operands = {}
+    outs = run(closed.jaxpr, closed.consts, flat_args, (), perts, operands)
+    return outs, operands
+
+  return evaluate
+
+
+def make_run(uses: dict, streams: dict, tangents: dict, remat: bool = True) -> Callable:
+  """The interpreter behind :func:`eval_instrumented`; ``remat=False`` inlines
+  ``checkpoint`` bodies (inside a backward pass that already recomputes)."""
 
   def run(jaxpr, consts, args, path, perts, operands):
     env = {}
@@ -82,7 +103,17 @@ def eval_instrumented(closed: jcore.ClosedJaxpr, flat_args: list, uses: dict) ->
       inner = _inside(key, uses)
       name = eqn.primitive.name
       body = call_body(eqn)
-      if body is not None and name in REMAT_PRIMITIVES and inner:
+      if key in streams:
+        outs = _scan_streamed(eqn, invals, key, perts[key], streams[key], tangents)
+      elif key in tangents and inner:
+        outs = _bind(eqn, invals)
+        t, derived = tangents[key]
+        zeros = [jnp.zeros(jnp.shape(invals[j]), t.jaxpr.invars[len(invals) + m].aval.dtype)
+                 for m, j in enumerate(derived)]
+        touts = run(t.jaxpr, t.consts, [*invals, *zeros], key, perts, operands)
+        outs = [o + d.astype(o.dtype) if jnp.issubdtype(o.dtype, jnp.inexact) else o
+                for o, d in zip(outs, touts)]
+      elif body is not None and name in REMAT_PRIMITIVES and inner and remat:
         outs = _remat(eqn, body, invals, key, perts, operands, inner, run)
       elif body is not None:
         outs = run(body.jaxpr, body.consts, invals, key, perts, operands)
@@ -102,12 +133,7 @@ def eval_instrumented(closed: jcore.ClosedJaxpr, flat_args: list, uses: dict) ->
           env[v] = x
     return [read(v) for v in jaxpr.outvars]
 
-  def evaluate(perts):
-    operands = {}
-    outs = run(closed.jaxpr, closed.consts, flat_args, (), perts, operands)
-    return outs, operands
-
-  return evaluate
+  return run
 
 
 def _remat(eqn, body, invals, key, perts, operands, inner, run):
@@ -189,6 +215,176 @@ def _switch(eqn, invals, key, perts, operands, inner, run):
   return outs
 
 
+# ------------------------------------------------------------------ streamed scans
+
+STREAMED = ("streamed: per-step norms in the backward pass of its rematerialized scan (global"
+            " clipping: the clipped sum by a second, weighted backward pass)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Stream:
+  """A rematerialized scan over stacked parameters (``nn.scan(nn.remat(...))``)
+  whose leaves' per-example norms are computed step by step in its backward pass.
+
+  Step l of the scan sees slice l of each such leaf and nothing else does, so
+  a leaf's squared norm is the sum over steps of its slices'. Each step runs
+  under a ``custom_vjp`` that keeps only the step's inputs (as the remat the
+  user asked for would) and, on the way back, recomputes the step with its
+  uses instrumented, forms each slice's per-example norm by the leaf's route
+  (ghost or direct) and returns [norm, suspect] as the cotangent of a zero
+  input. The operands and cotangents of a step live only during its backward
+  step: memory stays that of the rematerialized plain gradient. The clipped
+  sum then comes from a second, weighted backward pass (:func:`run`).
+  """
+
+  key: tuple
+  length: int
+  slots: dict  # scan input index -> leaf
+  leaves: tuple  # the streamed leaves, in the order of the norms' axis
+  uses: dict  # leaf -> its uses, re-rooted at the scan body (the step's slice)
+  routes: dict  # leaf -> "ghost" | "direct"
+  slices: dict  # leaf -> (shape, dtype) of one step's slice
+
+  @property
+  def inner(self) -> dict:
+    return {u.key: u for us in self.uses.values() for u in us}
+
+
+def _path_eqns(jaxpr: Any, key: tuple) -> list:
+  """The equations on the path ``key`` (through calls, scans and cond branches)."""
+  out, i = [], 0
+  while i < len(key):
+    eqn = jaxpr.eqns[key[i]]
+    out.append(eqn)
+    i += 1
+    if i == len(key):
+      break
+    if eqn.primitive.name == "cond":
+      jaxpr, i = eqn.params["branches"][key[i]].jaxpr, i + 1
+    elif eqn.primitive.name == "scan":
+      jaxpr = eqn.params["jaxpr"].jaxpr
+    else:
+      body = call_body(eqn)
+      if body is None:
+        break
+      jaxpr = body.jaxpr
+  return out
+
+
+def plan_streams(closed: jcore.ClosedJaxpr, analysis: Analysis, routes: dict,
+                 params_flat: list) -> dict:
+  """The scans whose leaves are streamed: scans reached through calls only,
+  over leaves used nowhere else and with a rule for every use inside, and
+  rematerialized inside (the user asked for the activations not to be kept)."""
+  streams = {}
+  perturbed = analysis.perturbed
+  for skey, slots in analysis.scan_slices.items():
+    path = _path_eqns(closed.jaxpr, skey)
+    if any(call_body(e) is None or e.primitive.name in REMAT_PRIMITIVES for e in path[:-1]):
+      continue
+    inner = {k: u for k, u in perturbed.items() if k[:len(skey)] == skey}
+    leaves = tuple(sorted(set(slots.values())))
+    if not inner or len(leaves) != len(slots) or any(
+        routes[leaf].route not in ("ghost", "direct", "unused") for leaf in leaves):
+      continue
+    if any(u.leaf not in leaves for u in inner.values()):
+      continue
+    if any(u.key[:len(skey)] != skey or u.chain[0] or u.scopes[0][0] != "xs"
+           for leaf in leaves for u in analysis.uses[leaf]):
+      continue
+    if not any(e.primitive.name in REMAT_PRIMITIVES
+               for k in inner for e in _path_eqns(closed.jaxpr, k)[len(path):]):
+      continue
+    rerooted = {leaf: [dataclasses.replace(u, chain=u.chain[1:], scopes=u.scopes[1:])
+                       for u in analysis.uses[leaf]] for leaf in leaves}
+    w = {leaf: params_flat[leaf] for leaf in leaves}
+    streams[skey] = Stream(
+        skey, path[-1].params["length"], dict(slots), leaves, rerooted,
+        {leaf: routes[leaf].route for leaf in leaves},
+        {leaf: (w[leaf].shape[1:], w[leaf].dtype) for leaf in leaves})
+  return streams
+
+
+_PLAIN = make_run({}, {}, {})  # evaluates a jaxpr as it is
+
+
+def _float0_zeros(x):
+  if jnp.issubdtype(x.dtype, jnp.inexact):
+    return jnp.zeros_like(x)
+  return np.zeros(x.shape, jax.dtypes.float0)
+
+
+def _step_norms(stream: Stream, ops: dict, cts: dict, dtype) -> jax.Array:
+  """[leaves, 2]: each streamed leaf's slice norm for one example and step, and
+  1 where the ghost sum may have lost accuracy (0 otherwise)."""
+  rows = []
+  for leaf in stream.leaves:
+    us = stream.uses[leaf]
+    if not us:
+      rows.append(jnp.zeros((2,), dtype))
+      continue
+    shape, wdtype = stream.slices[leaf]
+    ob = {u.key: tuple(None if o is None else o[None] for o in ops[u.key]) for u in us}
+    cb = {u.key: cts[u.key][None] for u in us}
+    if stream.routes[leaf] == "ghost":
+      n, suspect = ghost_terms(ghosts(us, ob, cb, len(shape)))
+    else:
+      n = _per_example_norms(direct_grads(us, ob, cb, jnp.zeros(shape, wdtype)))
+      suspect = jnp.zeros_like(n, bool)
+    rows.append(jnp.stack([n[0].astype(dtype), suspect[0].astype(dtype)]))
+  return jnp.stack(rows)
+
+
+def _scan_streamed(eqn, invals, key, z, stream: Stream, tangents: dict):
+  p = eqn.params
+  nc, nk = p["num_consts"], p["num_carry"]
+  body = p["jaxpr"]
+  consts, init, xs = invals[:nc], invals[nc:nc + nk], invals[nc + nk:]
+  slots = set(stream.slots)
+  run = make_run(stream.inner, {}, tangents, remat=False)
+
+  @jax.custom_vjp
+  def step_fn(args, z):
+    del z
+    return _PLAIN(body.jaxpr, body.consts, args, key, {}, {})
+
+  def fwd(args, z):
+    return step_fn(args, z), (args, z)
+
+  def bwd(res, ct):
+    args, z = res
+    diff = [j for j, x in enumerate(args)
+            if j not in slots and jnp.issubdtype(x.dtype, jnp.inexact)]
+
+    def inst(dvals, ps):
+      full = list(args)
+      for j, v in zip(diff, dvals):
+        full[j] = v
+      ops = {}
+      outs = run(body.jaxpr, body.consts, full, key, ps, ops)
+      return outs, ops
+
+    ps0 = {k: jnp.zeros((*u.steps, *u.out_aval.shape), u.out_aval.dtype)
+           for k, u in stream.inner.items()}
+    _, vjp_fn, ops = jax.vjp(inst, [args[j] for j in diff], ps0, has_aux=True)
+    d_diff, d_ps = vjp_fn(list(ct))
+    dargs = [_float0_zeros(x) for x in args]
+    for j, d in zip(diff, d_diff):
+      dargs[j] = d
+    return dargs, _step_norms(stream, ops, d_ps, z.dtype)
+
+  step_fn.defvjp(fwd, bwd)
+
+  def step(carry, xz):
+    x, zl = xz
+    outs = step_fn([*consts, *carry, *x], zl)
+    return outs[:nk], outs[nk:]
+
+  carry, ys = lax.scan(step, list(init), (list(xs), z), length=p["length"],
+                       reverse=p["reverse"], unroll=p["unroll"])
+  return [*carry, *ys]
+
+
 def _apply_chain(segment: tuple, w: jax.Array) -> jax.Array:
   for eqn in segment:
     if isinstance(eqn, tuple):  # slot j of a concatenation: zeros in the others
@@ -221,26 +417,33 @@ def use_output(use: Use, operands: tuple, w: jax.Array) -> jax.Array:
   return at(0, w, operands)
 
 
-def batched_pass(closed, analysis: Analysis, assemble: Callable, params_flat, batch_flat, b):
+def batched_pass(closed, analysis: Analysis, assemble: Callable, params_flat, batch_flat, b,
+                 streams: dict | None = None, norm_dtype=jnp.float32):
   """One vmapped forward+backward over the batch.
 
   Returns (fallback gradients {leaf: [B, ...]}, operands {key: [B, ...]},
   cotangents {key: [B, ...]}, auxiliary outputs [B, ...] (the loss's outputs
-  after the first)).
+  after the first)). A streamed scan's cotangent is its [B, steps, leaves, 2]
+  per-step norms and flags (:class:`Stream`).
   """
-  uses = analysis.perturbed
+  streams = streams or {}
+  streamed = {k for st in streams.values() for k in st.inner}
+  uses = {k: u for k, u in analysis.perturbed.items() if k not in streamed}
   fallback = sorted(analysis.fallback)
 
   def single(fb_vals, perts, batch_vals):
     leaves = dict(enumerate(params_flat))
     leaves.update(zip(fallback, fb_vals))
-    outs, operands = eval_instrumented(closed, assemble(leaves, batch_vals), uses)(perts)
+    outs, operands = eval_instrumented(closed, assemble(leaves, batch_vals), uses,
+                                       streams, analysis.tangents)(perts)
     return outs[0], (operands, outs[1:])
 
   grad_fn = jax.grad(single, argnums=(0, 1), has_aux=True)
   perts = {
       k: jnp.zeros((b, *u.steps, *u.out_aval.shape), u.out_aval.dtype) for k, u in uses.items()
   }
+  perts.update({k: jnp.zeros((b, st.length, len(st.leaves), 2), norm_dtype)
+                for k, st in streams.items()})
   (fb_grads, cots), (operands, aux) = jax.vmap(grad_fn, in_axes=(None, 0, 0))(
       [params_flat[i] for i in fallback], perts, batch_flat
   )
@@ -377,6 +580,13 @@ def ghosts(uses: list[Use], operands: dict, cots: dict, ndim: int) -> list[Ghost
 
 def ghost_norms(gs: list[Ghost], exact: Callable[[jax.Array], jax.Array]) -> jax.Array:
   """[B] norms of Σ_uses Σ_t P_t ⊗ Q_t, exact where the ghost sum may not be."""
+  norms, suspect = ghost_terms(gs)
+  return lax.cond(jnp.any(suspect), lambda: jnp.where(suspect, exact(suspect), norms),
+                  lambda: norms)
+
+
+def ghost_terms(gs: list[Ghost]) -> tuple[jax.Array, jax.Array]:
+  """([B] ghost norms, [B] bool: the sum may have lost more than GHOST_RTOL)."""
   dense = [g for g in gs if isinstance(g.p, Dense)]
   index = [g for g in gs if isinstance(g.p, Index)]
   acc = _acc(jnp.result_type(*[g.q.value.dtype for g in gs],
@@ -427,9 +637,7 @@ def ghost_norms(gs: list[Ghost], exact: Callable[[jax.Array], jax.Array]) -> jax
   tol = 4 * float(jnp.finfo(real).eps) * (math.sqrt(k) + t) / GHOST_RTOL
   suspect = ~jnp.isfinite(s) | (s < tol * bound)
   shift = sum(x for x in e.values() if x is not None)
-  norms = jnp.ldexp(jnp.sqrt(jnp.maximum(s, 0)), shift)
-  return lax.cond(jnp.any(suspect), lambda: jnp.where(suspect, exact(suspect), norms),
-                  lambda: norms)
+  return jnp.ldexp(jnp.sqrt(jnp.maximum(s, 0)), shift), suspect
 
 
 def direct_grads(uses: list[Use], operands: dict, cots: dict, w: jax.Array) -> jax.Array:
@@ -541,28 +749,91 @@ def _per_example_norms(g: jax.Array) -> jax.Array:
   return jax.vmap(tree_norm)(g)
 
 
+def _loss_of(closed, assemble, params_flat: list, batch_vals: list, leaves: dict) -> jax.Array:
+  """The single-example loss with some parameter leaves replaced."""
+  vals = dict(enumerate(params_flat))
+  vals.update(leaves)
+  return _PLAIN(closed.jaxpr, closed.consts, assemble(vals, batch_vals), (), {}, {})[0]
+
+
+def exact_leaf_norms(closed, assemble, params_flat, batch_flat, leaves: list) -> Callable:
+  """A function of ``which`` [B] giving [B, len(leaves)] exact norms of those
+  leaves' per-example gradients (a full gradient of one example at a time)."""
+
+  def each(args):
+    flag, batch_vals = args
+
+    def compute():
+      gs = jax.grad(lambda ws: _loss_of(closed, assemble, params_flat, batch_vals,
+                                        dict(zip(leaves, ws))))([params_flat[i] for i in leaves])
+      return jnp.stack([tree_norm(g).astype(_norm_dtype(params_flat[0])) for g in gs])
+
+    return lax.cond(flag, compute,
+                    lambda: jnp.zeros((len(leaves),), _norm_dtype(params_flat[0])))
+
+  return lambda which: lax.map(each, (which, batch_flat))
+
+
+def weighted_grads(closed, assemble, params_flat, batch_flat, weights, keep) -> list:
+  """Σᵢ wᵢ ∇loss(xᵢ) for every leaf, by one weighted backward pass. Rows not
+  kept (padding, or a non-finite gradient with ``nan_safe``) are replaced by a
+  kept row before the pass (their weight is 0), so 0·inf cannot reach the sum."""
+  first = jnp.argmax(keep)
+  rows = [jnp.where(keep.reshape((-1,) + (1,) * (x.ndim - 1)), x, x[first])
+          for x in batch_flat]
+
+  def total(ps):
+    losses = jax.vmap(lambda bv: _loss_of(closed, assemble, ps, bv, {}))(rows)
+    return jnp.sum(weights.astype(losses.dtype) * losses)
+
+  grads = jax.grad(total)(list(params_flat))
+  return [jnp.where(jnp.any(keep), g, jnp.zeros_like(g)) for g in grads]
+
+
 def run(closed, analysis: Analysis, routes: dict, assemble, params_flat, batch_flat, b,
-        weights_fn: Callable | None, mask: jax.Array | None, nan_safe: bool):
+        weights_fn: Callable | None, mask: jax.Array | None, nan_safe: bool,
+        uniform_weights: bool = True):
   """Per-example norms [B], the clipped sums Σᵢ wᵢ gᵢ of every leaf (when
   ``weights_fn`` maps (per-leaf norms [B, L], norms [B]) to each leaf's weights
   [B]), and the loss's auxiliary outputs stacked over the batch.
 
   ``mask`` [B] (False: padding) zeroes an example's norm and weight; with
   ``nan_safe`` an example whose gradient is not finite gets weight 0 (its norm
-  is reported as computed) and cannot make the sums NaN.
+  is reported as computed) and cannot make the sums NaN. ``uniform_weights``:
+  every leaf gets the same weights (global clipping), which lets rematerialized
+  scans stream (:class:`Stream`): their sums then come from one weighted
+  backward pass.
   """
-  fb_grads, operands, cots, aux = batched_pass(
-      closed, analysis, assemble, params_flat, batch_flat, b)
-  formed, factors, leaf_norms = {}, {}, []
   dtype = jnp.result_type(*[_norm_dtype(w) for w in params_flat]) if params_flat else jnp.float32
+  streams = plan_streams(closed, analysis, routes, params_flat) if uniform_weights else {}
+  fb_grads, operands, cots, aux = batched_pass(
+      closed, analysis, assemble, params_flat, batch_flat, b, streams, dtype)
+  streamed = {}  # leaf -> its norms [B] and suspect flags [B]
+  for skey, st in streams.items():
+    for n, leaf in enumerate(st.leaves):
+      per_step = cots[skey][:, :, n]
+      streamed[leaf] = (jax.vmap(tree_norm)(per_step[..., 0]), jnp.any(per_step[..., 1] > 0, 1))
+  if streamed:
+    order = sorted(streamed)
+    suspect = jnp.stack([streamed[leaf][1] for leaf in order], axis=1)
+    fast = jnp.stack([streamed[leaf][0] for leaf in order], axis=1)
+    exact = exact_leaf_norms(closed, assemble, params_flat, batch_flat, order)
+    fixed = lax.cond(jnp.any(suspect), lambda: jnp.where(suspect, exact(jnp.any(suspect, 1)), fast),
+                     lambda: fast)
+    streamed = {leaf: fixed[:, n] for n, leaf in enumerate(order)}
+  formed, factors, leaf_norms = {}, {}, []
   for leaf, w in enumerate(params_flat):
     route = routes[leaf].route
     uses = analysis.uses.get(leaf, [])
-    if route == "materialized":
+    if leaf in streamed:
+      n = streamed[leaf]
+    elif route == "materialized":
       formed[leaf] = fb_grads[leaf]
     elif route == "direct":
       formed[leaf] = direct_grads(uses, operands, cots, w)
-    if leaf in formed:
+    if leaf in streamed:
+      pass
+    elif leaf in formed:
       n = _per_example_norms(formed[leaf])
     elif route == "ghost":
       factors[leaf] = ghosts(uses, operands, cots, w.ndim)  # reused for the clipped sum
@@ -581,6 +852,9 @@ def run(closed, analysis: Analysis, routes: dict, assemble, params_flat, batch_f
   if nan_safe:
     keep = keep & jnp.isfinite(norms)
   zero_rows = keep if (nan_safe or mask is not None) else None
+  if streams:  # one weight per example: a second, weighted backward pass
+    weights = jnp.where(keep, weights_fn(leaf_norms, norms)[0], 0)
+    return norms, weighted_grads(closed, assemble, params_flat, batch_flat, weights, keep), aux
   sums = []
   for leaf, (w, weights) in enumerate(zip(params_flat, weights_fn(leaf_norms, norms))):
     weights = jnp.where(keep, weights, 0)

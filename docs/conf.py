@@ -113,7 +113,19 @@ def write_if_changed(path: pathlib.Path, text: str) -> None:
     path.write_text(text)
 
 
+def remove_stale_api_pages() -> None:
+  """Deletes generated ``_autosummary`` pages of names no longer in ``gnorm_jax.__all__``.
+
+  autosummary writes a page per public name and never deletes one: after a name leaves the
+  API, its old page would fail the import (and ``-W``) in a local rebuild.
+  """
+  for page in (DOCS / "_autosummary").glob("gnorm_jax.*.rst"):
+    if page.stem.removeprefix("gnorm_jax.") not in gnorm_jax.__all__:
+      page.unlink()
+
+
 write_if_changed(DOCS / "api.rst", api_page())
+remove_stale_api_pages()
 copy_notebooks()
 
 

@@ -239,6 +239,10 @@ def analyze(closed: jcore.ClosedJaxpr, param_positions: dict[int, int]) -> Analy
         for out, v in zip(eqn.outvars, body.jaxpr.outvars):
           if not isinstance(v, jcore.Literal) and v in inner:
             origins[out] = inner[v]
+      elif name == "scan" and not {"jaxpr", "num_consts", "num_carry"} <= set(eqn.params):
+        for o in ins:  # a scan this JAX version describes otherwise: exact fallback
+          if o is not None:
+            unrecognized(o, "used in a scan whose parameters this JAX version names differently")
       elif name == "scan":
         body = eqn.params["jaxpr"].jaxpr
         nc, nk = eqn.params["num_consts"], eqn.params["num_carry"]

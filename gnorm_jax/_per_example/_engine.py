@@ -19,6 +19,10 @@ Per-leaf norms are combined by the norm core (``tree_norm``). With clip
 weights wᵢ known, a ghost leaf's clipped sum Σᵢ wᵢ Σ_t P_t ⊗ Q_t is one
 contraction of the same factors (book-keeping, Bu et al. 2023); a direct
 leaf's is a weighted sum of its per-example gradients.
+
+A rematerialized scan over stacked layers is *streamed* instead (:class:`Stream`):
+its layers' norms are formed inside the scan's backward pass, so nothing the
+remat dropped is kept, and the clipped sum is a second, weighted backward pass.
 """
 
 from __future__ import annotations
@@ -756,7 +760,8 @@ def _loss_of(closed, assemble, params_flat: list, batch_vals: list, leaves: dict
   return _PLAIN(closed.jaxpr, closed.consts, assemble(vals, batch_vals), (), {}, {})[0]
 
 
-def exact_leaf_norms(closed, assemble, params_flat, batch_flat, leaves: list) -> Callable:
+def exact_leaf_norms(closed, assemble, params_flat, batch_flat, leaves: list,
+                     dtype) -> Callable:
   """A function of ``which`` [B] giving [B, len(leaves)] exact norms of those
   leaves' per-example gradients (a full gradient of one example at a time)."""
 
@@ -766,10 +771,9 @@ def exact_leaf_norms(closed, assemble, params_flat, batch_flat, leaves: list) ->
     def compute():
       gs = jax.grad(lambda ws: _loss_of(closed, assemble, params_flat, batch_vals,
                                         dict(zip(leaves, ws))))([params_flat[i] for i in leaves])
-      return jnp.stack([tree_norm(g).astype(_norm_dtype(params_flat[0])) for g in gs])
+      return jnp.stack([tree_norm(g).astype(dtype) for g in gs])
 
-    return lax.cond(flag, compute,
-                    lambda: jnp.zeros((len(leaves),), _norm_dtype(params_flat[0])))
+    return lax.cond(flag, compute, lambda: jnp.zeros((len(leaves),), dtype))
 
   return lambda which: lax.map(each, (which, batch_flat))
 
@@ -817,7 +821,7 @@ def run(closed, analysis: Analysis, routes: dict, assemble, params_flat, batch_f
     order = sorted(streamed)
     suspect = jnp.stack([streamed[leaf][1] for leaf in order], axis=1)
     fast = jnp.stack([streamed[leaf][0] for leaf in order], axis=1)
-    exact = exact_leaf_norms(closed, assemble, params_flat, batch_flat, order)
+    exact = exact_leaf_norms(closed, assemble, params_flat, batch_flat, order, dtype)
     fixed = lax.cond(jnp.any(suspect), lambda: jnp.where(suspect, exact(jnp.any(suspect, 1)), fast),
                      lambda: fast)
     streamed = {leaf: fixed[:, n] for n, leaf in enumerate(order)}

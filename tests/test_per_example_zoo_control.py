@@ -9,7 +9,6 @@ built from `jax.vmap(jax.grad(loss))` (computed once per model for both methods)
 with that file's `check_plan`. A while_loop, which no rule looks into, is the last case.
 """
 
-import functools
 
 import equinox as eqx
 import flax.linen as nn
@@ -23,15 +22,9 @@ from jax import lax
 from test_per_example_zoo import (
     METHODS,
     B,
-    _assert_norms,
-    _assert_tree_close,
-    _clipped_sum,
     _fill,
     _mse,
     _next_token_loss,
-    _norms,
-    _per_example_grads,
-    _run,
     check,
 )
 
@@ -296,53 +289,13 @@ ZOO = {**CONVS, **RECURRENT, **CONTROL}
 # ------------------------------------------------------------------ the zoo against vmap
 
 
-# Compiling is most of this file's time; LLVM's optimizations of XLA's CPU code were a fifth of it,
-# and these tiny models do not need them (XLA's own HLO passes still run).
-_QUICK_COMPILE = {"xla_backend_optimization_level": 0}
-
-
-@functools.cache
-def _case(name):
-  """The model's reference and max_norm, and both methods' results (or the error one raised).
-
-  The methods are traced separately but compiled as one jit: XLA merges what their graphs share
-  (all of it when every leaf has a rule), which saves a third of their compile time.
-  """
-  loss, params, batch = ZOO[name]()
-  batch_argnums = tuple(range(1, len(batch) + 1))
-  per_example = _per_example_grads(loss, params, batch, batch_argnums)
-  max_norm = float(np.median(_norms(per_example)))  # about half the examples are clipped
-  errors = {}
-
-  def methods(params, *batch):
-    results = {}
-    for method in METHODS:
-      try:
-        results[method] = _run(loss, params, batch, batch_argnums, method, max_norm, jit=False)
-      except Exception as e:  # raised again by that method's test
-        errors[method] = e
-    return results
-
-  results = jax.jit(methods, compiler_options=_QUICK_COMPILE)(params, *batch)
-  return params, per_example, max_norm, results, errors
+_case = zoo.case_runner(ZOO)
 
 
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("name", sorted(ZOO))
 def test_zoo_matches_vmap_of_grad(name, method):
-  """The zoo's `check` for one method."""
-  params, per_example, max_norm, results, errors = _case(name)
-  if method in errors:
-    raise errors[method]
-  want_norms = _norms(per_example)
-  want_sum, magnitude = _clipped_sum(per_example, max_norm)
-  norms, mean, norms2, total = results[method]
-  _assert_norms(norms, want_norms, f"{method} per_example_grad_norms")
-  _assert_norms(norms2, want_norms, f"{method} clipped_grad norms")
-  assert jax.tree.structure(mean) == jax.tree.structure(params), method
-  want_mean, mean_magnitude = [s / B for s in want_sum], [m / B for m in magnitude]
-  _assert_tree_close(mean, want_mean, mean_magnitude, f"{method} clipped mean")
-  _assert_tree_close(total, want_sum, magnitude, f"{method} clipped sum")
+  zoo.check_case(_case, name, method)
 
 
 @pytest.mark.parametrize("name", sorted(ZOO))

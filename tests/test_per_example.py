@@ -194,9 +194,8 @@ def _assert_tree_close(got, want, rtol=RTOL):
     np.testing.assert_allclose(np.asarray(g, np.float64) / scale, w / scale, atol=rtol, rtol=0)
 
 
-@pytest.mark.parametrize(
-    "name,jit", [(name, True) for name in sorted(ZOO)] + [("mlp", False), ("transformer", False)]
-)
+# Eagerly (no jit) once, on the MLP: op-by-op dispatch of a larger model only costs CI time.
+@pytest.mark.parametrize("name,jit", [(name, True) for name in sorted(ZOO)] + [("mlp", False)])
 def test_zoo_matches_vmap_reference(name, jit):
   loss, params, batch = ZOO[name]()
   want_norms, _ = _reference(loss, params, batch, 1.0)
@@ -387,20 +386,26 @@ def test_zero_gradients_and_zero_threshold_are_nan_free():
   assert all(bool(jnp.all(g == 0)) for g in jax.tree.leaves(zero))
 
 
-def test_traced_max_norm_and_grad_through_threshold_is_finite():
+def test_traced_max_norm_matches_concrete_and_its_derivative_is_exact():
   loss, params, batch = mlp()
-
-  def total(c):
-    g = gnorm_jax.clipped_grad(loss, max_norm=c, batch_argnums=(1, 2))(params, *batch)
-    return gnorm_jax.tree_norm(g)
-
-  want = _reference(loss, params, batch, 0.3)[1]
-  got = jax.jit(
-      lambda c: gnorm_jax.clipped_grad(loss, max_norm=c, batch_argnums=(1, 2))(params, *batch))(
-      jnp.float32(0.3)
-  )
-  _assert_tree_close(got, want)
-  assert np.isfinite(jax.grad(total)(jnp.float32(0.3)))
+  norms, _ = _reference(loss, params, batch, 1.0)
+  c = float(np.median(norms))  # half of the examples are clipped, none at the kink
+  clipped = lambda c: gnorm_jax.clipped_grad(loss, max_norm=c, batch_argnums=(1, 2))(params, *batch)
+  _, want = _reference(loss, params, batch, c)
+  traced = jax.jit(clipped)(jnp.float32(c))
+  _assert_tree_close(traced, want)
+  _assert_tree_close(traced, clipped(c), rtol=1e-6)  # float32 rounding apart
+  # d/dC (1/B) Σ_i min(1, C/‖g_i‖) g_i = (1/B) Σ_{i: ‖g_i‖ > C} g_i/‖g_i‖.
+  per_example = jax.vmap(jax.grad(loss), in_axes=(None, 0, 0))(params, *batch)
+  weights = (norms > c) / norms / len(norms)
+  want_d = jax.tree.map(lambda g: np.tensordot(weights, np.asarray(g, np.float64), 1), per_example)
+  _assert_tree_close(jax.jacfwd(clipped)(jnp.float32(c)), want_d)
+  _assert_tree_close(jax.jit(jax.jacrev(clipped))(jnp.float32(c)), want_d)
+  # Through a norm of the result: d‖G‖/dC = <G, dG/dC>/‖G‖.
+  g, dg = jax.tree.leaves(want), jax.tree.leaves(want_d)
+  want_total = sum(np.sum(a * b) for a, b in zip(g, dg)) / np.sqrt(sum(np.sum(a**2) for a in g))
+  total = lambda c: gnorm_jax.tree_norm(clipped(c))
+  np.testing.assert_allclose(jax.grad(total)(jnp.float32(c)), want_total, rtol=RTOL)
 
 
 @pytest.mark.parametrize("method", ["auto", "vmap"])

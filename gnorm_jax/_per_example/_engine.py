@@ -52,9 +52,6 @@ from gnorm_jax._per_example._rules import Dense, Ghost, Index, Use
 GHOST_RTOL = 1e-3
 
 
-_bind = bind
-
-
 def _inside(key: tuple, uses: dict) -> dict:
   """The uses nested under the equation at ``key``."""
   return {k: u for k, u in uses.items() if len(k) > len(key) and k[:len(key)] == key}
@@ -110,7 +107,7 @@ def make_run(uses: dict, streams: dict, tangents: dict, remat: bool = True) -> C
       if key in streams:
         outs = _scan_streamed(eqn, invals, key, perts[key], streams[key], tangents)
       elif key in tangents and inner:
-        outs = _bind(eqn, invals)
+        outs = bind(eqn, invals)
         t, derived = tangents[key]
         zeros = [jnp.zeros(jnp.shape(invals[j]), t.jaxpr.invars[len(invals) + m].aval.dtype)
                  for m, j in enumerate(derived)]
@@ -126,7 +123,7 @@ def make_run(uses: dict, streams: dict, tangents: dict, remat: bool = True) -> C
       elif name == "cond" and inner:
         outs = _switch(eqn, invals, key, perts, operands, inner, run)
       else:
-        outs = _bind(eqn, invals)
+        outs = bind(eqn, invals)
         if key in uses:
           u = uses[key]
           operands[key] = tuple(None if j == u.operand or not u.rule.records else x
@@ -397,7 +394,7 @@ def _apply_chain(segment: tuple, w: jax.Array) -> jax.Array:
                 for k, v in enumerate(eqn.invars)]
     else:
       invals = [v.val if isinstance(v, jcore.Literal) else w for v in eqn.invars]
-    (w,) = _bind(eqn, invals)
+    (w,) = bind(eqn, invals)
   return w
 
 
@@ -412,7 +409,7 @@ def use_output(use: Use, operands: tuple, w: jax.Array) -> jax.Array:
       vals = [jnp.zeros(v.aval.shape, v.aval.dtype) if o is None else o
               for o, v in zip(ops, use.eqn.invars)]
       vals[use.operand] = w
-      return _bind(use.eqn, vals)[0]
+      return bind(use.eqn, vals)[0]
     kind, length = use.scopes[level]
     if kind == "const":
       return jax.vmap(lambda o: at(level + 1, w, o), axis_size=length)(ops)

@@ -8,8 +8,9 @@ Policy, in one place:
   squaring), float64 for float64 leaves; the result has that accumulation dtype.
 * Overflow- and underflow-safe: a one-pass sum of squares is used when it is
   finite and far from the underflow range; otherwise (rarely) a second pass
-  rescales every leaf by a power of two of the largest entry, as LAPACK's
-  ``nrm2`` does. All groups (leaves for :func:`leaf_norms`) share one branch,
+  rescales every entry by a power of two, as LAPACK's ``nrm2`` does, read off
+  the leaves' one-pass sums rather than from a pass for the largest entry.
+  All groups (leaves for :func:`leaf_norms`) share one branch,
   and under ``vmap`` so do all examples: the batch takes the fast path unless
   one example needs rescuing (a custom batching rule; a plain ``lax.cond``
   would become a select that always pays for both paths).
@@ -21,6 +22,7 @@ Policy, in one place:
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import jax
@@ -30,8 +32,8 @@ from jax import lax
 from gnorm_jax._checks import check_ord
 from gnorm_jax._numerics import (
   accumulation_dtype,
+  binary_exponent,
   pow2,
-  pow2_exponent,
   pow2_inverse,
   safe_divide,
 )
@@ -64,12 +66,10 @@ def _real_parts(leaf: jax.Array, acc: jnp.dtype) -> list[jax.Array]:
 
 
 def _sumsq(leaf: jax.Array, acc: jnp.dtype, scale: jax.Array | None = None) -> jax.Array:
-  total = jnp.zeros((), acc)
-  for part in _real_parts(leaf, acc):
-    if scale is not None:
-      part = part * scale
-    total = total + jnp.sum(part * part)
-  return total
+  parts = _real_parts(leaf, acc)
+  if scale is not None:
+    parts = [part * scale for part in parts]
+  return functools.reduce(jnp.add, [jnp.sum(part * part) for part in parts])
 
 
 def _amax(leaf: jax.Array, acc: jnp.dtype) -> jax.Array:
@@ -93,52 +93,117 @@ def _fast_path_ok(sumsq: jax.Array) -> jax.Array:
   return jnp.isfinite(sumsq) & (sumsq >= finfo.tiny / finfo.eps**3)
 
 
-def _rescaled_l2(leaves: list[jax.Array]) -> jax.Array:
-  """Two-pass Euclidean norm: rescale by a power of two of the largest entry.
+# Compile time with many leaves: XLA compiles one kernel per distinct fused
+# computation, so per leaf there is one reduction per pass (the sum of squares;
+# the rescaled sum; the derivative's dot product) whose scalar inputs are that
+# leaf's or its group's own scalars — never a slice of a vector of all leaves,
+# which would make every leaf's kernel distinct — and no second reduction (a
+# max |x| before rescaling made 1000 small leaves compile 10x slower).
 
-  With every entry scaled into [0, 1) and the largest in [0.5, 1), nothing
-  overflows and a square that underflows (below ``tiny``) is negligible next to
-  the largest one (at least 1/4). Powers of two scale exactly.
+
+def _total(sums: list[jax.Array]) -> jax.Array:
+  """Σ over a list of (possibly batched) sums."""
+  return sums[0] if len(sums) == 1 else jnp.sum(jnp.stack(sums), axis=0)
+
+
+def _sumsqs(groups: list[list[jax.Array]]) -> tuple[list[list[jax.Array]], list[jax.Array]]:
+  """Every leaf's sum of squares in its group's accumulation dtype, and every group's."""
+  dtypes = [_group_dtype(g) for g in groups]
+  sums = [[_sumsq(x, dtype) for x in g] for g, dtype in zip(groups, dtypes)]
+  return sums, [_total(s) for s in sums]
+
+
+def _all_fast(totals: list[jax.Array]) -> jax.Array:
+  """Whether every group's one-pass sum is accurate (vector ops per dtype, not per group)."""
+  by_dtype: dict[Any, list[jax.Array]] = {}
+  for t in totals:
+    by_dtype.setdefault(t.dtype, []).append(t)
+  return jnp.all(jnp.stack([jnp.all(_fast_path_ok(jnp.stack(t))) for t in by_dtype.values()]))
+
+
+def _rescue_exponent(sumsq: jax.Array, group_size: int) -> jax.Array:
+  """k such that Σ(x·2^k)² over a leaf neither overflows nor loses underflowed squares.
+
+  Read off the leaf's one-pass sum of squares s (elementwise over the sums
+  ``sumsq`` of a group of ``group_size`` entries), so that the rescue reads
+  the entries only once more, without a max |x| pass:
+
+  * s finite and positive: 2^2k·s in [1, 4) (in [2^-nmant, 4) if s is
+    subnormal). The squares in s, and those flushed from it (below tiny,
+    tiny·2^2k ≤ 4), scale to at most 4: no overflow, and what still
+    underflows is below tiny relative to the sum.
+  * s = 0: every |x| is below 2^(minexp/2); k = nmant − minexp/2 makes even
+    the smallest subnormal's square normal without overflow.
+  * s = inf (or NaN): the group's n squares summed to at least 2^(maxexp−1),
+    so its largest |x| is at least 2^(maxexp/2−1)/√n; k = −⌈(maxexp + 1 +
+    log2 n)/2⌉ keeps the n scaled squares' sum below 2^(maxexp−1) and the
+    largest square normal (for n < 2^40).
+
+  A smaller k (more scaling down) stays safe for the leaf; the group takes
+  the smallest over its leaves, whose scaled sum is then not small, so what
+  underflows elsewhere in the group is negligible next to it.
   """
+  finfo = jnp.finfo(sumsq.dtype)
+  half = -(binary_exponent(sumsq) >> 1)  # s = 1.f·2^E: 2^2k·s in [1, 4); k = 64 if subnormal
+  zero = finfo.nmant - finfo.minexp // 2
+  big = -math.ceil((finfo.maxexp + 1 + math.log2(max(group_size, 1))) / 2)
+  return jnp.where(jnp.isfinite(sumsq), jnp.where(sumsq > 0, half, zero), big)
+
+
+def _rescued(leaves: list[jax.Array], sums: list[jax.Array]) -> jax.Array:
+  """A group's norm from a second pass, every leaf scaled by one exact power of two."""
   acc = _group_dtype(leaves)
-  amax = jnp.max(jnp.stack([_amax(x, acc) for x in leaves]))
-  k = pow2_exponent(amax)
+  size = sum(x.size * (2 if jnp.iscomplexobj(x) else 1) for x in leaves)
+  if len(sums) == 1:
+    k = _rescue_exponent(sums[0], size)
+  else:
+    k = jnp.min(_rescue_exponent(jnp.stack(sums), size), axis=0)
   scale = pow2(k, acc)  # not ldexp: see pow2 (compile time with many leaves)
-  total = jnp.zeros((), acc)
+  total = []
   for x in leaves:
     # The barrier keeps XLA from sharing one full-size broadcast of ``scale``
     # between leaves of the same shape (a buffer of half the largest leaf, even
     # when this branch never runs); each leaf's scaling fuses into its sum.
     s, x = lax.optimization_barrier((scale, x))
-    total = total + _sumsq(x, acc, s)
-  return jnp.ldexp(jnp.sqrt(total), -k)
+    total.append(_sumsq(x, acc, s))
+  # Exact unless the norm itself is out of range (inf, or flushed to 0).
+  return jnp.sqrt(_total(total)) * (1 / scale)
 
 
-def _group_sumsqs(groups: list[list[jax.Array]]) -> list[jax.Array]:
-  return [sum(_sumsq(x, _group_dtype(g)) for x in g) for g in groups]
+# Groups at least this large get their own branch in the rare path, so that one
+# zero or overflowing leaf among many (leaf_norms) does not re-read them all;
+# re-reading a smaller group costs less than a branch and its compile time.
+_OWN_BRANCH_SIZE = 2**16
+
+
+def _rescue(
+    groups: list[list[jax.Array]], sums: list[list[jax.Array]], totals: list[jax.Array]
+) -> list[jax.Array]:
+  """Groups whose one-pass sum is accurate keep it; the others are rescaled."""
+  out = []
+  for g, s, t in zip(groups, sums, totals):
+    ok, fast = _fast_path_ok(t), jnp.sqrt(t)
+    if len(groups) > 1 and sum(x.size for x in g) >= _OWN_BRANCH_SIZE:
+      out.append(lax.cond(ok, lambda fast=fast: fast, lambda g=g, s=s: _rescued(g, s)))
+    else:
+      out.append(jnp.where(ok, fast, _rescued(g, s)))
+  return out
 
 
 def _l2_norms_one(groups: list[list[jax.Array]]) -> list[jax.Array]:
   """The Euclidean norm of each group of leaves (a group is one vector).
 
-  One pass computes every group's sum of squares; ONE cond checks them all, so
-  the common case costs a single scalar branch however many groups there are.
-  Only if some sum overflowed or may have lost underflowed squares does the
-  rare branch run, and there only those groups take the rescaled second pass.
+  One pass computes every leaf's sum of squares; ONE cond checks every group,
+  so the common case costs a single scalar branch however many groups there
+  are. Only if some group's sum overflowed or may have lost underflowed
+  squares does the rare branch run: a second, rescaled pass over the leaves
+  (over a large group only if it needs it), kept only for those groups. The
+  totals are passed into the branch, not summed again there: that made XLA
+  fuse both passes into one huge kernel, slow to compile.
   """
-  sumsqs = _group_sumsqs(groups)
-  oks = [_fast_path_ok(s) for s in sumsqs]
-
-  def fast():
-    return [jnp.sqrt(s) for s in sumsqs]
-
-  def rescue():
-    return [
-        lax.cond(ok, lambda s=s: jnp.sqrt(s), lambda g=g: _rescaled_l2(g))
-        for ok, s, g in zip(oks, sumsqs, groups)
-    ]
-
-  return lax.cond(jnp.all(jnp.stack(oks)), fast, rescue)
+  sums, totals = _sumsqs(groups)
+  return lax.cond(_all_fast(totals), lambda: [jnp.sqrt(t) for t in totals],
+                  lambda: _rescue(groups, sums, totals))
 
 
 @jax.custom_batching.custom_vmap
@@ -155,14 +220,11 @@ def _l2_norms_vmap(axis_size, in_batched, groups):
   them needs rescuing, and then each example is handled as when unbatched.
   """
   (batched,) = in_batched
-  in_axes = ([[0 if b else None for b in bg] for bg in batched],)
-
-  def each(fn):
-    return jax.vmap(fn, in_axes=in_axes, axis_size=axis_size)
-
-  sumsqs = each(_group_sumsqs)(groups)
-  ok = jnp.all(jnp.stack([jnp.all(_fast_path_ok(s)) for s in sumsqs]))
-  norms = lax.cond(ok, lambda: [jnp.sqrt(s) for s in sumsqs], lambda: each(_l2_norms_one)(groups))
+  in_axes = [[0 if b else None for b in bg] for bg in batched]
+  sums, totals = jax.vmap(_sumsqs, in_axes=(in_axes,), axis_size=axis_size)(groups)
+  rescue = jax.vmap(_rescue, in_axes=(in_axes, 0, 0), axis_size=axis_size)
+  norms = lax.cond(_all_fast(totals), lambda: [jnp.sqrt(t) for t in totals],
+                   lambda: rescue(groups, sums, totals))
   return norms, [True] * len(norms)
 
 
@@ -190,12 +252,12 @@ def _l2_jvp(norm: jax.Array, leaves: list[jax.Array], dleaves: list[jax.Array]) 
   derivatives −inf there. Both stay NaN-free at 0.
   """
   s, inv = pow2_inverse(norm)
-  dnorm = jnp.zeros((), norm.dtype)
+  dots = []
   for x, dx in zip(leaves, dleaves):
     dtype = jnp.promote_types(x.dtype, norm.dtype)
     unit = (x.astype(dtype) * s.astype(dtype)) * inv.astype(dtype)
-    dnorm = dnorm + jnp.real(jnp.sum(jnp.conj(unit) * dx)).astype(norm.dtype)
-  return dnorm
+    dots.append(jnp.real(jnp.sum(jnp.conj(unit) * dx)).astype(norm.dtype))
+  return _total(dots)
 
 
 def _other_norm(leaves: list[jax.Array], ord: Any) -> jax.Array:

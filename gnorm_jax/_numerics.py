@@ -4,6 +4,8 @@
   values happens in at least float32 and is rounded back once.
 * :func:`safe_divide`: a quotient with a chosen value where the denominator is
   0, NaN-free in values and derivatives (the "double where").
+* :func:`binary_exponent`, :func:`pow2_exponent` and :func:`pow2`: exponents
+  and exact powers of two from the exponent bits (a few ops each).
 * :func:`pow2_split` and :func:`scale_tree`: dividing by a norm through an
   exact power of two, so that neither ``1/norm`` nor ``x/norm`` overflows or
   underflows on the way (1/1.4e38 is subnormal in float32, and flushed to 0).
@@ -48,23 +50,47 @@ def safe_divide(num: Any, den: Any, at_zero: Any = 0) -> jax.Array:
   return jnp.where(nonzero, num / jnp.where(nonzero, den, 1), at_zero)
 
 
+def binary_exponent(x: jax.Array) -> jax.Array:
+  """The exponent E of a normal x = ±1.f·2^E, read from its exponent bits.
+
+  A few integer ops where ``jnp.frexp`` takes about 25 (it handles
+  subnormals), which adds up where one is formed per leaf. Zero and
+  subnormal numbers give −bias (−127 in float32; XLA on CPU flushes
+  subnormals to zero anyway), ``inf`` and NaN give bias + 1.
+  """
+  finfo = jnp.finfo(x.dtype)
+  bits = lax.bitcast_convert_type(x, _int_type(x.dtype))
+  biased = (bits >> finfo.nmant) & ((1 << finfo.nexp) - 1)
+  return (biased - (finfo.maxexp - 1)).astype(jnp.int32)
+
+
+def _int_type(dtype: Any) -> Any:
+  return {2: jnp.int16, 4: jnp.int32, 8: jnp.int64}[jnp.dtype(dtype).itemsize]
+
+
 def pow2_exponent(amax: jax.Array) -> jax.Array:
-  """Exponent k with amax·2^k in [0.5, 1), clipped so 2^±k stay normal numbers."""
+  """Exponent k with amax·2^k in [0.5, 1), clipped so 2^±k stay normal numbers.
+
+  k = 0 for a zero, infinite or NaN ``amax``.
+  """
   finfo = jnp.finfo(amax.dtype)
-  _, e = jnp.frexp(amax)
+  e = jnp.where(jnp.isfinite(amax) & (amax != 0), binary_exponent(amax) + 1, 0)
   return jnp.clip(-e, -(finfo.maxexp - 2), -finfo.minexp)
 
 
 def pow2(k: jax.Array, dtype: Any) -> jax.Array:
   """2^k in ``dtype``, exactly, for k from :func:`pow2_exponent` (2^±k normal).
 
-  Written as 1/2^-k (exact for powers of two): XLA counts a division as
-  expensive and computes it once, while it copies cheap bit operations such
-  as ``ldexp`` — and everything they depend on, e.g. a maximum over every
-  leaf — into each consumer. With one consumer per leaf that made compile
-  time grow quadratically in the number of leaves.
+  Built from the exponent bits of 2^-k, then inverted (exact for powers of
+  two): XLA counts a division as expensive and computes it once, while it
+  copies cheap bit operations — and everything they depend on, e.g. a
+  maximum over every leaf — into each consumer. With one consumer per leaf
+  that made compile time grow quadratically in the number of leaves.
   """
-  return 1 / jnp.ldexp(jnp.ones((), dtype), -k)
+  finfo = jnp.finfo(dtype)
+  int_type = _int_type(dtype)
+  biased = (-jnp.asarray(k)).astype(int_type) + (finfo.maxexp - 1)
+  return 1 / lax.bitcast_convert_type(biased << finfo.nmant, finfo.dtype)
 
 
 def pow2_split(norm: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -149,7 +149,7 @@ def test_clip_zero_input_or_threshold_gives_zeros_and_finite_derivatives(per):
 
 @pytest.mark.parametrize("per", PERS)
 @pytest.mark.parametrize("scale", [1e-30, 1e-20, 1e30])
-def test_clip_derivatives_finite_at_extreme_norms(per, scale):
+def test_clip_derivatives_at_extreme_norms_are_finite_and_exact(per, scale):
   # The unselected branch min(1, τ/‖g‖) must not leak inf·0 = NaN backwards.
   g = jnp.array([3.0, -4.0, 0.0], jnp.float32) * jnp.float32(scale)
   for max_norm in [1.0, 0.0, 4.0 * scale]:
@@ -158,6 +158,17 @@ def test_clip_derivatives_finite_at_extreme_norms(per, scale):
         jax.jacobian(lambda g, tau: jitted(gnorm_jax.clip_by_norm, None, per)(g, tau)[0], (0, 1))
     )(g, tau)
     assert np.isfinite(jac_g).all() and np.isfinite(jac_tau).all(), (scale, max_norm)
+    # Clipped (0 < τ < ‖g‖): ∂/∂g τg/‖g‖ = τ/‖g‖·(I − uuᵀ) and ∂/∂τ = u, u = g/‖g‖;
+    # unclipped: I and 0; τ = 0: the update is identically 0 (∂/∂τ is one-sided there).
+    u = np.array([0.6, -0.8, 0.0])
+    if max_norm == 0:
+      np.testing.assert_array_equal(jac_g, np.zeros((3, 3)))
+      continue
+    clipped = 5.0 * scale > max_norm
+    want_g = max_norm / (5.0 * scale) * (np.eye(3) - np.outer(u, u)) if clipped else np.eye(3)
+    atol = 1e-6 * np.abs(want_g).max()
+    np.testing.assert_allclose(jac_g, want_g, rtol=1e-5, atol=atol, err_msg=str((scale, max_norm)))
+    np.testing.assert_allclose(jac_tau, u if clipped else 0.0, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize(

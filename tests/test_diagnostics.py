@@ -216,6 +216,9 @@ def test_derivatives():
   # At zero the ratio is defined as 0; its derivatives are finite there.
   grads = jax.grad(f, argnums=(0, 1))(jnp.float32(0.0), jnp.float32(0.0))
   assert all(np.isfinite(g) for g in grads)
+  # ... and 0: only the linear ‖G‖² = (16·big − 2·small)/14 and
+  # tr(Σ) = (small − big)/(1/2 − 1/16) contribute.
+  np.testing.assert_allclose(grads, [1 / 0.4375 - 2 / 14, -1 / 0.4375 + 16 / 14], rtol=1e-6)
 
 
 @pytest.mark.parametrize(

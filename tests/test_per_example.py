@@ -15,8 +15,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import gnorm_jax
-from gnorm_jax._per_example import _engine
-from gnorm_jax._per_example._analysis import analyze
+from gnorm_jax._per_example import _jaxpr, _plan, _program
+
+
+def analyze(closed, param_positions):
+  return _program.build(_jaxpr.read(closed), param_positions)
 
 RTOL = 2e-4
 
@@ -266,20 +269,20 @@ def test_every_layout_in_both_plans(monkeypatch, spec, act_shape, w_shape, plan,
 
   x = _normal(k[1], 4, *act_shape)
   forced = []
-  planned = _engine.plan_leaf
+  planned = _plan.plan_leaf
 
   def forced_plan(uses, w, b):
     route = planned(uses, w, b)
     forced.append(route.route)
     return dataclasses.replace(route, route=plan)
 
-  monkeypatch.setattr(_engine, "plan_leaf", forced_plan)
+  monkeypatch.setattr(_plan, "plan_leaf", forced_plan)
   got_clip, got = jax.jit(gnorm_jax.clipped_grad(loss, max_norm=0.7, return_norms=True))(w, x)
   monkeypatch.undo()
   want_norms, want = _reference(lambda w, x, _: loss(w, x), w, (x, x), 0.7)
   assert forced, "the einsum parameter should have been recognized"
   if plan == "ghost":  # every layout of a dot has a ghost factorization
-    assert _engine._ghost_static(analyze(jax.make_jaxpr(loss)(w, x[0]), {0: 0}).uses[0][0], w.ndim)
+    assert _plan._ghost_static(analyze(jax.make_jaxpr(loss)(w, x[0]), {0: 0}).uses[0][0], w.ndim)
   np.testing.assert_allclose(got, want_norms, rtol=RTOL)
   _assert_tree_close(got_clip, want)
 
@@ -342,7 +345,7 @@ def test_planner_prefers_ghost_for_short_sequences_and_direct_for_long():
   for t, want in [(4, "ghost"), (200, "direct")]:
     closed = jax.make_jaxpr(loss)(w, jax.ShapeDtypeStruct((t, 64), jnp.float32))
     uses = analyze(closed, {0: 0}).uses[0]
-    assert _engine.plan_leaf(uses, w, 8).route == want
+    assert _plan.plan_leaf(uses, w, 8).route == want
 
 
 # ------------------------------------------------------------------ API details

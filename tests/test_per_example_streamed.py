@@ -16,7 +16,6 @@ import pytest
 from jax import lax
 
 import gnorm_jax
-from gnorm_jax._per_example import _engine
 
 B, T, D, L = 4, 6, 8, 3
 
@@ -101,7 +100,7 @@ def _assert_tree_close(got, want, rtol=2e-4):
 
 def _streamed_leaves(loss, params, batch):
   plan = gnorm_jax.per_example_plan(loss, batch_argnums=(1, 2))(params, *batch)
-  return {leaf.path for leaf in plan.leaves if leaf.why == _engine.STREAMED}
+  return {leaf.path for leaf in plan.leaves if leaf.streamed}
 
 
 CASES = {"lax_scan_checkpoint": lambda: _stack_loss(True), "flax_scan_remat": _flax_loss}

@@ -21,11 +21,22 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import gnorm_jax
+from per_example_harness import (  # noqa: F401  (the control zoo imports them from here too)
+    METHODS,
+    RTOL,
+    _assert_norms,
+    _assert_tree_close,
+    _clipped_sum,
+    _norms,
+    _per_example_grads,
+    _run,
+    case_runner,
+    check,
+    check_case,
+    check_plan,
+)
 
-RTOL = 2e-4
 B, T, D, VOCAB, HEADS = 4, 5, 8, 11, 2
-METHODS = ("auto", "ghost")
-RULES = {"dot_general", "bias", "scale", "gather"}
 
 
 def _normal(key, *shape):
@@ -222,154 +233,6 @@ ZOO = {
 
 
 # ------------------------------------------------------------------ the reference and checks
-
-
-def _batch_argnums(args, batch_argnums):
-  return tuple(range(1, len(args) + 1)) if batch_argnums is None else batch_argnums
-
-
-def _per_example_grads(loss, params, args, batch_argnums, jit=True):
-  """The reference: vmap of jax.grad, its leaves widened to float64 (complex128)."""
-  in_axes = (None,) + tuple(0 if i in batch_argnums else None for i in range(1, len(args) + 1))
-  grads = jax.vmap(jax.grad(loss), in_axes=in_axes)
-  leaves = jax.tree.leaves((jax.jit(grads) if jit else grads)(params, *args))
-  assert all(np.all(np.isfinite(g)) for g in leaves), "the float32 reference overflowed"
-  return [np.asarray(g).astype(np.result_type(g.dtype, np.float64)) for g in leaves]
-
-
-def _norms(per_example):
-  b = per_example[0].shape[0]
-  return np.sqrt(sum(np.sum(np.abs(g.reshape(b, -1)) ** 2, axis=1) for g in per_example))
-
-
-def _clipped_sum(per_example, max_norm):
-  """Σᵢ wᵢgᵢ and Σᵢ wᵢ|gᵢ| (the size of the summed terms, which bounds float32 rounding)."""
-  norms = _norms(per_example)
-  w = np.minimum(1.0, max_norm / np.where(norms > 0, norms, 1.0))
-  clipped = [np.tensordot(w, g, axes=1) for g in per_example]
-  return clipped, [np.tensordot(w, np.abs(g), axes=1) for g in per_example]
-
-
-def _assert_tree_close(got, want, magnitude, what):
-  """rtol RTOL; near-zero entries to RTOL of their leaf's largest summed term.
-
-  A leaf that is zero in exact arithmetic (an attention key bias: softmax ignores it) holds
-  float32 noise of the whole computation, so no leaf is held tighter than about one float32
-  rounding of the largest term in the tree.
-  """
-  got = jax.tree.leaves(got)
-  assert len(got) == len(want), what
-  floor = 1e-3 * max(np.max(m) for m in magnitude)
-  for i, (g, w, m) in enumerate(zip(got, want, magnitude)):
-    assert g.shape == w.shape, (what, i, g.shape, w.shape)
-    atol = RTOL * max(np.max(m), floor)
-    np.testing.assert_allclose(np.asarray(g), w, rtol=RTOL, atol=atol, err_msg=f"{what}, leaf {i}")
-
-
-def _run(loss, params, args, batch_argnums, method, max_norm, jit=True):
-  """(norms, clipped mean, its norms, clipped sum) of one method, from one (jitted) call."""
-  kw = dict(batch_argnums=batch_argnums, method=method)
-  norms_fn = gnorm_jax.per_example_grad_norms(loss, **kw)
-  mean_fn = gnorm_jax.clipped_grad(loss, max_norm=max_norm, return_norms=True, **kw)
-  sum_fn = gnorm_jax.clipped_grad(loss, max_norm=max_norm, reduce="sum", **kw)
-  run = lambda *a: (norms_fn(*a), *mean_fn(*a), sum_fn(*a))
-  return (jax.jit(run) if jit else run)(params, *args)
-
-
-def _assert_norms(got, want, what):
-  assert np.all(np.isfinite(got)) and np.all(np.asarray(got) >= 0), (what, got)
-  np.testing.assert_allclose(got, want, rtol=RTOL, err_msg=what)
-
-
-def check(loss, params, *args, batch_argnums=None, methods=METHODS, jit=True):
-  """Norms, clipped mean and clipped sum of every method in `methods` against vmap(grad)."""
-  batch_argnums = _batch_argnums(args, batch_argnums)
-  per_example = _per_example_grads(loss, params, args, batch_argnums, jit)
-  want_norms = _norms(per_example)
-  max_norm = float(np.median(want_norms))  # about half the examples are clipped
-  want_sum, magnitude = _clipped_sum(per_example, max_norm)
-  b = len(want_norms)
-  for method in methods:
-    norms, mean, norms2, total = _run(loss, params, args, batch_argnums, method, max_norm, jit)
-    _assert_norms(norms, want_norms, f"{method} per_example_grad_norms")
-    _assert_norms(norms2, want_norms, f"{method} clipped_grad norms")
-    assert jax.tree.structure(mean) == jax.tree.structure(params), method
-    _assert_tree_close(
-        mean, [s / b for s in want_sum], [m / b for m in magnitude], f"{method} clipped mean"
-    )
-    _assert_tree_close(total, want_sum, magnitude, f"{method} clipped sum")
-
-
-def check_plan(loss, params, *args, batch_argnums=None):
-  """per_example_plan names every parameter leaf and routes none of them to materialization."""
-  batch_argnums = _batch_argnums(args, batch_argnums)
-  plan = gnorm_jax.per_example_plan(loss, batch_argnums=batch_argnums)(params, *args)
-  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
-  assert {leaf.path: tuple(leaf.shape) for leaf in plan.leaves} == {
-      jax.tree_util.keystr(path): x.shape for path, x in leaves
-  }
-  table = str(plan)
-  for leaf in plan.leaves:
-    assert leaf.route in ("ghost", "direct"), f"{leaf.path}: route {leaf.route!r} ({leaf.why})"
-    assert leaf.rules and set(leaf.rules) <= RULES, (leaf.path, leaf.rules)
-    assert leaf.path in table, (leaf.path, table)
-  return plan
-
-
-# ------------------------------------------------------------------ the zoo against vmap
-
-
-# Compiling is most of the zoo's time; LLVM's optimizations of XLA's CPU code were a fifth of it,
-# and these tiny models do not need them (XLA's own HLO passes still run).
-QUICK_COMPILE = {"xla_backend_optimization_level": 0}
-
-
-def case_runner(models: dict):
-  """A cached function of a model's name: its reference, max_norm, and every method's results
-  (or the error one raised).
-
-  The methods are traced separately but compiled as one jit: XLA merges what their graphs share
-  (all of it when every leaf has a rule), which saves a third of their compile time.
-  """
-
-  @functools.cache
-  def case(name):
-    loss, params, batch = models[name]()
-    batch_argnums = tuple(range(1, len(batch) + 1))
-    per_example = _per_example_grads(loss, params, batch, batch_argnums)
-    max_norm = float(np.median(_norms(per_example)))  # about half the examples are clipped
-    errors = {}
-
-    def methods(params, *batch):
-      results = {}
-      for method in METHODS:
-        try:
-          results[method] = _run(loss, params, batch, batch_argnums, method, max_norm, jit=False)
-        except Exception as e:  # raised again by that method's test
-          errors[method] = e
-      return results
-
-    results = jax.jit(methods, compiler_options=QUICK_COMPILE)(params, *batch)
-    return params, per_example, max_norm, results, errors
-
-  return case
-
-
-def check_case(case, name, method):
-  """The zoo's `check` for one method of a cached case."""
-  params, per_example, max_norm, results, errors = case(name)
-  if method in errors:
-    raise errors[method]
-  want_norms = _norms(per_example)
-  want_sum, magnitude = _clipped_sum(per_example, max_norm)
-  b = len(want_norms)
-  norms, mean, norms2, total = results[method]
-  _assert_norms(norms, want_norms, f"{method} per_example_grad_norms")
-  _assert_norms(norms2, want_norms, f"{method} clipped_grad norms")
-  assert jax.tree.structure(mean) == jax.tree.structure(params), method
-  _assert_tree_close(mean, [s / b for s in want_sum], [m / b for m in magnitude],
-                     f"{method} clipped mean")
-  _assert_tree_close(total, want_sum, magnitude, f"{method} clipped sum")
 
 
 _case = case_runner(ZOO)

@@ -20,8 +20,7 @@ from gnorm_jax._checks import (
 )
 from gnorm_jax._norms import tree_norm
 from gnorm_jax._numerics import clip_factor
-from gnorm_jax._per_example import _engine
-from gnorm_jax._per_example._analysis import Analysis, analyze
+from gnorm_jax._per_example import _jaxpr, _plan, _program, _run
 
 _METHODS = ("auto", "ghost", "vmap")
 _REDUCTIONS = ("mean", "sum")
@@ -32,7 +31,9 @@ _SIGNATURES = {
     "clipped_grad":
         '(fun, argnums=0, has_aux=False, *, max_norm, batch_argnums=1, method="auto",'
         ' reduce="mean", return_norms=False, nan_safe=True, microbatch_size=None)',
-    "per_example_plan": "(fun, argnums=0, has_aux=False, *, batch_argnums=1)",
+    "per_example_plan":
+        '(fun, argnums=0, has_aux=False, *, batch_argnums=1, method="auto", max_norm=None,'
+        ' microbatch_size=None)',
 }
 
 
@@ -108,8 +109,8 @@ class _PerExample:
     params = tuple(args[i] for i in self.argnums)
     return params[0] if self.single_params else params
 
-  def _setup(self, args, batch_size):
-    """Traces the single-example loss and plans every parameter leaf."""
+  def _trace(self, args) -> _run.Traced:
+    """Stage 1: traces the single-example loss over its flat arguments."""
     dynamic = sorted(set(self.argnums) | set(self.batch_argnums))
     # Arguments that are neither parameters nor batched are closed over as they
     # are (a Python bool stays a bool), as vmap of grad would pass them.
@@ -147,6 +148,7 @@ class _PerExample:
     # Flat argument positions (as make_jaxpr flattened them) of the batched
     # leaves and of the parameter leaves, numbered in jax.grad's output order.
     arg_leaves = {i: jax.tree.leaves(args[i]) for i in dynamic}
+    arg_trees = {i: jax.tree.structure(args[i]) for i in dynamic}
     offsets, n = {}, 0
     for i in dynamic:
       offsets[i], n = n, n + len(arg_leaves[i])
@@ -158,27 +160,6 @@ class _PerExample:
       for j in range(len(arg_leaves[i])):
         param_positions[offsets[i] + j] = len(param_positions)
     params_flat = [jnp.asarray(flat_args[p]) for p in param_positions]
-    if self.method == "vmap":
-      every = {leaf: "method='vmap'" for leaf in param_positions.values()}
-      analysis = Analysis(uses={}, fallback=every)
-    else:
-      analysis = analyze(closed, param_positions)
-    routes = {}
-    for leaf, w in enumerate(params_flat):
-      if leaf in analysis.fallback:
-        routes[leaf] = _engine.LeafRoute(
-            "materialized", None, batch_size * w.size * w.dtype.itemsize,
-            analysis.fallback[leaf])
-      else:
-        routes[leaf] = _engine.plan_leaf(analysis.uses[leaf], w, batch_size)
-    if self.method == "ghost" and analysis.fallback:
-      paths = _param_paths(self._params(args))
-      why = "; ".join(f"{paths[l]}: {r}" for l, r in sorted(analysis.fallback.items()))
-      raise ValueError(
-          "method='ghost' needs a per-example rule for every parameter leaf, but these have"
-          f" none: {why}. Use method='auto' to compute exact per-example gradients for just"
-          " those leaves, and gnorm_jax.per_example_plan to see every leaf's route."
-      )
 
     def assemble(leaves, batch_vals):
       flat = list(flat_args)
@@ -188,7 +169,37 @@ class _PerExample:
         flat[pos] = x
       return flat
 
-    return _Setup(closed, analysis, routes, assemble, params_flat, aux_tree)
+    def user_loss(param_leaves, batch_vals):
+      """The user's own loss of one example: (value, aux leaves)."""
+      flat = assemble(dict(enumerate(param_leaves)), batch_vals)
+      dyn = [jax.tree.unflatten(arg_trees[i], flat[offsets[i]:offsets[i] + len(arg_leaves[i])])
+             for i in dynamic]
+      out = loss_of_dynamic(*dyn)
+      return (out[0], jax.tree.leaves(out[1])) if self.has_aux else (out, [])
+
+    return _run.Traced(_jaxpr.read(closed), params_flat, assemble, user_loss, aux_tree,
+                       param_positions)
+
+  def _make_plan(self, args, traced: _run.Traced, batch_size: int, max_norm=None) -> _plan.Plan:
+    """Stages 2 and 3: the Program and the one Plan the call executes."""
+    mb = self.microbatch_size
+    chunk = batch_size if mb is None or mb >= batch_size else mb
+    if self.method == "vmap":
+      every = {leaf: "method='vmap'" for leaf in traced.param_positions.values()}
+      program = _program.Program(traced.body, {}, every)
+    else:
+      program = _program.build(traced.body, traced.param_positions)
+    if self.method == "ghost" and program.fallback:
+      paths = _param_paths(self._params(args))
+      why = "; ".join(f"{_show_path(paths[l])}: {r}" for l, r in sorted(program.fallback.items()))
+      raise ValueError(
+          "method='ghost' needs a per-example rule for every parameter leaf, but these have"
+          f" none: {why}. Use method='auto' to compute exact per-example gradients for just"
+          " those leaves, and gnorm_jax.per_example_plan to see every leaf's route."
+      )
+    return _plan.make_plan(program, traced.params_flat, chunk, method=self.method,
+                           uniform_weights=max_norm is None or not is_tree(max_norm),
+                           num_passes=-(-batch_size // chunk))
 
   def _clip_weights(self, args, max_norm):
     """A function of per-leaf norms [B, L] giving each leaf's clip weights [B]."""
@@ -231,32 +242,14 @@ class _PerExample:
             f"mask must be a bool array of shape ({batch_size},) (one flag per example, False"
             f" for padding), got shape {mask.shape} and dtype {mask.dtype}."
         )
-    mb = self.microbatch_size
-    chunk = batch_size if mb is None or mb >= batch_size else mb
-    setup = self._setup(args, chunk)
+    traced = self._trace(args)
+    plan = self._make_plan(args, traced, batch_size, max_norm)
     weights_fn = None if max_norm is None else self._clip_weights(args, max_norm)
     batch_flat = [jnp.asarray(x) for i in self.batch_argnums for x in jax.tree.leaves(args[i])]
-
-    def one(batch_vals, keep):
-      return _engine.run(setup.closed, setup.analysis, setup.routes, setup.assemble,
-                         setup.params_flat, batch_vals, chunk, weights_fn, keep,
-                         self.nan_safe, uniform_weights=max_norm is None or not is_tree(max_norm))
-
-    if chunk == batch_size:
-      norms, sums, aux = one(batch_flat, mask)
-    else:
-      n_chunks = -(-batch_size // chunk)
-      pad = n_chunks * chunk - batch_size
-      keep = jnp.ones((batch_size,), bool) if mask is None else mask
-      keep = jnp.pad(keep, (0, pad)).reshape(n_chunks, chunk)
-      chunks = [jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)).reshape(
-          n_chunks, chunk, *x.shape[1:]) for x in batch_flat]
-      norms, sums, aux = jax.lax.map(lambda c: one(*c), (chunks, keep))
-      norms = norms.reshape(-1)[:batch_size]
-      aux = jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:])[:batch_size], aux)
-      sums = None if sums is None else [jnp.sum(s, axis=0).astype(s.dtype) for s in sums]
-    if setup.aux_tree is not None:
-      aux = jax.tree.unflatten(setup.aux_tree, aux)
+    norms, sums, aux = _execute(plan, traced, batch_flat, batch_size, weights_fn, mask,
+                                self.nan_safe)
+    if traced.aux_tree is not None:
+      aux = jax.tree.unflatten(traced.aux_tree, aux)
     else:
       aux = None
     if sums is None:
@@ -266,41 +259,47 @@ class _PerExample:
     grads = jax.tree.unflatten(jax.tree.structure(self._params(args)), sums)
     return grads, norms, aux
 
-  def plan(self, args) -> "PerExamplePlan":
+  def plan(self, args, max_norm=None) -> "PerExamplePlan":
     batch_size = self._check_call(args)
-    setup = self._setup(args, batch_size)
-    paths = _param_paths(self._params(args))
-    streams = _engine.plan_streams(setup.closed, setup.analysis, setup.routes,
-                                   setup.params_flat)
-    streamed = {leaf for st in streams.values() for leaf in st.leaves}
-    leaves = []
-    for leaf, w in enumerate(setup.params_flat):
-      r = setup.routes[leaf]
-      rules = tuple(dict.fromkeys(u.rule.name for u in setup.analysis.uses.get(leaf, [])))
-      why = _engine.STREAMED if leaf in streamed else r.why
-      leaves.append(LeafPlan(paths[leaf], tuple(w.shape), rules, r.route, r.flops, r.bytes,
-                             why))
-    method = "vmap" if _all_materialized(setup.routes) else "ghost"
-    return PerExamplePlan(tuple(leaves), batch_size, method)
+    traced = self._trace(args)
+    return describe(self._make_plan(args, traced, batch_size, max_norm),
+                    _param_paths(self._params(args)),
+                    [tuple(w.shape) for w in traced.params_flat])
 
 
-_weighted_sum = _engine.weighted_sum
+def _execute(plan: _plan.Plan, traced: _run.Traced, batch_flat: list, batch_size: int,
+             weights_fn, mask, nan_safe: bool):
+  """Runs ``plan`` over the batch, in ``plan.num_passes`` microbatches."""
+  chunk = plan.batch_size
+  if plan.num_passes == 1:
+    return _run.run(plan, traced, batch_flat, weights_fn, mask, nan_safe)
+  pad = plan.num_passes * chunk - batch_size
+  keep = jnp.ones((batch_size,), bool) if mask is None else mask
+  keep = jnp.pad(keep, (0, pad)).reshape(plan.num_passes, chunk)
+  chunks = [jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)).reshape(
+      plan.num_passes, chunk, *x.shape[1:]) for x in batch_flat]
+  norms, sums, aux = jax.lax.map(
+      lambda c: _run.run(plan, traced, c[0], weights_fn, c[1], nan_safe), (chunks, keep))
+  norms = norms.reshape(-1)[:batch_size]
+  aux = jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:])[:batch_size], aux)
+  sums = None if sums is None else [jnp.sum(s, axis=0).astype(s.dtype) for s in sums]
+  return norms, sums, aux
 
 
-def _all_materialized(routes) -> bool:
-  """True when no leaf has a rule: vmap of grad is then as cheap and simpler."""
-  return all(r.route in ("materialized", "unused") for r in routes.values()) and any(
-      r.route == "materialized" for r in routes.values())
+def describe(plan: _plan.Plan, paths: list[str], shapes: list[tuple]) -> "PerExamplePlan":
+  """The public view of ``plan``: exactly what the run executes."""
+  leaves = []
+  for leaf, w in enumerate(shapes):
+    r = plan.routes[leaf]
+    rules = tuple(dict.fromkeys(u.rule.name for u in plan.program.uses.get(leaf, [])))
+    leaves.append(LeafPlan(paths[leaf], w, rules, r.route, r.flops, r.bytes, plan.why(leaf),
+                           leaf in plan.streamed))
+  return PerExamplePlan(tuple(leaves), plan.batch_size * plan.num_passes, plan.method,
+                        plan.batch_size)
 
 
-@dataclasses.dataclass(frozen=True)
-class _Setup:
-  closed: Any
-  analysis: Any
-  routes: dict
-  assemble: Callable
-  params_flat: list
-  aux_tree: Any
+def _show_path(path: str) -> str:
+  return path or "(the parameters themselves)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -318,9 +317,12 @@ class LeafPlan:
     flops: estimated flops of the route for the whole batch (None: not estimated,
       a materialized leaf costs what its share of vmap of grad costs).
     bytes: estimated extra memory of the route for the whole batch.
-    why: for a materialized leaf, the use no rule recognized; for a leaf of a
-      rematerialized scan over layers, that its norm is streamed (computed step by step
-      in the scan's backward pass, keeping memory that of the remat'd gradient).
+    why: for a materialized leaf, the use no rule recognized (naming the
+      primitive, and the parameter JAX describes it with when gnorm_jax cannot
+      read it); for a streamed leaf, that its norm is streamed.
+    streamed: the leaf belongs to a rematerialized scan over layers whose norms
+      are computed step by step in the scan's backward pass (memory stays that
+      of the rematerialized gradient; ``route`` is the route of each step).
   """
 
   path: str
@@ -330,25 +332,35 @@ class LeafPlan:
   flops: int | None
   bytes: int
   why: str = ""
+  streamed: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
 class PerExamplePlan:
   """What :func:`per_example_grad_norms` and :func:`clipped_grad` will do.
 
+  It is the plan the call executes, made from the same arguments and options.
+
   Attributes:
     leaves: one :class:`LeafPlan` per parameter leaf, in ``jax.tree.leaves`` order.
     batch_size: the batch size the plan was made for.
-    method: what ``method="auto"`` runs: ``"ghost"`` (the engine) or ``"vmap"``
-      (no leaf has a rule, so vmap of grad is as cheap).
+    method: what the call runs: ``"engine"`` (the per-leaf routes below, in one
+      batched pass) or ``"vmap"`` (``jax.vmap(jax.grad(fun))`` of the loss
+      itself: asked for with ``method="vmap"``, or chosen by ``"auto"`` when no
+      leaf has a rule).
+    microbatch_size: examples per pass (``batch_size`` without microbatching);
+      flops and bytes are per pass.
   """
 
   leaves: tuple
   batch_size: int
   method: str
+  microbatch_size: int | None = None
 
   def __str__(self) -> str:
-    rows = [f"per-example plan (batch {self.batch_size}, auto runs {self.method!r})",
+    passes = ("" if self.microbatch_size in (None, self.batch_size)
+              else f", passes of {self.microbatch_size}")
+    rows = [f"per-example plan (batch {self.batch_size}{passes}, runs {self.method!r})",
             "| leaf | shape | rules | route | GFLOP | MiB | note |",
             "|---|---|---|---|---:|---:|---|"]
     for l in self.leaves:
@@ -577,20 +589,32 @@ def per_example_plan(
     has_aux: bool = False,
     *,
     batch_argnums: int | Sequence[int] = 1,
+    method: str = "auto",
+    max_norm: Any = None,
+    microbatch_size: int | None = None,
 ) -> Callable[..., PerExamplePlan]:
   """Returns a function showing how each parameter leaf's per-example norm is computed.
 
   The loss is traced (nothing is computed); for every parameter leaf the plan
   names the rules that recognized its uses, the route chosen by the cost model
-  (``"ghost"``, ``"direct"``, ``"materialized"`` or ``"unused"``) and its
-  estimated flops and extra memory for the batch given. ``print(plan)`` shows
-  a table: a slow model's materialized leaves, and why, are in it.
+  (``"ghost"``, ``"direct"``, ``"materialized"`` or ``"unused"``), whether it is
+  streamed, and its estimated flops and extra memory for the batch given.
+  ``print(plan)`` shows a table: a slow model's materialized leaves, and why,
+  are in it. It is the very plan that :func:`per_example_grad_norms` and
+  :func:`clipped_grad` execute when given the same options (``method``,
+  ``max_norm``: a threshold tree stops streaming; ``microbatch_size``);
+  ``mask`` and ``nan_safe`` change no route.
 
   Args:
     fun: the single-example loss, as for :func:`per_example_grad_norms`.
     argnums: which argument(s) are the parameters (int or tuple).
     has_aux: ``fun`` returns ``(value, aux)`` (the aux is ignored).
     batch_argnums: which argument(s) carry the leading batch axis.
+    method: ``"auto"``, ``"ghost"`` or ``"vmap"``, as in :func:`clipped_grad`.
+    max_norm: the clipping threshold of the :func:`clipped_grad` call to plan
+      (None: :func:`per_example_grad_norms`); only whether it is a number or a
+      tree changes the plan.
+    microbatch_size: as in :func:`clipped_grad`.
 
   Returns:
     A function ``(*args) -> PerExamplePlan`` taking the same arguments as the
@@ -606,9 +630,13 @@ def per_example_plan(
     >>> [(l.path, l.rules, l.route) for l in plan.leaves]
     [("['b']", ('bias',), 'direct'), ("['w']", ('dot_general',), 'ghost')]
   """
-  spec = _PerExample(fun, argnums, batch_argnums, "auto", "per_example_plan", has_aux=has_aux)
+  if max_norm is not None:
+    check_threshold_tree("max_norm", max_norm, allow_tree=True,
+                         fix="Pass the threshold of the clipped_grad call to plan, or None.")
+  spec = _PerExample(fun, argnums, batch_argnums, method, "per_example_plan", has_aux=has_aux,
+                     microbatch_size=microbatch_size)
 
   def plan_fn(*args):
-    return spec.plan(args)
+    return spec.plan(args, max_norm)
 
   return plan_fn

@@ -19,17 +19,24 @@ parameter operand factorizes. The engine needs nothing else from it:
   factors with the weights (Bu et al. 2023), or a weighted sum of the direct
   route's per-example gradients.
 
-Adding a layer kind is one module here that calls :func:`register`.
+Adding a layer kind is one module here that calls :func:`register`: every
+module of this package is imported when the engine loads (see README.md
+beside this file for the contract and a worked example).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
-from typing import Any, Callable
+import pkgutil
+from collections.abc import Sequence
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
+
+from gnorm_jax._per_example._jaxpr import Eqn
 
 # Chain ops that only permute, cast or scale the parameter: the ghost route
 # sees through them. Others in CHAIN_OPS are exact for the direct route only.
@@ -57,7 +64,7 @@ class Use:
   leaf: int
   chain: tuple  # len(scopes) + 1 tuples of equations
   operand: int
-  eqn: Any
+  eqn: Eqn
   rule: "Rule"
   scopes: tuple = ()
 
@@ -67,10 +74,10 @@ class Use:
 
   @property
   def out_aval(self):
-    return self.eqn.outvars[0].aval
+    return self.eqn.out_avals[0]
 
   def operand_aval(self, i: int):
-    return self.eqn.invars[i].aval
+    return self.eqn.in_avals[i]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,28 +112,75 @@ class Ghost:
 
 
 @dataclasses.dataclass(frozen=True)
+class Verdict:
+  """A rule's answer to "do you handle this use?": ``ok``, or ``why`` not."""
+
+  ok: bool
+  why: str = ""
+
+
+ACCEPT = Verdict(True)
+
+
+def refuse(why: str) -> Verdict:
+  """A :class:`Verdict` declining a use, saying why (shown by ``per_example_plan``)."""
+  return Verdict(False, why)
+
+
+class MatchFn(Protocol):
+  """Whether a rule handles the parameter-derived input ``operand`` of ``eqn``.
+
+  Reads only ``eqn.name``, ``eqn.params`` (the primitive's own parameters),
+  ``eqn.in_avals``/``eqn.out_avals`` and ``eqn.literal(i)``.
+  """
+
+  def __call__(self, eqn: Eqn, operand: int) -> Verdict: ...
+
+
+class GhostFn(Protocol):
+  """The use's per-example gradient as ghost factors, or None (no ghost route).
+
+  Args:
+    use: the matched use.
+    operands: the equation's inputs, batched [B, ...] (``B`` examples, or examples
+      times scan steps); the parameter's slot, and slots of rules that do not
+      record, are None.
+    cot: the output cotangent, batched [B, ...].
+    perm: the leaf axis of each axis of the parameter operand (the chain's
+      transposes).
+    coef: the chain's scalar factor (multiply the cotangent factor by it).
+  """
+
+  def __call__(self, use: Use, operands: Sequence[jax.Array | None], cot: jax.Array,
+               perm: Sequence[int], coef: complex) -> Ghost | None: ...
+
+
+class FlopsFn(Protocol):
+  """Per-example flops of the direct route (the vjp of the one equation)."""
+
+  def __call__(self, use: Use) -> int: ...
+
+
+@dataclasses.dataclass(frozen=True)
 class Rule:
   """A kind of layer.
 
   Attributes:
     name: shown by ``per_example_plan``.
-    primitives: jaxpr primitive names it may match.
-    match: ``(eqn, operand) -> None`` if it handles the parameter at input
-      ``operand`` of ``eqn``, else a string saying why not.
-    ghost: ``(use, operands, cot, perm, coef) -> Ghost | None``: the ghost
-      factorization from batched operands (the parameter slot is None), the
-      batched output cotangent, the leaf axis of each operand axis (``perm``)
-      and the chain's scalar factor. None: no ghost route for this use.
-    direct_flops: per-example flops of the direct route (vjp of the equation).
+    primitives: normalized primitive names it may match (``Eqn.name``).
+    match: a :class:`MatchFn`.
+    ghost: a :class:`GhostFn`, or None when the rule has no ghost route (the
+      direct route, a vjp of the equation, is always exact).
+    direct_flops: a :class:`FlopsFn`.
     records: whether the engine must record the other operands (a bias's
       gradient does not depend on what it is added to).
   """
 
   name: str
-  primitives: tuple
-  match: Callable[[Any, int], str | None]
-  ghost: Callable[..., Ghost | None] | None
-  direct_flops: Callable[[Use], int]
+  primitives: tuple[str, ...]
+  match: MatchFn
+  ghost: GhostFn | None
+  direct_flops: FlopsFn
   records: bool = True
 
 
@@ -139,16 +193,16 @@ def register(rule: Rule) -> Rule:
   return rule
 
 
-def find_rule(eqn: Any, operand: int) -> tuple[Rule | None, str]:
+def find_rule(eqn: Eqn, operand: int) -> tuple[Rule | None, str]:
   """The rule handling input ``operand`` of ``eqn``, or (None, why not)."""
-  name = eqn.primitive.name
+  load_rules()
   whys = []
-  for rule in _REGISTRY.get(name, ()):
-    why = rule.match(eqn, operand)
-    if why is None:
+  for rule in _REGISTRY.get(eqn.name, ()):
+    verdict = rule.match(eqn, operand)
+    if verdict.ok:
       return rule, ""
-    whys.append(why)
-  return None, f"used by {name}" + (f" ({'; '.join(whys)})" if whys else "")
+    whys.append(verdict.why)
+  return None, f"used by {eqn.name}" + (f" ({'; '.join(whys)})" if whys else "")
 
 
 def size(shape) -> int:
@@ -177,6 +231,15 @@ def to_factor(x: jax.Array, head: list, pos: list, feat: list, feat_leaf_axes: l
   return x.reshape(x.shape[0], size(shape[:nh]), size(shape[nh:nh + nt]), size(shape[nh + nt:]))
 
 
-def load_rules() -> None:
-  """Imports the rule modules (each registers itself)."""
-  from gnorm_jax._per_example._rules import conv, dot, elementwise, gather  # noqa: F401
+_LOADED: list[str] = []
+
+
+def load_rules() -> list[str]:
+  """Imports every module of this package once (each registers its rules); returns
+  their names. A new rule is a new module: nothing here lists them."""
+  if not _LOADED:
+    names = sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
+    for name in names:
+      importlib.import_module(f"{__name__}.{name}")
+    _LOADED.extend(names)
+  return list(_LOADED)

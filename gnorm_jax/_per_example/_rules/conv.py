@@ -18,15 +18,24 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from gnorm_jax._per_example._rules import Dense, Ghost, Rule, layout_of, register, size
+from gnorm_jax._per_example._rules import (
+    ACCEPT,
+    Dense,
+    Ghost,
+    Rule,
+    layout_of,
+    refuse,
+    register,
+    size,
+)
 
 
 def _match(eqn, operand):
   if operand != 1:
-    return "the parameter is the convolution's input, not its kernel"
+    return refuse("the parameter is the convolution's input, not its kernel")
   if eqn.params["batch_group_count"] != 1:
-    return "batch_group_count > 1"
-  return None
+    return refuse("batch_group_count > 1")
+  return ACCEPT
 
 
 def _positions_last(x, spec):

@@ -7,11 +7,21 @@ activation over O's contracted axes times the cotangent over O's free axes.
 
 from __future__ import annotations
 
-from gnorm_jax._per_example._rules import Dense, Ghost, Rule, layout_of, register, size, to_factor
+from gnorm_jax._per_example._rules import (
+    ACCEPT,
+    Dense,
+    Ghost,
+    Rule,
+    layout_of,
+    refuse,
+    register,
+    size,
+    to_factor,
+)
 
 
 def _match(eqn, operand):
-  return None if operand in (0, 1) else "not an operand"
+  return ACCEPT if operand in (0, 1) else refuse("not an operand")
 
 
 def _dims(use):

@@ -12,16 +12,17 @@ one; these rules have no ghost route.
 
 from __future__ import annotations
 
-from gnorm_jax._per_example._rules import Rule, register, size
+from gnorm_jax._per_example._rules import ACCEPT, Rule, refuse, register, size
 
 
 def _binary(eqn, operand):
   if operand not in (0, 1):
-    return "not an operand"
-  shape, out = eqn.invars[operand].aval.shape, eqn.outvars[0].aval.shape
-  if len(shape) != len(out) or any(s not in (1, o) for s, o in zip(shape, out)):
-    return f"operand shape {shape} does not broadcast to the output's {out}"
-  return None
+    return refuse("not an operand")
+  shape, out = eqn.in_avals[operand].shape, eqn.out_avals[0].shape
+  # A rank-0 operand broadcasts to any shape (lax's binary ops accept scalars).
+  if shape and (len(shape) != len(out) or any(s not in (1, o) for s, o in zip(shape, out))):
+    return refuse(f"operand shape {shape} does not broadcast to the output's {out}")
+  return ACCEPT
 
 
 def _elementwise_flops(use):

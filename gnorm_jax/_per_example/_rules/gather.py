@@ -13,15 +13,25 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
-from gnorm_jax._per_example._rules import Dense, Ghost, Index, Rule, layout_of, register, size
+from gnorm_jax._per_example._rules import (
+    ACCEPT,
+    Dense,
+    Ghost,
+    Index,
+    Rule,
+    layout_of,
+    refuse,
+    register,
+    size,
+)
 
 
 def _match(eqn, operand):
   if operand != 0:
-    return "the parameter is the index"
+    return refuse("the parameter is the index")
   dn = eqn.params["dimension_numbers"]
-  o_shape = eqn.invars[0].aval.shape
-  out_nd = len(eqn.outvars[0].aval.shape)
+  o_shape = eqn.in_avals[0].shape
+  out_nd = len(eqn.out_avals[0].shape)
   n_rest = len(o_shape) - 1
   starts = tuple(dn.start_index_map)
   # Other start indices may only address axes read whole, where they are
@@ -34,9 +44,9 @@ def _match(eqn, operand):
       or tuple(getattr(dn, "operand_batching_dims", ())) != ()
       or tuple(eqn.params["slice_sizes"]) != (1, *o_shape[1:])
       or tuple(dn.offset_dims) != tuple(range(out_nd - n_offset, out_nd))
-      or eqn.invars[1].aval.shape[-1:] != (len(starts),)):
-    return "not a lookup of whole rows along the first axis"
-  return None
+      or eqn.in_avals[1].shape[-1:] != (len(starts),)):
+    return refuse("not a lookup of whole rows along the first axis")
+  return ACCEPT
 
 
 def _ghost(use, operands, cot, perm, coef):

@@ -1,0 +1,107 @@
+"""The direct route: a leaf's per-example gradients formed from its uses.
+
+Each use's equation is re-bound from the recorded operands and the leaf's
+value (through its chain), and its vjp with the recorded output cotangent is
+the use's part of the example's gradient; a leaf's uses add up to ONE gradient.
+Inside scans the operands carry the step axes and the use is vmapped over them.
+Where the uses have ghost factors of one layout, Σ_t P_t ⊗ Q_t is one batched
+contraction instead (a convolution's patches times its output cotangents).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from gnorm_jax._norms import tree_norm
+from gnorm_jax._per_example._ghost import acc_dtype, factor_grads, ghosts
+from gnorm_jax._per_example._jaxpr import Lit
+from gnorm_jax._per_example._rules import Use
+
+
+def norm_dtype(w) -> jnp.dtype:
+  """The real dtype a norm of ``w`` is accumulated and returned in."""
+  return jnp.finfo(acc_dtype(w.dtype)).dtype
+
+
+def per_example_norms(g: jax.Array) -> jax.Array:
+  """[B] norms of per-example values [B, ...], by the norm core."""
+  return jax.vmap(tree_norm)(g)
+
+
+def _apply_chain(segment: tuple, w: jax.Array) -> jax.Array:
+  for eqn in segment:
+    if isinstance(eqn, tuple):  # slot j of a concatenation: zeros in the others
+      eqn, j = eqn
+      invals = [w if k == j else jnp.zeros(a.shape, a.dtype)
+                for k, a in enumerate(eqn.in_avals)]
+    else:
+      invals = [a.value if isinstance(a, Lit) else w for a in eqn.inputs]
+    (w,) = eqn.bind(invals)
+  return w
+
+
+def use_output(use: Use, operands: tuple, w: jax.Array) -> jax.Array:
+  """The use's output for one example from leaf value ``w``; inside scans, the
+  outputs of every step, stacked (the operands carry the step axes)."""
+
+  def at(level, w, ops):
+    w = _apply_chain(use.chain[level], w)
+    if level == len(use.scopes):
+      # Operands a rule does not record do not enter its gradient: zeros stand in.
+      vals = [jnp.zeros(a.shape, a.dtype) if o is None else o
+              for o, a in zip(ops, use.eqn.in_avals)]
+      vals[use.operand] = w
+      return use.eqn.bind(vals)[0]
+    kind, length = use.scopes[level]
+    if kind == "const":
+      return jax.vmap(lambda o: at(level + 1, w, o), axis_size=length)(ops)
+    return jax.vmap(lambda wl, o: at(level + 1, wl, o), axis_size=length)(w, ops)
+
+  return at(0, w, operands)
+
+
+def direct_grads(uses: list[Use], operands: dict, cots: dict, w: jax.Array) -> jax.Array:
+  """[B, *w.shape]: each example's gradient of leaf ``w`` from its uses.
+
+  Where the uses have ghost factors of one layout, Σ_t P_t ⊗ Q_t is one batched
+  contraction (a convolution's patches times its output cotangents); otherwise
+  it is the vjp of the uses' equations, vmapped over the batch.
+  """
+  gs = ghosts(uses, operands, cots, w.ndim)
+  if all(g is not None for g in gs) and len({g.layout for g in gs}) == 1:
+    return factor_grads(gs, w)
+  ops = [operands[u.key] for u in uses]
+  cs = [cots[u.key] for u in uses]
+  return jax.vmap(lambda o, c: one_grad(uses, o, c, w))(ops, cs)
+
+
+def one_grad(uses: list[Use], ops: list, cs: list, w: jax.Array) -> jax.Array:
+  """One example's gradient of ``w``: the vjp of its uses' equations."""
+  _, vjp = jax.vjp(lambda w: [use_output(u, o, w) for u, o in zip(uses, ops)], w)
+  (g,) = vjp(list(cs))
+  return g
+
+
+def exact_norms(uses, operands, cots, w):
+  """A function of ``which`` [B] giving exact norms, one example at a time."""
+  ops = [operands[u.key] for u in uses]
+  cs = [cots[u.key] for u in uses]
+
+  def fn(which):
+    def each(args):
+      flag, o, c = args
+      return lax.cond(flag, lambda: tree_norm(one_grad(uses, o, c, w)),
+                      lambda: jnp.zeros((), norm_dtype(w)))
+
+    return lax.map(each, (which, ops, cs))
+
+  return fn
+
+
+def weighted_sum(weights: jax.Array, per_example: jax.Array) -> jax.Array:
+  """Σᵢ wᵢ·gᵢ over the leading axis, accumulated in at least float32 (complex kept)."""
+  acc = acc_dtype(per_example.dtype)
+  return jnp.tensordot(weights.astype(acc), per_example.astype(acc), axes=1).astype(
+      per_example.dtype)

@@ -1,0 +1,211 @@
+"""The ghost route: per-example norms from factors, never a per-example gradient.
+
+A use whose per-example gradient is Σ_t P_t ⊗ Q_t over two groups of the leaf's
+axes has the squared norm Σ_ts ⟨P_t,P_s⟩⟨Q_t,Q_s⟩ (Goodfellow 2015; Li et al.
+2021). All uses of a leaf whose layouts agree stack along positions, so
+cross terms between uses are part of the norm. The sum is formed on factors
+rescaled per example by powers of two (no overflow, no underflow), with an
+error bound: an example whose sum may have lost more than ``GHOST_RTOL`` to
+cancellation (or is not finite) is flagged, and the caller recomputes it
+exactly. With clip weights wᵢ the clipped sum Σᵢ wᵢ Σ_t P_t ⊗ Q_t is one
+contraction of the same factors (book-keeping, Bu et al. 2023).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from gnorm_jax._numerics import pow2_exponent
+from gnorm_jax._per_example._program import chain_layout
+from gnorm_jax._per_example._rules import Dense, Ghost, Index, Use
+
+# Relative error above which a ghost sum is recomputed exactly.
+GHOST_RTOL = 1e-3
+
+
+def acc_dtype(dtype) -> jnp.dtype:
+  """The accumulation dtype: at least float32 (complex kept)."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def keep_rows(keep: jax.Array, x: Any) -> Any:
+  """``x`` [B, ...] with the rows where ``keep`` is False set to 0 (floats only)."""
+  if x is None or not jnp.issubdtype(x.dtype, jnp.inexact):
+    return x
+  return jnp.where(keep.reshape((-1,) + (1,) * (x.ndim - 1)), x, 0)
+
+
+def use_ghost(use: Use, operands: tuple, cot: jax.Array, ndim: int) -> Ghost | None:
+  """The use's ghost factors for batched ``operands`` and ``cot``, or None.
+
+  Inside scans the rule sees the steps as extra examples; its factors are then
+  folded back: steps of a "const" scope become positions, steps of an "xs"
+  scope (each its own slice of the leaf) become heads.
+  """
+  if use.rule.ghost is None:
+    return None
+  lay = chain_layout(use, ndim)
+  if lay is None:
+    return None
+  perm, coef, scope_heads = lay
+  b, steps = cot.shape[0], use.steps
+  n = len(steps)
+
+  def merge(x):
+    return None if x is None else x.reshape((b * math.prod(steps),) + x.shape[1 + n:])
+
+  g = use.rule.ghost(use, [merge(o) for o in operands], merge(cot), perm, coef)
+  if g is None or not steps:
+    return g
+  head, pg, qg = g.layout
+  if any(not isinstance(e, int) for e in head) or scope_heads != sorted(scope_heads) or (
+      head and scope_heads and max(scope_heads) >= min(head)):
+    return None  # the heads would not be in leaf-axis order
+  kinds = [k for k, _ in use.scopes]
+  xs_ax = [1 + i for i, k in enumerate(kinds) if k == "xs"]
+  c_ax = [1 + i for i, k in enumerate(kinds) if k == "const"]
+
+  def fold(x):  # [B·L…, H, T, (K)] -> [B, L_xs…·H, L_const…·T, (K)]
+    x = x.reshape(b, *steps, *x.shape[1:])
+    order = [0, *xs_ax, 1 + n, *c_ax, 2 + n, *range(3 + n, x.ndim)]
+    x = jnp.transpose(x, order)
+    h = math.prod(x.shape[1:2 + len(xs_ax)])
+    t = math.prod(x.shape[2 + len(xs_ax):3 + n])
+    return x.reshape(b, h, t, *x.shape[3 + n:])
+
+  layout = (tuple(sorted([*scope_heads, *head])), pg, qg)
+  p = (Index(fold(g.p.index), fold(g.p.valid), g.p.size) if isinstance(g.p, Index)
+       else Dense(fold(g.p.value), g.p.kind))
+  return Ghost(layout, p, Dense(fold(g.q.value), g.q.kind))
+
+
+
+def _conj(x):
+  return jnp.conj(x) if jnp.iscomplexobj(x) else x
+
+
+def _gram(x, y):
+  return jnp.einsum("bhtk,bhsk->bhts", x, _conj(y), precision=lax.Precision.HIGHEST)
+
+
+def _amax(x: jax.Array, acc) -> jax.Array:
+  return jnp.max(jnp.abs(x), axis=tuple(range(1, x.ndim)), initial=0).astype(acc)
+
+
+def ghosts(uses: list[Use], operands: dict, cots: dict, ndim: int) -> list[Ghost]:
+  return [use_ghost(u, operands[u.key], cots[u.key], ndim) for u in uses]
+
+
+def ghost_norms(gs: list[Ghost], exact: Callable[[jax.Array], jax.Array]) -> jax.Array:
+  """[B] norms of Σ_uses Σ_t P_t ⊗ Q_t, exact where the ghost sum may not be."""
+  norms, suspect = ghost_terms(gs)
+  return lax.cond(jnp.any(suspect), lambda: jnp.where(suspect, exact(suspect), norms),
+                  lambda: norms)
+
+
+def ghost_terms(gs: list[Ghost]) -> tuple[jax.Array, jax.Array]:
+  """([B] ghost norms, [B] bool: the sum may have lost more than GHOST_RTOL)."""
+  dense = [g for g in gs if isinstance(g.p, Dense)]
+  index = [g for g in gs if isinstance(g.p, Index)]
+  acc = acc_dtype(jnp.result_type(*[g.q.value.dtype for g in gs],
+                             *[g.p.value.dtype for g in dense]))
+  real = jnp.finfo(acc).dtype
+  # Per-example powers of two: every term of the sum has two cotangent factors,
+  # and (without index factors) two activation factors.
+  kinds = {"cot": [], "act": []}
+  for g in gs:
+    for f in (g.p, g.q):
+      if isinstance(f, Dense):
+        kinds[f.kind].append(_amax(f.value, real))
+  e = {k: -pow2_exponent(jnp.max(jnp.stack(v), axis=0)) if v and (k == "cot" or not index)
+       else None for k, v in kinds.items()}
+
+  def scaled(f):
+    x = f.value.astype(acc)
+    if e[f.kind] is None:
+      return x
+    return x * jnp.ldexp(jnp.ones((), real), -e[f.kind])[:, None, None, None]
+
+  q = jnp.concatenate([scaled(g.q) for g in dense + index], axis=2)
+  blocks, diag_p = [], []
+  if dense:
+    pd = jnp.concatenate([scaled(g.p) for g in dense], axis=2)
+    diag_p.append(jnp.sum(jnp.abs(pd) ** 2, axis=-1))
+  if index:
+    idx = jnp.concatenate([g.p.index for g in index], axis=2)
+    valid = jnp.concatenate([g.p.valid for g in index], axis=2)
+    diag_p.append(valid.astype(real))
+    ii = ((idx[..., :, None] == idx[..., None, :]) & valid[..., :, None]
+          & valid[..., None, :]).astype(acc)
+  if dense and index:
+    # ⟨onehot(i_t), d_s⟩ = conj(d_s[i_t]): a gather of the dense factor.
+    di = jnp.take_along_axis(jnp.swapaxes(pd, 2, 3), idx[..., None], axis=2)  # [B,H,Ti,Td]
+    di = di * valid[..., None]
+    blocks = [[_gram(pd, pd), jnp.swapaxes(di, 2, 3)], [_conj(di), ii]]
+  elif dense:
+    blocks = [[_gram(pd, pd)]]
+  else:
+    blocks = [[ii]]
+  pg = jnp.concatenate([jnp.concatenate(row, axis=3) for row in blocks], axis=2)
+  s = jnp.real(jnp.sum(pg * _gram(q, q), axis=(1, 2, 3)))
+  bound = jnp.sum(jnp.concatenate(diag_p, axis=2) * jnp.sum(jnp.abs(q) ** 2, axis=-1),
+                  axis=(1, 2))
+  t = q.shape[2]
+  k = q.shape[3] + max([g.p.value.shape[-1] for g in dense], default=1)
+  tol = 4 * float(jnp.finfo(real).eps) * (math.sqrt(k) + t) / GHOST_RTOL
+  suspect = ~jnp.isfinite(s) | (s < tol * bound)
+  shift = sum(x for x in e.values() if x is not None)
+  return jnp.ldexp(jnp.sqrt(jnp.maximum(s, 0)), shift), suspect
+
+
+def factor_grads(gs: list[Ghost], w: jax.Array, weights: jax.Array | None = None,
+                  keep: jax.Array | None = None) -> jax.Array:
+  """Σ_t P_t ⊗ Q_t in the leaf's layout: [B, *w.shape] per example, or with
+  ``weights`` the book-keeping sum Σᵢ wᵢ Σ_t P_t ⊗ Q_t, [*w.shape]. Rows where
+  ``keep`` is False are zeroed first (a non-finite example cannot reach the
+  sum through 0·inf)."""
+  head, pa, qa = gs[0].layout
+  total = 0
+  for g in gs:
+    q = g.q.value
+    if keep is not None:
+      q = keep_rows(keep, q)
+    if weights is not None:
+      q = q * weights.astype(q.dtype)[:, None, None, None]
+    if isinstance(g.p, Index):
+      b, h, t = g.p.index.shape
+      q = q * g.p.valid[..., None].astype(q.dtype)
+      hi = jnp.arange(h)[None, :, None]
+      if weights is None:
+        bi = jnp.arange(b)[:, None, None]
+        rows = jnp.zeros((b, h, g.p.size, q.shape[-1]), q.dtype)
+        total = total + rows.at[bi, hi, g.p.index].add(q)
+      else:
+        rows = jnp.zeros((1, h, g.p.size, q.shape[-1]), q.dtype)
+        total = total + rows.at[0, hi, g.p.index].add(q)
+    else:
+      pv = g.p.value if keep is None else keep_rows(keep, g.p.value)
+      spec = "bhtp,bhtq->bhpq" if weights is None else "bhtp,bhtq->hpq"
+      out = jnp.einsum(spec, pv, q, precision=lax.Precision.HIGHEST)
+      total = total + (out if weights is None else out[None])
+  b = total.shape[0]
+  groups = [e for e in head if not isinstance(e, int)]
+  if groups:  # ("split", axis, G): G groups of one axis (grouped convolutions)
+    (_, axis, n_groups), = groups
+    sizes = [w.shape[a] // n_groups if a == axis else w.shape[a] for a in pa + qa]
+    x = total.reshape(b, n_groups, *sizes)
+    x = jnp.moveaxis(x, 1, 1 + (pa + qa).index(axis))
+    x = x.reshape(b, *[w.shape[a] for a in pa + qa])
+    order = list(pa + qa)
+  else:
+    order = list(head + pa + qa)
+    x = total.reshape(b, *[w.shape[a] for a in order])
+  x = jnp.transpose(x, [0] + [1 + order.index(j) for j in range(w.ndim)]).astype(w.dtype)
+  return x if weights is None else x[0]
+
+

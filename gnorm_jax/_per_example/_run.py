@@ -1,0 +1,183 @@
+"""Stage 4, run: executes a :class:`~._plan.Plan` on one batch.
+
+One batched forward+backward pass (:mod:`._interpret`; or, for a ``vmap``
+plan, ``jax.vmap(jax.grad(fun))`` of the user's own loss) gives the
+materialized leaves' per-example gradients and every use's operands and
+output cotangents. Each leaf then takes its planned route (:mod:`._ghost`,
+:mod:`._direct`, :mod:`._stream`); per-leaf norms are combined by the norm
+core (``tree_norm``). With clip weights wᵢ known, a ghost leaf's clipped sum
+Σᵢ wᵢ Σ_t P_t ⊗ Q_t is one contraction of the same factors (book-keeping, Bu
+et al. 2023); a direct or materialized leaf's is a weighted sum of its
+per-example gradients; with streams, one weighted backward pass gives all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from gnorm_jax._norms import tree_norm
+from gnorm_jax._per_example._direct import (
+    direct_grads,
+    exact_norms,
+    norm_dtype,
+    per_example_norms,
+    weighted_sum,
+)
+from gnorm_jax._per_example._ghost import factor_grads, ghost_norms, ghosts, keep_rows
+from gnorm_jax._per_example._interpret import PLAIN, batched_pass
+from gnorm_jax._per_example._jaxpr import Body
+from gnorm_jax._per_example._plan import Plan
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Traced:
+  """Stage 1, trace: the single-example loss over flat arguments.
+
+  Attributes:
+    body: its jaxpr, read by :mod:`._jaxpr`.
+    params_flat: the parameter leaves.
+    assemble: ``(leaves {leaf: value}, batch values) -> flat arguments of body``.
+    loss: ``(parameter leaves, batch values) -> (value, aux leaves)``: the user's
+      own loss for one example (what ``method="vmap"`` differentiates).
+    aux_tree: the auxiliary output's tree structure (None without ``has_aux``).
+    param_positions: flat argument position -> parameter leaf.
+  """
+
+  body: Body
+  params_flat: list
+  assemble: Callable
+  loss: Callable
+  aux_tree: Any
+  param_positions: dict
+
+
+def _loss_of(traced: Traced, batch_vals: list, leaves: dict | None = None,
+             params: list | None = None) -> jax.Array:
+  """The single-example loss with some parameter leaves replaced."""
+  vals = dict(enumerate(traced.params_flat if params is None else params))
+  vals.update(leaves or {})
+  return PLAIN(traced.body, traced.assemble(vals, batch_vals), (), {}, {})[0]
+
+
+def exact_leaf_norms(traced: Traced, batch_flat: list, leaves: list, dtype) -> Callable:
+  """A function of ``which`` [B] giving [B, len(leaves)] exact norms of those
+  leaves' per-example gradients (a full gradient of one example at a time)."""
+  params_flat = traced.params_flat
+
+  def each(args):
+    flag, batch_vals = args
+
+    def compute():
+      gs = jax.grad(lambda ws: _loss_of(traced, batch_vals, dict(zip(leaves, ws))))(
+          [params_flat[i] for i in leaves])
+      return jnp.stack([tree_norm(g).astype(dtype) for g in gs])
+
+    return lax.cond(flag, compute, lambda: jnp.zeros((len(leaves),), dtype))
+
+  return lambda which: lax.map(each, (which, batch_flat))
+
+
+def weighted_grads(traced: Traced, batch_flat: list, weights, keep) -> list:
+  """Σᵢ wᵢ ∇loss(xᵢ) for every leaf, by one weighted backward pass. Rows not
+  kept (padding, or a non-finite gradient with ``nan_safe``) are replaced by a
+  kept row before the pass (their weight is 0), so 0·inf cannot reach the sum."""
+  first = jnp.argmax(keep)
+  kept = [jnp.where(keep.reshape((-1,) + (1,) * (x.ndim - 1)), x, x[first])
+          for x in batch_flat]
+
+  def total(ps):
+    losses = jax.vmap(lambda bv: _loss_of(traced, bv, params=ps))(kept)
+    return jnp.sum(weights.astype(losses.dtype) * losses)
+
+  grads = jax.grad(total)(list(traced.params_flat))
+  return [jnp.where(jnp.any(keep), g, jnp.zeros_like(g)) for g in grads]
+
+
+def _vmap_pass(traced: Traced, batch_flat: list):
+  """jax.vmap(jax.grad(loss)) of the user's own loss: (gradients {leaf: [B, ...]}, aux)."""
+  grad_fn = jax.grad(traced.loss, has_aux=True)
+  grads, aux = jax.vmap(grad_fn, in_axes=(None, 0))(list(traced.params_flat), batch_flat)
+  return dict(enumerate(grads)), aux
+
+
+def run(plan: Plan, traced: Traced, batch_flat: list, weights_fn: Callable | None,
+        mask: jax.Array | None, nan_safe: bool):
+  """Per-example norms [B], the clipped sums Σᵢ wᵢ gᵢ of every leaf (when
+  ``weights_fn`` maps (per-leaf norms [B, L], norms [B]) to each leaf's weights
+  [B]), and the loss's auxiliary outputs stacked over the batch.
+
+  ``mask`` [B] (False: padding) zeroes an example's norm and weight; with
+  ``nan_safe`` an example whose gradient is not finite gets weight 0 (its norm
+  is reported as computed) and cannot make the sums NaN.
+  """
+  params_flat = traced.params_flat
+  program, routes, streams, b = plan.program, plan.routes, plan.streams, plan.batch_size
+  dtype = jnp.result_type(*[norm_dtype(w) for w in params_flat]) if params_flat else jnp.float32
+  if plan.method == "vmap":
+    fb_grads, aux = _vmap_pass(traced, batch_flat)
+    operands, cots = {}, {}
+  else:
+    fb_grads, operands, cots, aux = batched_pass(
+        program.body, program.perturbed, sorted(program.fallback), streams, program.tangents,
+        traced.assemble, params_flat, batch_flat, b, dtype)
+  streamed = {}  # leaf -> its norms [B] and suspect flags [B]
+  for skey, st in streams.items():
+    for n, leaf in enumerate(st.leaves):
+      per_step = cots[skey][:, :, n]
+      streamed[leaf] = (jax.vmap(tree_norm)(per_step[..., 0]), jnp.any(per_step[..., 1] > 0, 1))
+  if streamed:
+    order = sorted(streamed)
+    suspect = jnp.stack([streamed[leaf][1] for leaf in order], axis=1)
+    fast = jnp.stack([streamed[leaf][0] for leaf in order], axis=1)
+    exact = exact_leaf_norms(traced, batch_flat, order, dtype)
+    fixed = lax.cond(jnp.any(suspect), lambda: jnp.where(suspect, exact(jnp.any(suspect, 1)), fast),
+                     lambda: fast)
+    streamed = {leaf: fixed[:, n] for n, leaf in enumerate(order)}
+  formed, factors, leaf_norms = {}, {}, []
+  for leaf, w in enumerate(params_flat):
+    route = routes[leaf].route
+    uses = program.uses.get(leaf, [])
+    if leaf in streamed:
+      n = streamed[leaf]
+    elif route == "materialized" or plan.method == "vmap":
+      formed[leaf] = fb_grads[leaf]
+      n = per_example_norms(formed[leaf])
+    elif route == "direct":
+      formed[leaf] = direct_grads(uses, operands, cots, w)
+      n = per_example_norms(formed[leaf])
+    elif route == "ghost":
+      factors[leaf] = ghosts(uses, operands, cots, w.ndim)  # reused for the clipped sum
+      n = ghost_norms(factors[leaf], exact_norms(uses, operands, cots, w))
+    else:
+      n = jnp.zeros((b,), dtype)
+    leaf_norms.append(n.astype(dtype))
+  leaf_norms = jnp.stack(leaf_norms, axis=1) if leaf_norms else jnp.zeros((b, 0), dtype)
+  norms = jax.vmap(tree_norm)(leaf_norms)
+  keep = jnp.ones((b,), bool) if mask is None else mask
+  if mask is not None:
+    norms = jnp.where(keep, norms, 0)
+    leaf_norms = jnp.where(keep[:, None], leaf_norms, 0)
+  if weights_fn is None:
+    return norms, None, aux
+  if nan_safe:
+    keep = keep & jnp.isfinite(norms)
+  zero_rows = keep if (nan_safe or mask is not None) else None
+  if streams:  # one weight per example: a second, weighted backward pass
+    weights = jnp.where(keep, weights_fn(leaf_norms, norms)[0], 0)
+    return norms, weighted_grads(traced, batch_flat, weights, keep), aux
+  sums = []
+  for leaf, (w, weights) in enumerate(zip(params_flat, weights_fn(leaf_norms, norms))):
+    weights = jnp.where(keep, weights, 0)
+    if leaf in formed:
+      g = formed[leaf] if zero_rows is None else keep_rows(zero_rows, formed[leaf])
+      sums.append(weighted_sum(weights, g))
+    elif leaf in factors:  # Σᵢ wᵢ Σ_t P_t ⊗ Q_t from the norm's own factors
+      sums.append(factor_grads(factors[leaf], w, weights, zero_rows))
+    else:
+      sums.append(jnp.zeros_like(w))
+  return norms, sums, aux

@@ -1,0 +1,129 @@
+"""Stage 4b, streamed scans: per-example norms inside a rematerialized scan's backward pass.
+
+A rematerialized scan over stacked layers (``nn.scan(nn.remat(Block))``, or
+``lax.scan`` over stacked weights with a ``jax.checkpoint`` body) would force
+the batched pass to keep what the remat dropped. Instead, each step runs under
+a ``custom_vjp`` that keeps only the step's inputs; its backward step
+recomputes the step with its uses instrumented and forms each layer's slice
+norm there (ghost or direct). The plan decides which scans stream
+(:func:`~._plan.plan_streams`); the clipped sum then comes from a second,
+weighted backward pass (:mod:`._run`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from gnorm_jax._per_example._direct import direct_grads, per_example_norms
+from gnorm_jax._per_example._ghost import ghost_terms, ghosts
+from gnorm_jax._per_example._interpret import PLAIN, make_run
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Stream:
+  """A rematerialized scan over stacked parameters whose leaves' per-example
+  norms are computed step by step in its backward pass.
+
+  Step l of the scan sees slice l of each such leaf and nothing else does, so
+  a leaf's squared norm is the sum over steps of its slices'. Each step's
+  backward recomputes the step with its uses instrumented, forms each slice's
+  per-example norm by the leaf's route (ghost or direct) and returns
+  [norm, suspect] as the cotangent of a zero input. The operands and
+  cotangents of a step live only during its backward step: memory stays that
+  of the rematerialized plain gradient.
+  """
+
+  key: tuple
+  length: int
+  slots: dict  # scan input index -> leaf
+  leaves: tuple  # the streamed leaves, in the order of the norms' axis
+  uses: dict  # leaf -> its uses, re-rooted at the scan body (the step's slice)
+  routes: dict  # leaf -> "ghost" | "direct" | "unused"
+  slices: dict  # leaf -> (shape, dtype) of one step's slice
+
+  @property
+  def inner(self) -> dict:
+    return {u.key: u for us in self.uses.values() for u in us}
+
+  def scan(self, eqn, invals: list, z: jax.Array, tangents: dict) -> list:
+    """Runs the scan ``eqn`` on ``invals``; ``z`` [steps, leaves, 2] is the zero
+    input whose cotangent is the per-step norms and suspect flags."""
+    s = eqn.scan
+    nc, nk = s.num_consts, s.num_carry
+    (body,) = eqn.bodies
+    consts, init, xs = invals[:nc], invals[nc:nc + nk], invals[nc + nk:]
+    slots = set(self.slots)
+    key = self.key
+    run = make_run(self.inner, {}, tangents, remat=False)
+
+    @jax.custom_vjp
+    def step_fn(args, z):
+      del z
+      return PLAIN(body, args, key, {}, {})
+
+    def fwd(args, z):
+      return step_fn(args, z), (args, z)
+
+    def bwd(res, ct):
+      args, z = res
+      diff = [j for j, x in enumerate(args)
+              if j not in slots and jnp.issubdtype(x.dtype, jnp.inexact)]
+
+      def inst(dvals, ps):
+        full = list(args)
+        for j, v in zip(diff, dvals):
+          full[j] = v
+        ops: dict = {}
+        outs = run(body, full, key, ps, ops)
+        return outs, ops
+
+      ps0 = {k: jnp.zeros((*u.steps, *u.out_aval.shape), u.out_aval.dtype)
+             for k, u in self.inner.items()}
+      _, vjp_fn, ops = jax.vjp(inst, [args[j] for j in diff], ps0, has_aux=True)
+      d_diff, d_ps = vjp_fn(list(ct))
+      dargs = [_float0_zeros(x) for x in args]
+      for j, d in zip(diff, d_diff):
+        dargs[j] = d
+      return dargs, self._step_norms(ops, d_ps, z.dtype)
+
+    step_fn.defvjp(fwd, bwd)
+
+    def step(carry, xz):
+      x, zl = xz
+      outs = step_fn([*consts, *carry, *x], zl)
+      return outs[:nk], outs[nk:]
+
+    carry, ys = lax.scan(step, list(init), (list(xs), z), length=s.length,
+                         reverse=s.reverse, unroll=s.unroll)
+    return [*carry, *ys]
+
+  def _step_norms(self, ops: dict, cts: dict, dtype) -> jax.Array:
+    """[leaves, 2]: each streamed leaf's slice norm for one example and step, and
+    1 where the ghost sum may have lost accuracy (0 otherwise)."""
+    rows = []
+    for leaf in self.leaves:
+      us = self.uses[leaf]
+      if not us:
+        rows.append(jnp.zeros((2,), dtype))
+        continue
+      shape, wdtype = self.slices[leaf]
+      ob = {u.key: tuple(None if o is None else o[None] for o in ops[u.key]) for u in us}
+      cb = {u.key: cts[u.key][None] for u in us}
+      if self.routes[leaf] == "ghost":
+        n, suspect = ghost_terms(ghosts(us, ob, cb, len(shape)))
+      else:
+        n = per_example_norms(direct_grads(us, ob, cb, jnp.zeros(shape, wdtype)))
+        suspect = jnp.zeros_like(n, bool)
+      rows.append(jnp.stack([n[0].astype(dtype), suspect[0].astype(dtype)]))
+    return jnp.stack(rows)
+
+
+def _float0_zeros(x):
+  if jnp.issubdtype(x.dtype, jnp.inexact):
+    return jnp.zeros_like(x)
+  return np.zeros(x.shape, jax.dtypes.float0)

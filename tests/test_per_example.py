@@ -636,3 +636,32 @@ def test_masks_and_thresholds_match_float64_reference(mask, thresholds, per_laye
     w = np.where(keep, np.minimum(1.0, c / np.where(n > 0, n, 1.0)), 0.0)
     want = np.tensordot(w, flat[k], 1).reshape(params[k].shape)
     np.testing.assert_allclose(grads[k], want, rtol=RTOL, atol=1e-6 * max(1.0, np.abs(want).max()))
+
+
+# ------------------------------------------------------------------ nested jit with constants
+
+_C = np.linspace(-1.0, 1.0, 16, dtype=np.float32).reshape(4, 4)
+
+
+@pytest.mark.parametrize("method", ["auto", "ghost", "vmap"])
+def test_nested_jit_closing_over_a_constant(method):
+  layer = jax.jit(lambda w, x: jnp.tanh(x @ w) @ _C)
+  loss = lambda w, x: jnp.sum(layer(w, x) ** 2)
+  w = _normal(jax.random.key(11), 4, 4)
+  x = _normal(jax.random.key(12), 5, 3, 4)
+  got = gnorm_jax.per_example_grad_norms(loss, method=method)(w, x)
+  want = np.linalg.norm(np.asarray(jax.vmap(jax.grad(loss), in_axes=(None, 0))(w, x),
+                                   np.float64).reshape(5, -1), axis=1)
+  np.testing.assert_allclose(got, want, rtol=RTOL)
+
+
+@pytest.mark.parametrize("method", ["auto", "vmap"])
+def test_nested_jit_with_an_unused_last_argument(method):
+  layer = jax.jit(lambda h, unused: jnp.tanh(h) * _C)
+  loss = lambda w, x: jnp.sum(layer(x @ w, x) ** 2)
+  w = _normal(jax.random.key(13), 4, 4)
+  x = _normal(jax.random.key(14), 5, 4, 4)
+  got = gnorm_jax.per_example_grad_norms(loss, method=method)(w, x)
+  want = np.linalg.norm(np.asarray(jax.vmap(jax.grad(loss), in_axes=(None, 0))(w, x),
+                                   np.float64).reshape(5, -1), axis=1)
+  np.testing.assert_allclose(got, want, rtol=RTOL)

@@ -244,8 +244,12 @@ def _scan_info(p: Mapping, n_inputs: int) -> tuple[ScanInfo | None, str]:
     nc, nk = int(p["num_consts"]), int(p["num_carry"])
   elif "ft_in" in p:
     ft = p["ft_in"]
-    if not (isinstance(ft, tuple) and len(ft) == 3 and all(isinstance(g, tuple) for g in ft)):
-      return None, f"scan's 'ft_in' of an unknown form ({ft!r})"
+    try:  # JAX's FlatTree (FTTuple): unpack() gives consts, carry and xs; iterating, leaves
+      ft = tuple(tuple(g) for g in (ft.unpack() if hasattr(ft, "unpack") else ft))
+    except (TypeError, ValueError):
+      ft = ()
+    if len(ft) != 3:
+      return None, f"scan's 'ft_in' of an unknown form ({p['ft_in']!r})"
     if any(t is not None for g in ft for t in g):
       return None, f"scan's 'ft_in' holds input types other than plain arrays ({ft!r})"
     nc, nk = len(ft[0]), len(ft[1])

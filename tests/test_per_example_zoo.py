@@ -19,22 +19,22 @@ import pytest
 from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from per_example_harness import (  # noqa: F401  (the control zoo imports them from here too)
+  METHODS,
+  RTOL,
+  _assert_norms,
+  _assert_tree_close,
+  _clipped_sum,
+  _norms,
+  _per_example_grads,
+  _run,
+  case_runner,
+  check,
+  check_case,
+  check_plan,
+)
 
 import gnorm_jax
-from per_example_harness import (  # noqa: F401  (the control zoo imports them from here too)
-    METHODS,
-    RTOL,
-    _assert_norms,
-    _assert_tree_close,
-    _clipped_sum,
-    _norms,
-    _per_example_grads,
-    _run,
-    case_runner,
-    check,
-    check_case,
-    check_plan,
-)
 
 B, T, D, VOCAB, HEADS = 4, 5, 8, 11, 2
 

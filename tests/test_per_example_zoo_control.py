@@ -19,17 +19,17 @@ import numpy as np
 import pytest
 import test_per_example_zoo as zoo
 from jax import lax
+from per_example_harness import RULES
 from test_per_example_zoo import (
-    METHODS,
-    B,
-    _fill,
-    _mse,
-    _next_token_loss,
-    check,
+  METHODS,
+  B,
+  _fill,
+  _mse,
+  _next_token_loss,
+  check,
 )
 
 import gnorm_jax
-from per_example_harness import RULES
 
 C, H = 4, 8  # channels (of images, and of the inputs of recurrent cells) and hidden size
 IMAGE = (8, 8, C)  # channels last (flax, haiku); equinox is channels first

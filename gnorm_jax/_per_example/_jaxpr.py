@@ -122,11 +122,6 @@ class Eqn:
   def multiple_results(self) -> bool:
     return bool(self.raw.primitive.multiple_results)
 
-  def literal(self, i: int) -> Any:
-    """The value of input ``i`` if it is a literal, else None."""
-    a = self.inputs[i]
-    return a.value if isinstance(a, Lit) else None
-
   def bind(self, invals: Sequence[Any]) -> list:
     """Applies the primitive to ``invals``, as ``jax.core.eval_jaxpr`` does."""
     eqn = self.raw

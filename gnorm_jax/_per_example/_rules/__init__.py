@@ -130,8 +130,8 @@ def refuse(why: str) -> Verdict:
 class MatchFn(Protocol):
   """Whether a rule handles the parameter-derived input ``operand`` of ``eqn``.
 
-  Reads only ``eqn.name``, ``eqn.params`` (the primitive's own parameters),
-  ``eqn.in_avals``/``eqn.out_avals`` and ``eqn.literal(i)``.
+  Reads only ``eqn.name``, ``eqn.params`` (the primitive's own parameters)
+  and ``eqn.in_avals``/``eqn.out_avals``.
   """
 
   def __call__(self, eqn: Eqn, operand: int) -> Verdict: ...

@@ -5,12 +5,25 @@ Every check compares gnorm_jax against an independent reference,
 and summed in float64 numpy. A rule's test module (``tests/rules/test_<rule>.py``)
 builds models that use its layer and calls :func:`check` (values of every
 method) and :func:`check_plan` (every leaf ruled, by the rules named).
+
+A module with zoo models (builders in ``per_example_models``) exposes them as ``MODELS``
+(name -> a function of no arguments returning ``(loss, params, batch)``) and gets the two
+zoo tests, every model against vmap(grad) under every method and its plan, from
+:func:`zoo_tests`::
+
+  test_zoo_matches_vmap_of_grad, test_zoo_plan_materializes_nothing = zoo_tests(MODELS, RULES)
+
+:func:`all_models` gathers the MODELS of every such module.
 """
 
 import functools
+import importlib.util
+import pathlib
+import sys
 
 import jax
 import numpy as np
+import pytest
 
 import gnorm_jax
 
@@ -168,3 +181,58 @@ def check_case(case, name, method):
   _assert_tree_close(mean, [s / b for s in want_sum], [m / b for m in magnitude],
                      f"{method} clipped mean")
   _assert_tree_close(total, want_sum, magnitude, f"{method} clipped sum")
+
+
+def zoo_tests(models: dict, rules=None):
+  """The zoo's two tests of ``models``: (every model and method against vmap(grad) by
+  :func:`check_case`, every model's plan by :func:`check_plan` with ``rules``), to be bound at
+  module level under the names ``test_...`` pytest collects."""
+  case = case_runner(models)
+
+  @pytest.mark.parametrize("method", METHODS)
+  @pytest.mark.parametrize("name", sorted(models))
+  def test_zoo_matches_vmap_of_grad(name, method):
+    check_case(case, name, method)
+
+  @pytest.mark.parametrize("name", sorted(models))
+  def test_zoo_plan_materializes_nothing(name):
+    loss, params, batch = models[name]()
+    check_plan(loss, params, *batch, rules=rules)
+
+  return test_zoo_matches_vmap_of_grad, test_zoo_plan_materializes_nothing
+
+
+_TESTS = pathlib.Path(__file__).resolve().parent
+MODEL_MODULES = ("rules/test_*.py", "test_per_example_control.py")
+
+
+def _module(path: pathlib.Path):
+  """The test module at ``path``, imported under its file name as pytest's default import mode
+  does (the one pytest already imported, if it did)."""
+  name = path.stem
+  module = sys.modules.get(name)
+  if module is not None and pathlib.Path(module.__file__).resolve() == path:
+    return module
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[name] = module
+  try:
+    spec.loader.exec_module(module)
+  except BaseException:
+    del sys.modules[name]
+    raise
+  return module
+
+
+def all_models() -> dict:
+  """Every zoo model: the union of ``MODELS`` of tests/rules/test_*.py and
+  tests/test_per_example_control.py. Raises ValueError if two modules name a model alike."""
+  models, where = {}, {}
+  paths = sorted({p for pattern in MODEL_MODULES for p in _TESTS.glob(pattern)})
+  for path in paths:
+    for name, build in getattr(_module(path), "MODELS", {}).items():
+      if name in models:
+        raise ValueError(f"zoo model {name!r} is defined by both {where[name]} and {path.name};"
+                         " rename one")
+      models[name], where[name] = build, path.name
+  return models

@@ -17,6 +17,7 @@ from jax import lax
 from gnorm_jax._norms import tree_norm
 from gnorm_jax._per_example._ghost import acc_dtype, factor_grads, ghosts
 from gnorm_jax._per_example._jaxpr import Lit
+from gnorm_jax._per_example._program import Part, Rebuild
 from gnorm_jax._per_example._rules import Use
 
 
@@ -30,24 +31,28 @@ def per_example_norms(g: jax.Array) -> jax.Array:
   return jax.vmap(tree_norm)(g)
 
 
-def _apply_chain(segment: tuple, w: jax.Array) -> jax.Array:
+def _apply_chain(segment: tuple, w: jax.Array, params) -> jax.Array:
   for eqn in segment:
-    if isinstance(eqn, tuple):  # slot j of a concatenation: zeros in the others
+    if isinstance(eqn, Rebuild):  # a parameter-only value, from this leaf and the others
+      w = eqn.apply(w, params)
+    elif isinstance(eqn, Part):  # one output of a split
+      w = eqn.eqn.bind([w])[eqn.index]
+    elif isinstance(eqn, tuple):  # slot j of a concatenation: zeros in the others
       eqn, j = eqn
-      invals = [w if k == j else jnp.zeros(a.shape, a.dtype)
-                for k, a in enumerate(eqn.in_avals)]
+      (w,) = eqn.bind([w if k == j else jnp.zeros(a.shape, a.dtype)
+                       for k, a in enumerate(eqn.in_avals)])
     else:
-      invals = [a.value if isinstance(a, Lit) else w for a in eqn.inputs]
-    (w,) = eqn.bind(invals)
+      (w,) = eqn.bind([a.value if isinstance(a, Lit) else w for a in eqn.inputs])
   return w
 
 
-def use_output(use: Use, operands: tuple, w: jax.Array) -> jax.Array:
-  """The use's output for one example from leaf value ``w``; inside scans, the
-  outputs of every step, stacked (the operands carry the step axes)."""
+def use_output(use: Use, operands: tuple, w: jax.Array, params=None) -> jax.Array:
+  """The use's output for one example from leaf value ``w`` (``params``: every leaf's
+  value, for a parameter-only chain); inside scans, the outputs of every step,
+  stacked (the operands carry the step axes)."""
 
   def at(level, w, ops):
-    w = _apply_chain(use.chain[level], w)
+    w = _apply_chain(use.chain[level], w, params)
     if level == len(use.scopes):
       # Operands a rule does not record do not enter its gradient: zeros stand in.
       vals = [jnp.zeros(a.shape, a.dtype) if o is None else o
@@ -62,8 +67,10 @@ def use_output(use: Use, operands: tuple, w: jax.Array) -> jax.Array:
   return at(0, w, operands)
 
 
-def direct_grads(uses: list[Use], operands: dict, cots: dict, w: jax.Array) -> jax.Array:
-  """[B, *w.shape]: each example's gradient of leaf ``w`` from its uses.
+def direct_grads(uses: list[Use], operands: dict, cots: dict, w: jax.Array,
+                 params=None) -> jax.Array:
+  """[B, *w.shape]: each example's gradient of leaf ``w`` from its uses (``params``: every
+  leaf's value, for uses through a parameter-only value).
 
   Where the uses have ghost factors of one layout, Σ_t P_t ⊗ Q_t is one batched
   contraction (a convolution's patches times its output cotangents); otherwise
@@ -74,12 +81,12 @@ def direct_grads(uses: list[Use], operands: dict, cots: dict, w: jax.Array) -> j
     return factor_grads(gs, w)
   ops = [operands[u.key] for u in uses]
   cs = [cots[u.key] for u in uses]
-  return jax.vmap(lambda o, c: one_grad(uses, o, c, w))(ops, cs)
+  return jax.vmap(lambda o, c: one_grad(uses, o, c, w, params))(ops, cs)
 
 
-def one_grad(uses: list[Use], ops: list, cs: list, w: jax.Array) -> jax.Array:
+def one_grad(uses: list[Use], ops: list, cs: list, w: jax.Array, params=None) -> jax.Array:
   """One example's gradient of ``w``: the vjp of its uses' equations."""
-  _, vjp = jax.vjp(lambda w: [use_output(u, o, w) for u, o in zip(uses, ops)], w)
+  _, vjp = jax.vjp(lambda w: [use_output(u, o, w, params) for u, o in zip(uses, ops)], w)
   (g,) = vjp(list(cs))
   return g
 

@@ -24,6 +24,16 @@ output's (the jvp rule, or the transposed bwd rule) is analysed instead of
 the primal, so the per-example gradient is the custom rule's, never the
 primal's derivative. Uses are keyed by their path of equation (and branch)
 indices.
+
+A value computed from parameters alone by any other equations (a fused kernel
+split into gates, a slice, a flipped kernel, weight normalization
+``v · g / ‖v‖``, where two leaves meet before the example) is a *parameter-only*
+value: for each leaf it depends on, its chain is one :class:`Rebuild` link,
+the value recomputed from that leaf with the other leaves held at their
+values. Its partial derivative in the leaf is the leaf's part of the use's
+gradient, so the direct route stays exact (the vjp of the recomputation,
+per example). Parameter-only values are followed through calls, not into
+scan, cond or custom-derivative bodies.
 """
 
 from __future__ import annotations
@@ -99,6 +109,54 @@ class Program:
     return out
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class Part:
+  """A chain link: output ``index`` of the chain equation ``eqn`` (a part of ``jnp.split``)."""
+
+  eqn: Eqn
+  index: int
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Recipe:
+  """A parameter-only value: leaf ``leaf``, or output ``index`` of ``eqn`` applied to
+  ``inputs`` (literals and recipes). ``leaves``: the leaves it depends on."""
+
+  leaves: frozenset
+  leaf: int | None = None
+  eqn: Eqn | None = None
+  inputs: tuple = ()
+  index: int = 0
+
+  @staticmethod
+  def of(eqn: Eqn, inputs: tuple, index: int) -> "Recipe":
+    leaves = frozenset().union(*[r.leaves for r in inputs if isinstance(r, Recipe)])
+    return Recipe(leaves, None, eqn, inputs, index)
+
+  def value(self, params: dict, memo: dict) -> Any:
+    """The value from ``params`` (leaf -> value); ``memo`` shares common parts."""
+    if self.eqn is None:
+      return params[self.leaf]
+    if self not in memo:
+      invals = [a.value(params, memo) if isinstance(a, Recipe) else a.value for a in self.inputs]
+      memo[self] = self.eqn.bind(invals)[self.index]
+    return memo[self]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Rebuild:
+  """A chain link: the parameter-only value ``recipe`` as a function of leaf ``leaf``, every
+  other leaf held at its value in ``params``. It replaces the chain before it."""
+
+  recipe: Recipe
+  leaf: int
+
+  def apply(self, w: jax.Array, params) -> jax.Array:
+    if params is None:
+      raise ValueError("a parameter-only value is recomputed from every parameter leaf")
+    return self.recipe.value({**dict(enumerate(params)), self.leaf: w}, {})
+
+
 def _parts(o: Any) -> tuple:
   """The origins of a value: one, or several for a concatenation of parameters."""
   return () if o is None else (o if isinstance(o, tuple) else (o,))
@@ -114,9 +172,10 @@ def _others_literal(eqn: Eqn, operand: int) -> bool:
 
 
 def _is_chain(eqn: Eqn, operand: int) -> bool:
-  """Whether ``eqn`` is a unary function of input ``operand`` (others literal)."""
-  return (eqn.kind == _jaxpr.OP and eqn.name in CHAIN_OPS and not eqn.multiple_results
-          and _others_literal(eqn, operand))
+  """Whether ``eqn`` is a unary function of input ``operand`` (others literal); ``split`` has
+  several outputs, each a chain link :class:`Part`."""
+  return (eqn.kind == _jaxpr.OP and eqn.name in CHAIN_OPS
+          and (eqn.name == "split" or not eqn.multiple_results) and _others_literal(eqn, operand))
 
 
 def _is_custom_chain(eqn: Eqn, operand: int) -> bool:
@@ -124,6 +183,14 @@ def _is_custom_chain(eqn: Eqn, operand: int) -> bool:
   link the direct route re-binds, so its gradient goes through the custom rule itself."""
   return (eqn.kind in (_jaxpr.CUSTOM_JVP, _jaxpr.CUSTOM_VJP) and len(eqn.outputs) == 1
           and _others_literal(eqn, operand))
+
+
+def _independent(eqn: Eqn, derived: list) -> bool:
+  """Whether parameter-derived inputs ``derived`` of ``eqn`` are each a use whose rule records
+  nothing: each one's gradient is then independent of the others' values (parameters added
+  together, or concatenated with the example)."""
+  rules = [_rules.find_rule(eqn, j)[0] for j in derived]
+  return all(r is not None and not r.records for r in rules)
 
 
 def _tangent_body(eqn: Eqn, derived: list) -> Body | None:
@@ -167,7 +234,7 @@ def _literal(eqn: Eqn, operand: int) -> Any:
 
 def _segment_layout(chain: tuple, axes: list, coef: Any) -> tuple[list, Any] | None:
   for eqn in chain:
-    if isinstance(eqn, tuple):  # a slot of a concatenation
+    if not isinstance(eqn, Eqn):  # a slot of a concatenation, a Part or a Rebuild
       return None
     name = eqn.name
     operand = next(i for i, a in enumerate(eqn.inputs) if not isinstance(a, Lit))
@@ -221,7 +288,12 @@ def build(body: Body, param_positions: dict[int, int]) -> Program:
     for o in _parts(origin):
       bad.setdefault(o.leaf, why)
 
-  def walk(body: Body, origins: dict, path: tuple, passthrough: bool = False) -> None:
+  def walk(body: Body, origins: dict, path: tuple, passthrough: bool = False,
+           recipes: dict | None = None) -> None:
+    """``origins``: variable -> its Origin(s); ``recipes``: variable -> its Recipe where it is
+    parameter-only (followed into calls only: other bodies start without)."""
+    recipes = {} if recipes is None else recipes
+
     def origin_of(a):
       return None if isinstance(a, Lit) else origins.get(a)
 
@@ -232,6 +304,12 @@ def build(body: Body, param_positions: dict[int, int]) -> Program:
       derived = [j for j, o in enumerate(ins) if o is not None]
       if not derived:
         continue
+      chain = len(derived) == 1 and _is_chain(eqn, derived[0])
+      joined = name == "concatenate" and len(derived) == len(eqn.inputs)
+      recipe_ins = None  # the inputs' recipes, where the equation computes a parameter-only value
+      if eqn.kind in (_jaxpr.OP, _jaxpr.CUSTOM_JVP, _jaxpr.CUSTOM_VJP) and not eqn.unread and all(
+          isinstance(a, Lit) or a in recipes for a in eqn.inputs):
+        recipe_ins = tuple(a if isinstance(a, Lit) else recipes[a] for a in eqn.inputs)
       if eqn.unread:
         for j in derived:
           unrecognized(ins[j], f"used by {name}, which this JAX version describes in a way"
@@ -239,11 +317,15 @@ def build(body: Body, param_positions: dict[int, int]) -> Program:
       elif eqn.kind in (_jaxpr.CALL, _jaxpr.REMAT):
         (inner_body,) = eqn.bodies
         inner = {v: o for v, o in zip(inner_body.invars, ins) if o is not None}
-        walk(inner_body, inner, key, passthrough=True)
+        inner_recipes = {v: recipes[a] for v, a in zip(inner_body.invars, eqn.inputs)
+                         if not isinstance(a, Lit) and a in recipes}
+        walk(inner_body, inner, key, passthrough=True, recipes=inner_recipes)
         # A call returning a value derived from a leaf extends its chain.
         for out, v in zip(eqn.outputs, inner_body.outputs):
           if out is not None and not isinstance(v, Lit) and v in inner:
             origins[out] = inner[v]
+            if v in inner_recipes:
+              recipes[out] = inner_recipes[v]
       elif eqn.kind == _jaxpr.SCAN:
         (inner_body,) = eqn.bodies
         nc, nk = eqn.scan.num_consts, eqn.scan.num_carry
@@ -266,6 +348,12 @@ def build(body: Body, param_positions: dict[int, int]) -> Program:
           walk(branch, inner, key + (b,))
       elif len(derived) == 1 and _is_custom_chain(eqn, derived[0]):
         origins[eqn.outputs[0]] = _each(ins[derived[0]], lambda o: o.then(eqn))
+      elif recipe_ins is not None and not chain and not joined:
+        for k, out in enumerate(eqn.outputs):
+          if out is not None:
+            r = recipes[out] = Recipe.of(eqn, recipe_ins, k)
+            parts = tuple(Origin(leaf, ((Rebuild(r, leaf),),)) for leaf in sorted(r.leaves))
+            origins[out] = parts[0] if len(parts) == 1 else parts
       elif eqn.kind in (_jaxpr.CUSTOM_JVP, _jaxpr.CUSTOM_VJP):
         t = _tangent_body(eqn, derived)
         if t is None:
@@ -276,28 +364,34 @@ def build(body: Body, param_positions: dict[int, int]) -> Program:
           n = len(eqn.inputs)
           inner = {t.invars[n + m]: ins[j] for m, j in enumerate(derived)}
           walk(t, inner, key)
-      elif len(derived) == 1 and _is_chain(eqn, derived[0]):
-        if eqn.outputs[0] is not None:
-          origins[eqn.outputs[0]] = _each(ins[derived[0]], lambda o: o.then(eqn))
-      elif name == "concatenate" and len(derived) == len(eqn.inputs):
+      elif chain:
+        for k, out in enumerate(eqn.outputs):
+          link = Part(eqn, k) if eqn.multiple_results else eqn
+          if out is not None:
+            origins[out] = _each(ins[derived[0]], lambda o, link=link: o.then(link))
+      elif joined:
         # Parameters concatenated (OptimizedLSTMCell's gate kernels): each is a
         # slice of the result; its chain re-binds the concatenation with zeros
         # in the other slots (exact for the direct route; no ghost layout).
         origins[eqn.outputs[0]] = tuple(
             x.then((eqn, j)) for j in derived for x in _parts(ins[j]))
-      elif len(derived) == 1 and len(eqn.outputs) == 1:
-        rule, why = _rules.find_rule(eqn, derived[0])
-        for o in _parts(ins[derived[0]]):
-          if rule is None:
-            unrecognized(o, why)
-          else:
-            uses.setdefault(o.leaf, []).append(
-                Use(key, o.leaf, o.chain, derived[0], eqn, rule, o.scopes))
+      elif len(eqn.outputs) == 1 and (len(derived) == 1 or _independent(eqn, derived)):
+        for j in derived:
+          rule, why = _rules.find_rule(eqn, j)
+          for o in _parts(ins[j]):
+            if rule is None:
+              unrecognized(o, why)
+            else:
+              uses.setdefault(o.leaf, []).append(Use(key, o.leaf, o.chain, j, eqn, rule, o.scopes))
       else:
         for o in ins:
           if o is not None:
             unrecognized(o, f"used by {name} together with another parameter"
                          if len(derived) > 1 else f"used by {name}")
+      if recipe_ins is not None:  # a parameter-only value, its chain kept
+        for k, out in enumerate(eqn.outputs):
+          if out is not None and out in origins and out not in recipes:
+            recipes[out] = Recipe.of(eqn, recipe_ins, k)
     if passthrough:
       return
     for a in body.outputs:
@@ -305,7 +399,9 @@ def build(body: Body, param_positions: dict[int, int]) -> Program:
         unrecognized(o, "returned by the loss" if not path else "returned from a nested body")
 
   origins = {body.invars[pos]: Origin(leaf) for pos, leaf in param_positions.items()}
-  walk(body, origins, ())
+  recipes = {body.invars[pos]: Recipe(frozenset({leaf}), leaf)
+             for pos, leaf in param_positions.items()}
+  walk(body, origins, (), recipes=recipes)
   recognized = {leaf: us for leaf, us in uses.items() if leaf not in bad}
   for leaf in param_positions.values():
     if leaf not in bad and leaf not in recognized:

@@ -20,8 +20,14 @@ parameter operand factorizes. The engine needs nothing else from it:
   route's per-example gradients.
 
 Adding a layer kind is one module here that calls :func:`register`: every
-module of this package is imported when the engine loads (see README.md
-beside this file for the contract and a worked example).
+module of this package is imported the first time the engine looks for a rule
+(:func:`load_rules`). README.md beside this file is the guide for rule
+authors: what a use is and what a rule is given (the :class:`Eqn` fields a
+match may read, the batched operands, cotangent, ``perm`` and ``coef``), what
+it returns (a :class:`Verdict`; :class:`Ghost` factors in the [B, H, T, K]
+layout, :class:`Dense` or :class:`Index`, and why P holds the smaller leaf
+axis; a :class:`FlopsFn`), when each route is exact, and a worked example: a
+new rule file with its test module in tests/rules/ on the shared harness.
 """
 
 from __future__ import annotations
@@ -45,6 +51,8 @@ SCALAR_OPS = frozenset({"neg", "mul", "div"})  # with a literal scalar operand
 CHAIN_OPS = LAYOUT_OPS | SCALAR_OPS | frozenset({
     "reshape", "squeeze", "expand_dims", "broadcast_in_dim", "add", "sub", "integer_pow",
     "exp", "log", "tanh", "logistic", "sqrt", "rsqrt", "abs", "square",
+    # parts of the parameter (fused gate kernels split, W[:, :k], a flipped kernel)
+    "slice", "split", "dynamic_slice", "rev", "pad",
 })
 
 

@@ -105,6 +105,10 @@ def _vmap_pass(traced: Traced, batch_flat: list):
   return dict(enumerate(grads)), aux
 
 
+# Tests set this to a function of (plan, {leaf: route taken}) to see what a run executes.
+_observe: Callable[[Plan, dict], None] | None = None
+
+
 def run(plan: Plan, traced: Traced, batch_flat: list, weights_fn: Callable | None,
         mask: jax.Array | None, nan_safe: bool):
   """Per-example norms [B], the clipped sums Σᵢ wᵢ gᵢ of every leaf (when
@@ -138,24 +142,26 @@ def run(plan: Plan, traced: Traced, batch_flat: list, weights_fn: Callable | Non
     fixed = lax.cond(jnp.any(suspect), lambda: jnp.where(suspect, exact(jnp.any(suspect, 1)), fast),
                      lambda: fast)
     streamed = {leaf: fixed[:, n] for n, leaf in enumerate(order)}
-  formed, factors, leaf_norms = {}, {}, []
+  formed, factors, leaf_norms, taken = {}, {}, [], {}
   for leaf, w in enumerate(params_flat):
     route = routes[leaf].route
     uses = program.uses.get(leaf, [])
     if leaf in streamed:
-      n = streamed[leaf]
+      n, taken[leaf] = streamed[leaf], f"streamed {route}"
     elif route == "materialized" or plan.method == "vmap":
-      formed[leaf] = fb_grads[leaf]
+      formed[leaf], taken[leaf] = fb_grads[leaf], "materialized"
       n = per_example_norms(formed[leaf])
     elif route == "direct":
-      formed[leaf] = direct_grads(uses, operands, cots, w)
+      formed[leaf], taken[leaf] = direct_grads(uses, operands, cots, w, params_flat), "direct"
       n = per_example_norms(formed[leaf])
     elif route == "ghost":
       factors[leaf] = ghosts(uses, operands, cots, w.ndim)  # reused for the clipped sum
-      n = ghost_norms(factors[leaf], exact_norms(uses, operands, cots, w))
+      n, taken[leaf] = ghost_norms(factors[leaf], exact_norms(uses, operands, cots, w)), "ghost"
     else:
-      n = jnp.zeros((b,), dtype)
+      n, taken[leaf] = jnp.zeros((b,), dtype), "unused"
     leaf_norms.append(n.astype(dtype))
+  if _observe is not None:
+    _observe(plan, taken)
   leaf_norms = jnp.stack(leaf_norms, axis=1) if leaf_norms else jnp.zeros((b, 0), dtype)
   norms = jax.vmap(tree_norm)(leaf_norms)
   keep = jnp.ones((b,), bool) if mask is None else mask

@@ -27,6 +27,10 @@ Non-finite norms (inf or NaN anywhere in the gradient) are never recorded in a
 history or a running statistic, so one bad batch does not poison the
 thresholds of the steps after it. The three clippers pass such an update on
 non-finite (like ``optax.clip_by_global_norm``); :func:`skip_spikes` skips it.
+A finite update whose norm exceeds the largest float (``[3e38, 3e38]`` in
+float32) has ``grad_norm`` inf and is not recorded either, but it is clipped
+to a finite threshold as any other (the norm is measured as m·2^k) and passes
+an infinite one unchanged.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ import jax.numpy as jnp
 import optax
 
 from gnorm_jax._checks import check_number, check_size
-from gnorm_jax._norms import tree_norm
+from gnorm_jax._norms import tree_norm, tree_norm_split
 from gnorm_jax._numerics import clip_scales, pow2_split, safe_divide, scale_tree
 
 __all__ = ["autoclip", "zclip", "quantile_clip", "skip_spikes"]
@@ -110,12 +114,31 @@ def _mean_std(history: jax.Array, num_recorded: jax.Array):
   return mean, std
 
 
-def _clip(updates: Any, norm: jax.Array, max_norm: jax.Array) -> Any:
-  # An infinite threshold (empty history, warm-up) is capped at finfo.max, so
-  # an update with an infinite norm is handled as clip_by_norm handles one:
-  # finite entries scaled to 0, infinite ones NaN (not passed through as is).
-  max_norm = jnp.minimum(max_norm, jnp.finfo(norm.dtype).max)
-  return scale_tree(updates, *clip_scales(norm, max_norm))
+def _measure(updates: Any, dtype: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(norm, m, r) in ``dtype``: the global norm, and as m·r (see ``tree_norm_split``).
+
+  A finite update whose norm exceeds the largest float has norm inf but a
+  finite m: it is clipped, not zeroed (and, like any non-finite norm, not
+  recorded in a history or statistic).
+  """
+  m, r = tree_norm_split(updates)
+  m, r = m.astype(dtype), r.astype(dtype)
+  return m * r, m, r
+
+
+def _clip(updates: Any, m: jax.Array, r: jax.Array, max_norm: jax.Array) -> Any:
+  # An infinite threshold (empty history, warm-up) is capped at finfo.max for
+  # an update with an infinite entry (m = inf), which is then handled as
+  # clip_by_norm handles one: finite entries scaled to 0, infinite ones NaN
+  # (not passed through as is). A finite update whose norm m·r overflows
+  # passes an infinite threshold unchanged.
+  max_norm = jnp.where(jnp.isfinite(m), max_norm, jnp.minimum(max_norm, jnp.finfo(m.dtype).max))
+  return scale_tree(updates, *clip_scales(m, max_norm, r))
+
+
+def _upper_bound(mean: jax.Array, z: jax.Array, std: jax.Array) -> jax.Array:
+  """mean + z·std, the largest norm that is not an outlier; inf for z = inf (even at std = 0)."""
+  return mean + jnp.where(jnp.isinf(z), jnp.inf, z * std)
 
 
 def _empty_history(size: int, dtype: jnp.dtype) -> jax.Array:
@@ -207,7 +230,7 @@ def autoclip(quantile: Any = 0.1, *, history: int = 1000) -> optax.GradientTrans
 
   def update_fn(updates, state, params=None):
     del params
-    norm = tree_norm(updates).astype(state.grad_norm.dtype)
+    norm, m, r = _measure(updates, state.grad_norm.dtype)
     buffer, num_recorded = _record(state.history, state.num_recorded, norm)
     max_norm = _quantile(buffer, num_recorded, quantile)
     new_state = AutoClipState(
@@ -218,7 +241,7 @@ def autoclip(quantile: Any = 0.1, *, history: int = 1000) -> optax.GradientTrans
         num_recorded=num_recorded,
         num_clipped=_count_if(state.num_clipped, norm > max_norm),
     )
-    return _clip(updates, norm, max_norm), new_state
+    return _clip(updates, m, r, max_norm), new_state
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -339,7 +362,7 @@ def zclip(
   def update_fn(updates, state, params=None):
     del params
     dtype = state.grad_norm.dtype
-    norm = tree_norm(updates).astype(dtype)
+    norm, m, r = _measure(updates, dtype)
     finite = jnp.isfinite(norm)
     warm = state.num_recorded < warmup_steps
     mean, var = state.mean, state.var
@@ -373,7 +396,7 @@ def zclip(
                           jnp.finfo(dtype).max)
     limit = jnp.minimum(jnp.where(spike, clipped, jnp.inf), cap_t)
     reported = jnp.where(
-        warm, cap_t, jnp.minimum(jnp.where(spike, clipped, mean + zt * std), cap_t))
+        warm, cap_t, jnp.minimum(jnp.where(spike, clipped, _upper_bound(mean, zt, std)), cap_t))
     new_state = ZClipState(
         count=optax.safe_increment(state.count),
         grad_norm=norm,
@@ -383,7 +406,7 @@ def zclip(
         num_recorded=_count_if(state.num_recorded, finite),
         num_clipped=_count_if(state.num_clipped, norm > limit),
     )
-    return _clip(updates, norm, limit), new_state
+    return _clip(updates, m, r, limit), new_state
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -491,7 +514,7 @@ def quantile_clip(
   def update_fn(updates, state, params=None):
     del params
     dtype = state.grad_norm.dtype
-    norm = tree_norm(updates).astype(dtype)
+    norm, m, r = _measure(updates, dtype)
     c = state.next_max_norm
     below = (norm <= c).astype(dtype)
     step = jnp.exp(
@@ -503,7 +526,7 @@ def quantile_clip(
         next_max_norm=_clamp_threshold(jnp.where(jnp.isfinite(norm), c * step, c)),
         num_clipped=_count_if(state.num_clipped, norm > c),
     )
-    return _clip(updates, norm, c), new_state
+    return _clip(updates, m, r, c), new_state
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -552,8 +575,10 @@ def skip_spikes(
   change of scale still ratchets the threshold up step by step until steps
   are taken again (about 40 skipped steps for a 100-fold jump with ``history=16,
   z_threshold=3``; watch ``num_skipped``) instead of freezing training.
-  Non-finite norms are always skipped (this subsumes
-  ``optax.apply_if_finite``) and never recorded. The mean and standard
+  Updates with an inf or NaN entry are always skipped (this subsumes
+  ``optax.apply_if_finite``) and never recorded; a finite update whose norm
+  exceeds the largest float (inf, not recorded) is taken during warm-up and
+  skipped as a spike after it. The mean and standard
   deviation are computed without overflow (norms of 1e20 in float32, 1e160 in
   float64 have squares beyond the largest float).
 
@@ -584,8 +609,8 @@ def skip_spikes(
 
   Raises:
     ValueError: a hyperparameter outside the ranges above.
-    TypeError: ``history`` is not an int, or another hyperparameter is not a
-      number.
+    TypeError: ``inner`` is not an ``optax.GradientTransformation``,
+      ``history`` is not an int, or another hyperparameter is not a number.
 
   References:
     Chowdhery et al., 2022. `PaLM: Scaling Language Modeling with Pathways
@@ -604,6 +629,13 @@ def skip_spikes(
     >>> updates, int(state.num_skipped)  # 50 > 1.0 + 3 * 0.163
     (Array([0.], dtype=float32), 1)
   """
+  if not isinstance(inner, optax.GradientTransformation):
+    raise TypeError(
+        "skip_spikes wraps an optimizer: inner must be an optax.GradientTransformation, got"
+        f" inner={inner!r} ({type(inner).__name__}). Pass e.g. skip_spikes(optax.adamw(3e-4))"
+        " (a built transformation: optax.adamw(3e-4), not optax.adamw); the other"
+        " arguments are keyword-only."
+    )
   size = check_size("history", history)
   check_number("z_threshold", z_threshold, low=0, fix="6.0 skips only extreme spikes.")
   check_number("warmup_steps", warmup_steps, low=1, integer=True,
@@ -624,14 +656,15 @@ def skip_spikes(
 
   def update_fn(updates, state, params=None, **extra_args):
     dtype = state.grad_norm.dtype
-    norm = tree_norm(updates).astype(dtype)
+    norm, m, _ = _measure(updates, dtype)
     mean, std = _mean_std(state.history, state.num_recorded)
     threshold = jnp.where(
         state.num_recorded >= warmup_steps,
-        mean + jnp.asarray(z_threshold, dtype) * std,
+        _upper_bound(mean, jnp.asarray(z_threshold, dtype), std),
         jnp.inf,
     )
-    skip = ~jnp.isfinite(norm) | (norm > threshold)
+    # A finite update whose norm overflows is a spike only against a finite threshold.
+    skip = ~jnp.isfinite(m) | (norm > threshold)
     new_updates, new_inner = inner.update(updates, state.inner_state, params, **extra_args)
     new_updates = jax.tree.map(lambda u: jnp.where(skip, jnp.zeros_like(u), u), new_updates)
     inner_state = jax.tree.map(lambda old, new: jnp.where(skip, old, new),

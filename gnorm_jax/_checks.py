@@ -19,12 +19,14 @@ call.
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 import operator
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 _ORDS = (None, 1, 2, math.inf)
@@ -32,6 +34,11 @@ _ORDS = (None, 1, 2, math.inf)
 
 def _is_traced(value: Any) -> bool:
   return isinstance(value, jax.core.Tracer)
+
+
+def is_traced(value: Any) -> bool:
+  """True for a traced value (under jit, grad, vmap): it cannot be inspected."""
+  return _is_traced(value)
 
 
 def _fail_type(name: str, value: Any, what: str, fix: str) -> None:
@@ -56,7 +63,8 @@ def concrete_number(name: str, value: Any, fix: str = "") -> int | float | None:
     dtype = np.dtype(value.dtype)
     if dtype == np.bool_:
       _fail_type(name, value, "a number, not a bool", fix)
-    if not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)):
+    # jnp.issubdtype: bfloat16 and the other ml_dtypes floats are floats too.
+    if not (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)):
       _fail_type(name, value, what, fix)
     if value.ndim != 0:
       _fail_type(name, value, f"a scalar, not an array of shape {tuple(value.shape)}", fix)
@@ -134,22 +142,12 @@ def check_number(
 
 
 def check_size(name: str, value: Any) -> int:
-  """A buffer length: a Python int >= 1 (it is the state's shape, never traced)."""
-  if isinstance(value, (bool, np.bool_)) or _is_traced(value):
-    size = None
-  else:
-    try:
-      size = operator.index(value)
-    except TypeError:
-      size = None
-  if size is None:
-    raise TypeError(
-        f"{name} must be a Python int (it fixes the shape of the state), got"
-        f" {name}={value!r}. With optax.inject_hyperparams, pass static_args=({name!r},)."
-    )
-  if size < 1:
-    raise ValueError(f"{name} must be an int >= 1, got {name}={value!r}.")
-  return size
+  """A buffer length of an optax transformation: a Python int >= 1 (it is the state's shape)."""
+  return check_count(
+      name, value,
+      fix=f"It fixes the shape of the state; with optax.inject_hyperparams, pass"
+      f" static_args=({name!r},).",
+  )
 
 
 def check_argnums(name: str, argnums: Any, fix: str = "") -> tuple[int, ...]:
@@ -181,35 +179,85 @@ def check_argnums(name: str, argnums: Any, fix: str = "") -> tuple[int, ...]:
   return nums
 
 
-def signature_fix(caller: str, signature: str) -> str:
-  """The sentence that ends an error about a value in the wrong slot of ``caller``.
+def signature(fn: Callable[..., Any]) -> str:
+  """``fn``'s name and parameter list without annotations, read by ``inspect``.
 
-  ``signature`` is the parameter list, e.g. ``"(fun, argnums=0, has_aux=False, *,
-  weight)"``: a call written for an older order (``clipped_grad(loss, 1.0)``)
-  puts a hyperparameter where ``argnums`` or ``has_aux`` now is.
+  E.g. ``"grad_norm(fun, argnums=0, has_aux=False, *, ord=None)"``: the one
+  source of the signatures that error messages quote, so they cannot drift
+  from the code.
+  """
+  sig = inspect.signature(fn)
+  params = [p.replace(annotation=inspect.Parameter.empty) for p in sig.parameters.values()]
+  plain = sig.replace(parameters=params, return_annotation=inspect.Signature.empty)
+  return f"{fn.__name__}{plain}"
+
+
+def signature_fix(fn: Callable[..., Any]) -> str:
+  """The sentence that ends an error about a value in the wrong slot of ``fn``.
+
+  A call written for an older order (``clipped_grad(loss, 1.0)``) puts a
+  hyperparameter where ``argnums`` or ``has_aux`` now is; the sentence quotes
+  :func:`signature` of ``fn``.
   """
   return (
-      f"The signature is {caller}{signature}: argnums and has_aux follow fun, as in jax.grad;"
+      f"The signature is {signature(fn)}: argnums and has_aux follow fun, as in jax.grad;"
       " pass the other arguments by keyword."
   )
 
 
-def check_grad_args(caller: str, signature: str, argnums: Any, has_aux: Any) -> tuple[int, ...]:
-  """Checks ``argnums`` and ``has_aux`` of a transformation with jax.grad's signature.
+def check_grad_args(fn: Callable[..., Any], argnums: Any, has_aux: Any) -> tuple[int, ...]:
+  """Checks ``argnums`` and ``has_aux`` of ``fn``, a transformation with jax.grad's signature.
 
-  Returns ``argnums`` as a tuple; every message names ``caller``'s
-  ``signature`` (see :func:`signature_fix`).
+  Returns ``argnums`` as a tuple; every message quotes ``fn``'s signature
+  (see :func:`signature_fix`).
 
   Raises:
     TypeError: ``argnums`` is not an int or a non-empty tuple of ints, or
       ``has_aux`` is not a bool.
     ValueError: ``argnums`` has negative entries.
   """
-  fix = signature_fix(caller, signature)
+  fix = signature_fix(fn)
   nums = check_argnums("argnums", argnums, fix)
-  if not isinstance(has_aux, (bool, np.bool_)):
-    raise TypeError(f"has_aux must be True or False, got has_aux={has_aux!r}. {fix}")
+  check_bool("has_aux", has_aux, fix)
   return nums
+
+
+def check_bool(name: str, value: Any, fix: str = "") -> bool:
+  """``value`` as a Python bool; TypeError unless it is a Python or numpy bool."""
+  if not isinstance(value, (bool, np.bool_)):
+    raise TypeError(f"{name} must be True or False, got {name}={value!r}. {fix}".rstrip())
+  return bool(value)
+
+
+def check_count(name: str, value: Any, *, allow_none: bool = False, fix: str = "") -> int | None:
+  """A count that fixes a shape or a loop (a Python or numpy int >= 1), never traced.
+
+  Raises:
+    TypeError: ``value`` is not an int (a float such as 2.0, a bool, a traced
+      or non-scalar array).
+    ValueError: ``value`` is an int below 1.
+  """
+  if value is None and allow_none:
+    return None
+  size = None
+  if not isinstance(value, (bool, np.bool_)) and not _is_traced(value):
+    try:
+      size = operator.index(value)
+    except TypeError:
+      pass
+  if size is None:
+    raise TypeError(
+        f"{name} must be a Python int{' or None' if allow_none else ''}, got {name}={value!r}"
+        f" ({type(value).__name__}). {fix}".rstrip()
+    )
+  if size < 1:
+    raise ValueError(f"{name} must be an int >= 1, got {name}={value!r}. {fix}".rstrip())
+  return size
+
+
+def path_str(path: Any) -> str:
+  """A pytree path as ``jax.tree_util.keystr`` writes it; ``<root>`` for the root itself."""
+  return jax.tree_util.keystr(tuple(path)) or "<root>"
 
 
 def check_choice(name: str, value: Any, choices: Sequence[Any], fix: str = "") -> None:
@@ -241,24 +289,60 @@ def is_tree(value: Any) -> bool:
   return not (len(leaves) == 1 and leaves[0] is value)
 
 
-def check_threshold_tree(name: str, value: Any, *, allow_tree: bool, fix: str = "") -> None:
+def check_threshold_tree(
+    name: str, value: Any, *, allow_tree: bool, fix: str = "", check_arrays: bool = True
+) -> None:
   """A threshold >= 0: one number, or (with ``allow_tree``) a pytree of them.
 
   A tree of thresholds is a prefix of the tree it applies to; its structure is
-  checked against that tree when the transformation runs.
+  checked against that tree when the transformation runs. None alone is not a
+  threshold; inside a tree it is an empty subtree (as in an equinox model's
+  parameters), matching no parameter. With ``check_arrays=False`` a jax array leaf is
+  treated as a traced one (type-checked, range unchecked): under
+  ``optax.inject_hyperparams`` the factory gets concrete arrays at init and
+  tracers in update, and both must behave alike.
 
   Raises:
-    TypeError: a leaf is not a number.
-    ValueError: a concrete leaf is negative or NaN, or ``value`` is a tree and
-      ``allow_tree`` is False.
+    TypeError: ``value`` is None, or a leaf is not a number.
+    ValueError: a concrete leaf is negative or NaN, ``value`` is an empty
+      tree, or ``value`` is a tree and ``allow_tree`` is False.
   """
-  if not is_tree(value):
-    check_number(name, value, low=0, fix=fix)
-    return
-  if not allow_tree:
+  is_none = lambda x: x is None
+  leaves = jax.tree_util.tree_flatten_with_path(value, is_leaf=is_none)[0]
+  if not leaves:
+    raise ValueError(f"{name} has no leaves: got {name}={value!r}. {fix}".rstrip())
+  if is_tree(value) and value is not None and not allow_tree:
     raise ValueError(
         f"{name} must be one number here, got the pytree {name}={value!r}. A pytree of"
         " thresholds (one per leaf or subtree) needs per='leaf'."
     )
-  for path, leaf in jax.tree_util.tree_flatten_with_path(value)[0]:
-    check_number(f"{name}{jax.tree_util.keystr(path)}", leaf, low=0, fix=fix)
+  if value is None:
+    raise TypeError(f"{name} must be a number >= 0, got None. {fix}".rstrip())
+  # Inside a tree, None is an empty subtree, as in the parameters it mirrors (an equinox
+  # model's non-array fields): it holds no threshold, and needs no parameter under it.
+  leaves = [(path, leaf) for path, leaf in leaves if leaf is not None]
+  if not leaves:
+    raise ValueError(f"{name} has no thresholds, only None: got {name}={value!r}. {fix}".rstrip())
+  for path, leaf in leaves:
+    leaf_name = f"{name}{jax.tree_util.keystr(path)}"
+    if not check_arrays and isinstance(leaf, jax.Array):
+      concrete_number(leaf_name, leaf, fix)
+    else:
+      check_number(leaf_name, leaf, low=0, fix=fix)
+
+
+def canonical_ord(ord: Any) -> Any:
+  """``ord`` as None, 1, 2 or ``math.inf``; a traced ``ord`` is returned as it is.
+
+  A concrete 0-d array is accepted (``optax.inject_hyperparams`` turns
+  ``ord=1`` into ``Array(1)``); then the value decides.
+
+  Raises:
+    ValueError: ``ord`` is not one of the accepted values.
+  """
+  if _is_traced(ord):
+    return ord
+  if isinstance(ord, (np.ndarray, jax.Array)) and ord.ndim == 0 and ord.dtype != np.bool_:
+    ord = ord.item()
+  check_ord(ord)
+  return None if ord is None else (math.inf if ord == math.inf else int(ord))

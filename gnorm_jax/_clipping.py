@@ -19,6 +19,7 @@ norm before clipping as ``grad_norm`` and the threshold it applied as
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any, Callable, NamedTuple
 
@@ -27,13 +28,14 @@ import jax.numpy as jnp
 import optax
 
 from gnorm_jax._checks import (
+  canonical_ord,
   check_choice,
   check_number,
-  check_ord,
   check_threshold_tree,
+  is_traced,
   is_tree,
 )
-from gnorm_jax._norms import leaf_norms, tree_norm
+from gnorm_jax._norms import leaf_norms_split, tree_norm_split
 from gnorm_jax._numerics import broadcast_prefix, clip_scales, pow2_inverse, scale_tree
 
 __all__ = [
@@ -70,16 +72,17 @@ class NormalizeState(NamedTuple):
   grad_norm: Any
 
 
-def _normalized(tree: Any, norm: jax.Array, scale: jax.Array | float) -> Any:
-  """``scale·tree/norm``, or zeros where ``norm`` is 0 (all leaves of ``tree``).
+def _normalized(tree: Any, m: jax.Array, r: jax.Array, scale: jax.Array | float) -> Any:
+  """``scale·tree/norm`` for the norm m·r, or zeros where it is 0 (all leaves of ``tree``).
 
   ``scale/norm`` can overflow for a tiny norm (1e3/1e-37 in float32), and
   ``tree·2^k`` underflow float16, so the tree is multiplied, in at least
-  float32, by an exact power of two 2^k with norm·2^k in [0.5, 1) and then by
-  scale/(norm·2^k): every factor stays finite and the result is rounded once.
+  float32, by 1/r (``tree/r`` is at most m: finite even where the norm
+  overflows), by an exact power of two 2^k with m·2^k in [0.5, 1) and then by
+  scale/(m·2^k): every factor stays finite and the result is rounded once.
   """
-  s, inv = pow2_inverse(norm)
-  return scale_tree(tree, s, jnp.asarray(scale, norm.dtype) * inv)
+  s, inv = pow2_inverse(m)
+  return scale_tree(tree, 1 / r, s, jnp.asarray(scale, m.dtype) * inv)
 
 
 def _check_per(per: Any) -> None:
@@ -89,15 +92,31 @@ def _check_per(per: Any) -> None:
   )
 
 
-def _norm_fn(ord: Any, per: str) -> Callable[[Any], Any]:
-  if per == "global":
-    return lambda tree: tree_norm(tree, ord)
-  return lambda tree: leaf_norms(tree, ord)
+def _norm_fn(ord: Any, per: str) -> Callable[[Any], tuple[Any, Any]]:
+  """The update's norm(s) as ``(m, r)``, norm = m·r (see ``tree_norm_split``).
+
+  A traced ``ord`` (``optax.inject_hyperparams`` without ``static_args``)
+  computes the three norms and selects one: 1, ``inf``, else Euclidean.
+  """
+  split = tree_norm_split if per == "global" else leaf_norms_split
+  if not is_traced(ord):
+    return lambda tree: split(tree, ord)
+
+  def select(tree):
+    l2, l1, linf = (split(tree, o) for o in (None, 1, math.inf))
+    pick = lambda a, b, c: jnp.where(ord == 1, b, jnp.where(ord == math.inf, c, a))
+    return jax.tree.map(pick, l2, l1, linf)
+
+  return select
+
+
+def _product(m: Any, r: Any) -> Any:
+  return jax.tree.map(lambda a, b: a * b, m, r)
 
 
 def _zeros_like_norm(norm_fn: Callable[[Any], Any], params: Any) -> Any:
   return jax.tree.map(
-      lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(norm_fn, params)
+      lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(norm_fn, params)[0]
   )
 
 
@@ -126,11 +145,11 @@ def _act_on_norm(
     act: Callable[[Any, Any], Any],
     thresholds: Callable[[Any], Any] | None = None,
 ) -> optax.GradientTransformation:
-  """The transformation ``updates ↦ act(updates, norm_fn(updates))``.
+  """The transformation ``updates ↦ act(updates, *norm_fn(updates))``.
 
-  Its state is ``state_cls(grad_norm=...)``, the norm measured before acting,
-  and with ``thresholds`` also ``max_norm=thresholds(norm)``; dtypes are fixed
-  at init.
+  ``norm_fn`` gives the norm as ``(m, r)`` (norm = m·r). The state is
+  ``state_cls(grad_norm=...)``, the norm measured before acting, and with
+  ``thresholds`` also ``max_norm=thresholds(norm)``; dtypes are fixed at init.
   """
 
   def state(norm):
@@ -142,8 +161,8 @@ def _act_on_norm(
 
   def update_fn(updates, old, params=None):
     del params
-    norm = norm_fn(updates)
-    return act(updates, norm), _cast_like(state(norm), old)
+    m, r = norm_fn(updates)
+    return act(updates, m, r), _cast_like(state(_product(m, r)), old)
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -166,7 +185,9 @@ def clip_by_norm(
   through bit-for-bit unchanged. Zero updates and ``max_norm=0`` give zeros,
   never NaN, and derivatives through the update (meta-gradients) are finite
   there. float16/bfloat16 updates are measured and scaled in float32, so they
-  are clipped correctly rather than zeroed by an overflowing norm. The factor
+  are clipped correctly rather than zeroed by an overflowing norm; so is a
+  finite float32 update whose norm exceeds the largest float32 (``[3e38,
+  3e38]``: ``grad_norm`` records inf, the update is clipped to τ). The factor
   τ/‖g‖ is applied as an exact power of two times a number near τ, so it is
   not flushed to 0 where it is subnormal (``[1e38, 1e38]`` clipped to 1 gives
   ``[0.707, 0.707]`` in float32).
@@ -180,15 +201,18 @@ def clip_by_norm(
   non-finite; wrap the chain in ``optax.apply_if_finite`` to skip such steps).
 
   Args:
-    max_norm: the threshold τ ≥ 0. A number (Python, numpy, or a concrete 0-d
-      array) is checked here; a traced value (``optax.inject_hyperparams``
-      under ``jit``) is used as it is, a negative or NaN one acting as 0. With
+    max_norm: the threshold τ ≥ 0. A Python or numpy number is checked here;
+      a jax array or traced value (``optax.inject_hyperparams`` passes both:
+      an array at init, a tracer under ``jit``) is used as it is, a negative
+      or NaN one acting as 0. With
       ``per="leaf"`` it may also be a pytree of thresholds that is a prefix of
       the update's tree (one per leaf, or one per subtree), e.g.
       ``{"encoder": 1.0, "head": 0.1}``.
-    ord: None or 2 (Euclidean), 1 or ``inf`` (largest absolute entry). Under
-      ``optax.inject_hyperparams`` pass ``static_args=("ord",)`` with a
-      numeric ``ord``.
+    ord: None or 2 (Euclidean), 1 or ``inf`` (largest absolute entry); a 0-d
+      array of these values too. Under ``optax.inject_hyperparams`` a numeric
+      ``ord`` becomes a traced hyperparameter: then all three norms are
+      computed and one selected (1, ``inf``, else Euclidean); pass
+      ``static_args=("ord",)`` to compute only the one.
     per: ``"global"`` or ``"leaf"``.
 
   Returns:
@@ -196,11 +220,12 @@ def clip_by_norm(
 
   Raises:
     ValueError: ``max_norm`` (or a leaf of a threshold tree) is a negative or
-      NaN number; a threshold tree with ``per="global"``, or whose structure
+      NaN Python or numpy number, or an empty tree; a threshold tree with
+      ``per="global"``, or whose structure
       is not a prefix of the update's (at ``update``); ``ord`` or ``per`` is
       not an accepted value.
-    TypeError: ``max_norm`` is not a number (a bool, a string, an array of
-      more than one element).
+    TypeError: ``max_norm`` (or a leaf of a threshold tree) is None or not a
+      number (a bool, a string, an array of more than one element).
 
   Examples:
     >>> import jax.numpy as jnp, optax
@@ -217,10 +242,10 @@ def clip_by_norm(
     Pascanu, Mikolov & Bengio, `On the difficulty of training recurrent neural
     networks <https://arxiv.org/abs/1211.5063>`_, 2013.
   """
-  check_ord(ord)
+  ord = canonical_ord(ord)
   _check_per(per)
   check_threshold_tree(
-      "max_norm", max_norm, allow_tree=per == "leaf",
+      "max_norm", max_norm, allow_tree=per == "leaf", check_arrays=False,
       fix="Pass the largest update norm to allow, e.g. max_norm=1.0.",
   )
 
@@ -229,12 +254,12 @@ def clip_by_norm(
     tau = max_norm if per == "global" else _per_leaf_thresholds(max_norm, norm)
     return jax.tree.map(lambda n, t: jnp.where(t > 0, t, 0).astype(n.dtype), norm, tau)
 
-  def clip(updates, norm):
-    tau = thresholds(norm)
+  def clip(updates, m, r):
+    tau = thresholds(m)
     if per == "global":
-      return scale_tree(updates, *clip_scales(norm, tau))
-    pairs = jax.tree.map(clip_scales, norm, tau)
-    return scale_tree(updates, *(jax.tree.map(lambda _, p: p[i], norm, pairs) for i in (0, 1)))
+      return scale_tree(updates, *clip_scales(m, tau, r))
+    parts = jax.tree.map(clip_scales, m, tau, r)
+    return scale_tree(updates, *(jax.tree.map(lambda _, p: p[i], m, parts) for i in range(3)))
 
   return _act_on_norm(_norm_fn(ord, per), ClipByNormState, clip, thresholds)
 
@@ -292,13 +317,13 @@ def normalize(
   check_number(
       "scale", scale, finite=True, fix="It is the norm of the normalized update, e.g. scale=1.0."
   )
-  check_ord(ord)
+  ord = canonical_ord(ord)
   _check_per(per)
 
-  def normalized(updates, norm):
+  def normalized(updates, m, r):
     if per == "global":
-      return _normalized(updates, norm, scale)
-    return jax.tree.map(lambda g, n: _normalized(g, n, scale), updates, norm)
+      return _normalized(updates, m, r, scale)
+    return jax.tree.map(lambda g, m, r: _normalized(g, m, r, scale), updates, m, r)
 
   return _act_on_norm(_norm_fn(ord, per), NormalizeState, normalized)
 

@@ -19,11 +19,12 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from gnorm_jax._checks import check_number, check_ord, concrete_number
+from gnorm_jax._checks import check_number, check_ord, concrete_number, is_traced
 from gnorm_jax._norms import leaf_norms, tree_norm
-from gnorm_jax._numerics import safe_divide
+from gnorm_jax._numerics import pow2_split, safe_divide
 
 __all__ = [
     "NoiseScale",
@@ -134,11 +135,35 @@ def noise_scale_from_two_batches(
   big = jnp.asarray(big_sq_norm)
   dtype = jnp.result_type(small, big, jnp.float32)
   small, big = small.astype(dtype), big.astype(dtype)
-  b_small = jnp.asarray(small_batch_size).astype(dtype)
-  b_big = jnp.asarray(big_batch_size).astype(dtype)
-  grad_sq = (b_big * big - b_small * small) / (b_big - b_small)
-  trace_cov = (small - big) / (1 / b_small - 1 / b_big)
-  return NoiseScale(_safe_ratio(trace_cov, grad_sq), grad_sq, trace_cov)
+  c, k = _size_factors(small_batch_size, big_batch_size, dtype)
+  # With d = small - big: ‖G‖² = big - d·c and tr(Σ) = d·k. B_simple is their
+  # ratio taken after scaling d and big by a power of two (it cancels), so it
+  # stays finite where tr(Σ) alone overflows (norms near the largest float).
+  d = small - big
+  grad_sq = big - d * c
+  trace_cov = d * k
+  scale, _ = pow2_split(jnp.maximum(jnp.maximum(jnp.abs(small), jnp.abs(big)), jnp.abs(d)))
+  b_simple = _safe_ratio((d * scale) * k, big * scale - (d * scale) * c)
+  return NoiseScale(b_simple, grad_sq, trace_cov)
+
+
+def _size_factors(b_small: Any, b_big: Any, dtype: Any) -> tuple[jax.Array, jax.Array]:
+  """c = B_small/(B_big − B_small) and k = B_small·B_big/(B_big − B_small) in ``dtype``.
+
+  From Python numbers they are computed in float64 (the difference of the
+  sizes exactly) and rounded once: float32 sizes past 2**24 are not even
+  distinct (2**25 and 2**25 + 1). Traced sizes are subtracted in their own
+  dtype (exact for ints) before the conversion.
+  """
+  small = concrete_number("small_batch_size", b_small)
+  big = concrete_number("big_batch_size", b_big)
+  if small is not None and big is not None:
+    diff = big - small  # exact for ints
+    return jnp.asarray(small / diff, dtype), jnp.asarray(small * (big / diff), dtype)
+  b_small, b_big = jnp.asarray(b_small), jnp.asarray(b_big)
+  diff = (b_big - b_small).astype(dtype)
+  b_small, b_big = b_small.astype(dtype), b_big.astype(dtype)
+  return b_small / diff, b_small * (b_big / diff)
 
 
 def gradient_noise_scale(
@@ -204,6 +229,21 @@ def gradient_noise_scale(
     )
   check_number("batch_size", batch_size, low=2, finite=True,
                fix="The estimates divide by batch_size - 1.")
+  b = concrete_number("batch_size", batch_size)
+  if b is not None and sq.shape[0] > b:
+    raise ValueError(
+        f"per_example_sq_norms has {sq.shape[0]} entries, more than batch_size={batch_size!r}:"
+        " they are the squared norms of examples of that batch (all of them or a subset)."
+        " Pass the size of the batch whose mean gradient gave batch_grad_sq_norm."
+    )
+  if not is_traced(sq) and bool(jnp.any(sq < 0)):
+    raise ValueError(
+        "per_example_sq_norms must be squared norms (>= 0), got negative entries at"
+        f" {np.flatnonzero(np.asarray(sq) < 0).tolist()}. Square the norms"
+        " (per_example_grad_norms(...) ** 2)."
+    )
+  check_number("batch_grad_sq_norm", batch_grad_sq_norm, low=0,
+               fix="It is the squared norm of the batch's mean gradient.")
   small = jnp.mean(sq.astype(jnp.promote_types(sq.dtype, jnp.float32)))
   return noise_scale_from_two_batches(small, batch_grad_sq_norm, 1, batch_size)
 
@@ -211,9 +251,10 @@ def gradient_noise_scale(
 class NoiseScaleTrackerState(NamedTuple):
   """State of :func:`noise_scale_tracker`: moving averages, not yet debiased."""
 
-  grad_sq_norm: jax.Array  # [] float32: EMA of the ‖G‖² estimates (zero-initialized)
-  trace_cov: jax.Array  # [] float32: EMA of the tr(Σ) estimates (zero-initialized)
-  weight: jax.Array  # [] float32: EMA of 1, i.e. 1 - decay^t; divides out the zero init
+  # Scalars, float32 (float64 under x64), zero-initialized:
+  grad_sq_norm: jax.Array  # EMA of the ‖G‖² estimates
+  trace_cov: jax.Array  # EMA of the tr(Σ) estimates
+  weight: jax.Array  # EMA of 1, i.e. 1 - decay^t; divides out the zero init
   num_skipped: jax.Array  # [] int32: estimates skipped because they were inf or NaN
 
 
@@ -260,7 +301,7 @@ def noise_scale_tracker(decay: float | jax.Array = 0.99) -> NoiseScaleTracker:
   Returns:
     A :class:`NoiseScaleTracker` ``(init, update)``: ``init()`` returns a
     :class:`NoiseScaleTrackerState`; ``update(estimate, state)`` returns the
-    smoothed :class:`NoiseScale` (float32) and the new state.
+    smoothed :class:`NoiseScale` (float32, or float64 under x64) and the new state.
 
   Raises:
     ValueError: ``decay`` (a number) is not in [0, 1).
@@ -286,15 +327,16 @@ def noise_scale_tracker(decay: float | jax.Array = 0.99) -> NoiseScaleTracker:
 
   def init() -> NoiseScaleTrackerState:
     # Distinct buffers, so the state can be donated to a jitted step.
-    zero = lambda: jnp.zeros((), jnp.float32)
+    zero = lambda: jnp.zeros((), _tracker_dtype())
     return NoiseScaleTrackerState(zero(), zero(), zero(), jnp.zeros((), jnp.int32))
 
   def update(
       estimate: NoiseScale, state: NoiseScaleTrackerState
   ) -> tuple[NoiseScale, NoiseScaleTrackerState]:
-    beta = jnp.asarray(decay, jnp.float32)
-    grad_sq = jnp.asarray(estimate.grad_sq_norm).astype(jnp.float32)
-    trace_cov = jnp.asarray(estimate.trace_cov).astype(jnp.float32)
+    dtype = state.grad_sq_norm.dtype
+    beta = jnp.asarray(decay).astype(dtype)
+    grad_sq = jnp.asarray(estimate.grad_sq_norm).astype(dtype)
+    trace_cov = jnp.asarray(estimate.trace_cov).astype(dtype)
     finite = jnp.isfinite(grad_sq) & jnp.isfinite(trace_cov)
 
     def ema(old, new):
@@ -303,7 +345,7 @@ def noise_scale_tracker(decay: float | jax.Array = 0.99) -> NoiseScaleTracker:
     state = NoiseScaleTrackerState(
         grad_sq_norm=ema(state.grad_sq_norm, grad_sq),
         trace_cov=ema(state.trace_cov, trace_cov),
-        weight=ema(state.weight, jnp.ones((), jnp.float32)),
+        weight=ema(state.weight, jnp.ones((), dtype)),
         num_skipped=state.num_skipped + jnp.where(finite, 0, 1).astype(jnp.int32),
     )
     seen = state.weight > 0
@@ -322,6 +364,11 @@ def noise_scale_tracker(decay: float | jax.Array = 0.99) -> NoiseScaleTracker:
 
 # ---------------------------------------------------------------------------
 # Per-layer logging.
+
+
+def _tracker_dtype() -> Any:
+  """float32, or float64 under x64 (estimates of 1e300 then stay finite)."""
+  return jnp.result_type(float)
 
 
 def _flat_dict(tree: Any, *, prefix: str = "", sep: str = "/") -> dict[str, Any]:
@@ -389,6 +436,14 @@ def flat_leaf_norms(
     >>> {k: float(v) for k, v in jax.device_get(gnorm_jax.flat_leaf_norms(grads)).items()}
     {'params/dense/bias': 0.0, 'params/dense/kernel': 5.0}
   """
+  for name, value in (("prefix", prefix), ("sep", sep)):
+    if not isinstance(value, str):
+      raise TypeError(
+          f"{name} must be a str, got {name}={value!r} ({type(value).__name__}). Pass e.g."
+          f" prefix='grad_norm', sep='/'."
+      )
+  if not sep:
+    raise ValueError("sep must be a non-empty str, got sep=''. Pass e.g. sep='/'.")
   return _flat_dict(leaf_norms(tree, ord), prefix=prefix, sep=sep)
 
 

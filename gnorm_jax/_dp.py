@@ -10,13 +10,15 @@ transformation) and the privacy accounting (:func:`dp_epsilon`,
 :func:`dp_noise_multiplier`). The accounting is Google's ``dp_accounting``
 package, called as it is: nothing here computes a privacy loss by hand.
 
-``dp_accounting`` and ``scipy.stats`` are imported inside the functions that
+``dp_accounting`` and ``scipy.stats`` come with the ``[dp]`` extra
+(``pip install "gnorm_jax[dp]"``) and are imported inside the functions that
 use them: they take about a second to import, which ``import gnorm_jax``
 should not pay.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any, Callable, Iterator, NamedTuple
 
@@ -25,7 +27,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gnorm_jax._checks import check_choice, check_number, check_size, concrete_number
+from gnorm_jax._checks import (
+  check_choice,
+  check_count,
+  check_number,
+  concrete_number,
+  path_str,
+)
+from gnorm_jax._extras import import_extra
 from gnorm_jax._norms import tree_norm
 
 __all__ = [
@@ -38,7 +47,13 @@ __all__ = [
     "poisson_max_batch_size",
 ]
 
-_ACCOUNTANTS = ("pld", "rdp")
+_ACCOUNTANTS = ("auto", "pld", "rdp")
+# PLD accounting costs memory that grows with ε (its loss grid, 1e-4 apart) and
+# time that grows with the steps: measured for σ = 1, q = 0.01, 1e7 steps
+# (ε ≈ 1000) took 0.8 GB and 10 s, 1e8 steps (ε ≈ 9000) 3.5 GB and 65 s, and
+# 1e9 steps at ε ≈ 0.6 more than 100 s. Beyond these limits only RDP is used.
+_PLD_MAX_STEPS = 10**6
+_PLD_MAX_EPSILON = 100.0
 
 
 # Validation, by the one policy of gnorm_jax._checks. dp_noise's hyperparameters
@@ -77,7 +92,8 @@ def _check_accounting(sampling_rate: Any, steps: Any, delta: Any, accountant: An
   t = _host_number("steps", steps, **_STEPS)
   d = _host_number("delta", delta, **_DELTA)
   check_choice("accountant", accountant, _ACCOUNTANTS,
-               '"pld" (privacy loss distributions) is tight; "rdp" (Rényi DP) faster, looser.')
+               '"auto" takes the smaller of the two valid bounds; "pld" (privacy loss'
+               ' distributions) is usually the tighter, "rdp" (Rényi DP) the faster.')
   return float(q), int(t), float(d)
 
 
@@ -88,17 +104,42 @@ class DPNoiseState(NamedTuple):
   """State of :func:`dp_noise`."""
 
   key: jax.Array  # key data (uint32 [2] for the default threefry): split at every step
-  noise_std: jax.Array  # () float32: σ·Δ, the std of the noise of the last step (0 before any)
+  # () float32 (float64 under x64): σ·Δ, the std of the noise of the last step (0 before any)
+  noise_std: jax.Array
 
 
 def _sensitivity(max_norm: Any) -> jax.Array:
-  """Δ = ‖(C_g)_g‖₂ over the leaves of ``max_norm`` (Δ = C for a number), float32."""
-  return tree_norm(jax.tree.map(lambda c: jnp.asarray(c, jnp.float32), max_norm))
+  """Δ = ‖(C_g)_g‖₂ over the leaves of ``max_norm`` (Δ = C for a number).
+
+  float32, or float64 under x64 (a Python number is not rounded to float32 first).
+  """
+  dtype = jnp.result_type(float)  # float64 under x64, else float32
+  return tree_norm(jax.tree.map(lambda c: jnp.asarray(c).astype(dtype), max_norm))
+
+
+def _is_key(seed: Any) -> bool:
+  return isinstance(seed, jax.Array) and jax.dtypes.issubdtype(seed.dtype, jax.dtypes.prng_key)
+
+
+_SEED_FIX = ("Pass an integer in [-2**63, 2**63) (e.g. seed=0), or a PRNG key from"
+             " jax.random.key.")
+
+
+def _check_seed(seed: Any) -> Any:
+  """``seed`` as a Python int, a typed PRNG key, or a traced integer."""
+  if _is_key(seed):
+    if seed.shape != ():
+      raise TypeError(f"seed must be one PRNG key, got keys of shape {seed.shape}. {_SEED_FIX}")
+    return seed
+  check_number("seed", seed, integer=True, low=-(2**63), high=2**63 - 1, fix=_SEED_FIX)
+  value = concrete_number("seed", seed, _SEED_FIX)
+  return seed if value is None else int(value)
 
 
 def _add_noise(leaf: jax.Array, key: jax.Array, std: jax.Array, batch_size: Any) -> jax.Array:
   """(leaf + std·N(0, 1)) / batch_size, in at least float32, cast back to the leaf's dtype."""
-  dtype = jnp.promote_types(leaf.dtype, jnp.float32)
+  leaf = jnp.asarray(leaf)
+  dtype = jnp.promote_types(leaf.dtype, std.dtype)
   noise = jax.random.normal(key, leaf.shape, dtype)
   noisy = (leaf.astype(dtype) + std.astype(dtype) * noise) / jnp.asarray(batch_size, dtype)
   return noisy.astype(leaf.dtype)
@@ -107,10 +148,10 @@ def _add_noise(leaf: jax.Array, key: jax.Array, std: jax.Array, batch_size: Any)
 def _check_updates(updates: Any, max_norm: Any) -> None:
   """TypeError for non-float leaves; ValueError if a ``max_norm`` tree is no prefix."""
   for path, leaf in jax.tree_util.tree_flatten_with_path(updates)[0]:
-    if not jnp.issubdtype(leaf.dtype, jnp.floating):
+    if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
       raise TypeError(
           f"dp_noise adds real Gaussian noise and needs real floating-point updates, but"
-          f" the leaf at {jax.tree_util.keystr(path) or '<root>'} has dtype {leaf.dtype}."
+          f" the leaf at {path_str(path)} has dtype {jnp.result_type(leaf)}."
           " Cast it (e.g. `x.astype(jnp.float32)`) or leave it out of the update tree."
       )
   treedef = jax.tree.structure(max_norm)
@@ -151,7 +192,8 @@ def dp_noise(
   The PRNG key lives in the state and is split at every step: fresh noise each
   step, the same sequence for the same ``seed``. The noise is drawn and added
   in the update's dtype, at least float32, and the result cast back, so
-  bfloat16/float16 updates keep their dtype. ``noise_multiplier=0`` returns
+  bfloat16/float16 updates keep their dtype; under x64 the std σΔ is computed
+  in float64. Python-number leaves are taken as arrays. ``noise_multiplier=0`` returns
   exactly ``sum / batch_size`` (under ``jit``, XLA may compute a division by
   a constant ``batch_size`` as a multiplication by its reciprocal: 1 ulp).
   The state's ``noise_std`` is σΔ of the last step (read it with
@@ -165,7 +207,8 @@ def dp_noise(
       ``optax.inject_hyperparams`` it is kept as it is, not traced.
     noise_multiplier: σ ≥ 0, finite.
     batch_size: the expected batch size B = qN > 0 (a float is fine).
-    seed: an integer seeding the PRNG key of the state.
+    seed: an integer in [-2**63, 2**63) seeding the PRNG key of the state, or
+      a PRNG key (``jax.random.key``) to start from.
 
   Returns:
     An ``optax.GradientTransformation`` with state :class:`DPNoiseState`. It
@@ -177,8 +220,8 @@ def dp_noise(
     ValueError: at construction, a concrete ``max_norm`` leaf that is negative,
       NaN or inf, an empty ``max_norm`` tree, a negative, NaN or infinite
       ``noise_multiplier``, a ``batch_size`` that is not finite and positive,
-      or a non-integer ``seed``; at the update, a ``max_norm`` tree that is
-      not a prefix of the update tree.
+      or a non-integer ``seed`` or one outside [-2**63, 2**63); at the update,
+      a ``max_norm`` tree that is not a prefix of the update tree.
     TypeError: at construction, a bool or a non-number (a string, an array of
       shape other than ()) for any of them; at the update, an update leaf
       that is not real floating-point.
@@ -212,20 +255,19 @@ def dp_noise(
   check_number("noise_multiplier", noise_multiplier, **_NOISE_MULTIPLIER)
   check_number("batch_size", batch_size, low=0, low_open=True, finite=True,
                fix="Pass the expected batch size q·N under Poisson sampling (e.g. 256).")
-  check_number("seed", seed, integer=True, fix="Pass e.g. seed=0.")
-  seed_value = concrete_number("seed", seed)
-  seed = seed if seed_value is None else int(seed_value)
+  seed = _check_seed(seed)
 
   def init_fn(params):
     del params
     # Raw key data, not a typed key: numpy, chex and checkpointers read the state as it is.
-    key = jax.random.key_data(jax.random.key(seed))
-    return DPNoiseState(key=key, noise_std=jnp.zeros([], jnp.float32))
+    key = jax.random.key_data(seed if _is_key(seed) else jax.random.key(seed))
+    return DPNoiseState(key=key, noise_std=jnp.zeros([], jnp.result_type(float)))
 
   def update_fn(updates, state, params=None):
     del params
     _check_updates(updates, max_norm)
-    std = jnp.asarray(noise_multiplier, jnp.float32) * _sensitivity(max_norm)
+    delta = _sensitivity(max_norm)
+    std = jnp.asarray(noise_multiplier).astype(delta.dtype) * delta
     key, noise_key = jax.random.split(jax.random.wrap_key_data(state.key))
     # One draw per leaf in the leaf's shape (as optax.add_noise): under sharding each
     # device draws only its shard. It costs one compiled threefry per leaf.
@@ -243,18 +285,34 @@ def dp_noise(
 
 def _dp_sgd_event(noise_multiplier: float, sampling_rate: float, steps: int) -> Any:
   """The DpEvent of DP-SGD: ``steps`` Poisson-subsampled Gaussian mechanisms."""
-  from dp_accounting import dp_event
-
+  dp_event = import_extra("dp_accounting.dp_event", "dp")
   return dp_event.SelfComposedDpEvent(
       dp_event.PoissonSampledDpEvent(sampling_rate, dp_event.GaussianDpEvent(noise_multiplier)),
       steps,
   )
 
 
-def _make_accountant(accountant: str) -> Callable[[], Any]:
-  from dp_accounting import pld, rdp
+def _pld_feasible(epsilon: float, steps: int) -> bool:
+  """Whether PLD accounting fits in memory and time (see ``_PLD_MAX_STEPS``)."""
+  return steps <= _PLD_MAX_STEPS and epsilon <= _PLD_MAX_EPSILON
 
-  return {"pld": pld.PLDAccountant, "rdp": rdp.RdpAccountant}[accountant]
+
+def _pld_too_costly(epsilon: float, steps: int) -> ValueError:
+  return ValueError(
+      f"accountant='pld' would need gigabytes or minutes here (steps={steps}, ε about"
+      f" {epsilon:.3g}; PLD is used up to steps={_PLD_MAX_STEPS} and ε={_PLD_MAX_EPSILON:g})."
+      " Use accountant='rdp' (or 'auto', which falls back to RDP by itself)."
+  )
+
+
+def _epsilon(accountant: str, sigma: float, q: float, t: int, d: float) -> float:
+  return float(_make_accountant(accountant)().compose(_dp_sgd_event(sigma, q, t)).get_epsilon(d))
+
+
+def _make_accountant(accountant: str) -> Callable[[], Any]:
+  if accountant == "pld":
+    return import_extra("dp_accounting.pld", "dp").PLDAccountant
+  return import_extra("dp_accounting.rdp", "dp").RdpAccountant
 
 
 def dp_epsilon(
@@ -263,7 +321,7 @@ def dp_epsilon(
     steps: int,
     delta: float,
     *,
-    accountant: str = "pld",
+    accountant: str = "auto",
 ) -> float:
   r"""The ε of DP-SGD at a given δ: (ε, δ)-DP after ``steps`` steps.
 
@@ -274,24 +332,33 @@ def dp_epsilon(
   The mechanism is the Gaussian mechanism with noise multiplier σ (noise std
   σΔ for sensitivity Δ), subsampled by Poisson sampling with rate q
   (:func:`poisson_batches`) and composed over T steps, under add-or-remove-one
-  neighbouring datasets. ε comes from ``dp_accounting``:
-  ``PLDAccountant`` (privacy loss distributions, Doroshenko et al. 2022;
-  tight, about 0.5 s, several seconds when σ is small) or ``RdpAccountant``
-  (Rényi DP, Mironov 2017; an upper bound, milliseconds).
+  neighbouring datasets. ε comes from ``dp_accounting``, whose two
+  accountants both give valid upper bounds on ε: ``PLDAccountant`` (privacy
+  loss distributions, Doroshenko et al. 2022; pessimistic estimate, usually
+  the tighter, about 0.5 s, several seconds when σ is small) and
+  ``RdpAccountant`` (Rényi DP, Mironov 2017; milliseconds). Neither is always
+  the tighter: at very small δ (≲ 1e-14) PLD's discretization and tail
+  truncation make it the looser (even ``inf``), so ``accountant="auto"``
+  computes both and returns the smaller. PLD's cost grows with ε (memory)
+  and with the steps (time), so "auto" uses RDP alone beyond ``steps`` = 1e6
+  or an RDP ε of 100 (where PLD took gigabytes or minutes), and
+  ``accountant="pld"`` raises there instead.
 
   Args:
     noise_multiplier: σ ≥ 0 (0 gives ε = inf).
     sampling_rate: q in (0, 1], each example's probability of being in a batch.
     steps: T ≥ 1, the number of noisy steps.
     delta: δ in (0, 1).
-    accountant: ``"pld"`` or ``"rdp"``.
+    accountant: ``"auto"`` (the smaller of the PLD and RDP bounds), ``"pld"``
+      or ``"rdp"``.
 
   Returns:
     ε as a Python float (``inf`` when σ = 0).
 
   Raises:
     ValueError: a number out of its range above (NaN included), a
-      non-integer ``steps``, or an unknown ``accountant``.
+      non-integer ``steps``, an unknown ``accountant``, or ``"pld"`` beyond
+      its limits above.
     TypeError: a bool, a non-number or a traced value where a number is meant.
 
   Examples:
@@ -310,7 +377,17 @@ def dp_epsilon(
   """
   sigma = float(_host_number("noise_multiplier", noise_multiplier, **_NOISE_MULTIPLIER))
   q, t, d = _check_accounting(sampling_rate, steps, delta, accountant)
-  return float(_make_accountant(accountant)().compose(_dp_sgd_event(sigma, q, t)).get_epsilon(d))
+  if sigma == 0:  # no noise: no privacy, whatever the accountant
+    return math.inf
+  eps_rdp = _epsilon("rdp", sigma, q, t, d)
+  if accountant == "rdp":
+    return eps_rdp
+  if not _pld_feasible(eps_rdp, t):
+    if accountant == "pld":
+      raise _pld_too_costly(eps_rdp, t)
+    return eps_rdp
+  eps_pld = _epsilon("pld", sigma, q, t, d)
+  return eps_pld if accountant == "pld" else min(eps_pld, eps_rdp)
 
 
 def dp_noise_multiplier(
@@ -319,7 +396,7 @@ def dp_noise_multiplier(
     steps: int,
     delta: float,
     *,
-    accountant: str = "pld",
+    accountant: str = "auto",
 ) -> float:
   r"""The smallest noise multiplier σ for which DP-SGD is (ε, δ)-DP after ``steps`` steps.
 
@@ -328,23 +405,30 @@ def dp_noise_multiplier(
 
   The inverse of :func:`dp_epsilon`, by ``dp_accounting.calibrate_dp_mechanism``
   (Brent's method on the accountant's ε, to 1e-6 in σ). The returned σ never
-  spends more than ``epsilon``: ``dp_epsilon(σ, ...) <= epsilon``. With
-  ``"pld"`` it takes a few seconds (more for large ε, where σ is small);
-  ``"rdp"`` is fast and gives a larger σ.
+  spends more than ``epsilon`` under the accountant it comes from, so
+  ``dp_epsilon(σ, ...) <= epsilon`` with the same ``accountant``. ``"auto"``
+  calibrates with RDP (milliseconds) and then with PLD (a few seconds, more
+  for large ε, where σ is small), searching below RDP's σ, and returns the
+  smaller σ: usually PLD's, RDP's at very small δ where PLD's bound is the
+  looser (δ = 1e-300: PLD asks for thousands of times the noise). PLD is
+  skipped, or with ``"pld"`` refused, beyond the limits given in
+  :func:`dp_epsilon`.
 
   Args:
     epsilon: the target ε > 0, finite.
     sampling_rate: q in (0, 1].
     steps: T ≥ 1.
     delta: δ in (0, 1).
-    accountant: ``"pld"`` or ``"rdp"``.
+    accountant: ``"auto"`` (the smaller σ of PLD and RDP), ``"pld"`` or
+      ``"rdp"``.
 
   Returns:
     σ as a Python float.
 
   Raises:
     ValueError: a number out of its range above (NaN included), a
-      non-integer ``steps``, or an unknown ``accountant``.
+      non-integer ``steps``, an unknown ``accountant``, or ``"pld"`` beyond
+      the limits of :func:`dp_epsilon`.
     TypeError: a bool, a non-number or a traced value where a number is meant.
 
   Examples:
@@ -364,15 +448,29 @@ def dp_noise_multiplier(
   eps = float(_host_number("epsilon", epsilon, low=0, low_open=True, finite=True,
                            fix="Pass the privacy budget ε (e.g. 8.0)."))
   q, t, d = _check_accounting(sampling_rate, steps, delta, accountant)
-  import dp_accounting
+  dp_accounting = import_extra("dp_accounting", "dp")
 
-  return float(dp_accounting.calibrate_dp_mechanism(
-      _make_accountant(accountant),
-      lambda sigma: _dp_sgd_event(sigma, q, t),
-      eps,
-      d,
-      bracket_interval=dp_accounting.LowerEndpointAndGuess(0.0, 1.0),
-  ))
+  def calibrate(name, bracket):
+    return float(dp_accounting.calibrate_dp_mechanism(
+        _make_accountant(name), lambda sigma: _dp_sgd_event(sigma, q, t), eps, d,
+        bracket_interval=bracket))
+
+  if accountant == "pld" and not _pld_feasible(eps, t):
+    raise _pld_too_costly(eps, t)
+  if accountant == "pld":
+    return calibrate("pld", dp_accounting.LowerEndpointAndGuess(0.0, 1.0))
+  sigma_rdp = calibrate("rdp", dp_accounting.LowerEndpointAndGuess(0.0, 1.0))
+  if accountant == "rdp" or not _pld_feasible(eps, t):
+    return sigma_rdp
+  # PLD's σ is searched in [σ_rdp/2, σ_rdp] (small σ make PLD slow); there is
+  # none there when PLD's bound is the looser one, and then RDP's σ is kept.
+  try:
+    return min(calibrate("pld", dp_accounting.ExplicitBracketInterval(sigma_rdp / 2, sigma_rdp)),
+               sigma_rdp)
+  except ValueError:
+    if _epsilon("pld", sigma_rdp / 2, q, t, d) > eps:
+      return sigma_rdp
+    return calibrate("pld", dp_accounting.LowerEndpointAndGuess(0.0, sigma_rdp / 2))
 
 
 # Poisson sampling.
@@ -484,7 +582,9 @@ def poisson_batches(
   """
   n = int(_host_number("num_examples", num_examples, **_NUM_EXAMPLES))
   q = float(_host_number("sampling_rate", sampling_rate, **_SAMPLING_RATE))
-  size = check_size("max_batch_size", max_batch_size)
+  size = check_count("max_batch_size", max_batch_size,
+                     fix="It is the fixed shape of every batch (jit compiles once for it); see"
+                     " poisson_max_batch_size.")
   seed = int(_host_number("seed", seed, low=0, integer=True, fix="Pass e.g. seed=0."))
   if steps is not None:
     steps = int(_host_number("steps", steps, **_STEPS))
@@ -526,7 +626,6 @@ def poisson_max_batch_size(
   q = float(_host_number("sampling_rate", sampling_rate, **_SAMPLING_RATE))
   p = float(_host_number("failure_probability", failure_probability, low=0, high=1,
                          low_open=True, high_open=True, fix="Pass e.g. 1e-9."))
-  from scipy import stats
-
+  stats = import_extra("scipy.stats", "dp")
   m = stats.binom.isf(p, n, q)
   return max(int(m), 1)

@@ -14,8 +14,9 @@ Policy, in one place:
   and under ``vmap`` so do all examples: the batch takes the fast path unless
   one example needs rescuing (a custom batching rule; a plain ``lax.cond``
   would become a select that always pays for both paths).
-* Derivatives are NaN-free: at a zero vector the derivative of the Euclidean
-  norm is defined as 0 (a subgradient), and second derivatives are finite.
+* Derivatives are NaN-free: at a zero vector the derivative of every norm
+  (Euclidean, 1, inf) is defined as 0 (a subgradient; for ord 1 and inf each
+  zero entry contributes 0), and second derivatives are finite.
 * Inputs containing ``inf`` give ``inf``; inputs containing ``nan`` give ``nan``.
 """
 
@@ -72,8 +73,15 @@ def _sumsq(leaf: jax.Array, acc: jnp.dtype, scale: jax.Array | None = None) -> j
   return functools.reduce(jnp.add, [jnp.sum(part * part) for part in parts])
 
 
+def _abs(x: jax.Array) -> jax.Array:
+  """|x|, with the derivative 0 at x = 0 for real x (the zero subgradient; jnp.abs has 1)."""
+  if jnp.issubdtype(x.dtype, jnp.complexfloating):
+    return jnp.abs(x)
+  return x * jnp.sign(x)
+
+
 def _amax(leaf: jax.Array, acc: jnp.dtype) -> jax.Array:
-  return jnp.max(jnp.abs(leaf), initial=0).astype(acc)
+  return jnp.max(_abs(leaf), initial=0).astype(acc)
 
 
 def _group_dtype(leaves: list[jax.Array]) -> jnp.dtype:
@@ -150,8 +158,12 @@ def _rescue_exponent(sumsq: jax.Array, group_size: int) -> jax.Array:
   return jnp.where(jnp.isfinite(sumsq), jnp.where(sumsq > 0, half, zero), big)
 
 
-def _rescued(leaves: list[jax.Array], sums: list[jax.Array]) -> jax.Array:
-  """A group's norm from a second pass, every leaf scaled by one exact power of two."""
+def _rescued(leaves: list[jax.Array], sums: list[jax.Array]) -> tuple[jax.Array, jax.Array]:
+  """A group's norm from a second pass, every leaf scaled by one exact power of two.
+
+  Returned as ``(m, r)`` with norm = m·r and r an exact power of two: m stays
+  finite (and normal) where the norm itself overflows (or underflows).
+  """
   acc = _group_dtype(leaves)
   size = sum(x.size * (2 if jnp.iscomplexobj(x) else 1) for x in leaves)
   if len(sums) == 1:
@@ -166,8 +178,8 @@ def _rescued(leaves: list[jax.Array], sums: list[jax.Array]) -> jax.Array:
     # when this branch never runs); each leaf's scaling fuses into its sum.
     s, x = lax.optimization_barrier((scale, x))
     total.append(_sumsq(x, acc, s))
-  # Exact unless the norm itself is out of range (inf, or flushed to 0).
-  return jnp.sqrt(_total(total)) * (1 / scale)
+  # m·r is exact unless the norm itself is out of range (inf, or flushed to 0).
+  return jnp.sqrt(_total(total)), 1 / scale
 
 
 # Groups at least this large get their own branch in the rare path, so that one
@@ -176,22 +188,30 @@ def _rescued(leaves: list[jax.Array], sums: list[jax.Array]) -> jax.Array:
 _OWN_BRANCH_SIZE = 2**16
 
 
+def _fast(total: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``(m, r)`` of a one-pass sum of squares: (√total, 1)."""
+  return jnp.sqrt(total), jnp.ones_like(total)
+
+
 def _rescue(
     groups: list[list[jax.Array]], sums: list[list[jax.Array]], totals: list[jax.Array]
-) -> list[jax.Array]:
+) -> list[tuple[jax.Array, jax.Array]]:
   """Groups whose one-pass sum is accurate keep it; the others are rescaled."""
   out = []
   for g, s, t in zip(groups, sums, totals):
-    ok, fast = _fast_path_ok(t), jnp.sqrt(t)
+    ok = _fast_path_ok(t)
     if len(groups) > 1 and sum(x.size for x in g) >= _OWN_BRANCH_SIZE:
-      out.append(lax.cond(ok, lambda fast=fast: fast, lambda g=g, s=s: _rescued(g, s)))
+      out.append(lax.cond(ok, lambda t=t: _fast(t), lambda g=g, s=s: _rescued(g, s)))
     else:
-      out.append(jnp.where(ok, fast, _rescued(g, s)))
+      out.append(jax.tree.map(lambda a, b, ok=ok: jnp.where(ok, a, b), _fast(t), _rescued(g, s)))
   return out
 
 
-def _l2_norms_one(groups: list[list[jax.Array]]) -> list[jax.Array]:
-  """The Euclidean norm of each group of leaves (a group is one vector).
+def _l2_norms_one(groups: list[list[jax.Array]]) -> list[tuple[jax.Array, jax.Array]]:
+  """The Euclidean norm of each group of leaves (a group is one vector), as (m, r).
+
+  The norm is m·r with r an exact power of two (1 on the fast path), so that
+  a norm beyond the largest float is still known: m finite, m·r = inf.
 
   One pass computes every leaf's sum of squares; ONE cond checks every group,
   so the common case costs a single scalar branch however many groups there
@@ -202,12 +222,12 @@ def _l2_norms_one(groups: list[list[jax.Array]]) -> list[jax.Array]:
   fuse both passes into one huge kernel, slow to compile.
   """
   sums, totals = _sumsqs(groups)
-  return lax.cond(_all_fast(totals), lambda: [jnp.sqrt(t) for t in totals],
+  return lax.cond(_all_fast(totals), lambda: [_fast(t) for t in totals],
                   lambda: _rescue(groups, sums, totals))
 
 
 @jax.custom_batching.custom_vmap
-def _l2_norms_batchable(groups: list[list[jax.Array]]) -> list[jax.Array]:
+def _l2_norms_batchable(groups: list[list[jax.Array]]) -> list[tuple[jax.Array, jax.Array]]:
   return _l2_norms_one(groups)
 
 
@@ -223,13 +243,13 @@ def _l2_norms_vmap(axis_size, in_batched, groups):
   in_axes = [[0 if b else None for b in bg] for bg in batched]
   sums, totals = jax.vmap(_sumsqs, in_axes=(in_axes,), axis_size=axis_size)(groups)
   rescue = jax.vmap(_rescue, in_axes=(in_axes, 0, 0), axis_size=axis_size)
-  norms = lax.cond(_all_fast(totals), lambda: [jnp.sqrt(t) for t in totals],
+  norms = lax.cond(_all_fast(totals), lambda: [_fast(t) for t in totals],
                    lambda: rescue(groups, sums, totals))
-  return norms, [True] * len(norms)
+  return norms, [(True, True)] * len(norms)
 
 
 @jax.custom_jvp
-def _l2_norms(groups: list[list[jax.Array]]) -> list[jax.Array]:
+def _l2_norms(groups: list[list[jax.Array]]) -> list[tuple[jax.Array, jax.Array]]:
   """:func:`_l2_norms_one` with a NaN-free derivative and a batch-wide branch."""
   if not groups:
     return []
@@ -240,39 +260,56 @@ def _l2_norms(groups: list[list[jax.Array]]) -> list[jax.Array]:
 def _l2_norms_jvp(primals, tangents):
   (groups,), (dgroups,) = primals, tangents
   norms = _l2_norms(groups)
-  return norms, [_l2_jvp(n, g, dg) for n, g, dg in zip(norms, groups, dgroups)]
+  return norms, [(_l2_jvp(m, r, g, dg), jnp.zeros_like(r))
+                 for (m, r), g, dg in zip(norms, groups, dgroups)]
 
 
-def _l2_jvp(norm: jax.Array, leaves: list[jax.Array], dleaves: list[jax.Array]) -> jax.Array:
-  """d‖x‖ = Re<x/‖x‖, dx>, and 0 at x = 0 (the zero subgradient).
+def _l2_jvp(m: jax.Array, r: jax.Array, leaves: list[jax.Array],
+            dleaves: list[jax.Array]) -> jax.Array:
+  """dm for ‖x‖ = m·r: d‖x‖/r with d‖x‖ = Re<x/‖x‖, dx>, and 0 at x = 0 (the zero subgradient).
 
-  x/‖x‖ is formed as (x·2^k)/(‖x‖·2^k) with ‖x‖·2^k in [0.5, 1): 1/‖x‖ alone
+  x/‖x‖ is formed as (x·2^k/r)/(m·2^k) with m·2^k in [0.5, 1): 1/‖x‖ alone
   is subnormal (flushed to 0) for norms above 1/tiny (1e38 in float32), and
   its derivative −1/‖x‖² overflows for norms below 1e-19, which made second
   derivatives −inf there. Both stay NaN-free at 0.
   """
-  s, inv = pow2_inverse(norm)
+  s, inv = pow2_inverse(m)
+  r = lax.stop_gradient(r)
+  # x/r is at most m, finite; s/r alone could be subnormal (2^-127).
+  to_m = 1 / r
   dots = []
   for x, dx in zip(leaves, dleaves):
-    dtype = jnp.promote_types(x.dtype, norm.dtype)
-    unit = (x.astype(dtype) * s.astype(dtype)) * inv.astype(dtype)
-    dots.append(jnp.real(jnp.sum(jnp.conj(unit) * dx)).astype(norm.dtype))
-  return _total(dots)
+    dtype = jnp.promote_types(x.dtype, m.dtype)
+    unit = ((x.astype(dtype) * to_m.astype(dtype)) * s.astype(dtype)) * inv.astype(dtype)
+    dots.append(jnp.real(jnp.sum(jnp.conj(unit) * dx)).astype(m.dtype))
+  return _total(dots) / r
 
 
-def _other_norm(leaves: list[jax.Array], ord: Any) -> jax.Array:
-  """ord 1 (sum of |x|) or inf (max |x|) of ``leaves`` taken as one vector."""
+def _other_norm(leaves: list[jax.Array], ord: Any) -> tuple[jax.Array, jax.Array]:
+  """ord 1 (sum of |x|) or inf (max |x|) of ``leaves`` taken as one vector, as (m, r).
+
+  A sum of |x| that overflows is taken again scaled by 2^-64 (r = 2^64):
+  finite entries can then no longer overflow it.
+  """
   acc = _group_dtype(leaves)
-  if ord == 1:
-    return sum(jnp.sum(jnp.abs(x).astype(acc)) for x in leaves)
-  return jnp.max(jnp.stack([_amax(x, acc) for x in leaves]))
+  if ord != 1:
+    amax = jnp.max(jnp.stack([_amax(x, acc) for x in leaves]))
+    return amax, jnp.ones_like(amax)
+
+  def l1(scale):
+    return sum(jnp.sum(_abs(x).astype(acc) * scale) for x in leaves)
+
+  total = l1(1)
+  one = jnp.ones((), acc)
+  return lax.cond(jnp.isfinite(total), lambda: (total, one),
+                  lambda: (l1(jnp.asarray(2.0**-64, acc)), one * 2.0**64))
 
 
 # Jitted so that eager calls compile once per tree structure and shapes instead
 # of dispatching (and compiling the conds) op by op; inlined under an outer jit.
 @functools.partial(jax.jit, static_argnames="ord")
-def _norms(groups: list[list[jax.Array]], ord: Any) -> list[jax.Array]:
-  """One norm per group of leaves; ``ord`` already checked."""
+def _norms(groups: list[list[jax.Array]], ord: Any) -> list[tuple[jax.Array, jax.Array]]:
+  """One norm per group of leaves, as (m, r) with norm = m·r; ``ord`` already checked."""
   if ord is None or ord == 2:
     return _l2_norms(groups)
   return [_other_norm(g, ord) for g in groups]
@@ -318,10 +355,22 @@ def tree_norm(tree: Any, ord: int | float | None = None) -> jax.Array:
     "Algorithm 978: Safe scaling in the Level 1 BLAS", ACM TOMS 44(1), 2017
     (https://doi.org/10.1145/3061665). No arXiv versions exist.
   """
+  m, r = tree_norm_split(tree, ord)
+  return m * r
+
+
+def tree_norm_split(tree: Any, ord: Any = None) -> tuple[jax.Array, jax.Array]:
+  """:func:`tree_norm` as ``(m, r)``: norm = m·r, r an exact power of two.
+
+  m is finite whenever every entry is (r = 1 on the common path), even where
+  the norm overflows to inf: clipping divides by m and multiplies by 1/r, so
+  an update of norm 4e38 in float32 is clipped, not zeroed. m carries the
+  derivative, r none.
+  """
   check_ord(ord)
   leaves = _checked_leaves(tree)
   if not leaves:
-    return jnp.zeros((), jnp.float32)
+    return jnp.zeros((), jnp.float32), jnp.ones((), jnp.float32)
   return _norms([leaves], ord)[0]
 
 
@@ -357,9 +406,17 @@ def leaf_norms(tree: Any, ord: int | float | None = None) -> Any:
     >>> {k: float(v) for k, v in norms.items()}
     {'b': 0.0, 'w': 5.0}
   """
+  ms, rs = leaf_norms_split(tree, ord)
+  return jax.tree.map(lambda m, r: m * r, ms, rs)
+
+
+def leaf_norms_split(tree: Any, ord: Any = None) -> tuple[Any, Any]:
+  """:func:`leaf_norms` as two trees ``(m, r)``, leaf by leaf as in :func:`tree_norm_split`."""
   check_ord(ord)
   leaves = _checked_leaves(tree)
-  return jax.tree.structure(tree).unflatten(_norms([[x] for x in leaves], ord))
+  pairs = _norms([[x] for x in leaves], ord)
+  treedef = jax.tree.structure(tree)
+  return treedef.unflatten([m for m, _ in pairs]), treedef.unflatten([r for _, r in pairs])
 
 
 def sum_of_squares(x: jax.Array) -> jax.Array:

@@ -152,25 +152,29 @@ def broadcast_prefix(factor: Any, tree: Any) -> Any:
   """
   is_none = lambda x: x is None
   if not jax.tree.leaves(factor) or jax.tree.leaves(factor)[0] is not factor:
+    # None in ``factor`` is an empty subtree: it matches only None (no leaves) in ``tree``.
     return jax.tree.map(
-        lambda f, sub: jax.tree.map(lambda _: f, sub, is_leaf=is_none), factor, tree,
-        is_leaf=is_none,
-    )
+        lambda f, sub: jax.tree.map(lambda _: f, sub, is_leaf=is_none), factor, tree)
   return jax.tree.map(lambda _: factor, tree, is_leaf=is_none)
 
 
-def _clip_parts(norm: Any, max_norm: Any):
-  """(over, s, ratio): clip iff ``over``; then the factor is s·ratio = max_norm/norm."""
+def _clip_parts(norm: Any, max_norm: Any, r: Any = None):
+  """(over, s, ratio): clip iff ``over``; then the factor is s·ratio = max_norm/(norm·r).
+
+  ``r`` (an exact power of two, default 1) lets a norm beyond the largest
+  float be given as ``norm·r`` with ``norm`` finite.
+  """
   norm = jnp.asarray(norm)
   max_norm = jnp.asarray(max_norm, norm.dtype)
   max_norm = jnp.where(max_norm > 0, max_norm, 0)
-  over = (norm > max_norm) | (max_norm == 0)
+  r = jnp.ones((), norm.dtype) if r is None else lax.stop_gradient(jnp.asarray(r, norm.dtype))
+  over = (norm * r > max_norm) | (max_norm == 0)
   s, m = pow2_split(norm)
   s = jnp.where(over, s, 1)
   # Only the selected branch may see the real norm: the other one must not
   # produce inf·0 = NaN in the backward pass (e.g. 1/m² for a tiny m).
   ratio = _ratio(jnp.where(over, max_norm, 1), jnp.where(over & (norm > 0), m, 1))
-  return over, s, jnp.where(over, ratio, 1)
+  return over, jnp.where(over, 1 / r, 1), s, jnp.where(over, ratio, 1)
 
 
 def clip_factor(norm: jax.Array, max_norm: jax.Array | float) -> jax.Array:
@@ -185,12 +189,19 @@ def clip_factor(norm: jax.Array, max_norm: jax.Array | float) -> jax.Array:
   :func:`clip_scales` to an update instead.
   """
   norm = jnp.asarray(norm)
-  _, s, ratio = _clip_parts(norm, max_norm)
+  _, _, s, ratio = _clip_parts(norm, max_norm)
   return (ratio * s).astype(norm.dtype)
 
 
-def clip_scales(norm: jax.Array, max_norm: jax.Array | float) -> tuple[jax.Array, jax.Array]:
+def clip_scales(
+    norm: jax.Array, max_norm: jax.Array | float, r: Any = None
+) -> tuple[jax.Array, ...]:
   """``(s, f)`` with ``s·f = clip_factor(norm, max_norm)``, for ``scale_tree(g, s, f)``.
+
+  With ``r`` the norm is ``norm·r`` (:func:`gnorm_jax._norms.tree_norm_split`)
+  and the factors are ``(1/r, s, f)``, applied in that order: ``g/r`` is at
+  most ``norm``, so a finite update whose norm overflows is clipped like any
+  other (``s/r`` as one factor could be subnormal).
 
   ``s`` is an exact power of two and ``f`` lies in [0, 2·max_norm], so ``(g·s)·f``
   neither overflows nor flushes to zero where the clipped update is
@@ -198,8 +209,8 @@ def clip_scales(norm: jax.Array, max_norm: jax.Array | float) -> tuple[jax.Array
   updates pass bit-for-bit.
   """
   norm = jnp.asarray(norm)
-  _, s, ratio = _clip_parts(norm, max_norm)
-  return s, ratio.astype(norm.dtype)
+  _, u, s, ratio = _clip_parts(norm, max_norm, r)
+  return (s, ratio.astype(norm.dtype)) if r is None else (u, s, ratio.astype(norm.dtype))
 
 
 @jax.custom_jvp

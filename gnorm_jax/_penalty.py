@@ -19,6 +19,7 @@ derivative is finite: the norm's derivative there is the zero subgradient.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Callable, Sequence
 
 import jax
@@ -44,13 +45,7 @@ __all__ = [
 
 _METHODS = ("hvp", "double_backprop", "finite_difference")
 
-
 _WEIGHT_FIX = "Pass the penalty weight λ, e.g. weight=0.1."
-_PENALIZED_SIGNATURE = "(fun, argnums=0, has_aux=False, *, weight, squared=True, ord=None)"
-_PVG_SIGNATURE = (
-    '(fun, argnums=0, has_aux=False, *, weight, method="hvp", squared=True, ord=None,'
-    " radius=0.01)"
-)
 
 # The finite-difference step is at least this many units of the parameters'
 # resolution (ε·‖θ‖, leaf by leaf): rounding the probe to θ's dtype then turns
@@ -198,7 +193,7 @@ def penalized(
     https://arxiv.org/abs/2202.03599
   """
   check_fun(fun, "penalized")
-  check_grad_args("penalized", _PENALIZED_SIGNATURE, argnums, has_aux)
+  check_grad_args(penalized, argnums, has_aux)
   check_number("weight", weight, low=0, finite=True, fix=_WEIGHT_FIX)
   check_choice("squared", squared, (True, False), "Pass a bool: penalize ‖∇J‖² or ‖∇J‖.")
   check_ord(ord)
@@ -352,7 +347,7 @@ def penalized_value_and_grad(
     Generalization in Deep Learning", https://arxiv.org/abs/2202.03599
   """
   check_fun(fun, "penalized_value_and_grad")
-  check_grad_args("penalized_value_and_grad", _PVG_SIGNATURE, argnums, has_aux)
+  check_grad_args(penalized_value_and_grad, argnums, has_aux)
   check_choice("method", method, _METHODS)
   check_number("weight", weight, low=0, finite=True, fix=_WEIGHT_FIX)
   check_number("radius", radius, low=0, low_open=True, finite=True,
@@ -422,6 +417,24 @@ def _check_batch(x: Any, name: str) -> None:
     raise ValueError(
         f"every leaf of {name} needs the same leading batch size, got sizes {sorted(sizes)}."
     )
+  if sizes == {0}:
+    raise ValueError(
+        f"{name} is an empty batch (leading axis of size 0): the mean over its examples is"
+        " undefined. Pass at least one example, or skip the call."
+    )
+
+
+def _mean(values: jax.Array) -> jax.Array:
+  """The mean over axis 0, without overflow where the sum exceeds the largest float.
+
+  Summed scaled by 2^-⌈log2 B⌉ (exact), then divided by B·2^-⌈log2 B⌉ in
+  (0.5, 1]: the same single rounding as sum/B, but the sum of B values at
+  most the largest float cannot overflow.
+  """
+  batch = values.shape[0]
+  scale = 2.0 ** -math.ceil(math.log2(batch))
+  return jnp.sum(values * jnp.asarray(scale, values.dtype), axis=0) / jnp.asarray(
+      batch * scale, values.dtype)
 
 
 def gradient_penalty(fun: Callable[[Any], jax.Array], x: Any, *, target: Any = 1.0) -> jax.Array:
@@ -474,7 +487,7 @@ def gradient_penalty(fun: Callable[[Any], jax.Array], x: Any, *, target: Any = 1
                fix="Pass the target norm, 1.0 in WGAN-GP.")
   _check_batch(x, "x")
   norms = safe_sqrt(_per_example_sq_norms(_input_grads(fun, x)))
-  return jnp.mean(jnp.square(norms - jnp.asarray(target, norms.dtype)))
+  return _mean(jnp.square(norms - jnp.asarray(target, norms.dtype)))
 
 
 def r1_penalty(fun: Callable[[Any], jax.Array], x: Any) -> jax.Array:
@@ -514,7 +527,7 @@ def r1_penalty(fun: Callable[[Any], jax.Array], x: Any) -> jax.Array:
   """
   check_fun(fun, "r1_penalty")
   _check_batch(x, "x")
-  return jnp.mean(_per_example_sq_norms(_input_grads(fun, x)))
+  return _mean(_per_example_sq_norms(_input_grads(fun, x)))
 
 
 def interpolate(key: jax.Array, real: Any, fake: Any) -> Any:
@@ -525,7 +538,10 @@ def interpolate(key: jax.Array, real: Any, fake: Any) -> Any:
     \qquad \epsilon_i \sim U[0, 1]
 
   One ε per example, shared by every entry (and every leaf of a pytree) of
-  that example. Mixed in at least float32 and cast back to each leaf's dtype.
+  that example. Mixed in at least float32 and cast back to each floating
+  leaf's dtype; integer leaves (uint8 images) give float32 points, as the
+  points between two integers are not integers (and the critic's gradient
+  needs floating inputs).
   Gradients flow to both ``real`` and ``fake``; stop them yourself if needed.
 
   Args:
@@ -534,7 +550,8 @@ def interpolate(key: jax.Array, real: Any, fake: Any) -> Any:
     fake: generated examples with the same structure, shapes and dtypes.
 
   Returns:
-    The interpolates, with ``real``'s structure, shapes and dtypes.
+    The interpolates, with ``real``'s structure and shapes, and its dtypes
+    (float32 for integer leaves).
 
   Raises:
     ValueError: ``real`` and ``fake`` differ in structure or shape, or have no
@@ -564,6 +581,9 @@ def interpolate(key: jax.Array, real: Any, fake: Any) -> Any:
 
   def mix(r, f):
     e = eps.reshape((batch,) + (1,) * (jnp.ndim(r) - 1))
+    r, f = jnp.asarray(r), jnp.asarray(f)
+    if not jnp.issubdtype(r.dtype, jnp.inexact):
+      r, f = r.astype(jnp.float32), f.astype(jnp.float32)
     return upcast(lambda r, f, e: e * r + (1 - e) * f, r, f, e)
 
   return jax.tree.map(mix, real, fake)

@@ -12,8 +12,6 @@ from gnorm_jax._norms import tree_norm
 
 __all__ = ["grad_norm", "value_grad_and_norm"]
 
-_SIGNATURE = "(fun, argnums=0, has_aux=False, *, ord=None)"
-
 
 def value_grad_and_norm(
     fun: Callable[..., Any],
@@ -63,7 +61,7 @@ def value_grad_and_norm(
     clipping measures once per step.
   """
   check_fun(fun, "value_grad_and_norm")
-  check_grad_args("value_grad_and_norm", _SIGNATURE, argnums, has_aux)
+  check_grad_args(value_grad_and_norm, argnums, has_aux)
   check_ord(ord)
   vg = jax.value_and_grad(fun, argnums=argnums, has_aux=has_aux)
 
@@ -131,7 +129,7 @@ def grad_norm(
     ‖∇f‖, as this function allows.
   """
   check_fun(fun, "grad_norm")
-  check_grad_args("grad_norm", _SIGNATURE, argnums, has_aux)
+  check_grad_args(grad_norm, argnums, has_aux)
   vgn = value_grad_and_norm(fun, argnums, has_aux, ord=ord)
 
   @functools.wraps(fun)

@@ -722,3 +722,66 @@ def test_initial_state_can_be_donated(name):
   state = tx.init(_params())
   step = jax.jit(lambda g, s: tx.update(g, s)[1], donate_argnums=1)
   jax.block_until_ready(step(UNIT, state))
+
+
+# Issue 18: overflowing norms, an infinite z_threshold, a bad inner.
+
+BIG = jnp.array([3e38, 3e38], jnp.float32)  # finite; its norm 4.2e38 overflows float32
+
+
+@pytest.mark.parametrize("make", [
+    lambda: gnorm_jax.autoclip(0.5, history=4),
+    lambda: gnorm_jax.zclip(warmup_steps=2),
+    lambda: gnorm_jax.skip_spikes(optax.identity(), warmup_steps=2),
+])
+def test_first_update_with_overflowing_norm_passes_unchanged(make):
+  # Every threshold is inf on the first step: the update is finite and must
+  # pass as it is (it was zeroed: its norm overflowed to inf).
+  tx = make()
+  out, state = tx.update(BIG, tx.init(BIG))
+  np.testing.assert_array_equal(out, BIG)
+  assert np.isinf(state.grad_norm)
+
+
+def test_quantile_clip_clips_an_overflowing_norm_to_its_threshold():
+  tx = gnorm_jax.quantile_clip(initial_max_norm=2.0)
+  out, _ = tx.update(BIG, tx.init(BIG))
+  g64 = np.asarray(BIG, np.float64)
+  np.testing.assert_allclose(out, 2.0 * g64 / np.linalg.norm(g64), rtol=1e-6)
+
+
+def test_overflowing_norm_after_warmup_is_clipped_or_skipped():
+  small = jnp.array([1.0, 0.0])
+  z = gnorm_jax.zclip(warmup_steps=2)
+  s = gnorm_jax.skip_spikes(optax.identity(), warmup_steps=2)
+  zs, ss = z.init(small), s.init(small)
+  for g in (small, 3 * small):
+    _, zs = z.update(g, zs)
+    _, ss = s.update(g, ss)
+  out, zs = z.update(BIG, zs)  # z = inf: clipped to the mean, 2
+  g64 = np.asarray(BIG, np.float64)
+  np.testing.assert_allclose(out, 2.0 * g64 / np.linalg.norm(g64), rtol=1e-6)
+  out, ss = s.update(BIG, ss)
+  np.testing.assert_array_equal(out, np.zeros(2))
+  assert int(ss.num_skipped) == 1
+
+
+def test_infinite_z_threshold_records_an_infinite_max_norm():
+  # mean + inf·std was NaN when std = 0 (equal norms); NaN also stopped
+  # skip_spikes from recording any norm.
+  g = jnp.array([1.0, 0.0])
+  z = gnorm_jax.zclip(z_threshold=math.inf, warmup_steps=1)
+  s = gnorm_jax.skip_spikes(optax.identity(), z_threshold=math.inf, warmup_steps=1)
+  zs, ss = z.init(g), s.init(g)
+  for _ in range(3):
+    _, zs = z.update(g, zs)
+    out, ss = s.update(g, ss)
+  assert float(zs.max_norm) == math.inf and float(ss.max_norm) == math.inf
+  assert int(ss.num_recorded) == 3 and int(ss.num_skipped) == 0
+  np.testing.assert_array_equal(out, g)
+
+
+@pytest.mark.parametrize("inner", [0.1, lambda u: u, optax.adam])
+def test_skip_spikes_names_a_bad_inner(inner):
+  with pytest.raises(TypeError, match=r"inner must be an optax.GradientTransformation, got"):
+    gnorm_jax.skip_spikes(inner)

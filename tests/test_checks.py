@@ -1,12 +1,14 @@
 """gnorm_jax._checks: the one number policy every public function uses."""
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import gnorm_jax
 from gnorm_jax import _checks
 
 NUMBERS = [2, 2.0, np.float32(2.0), np.int64(2), np.array(2.0), jnp.array(2.0), jnp.array(2)]
@@ -84,3 +86,52 @@ def test_threshold_trees():
     _checks.check_threshold_tree("max_norm", {"a": 1.0, "b": [-2.0]}, allow_tree=True)
   with pytest.raises(ValueError, match="needs per='leaf'"):
     _checks.check_threshold_tree("max_norm", {"a": 1.0}, allow_tree=False)
+
+
+# Issue 18: validation leaks.
+
+
+def test_signature_is_read_from_the_function():
+  # The "The signature is ..." hints come from inspect, not from copies.
+  assert _checks.signature(gnorm_jax.grad_norm) == (
+      "grad_norm(fun, argnums=0, has_aux=False, *, ord=None)")
+  sig = _checks.signature(gnorm_jax.clipped_grad)
+  assert sig.startswith("clipped_grad(fun, argnums=0, has_aux=False, *, max_norm,")
+  with pytest.raises(TypeError, match=re.escape(f"The signature is {sig}")):
+    gnorm_jax.clipped_grad(lambda w, x: 0.0, 1.0, max_norm=1.0)
+
+
+def test_check_count_accepts_numpy_ints_only():
+  assert _checks.check_count("n", np.int64(2)) == 2
+  assert _checks.check_count("n", None, allow_none=True) is None
+  for bad in (2.0, True, np.bool_(True), "2", jnp.ones(2)):
+    with pytest.raises(TypeError, match=r"n must be a Python int"):
+      _checks.check_count("n", bad)
+  with pytest.raises(ValueError, match=r"n must be an int >= 1, got n=0"):
+    _checks.check_count("n", 0)
+
+
+def test_check_bool_accepts_numpy_bools():
+  assert _checks.check_bool("flag", np.bool_(True)) is True
+  with pytest.raises(TypeError, match=r"flag must be True or False, got flag='yes'"):
+    _checks.check_bool("flag", "yes")
+
+
+def test_path_str_names_the_root():
+  assert _checks.path_str(()) == "<root>"
+  assert _checks.path_str(jax.tree_util.tree_flatten_with_path({"a": 1})[0][0][0]) == "['a']"
+
+
+def test_threshold_none_is_named_not_called_a_pytree():
+  with pytest.raises(TypeError, match=r"max_norm must be a number >= 0, got None"):
+    _checks.check_threshold_tree("max_norm", None, allow_tree=True)
+  with pytest.raises(ValueError, match=r"max_norm has no thresholds, only None"):
+    _checks.check_threshold_tree("max_norm", {"a": None}, allow_tree=True)
+  # None inside a tree is an empty subtree (an equinox model's non-array field).
+  _checks.check_threshold_tree("max_norm", {"a": None, "b": 1.0}, allow_tree=True)
+
+
+@pytest.mark.parametrize("ord_, expected", [(jnp.array(1), 1), (np.array(math.inf), math.inf),
+                                            (2.0, 2), (None, None)])
+def test_canonical_ord_reads_concrete_arrays(ord_, expected):
+  assert _checks.canonical_ord(ord_) == expected

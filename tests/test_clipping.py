@@ -196,12 +196,42 @@ def test_clip_meta_gradient_wrt_max_norm():
 
 
 @pytest.mark.parametrize(
-    "bad", [-1.0, -1e-9, float("nan"), -3, np.float32(-1.0), jnp.array(-1.0), np.array(math.nan)]
+    "bad", [-1.0, -1e-9, float("nan"), -3, np.float32(-1.0), np.array(math.nan)]
 )
 def test_clip_rejects_negative_or_nan_max_norm(bad):
-  # Concrete 0-d arrays are numbers too: jnp.array(-1.) used to zero every update.
+  # numpy 0-d arrays are numbers too.
   with pytest.raises(ValueError, match=r"max_norm must be >= 0, got max_norm="):
     gnorm_jax.clip_by_norm(bad)
+
+
+@pytest.mark.parametrize("bad", [-1.0, math.nan])
+@pytest.mark.parametrize("jit", [False, True])
+def test_injected_negative_or_nan_max_norm_acts_as_zero(bad, jit):
+  # optax.inject_hyperparams passes a jax array at init and a tracer in
+  # update: both are used as they are, a negative or NaN one acting as 0 (it
+  # raised at init). A jax array given directly is treated the same way.
+  g = jnp.array([3.0, 4.0])
+  for tx in (optax.inject_hyperparams(gnorm_jax.clip_by_norm)(max_norm=bad),
+             gnorm_jax.clip_by_norm(jnp.array(bad))):
+    update = jax.jit(tx.update) if jit else tx.update
+    out, state = update(g, tx.init(g))
+    np.testing.assert_array_equal(out, np.zeros(2))
+    assert float(getattr(state, "inner_state", state).max_norm) == 0.0
+
+
+@pytest.mark.parametrize("ord_, expected", [(1, 7.0), (math.inf, 4.0), (2, 5.0), (None, 5.0)])
+def test_inject_hyperparams_accepts_numeric_ord(ord_, expected):
+  # optax.inject_hyperparams turns ord=1 into a hyperparameter array (it raised
+  # "ord must be ..."); under jit it is traced and the norm is selected.
+  g = jnp.array([3.0, -4.0])
+  kwargs = {} if ord_ is None else {"ord": ord_}
+  tx = optax.inject_hyperparams(gnorm_jax.clip_by_norm)(max_norm=1, **kwargs)
+  ref = gnorm_jax.clip_by_norm(1.0, ord=ord_)
+  for update in (tx.update, jax.jit(tx.update)):
+    out, state = update(g, tx.init(g))
+    assert float(state.inner_state.grad_norm) == expected
+    np.testing.assert_allclose(out, ref.update(g, ref.init(g))[0], rtol=1e-6)
+    np.testing.assert_allclose(out, np.asarray(g, np.float64) / expected, rtol=1e-6)
 
 
 @pytest.mark.parametrize("factory", FACTORIES)
@@ -712,3 +742,20 @@ def test_normalize_properties(g, scale):
   else:
     np.testing.assert_array_equal(out, 0.0)
 
+
+
+# Issue 18: finite updates whose norm overflows float32.
+
+
+@pytest.mark.parametrize("ord_", [None, 1])
+@pytest.mark.parametrize("per", ["global", "leaf"])
+def test_finite_update_with_overflowing_norm_is_clipped_not_zeroed(ord_, per):
+  g = jnp.array([3e38, 3e38], jnp.float32)  # ‖g‖ = 4.2e38 > float32's max
+  g64 = np.asarray(g, np.float64)
+  norm64 = np.linalg.norm(g64, ord=2 if ord_ is None else ord_)
+  tx = gnorm_jax.clip_by_norm(1.0, ord=ord_, per=per)
+  out, state = tx.update(g, tx.init(g))
+  np.testing.assert_allclose(out, g64 / norm64, rtol=1e-6)
+  assert np.isinf(jax.tree.leaves(optax.tree.get(state, "grad_norm"))[0])
+  tx = gnorm_jax.normalize(2.0, ord=ord_, per=per)
+  np.testing.assert_allclose(tx.update(g, tx.init(g))[0], 2 * g64 / norm64, rtol=1e-6)

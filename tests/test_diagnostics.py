@@ -591,3 +591,57 @@ def test_record_leaf_norms_in_a_jitted_training_loop():
 def test_record_leaf_norms_validation():
   with pytest.raises(ValueError, match="ord must be"):
     gnorm_jax.record_leaf_norms(ord=0)
+
+
+# Issue 18: overflow, float32 batch sizes, bad norms, x64 state, logging names.
+
+
+def _np_noise_scale(small, big, b_small, b_big):
+  small, big = np.float64(small), np.float64(big)
+  grad_sq = (b_big * big - b_small * small) / (b_big - b_small)
+  trace_cov = (small - big) / (1 / b_small - 1 / b_big)
+  return trace_cov / grad_sq, grad_sq, trace_cov
+
+
+@pytest.mark.parametrize("args", [(3e38, 2e38, 32, 128), (1.0, 0.5, 2**25, 2**25 + 1),
+                                  (5.0, 2.0, 32, 128)])
+def test_noise_scale_matches_float64(args):
+  # 3e38: B·|G|² overflowed float32 (b_simple NaN, want 25.6); 2**25 and
+  # 2**25 + 1 are the same float32 (a division by 0).
+  got = gnorm_jax.noise_scale_from_two_batches(*args)
+  b_simple, grad_sq, trace_cov = _np_noise_scale(*args)
+  np.testing.assert_allclose(got.b_simple, b_simple, rtol=1e-5)
+  np.testing.assert_allclose(got.grad_sq_norm, grad_sq, rtol=1e-5)
+  if trace_cov < np.finfo(np.float32).max:
+    np.testing.assert_allclose(got.trace_cov, trace_cov, rtol=1e-5)
+  else:
+    assert np.isinf(got.trace_cov)
+  traced = jax.jit(gnorm_jax.noise_scale_from_two_batches)(*args)
+  np.testing.assert_allclose(traced.b_simple, b_simple, rtol=1e-5)
+
+
+def test_gradient_noise_scale_rejects_negative_norms_and_too_many():
+  with pytest.raises(ValueError, match=r"per_example_sq_norms must be squared norms \(>= 0\)"):
+    gnorm_jax.gradient_noise_scale(jnp.array([-1.0, 2.0]), 1.0, batch_size=2)
+  with pytest.raises(ValueError, match=r"has 3 entries, more than batch_size=2"):
+    gnorm_jax.gradient_noise_scale(jnp.array([1.0, 2.0, 3.0]), 1.0, batch_size=2)
+  with pytest.raises(ValueError, match=r"batch_grad_sq_norm must be >= 0"):
+    gnorm_jax.gradient_noise_scale(jnp.array([1.0, 2.0]), -1.0, batch_size=2)
+
+
+def test_tracker_state_is_float64_under_x64():
+  with jax.enable_x64(True):
+    tracker = gnorm_jax.noise_scale_tracker(0.5)
+    state = tracker.init()
+    est = gnorm_jax.noise_scale_from_two_batches(
+        jnp.float64(3e300), jnp.float64(1e300), 1, 2)
+    smoothed, state = tracker.update(est, state)
+    assert state.grad_sq_norm.dtype == jnp.float64
+    np.testing.assert_allclose(smoothed.grad_sq_norm, -1e300, rtol=1e-12)
+    np.testing.assert_allclose(smoothed.trace_cov, 4e300, rtol=1e-12)
+
+
+@pytest.mark.parametrize("kwargs, name", [({"prefix": 1}, "prefix"), ({"sep": None}, "sep")])
+def test_flat_leaf_norms_names_a_bad_prefix_or_sep(kwargs, name):
+  with pytest.raises(TypeError, match=rf"{name} must be a str, got {name}="):
+    gnorm_jax.flat_leaf_norms({"a": jnp.ones(2)}, **kwargs)

@@ -370,3 +370,74 @@ def test_poisson_max_batch_size_rejects_bad_arguments(error, name, bad):
   kwargs = dict(num_examples=100, sampling_rate=0.1) | bad
   with pytest.raises(error, match=rf"{name}.*got {name}"):
     gnorm_jax.poisson_max_batch_size(**kwargs)
+
+
+# Issue 18: the tighter valid bound, tiny δ, huge step counts, seeds, dtypes.
+
+
+def _direct_epsilon(accountant, sigma, q, steps, delta):
+  event = dp_accounting.SelfComposedDpEvent(
+      dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps)
+  make = {"pld": dp_accounting.pld.PLDAccountant, "rdp": dp_accounting.rdp.RdpAccountant}
+  return make[accountant]().compose(event).get_epsilon(delta)
+
+
+@pytest.mark.parametrize("delta", [1e-14, 1e-15])
+def test_epsilon_is_the_smaller_of_the_two_valid_bounds(delta):
+  # PLD alone over-reported ε at δ <= 1e-14 and gave inf from 1e-15; RDP is
+  # a valid bound there too, and the default takes the smaller.
+  pld = _direct_epsilon("pld", 1.0, 0.01, 100, delta)
+  rdp = _direct_epsilon("rdp", 1.0, 0.01, 100, delta)
+  eps = gnorm_jax.dp_epsilon(1.0, 0.01, 100, delta)
+  assert eps == min(pld, rdp) and math.isfinite(eps)
+  assert gnorm_jax.dp_epsilon(1.0, 0.01, 100, delta, accountant="rdp") == rdp
+
+
+def test_noise_multiplier_at_tiny_delta_takes_rdp():
+  # PLD at δ = 1e-300 asks for thousands of times the noise RDP proves enough.
+  sigma = gnorm_jax.dp_noise_multiplier(2.0, 0.01, 100, 1e-300)
+  rdp_sigma = gnorm_jax.dp_noise_multiplier(2.0, 0.01, 100, 1e-300, accountant="rdp")
+  assert sigma == rdp_sigma < 100
+  assert _direct_epsilon("rdp", sigma, 0.01, 100, 1e-300) <= 2.0
+
+
+def test_huge_step_counts_use_rdp_instead_of_exhausting_memory():
+  # PLD needed > 8 GiB at 1e9 steps; RDP answers at once.
+  eps = gnorm_jax.dp_epsilon(1.0, 0.01, 10**9, 1e-5)
+  assert eps == _direct_epsilon("rdp", 1.0, 0.01, 10**9, 1e-5)
+  with pytest.raises(ValueError, match=r"accountant='pld' would need .*Use accountant='rdp'"):
+    gnorm_jax.dp_epsilon(1.0, 0.01, 10**9, 1e-5, accountant="pld")
+
+
+def test_seed_may_be_a_key_and_bad_seeds_are_named():
+  g = jnp.zeros(3)
+  by_key = gnorm_jax.dp_noise(1.0, 1.0, batch_size=1, seed=jax.random.key(7))
+  by_int = gnorm_jax.dp_noise(1.0, 1.0, batch_size=1, seed=7)
+  np.testing.assert_array_equal(by_key.update(g, by_key.init(g))[0],
+                                by_int.update(g, by_int.init(g))[0])
+  with pytest.raises(ValueError, match=r"seed must be an integer in .* got seed=1844674407"):
+    gnorm_jax.dp_noise(1.0, 1.0, batch_size=1, seed=2**64)
+  with pytest.raises(TypeError, match=r"seed must be one PRNG key"):
+    gnorm_jax.dp_noise(1.0, 1.0, batch_size=1, seed=jax.random.split(jax.random.key(0)))
+
+
+def test_python_float_leaves_get_noise():
+  tx = gnorm_jax.dp_noise(1.0, 0.0, batch_size=2)
+  out, _ = tx.update({"a": 3.0}, tx.init({"a": 3.0}))
+  assert float(out["a"]) == 1.5
+
+
+def test_noise_scale_is_float64_under_x64():
+  with jax.enable_x64(True):
+    tx = gnorm_jax.dp_noise(1e300, 1e5, batch_size=1.0)
+    g = jnp.zeros(1000, jnp.float64)
+    out, state = tx.update(g, tx.init(g))
+    assert state.noise_std.dtype == jnp.float64 == tx.init(g).noise_std.dtype
+    np.testing.assert_allclose(float(state.noise_std), 1e305, rtol=1e-15)
+    assert 0.5 < float(jnp.std(out / 1e305)) < 2  # σ·C = 1e305 (it overflowed float32)
+
+
+def test_poisson_batches_size_error_has_no_optax_advice():
+  with pytest.raises(TypeError, match=r"max_batch_size must be a Python int") as info:
+    gnorm_jax.poisson_batches(10, 0.1, max_batch_size=2.0)
+  assert "inject_hyperparams" not in str(info.value)

@@ -613,3 +613,31 @@ def test_sum_of_squares_and_safe_sqrt():
 )
 def test_accumulation_dtype(dtype, expected):
   assert gnorm_jax._norms.accumulation_dtype(dtype) == expected
+
+
+# Issue 18: overflow-safe split norms; zero subgradients of ord 1 and inf.
+
+
+@pytest.mark.parametrize("ord_", [None, 1, math.inf])
+@pytest.mark.parametrize("values", [[3e38, 3e38], [3e38, -3e38, 1.0], [1.0, 2.0]])
+def test_split_norm_is_finite_where_the_norm_overflows(ord_, values):
+  x = jnp.asarray(values, jnp.float32)
+  m, r = gnorm_jax._norms.tree_norm_split(x, ord_)
+  assert np.isfinite(m)
+  expected = np.linalg.norm(np.asarray(x, np.float64), ord=2 if ord_ is None else ord_)
+  np.testing.assert_allclose(np.float64(m) * np.float64(r), expected, rtol=1e-6)
+  with np.errstate(over="ignore"):  # the float32 norm overflows to inf where expected does
+    np.testing.assert_allclose(gnorm_jax.tree_norm(x, ord_), np.float32(expected), rtol=1e-6)
+  ms, rs = gnorm_jax._norms.leaf_norms_split({"a": x}, ord_)
+  np.testing.assert_allclose(np.float64(ms["a"]) * np.float64(rs["a"]), expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("ord_", [1, math.inf])
+def test_ord_1_and_inf_derivatives_are_zero_at_zero(ord_):
+  # jnp.abs has derivative 1 at 0 (and max splits ties): the zero subgradient
+  # is the norm core's policy for every ord.
+  np.testing.assert_array_equal(jax.grad(lambda g: gnorm_jax.tree_norm(g, ord_))(jnp.zeros(3)),
+                                np.zeros(3))
+  x = jnp.array([0.0, -2.0, 1.0])
+  expected = np.sign(np.asarray(x)) if ord_ == 1 else np.array([0.0, -1.0, 0.0])
+  np.testing.assert_array_equal(jax.grad(lambda g: gnorm_jax.tree_norm(g, ord_))(x), expected)

@@ -882,3 +882,47 @@ def test_interpolate_endpoints_dtype_and_errors():
   np.testing.assert_array_equal(np.asarray(same, np.float32), np.ones((3, 2)))
   with pytest.raises(ValueError, match="same structure and shapes"):
     gnorm_jax.interpolate(jax.random.key(0), jnp.ones((3, 2)), jnp.ones((4, 2)))
+
+
+# Issue 18: stationary points with ord 1/inf, empty batches, overflowing means,
+# integer images.
+
+
+@pytest.mark.parametrize("ord_", [1, math.inf])
+@pytest.mark.parametrize("method", ["hvp", "double_backprop", "finite_difference"])
+def test_unsquared_ord_penalty_has_zero_gradient_at_a_stationary_point(ord_, method):
+  # The finite-difference penalty with ord=1 returned 7e-4: jnp.abs has
+  # derivative 1 at 0. The zero subgradient makes every method agree on 0.
+  J = lambda w: jnp.sum(w**2) + jnp.sum(w**3)
+  value, grad = gnorm_jax.penalized_value_and_grad(
+      J, weight=0.1, method=method, ord=ord_, squared=False)(jnp.zeros(3))
+  assert float(value) == 0.0
+  np.testing.assert_array_equal(grad, np.zeros(3))
+
+
+@pytest.mark.parametrize("penalty", [gnorm_jax.gradient_penalty, gnorm_jax.r1_penalty])
+def test_empty_batch_is_named_not_nan(penalty):
+  with pytest.raises(ValueError, match=r"x is an empty batch"):
+    penalty(lambda x: x @ jnp.ones(2), jnp.ones((0, 2)))
+
+
+def test_means_do_not_overflow_where_the_sum_would():
+  # B·‖∇‖² above float32's max: the mean of the squares is 2e38, finite.
+  x = jnp.ones((4, 2))
+  r1 = gnorm_jax.r1_penalty(lambda x: x @ jnp.array([1e19, 1e19]), x)
+  np.testing.assert_allclose(r1, 2 * 1e19**2, rtol=1e-6)
+  gp = gnorm_jax.gradient_penalty(lambda x: x @ jnp.array([1e19, 0.0]), x, target=0.0)
+  np.testing.assert_allclose(gp, np.float64(1e19) ** 2, rtol=1e-6)
+  odd = gnorm_jax.r1_penalty(lambda x: x @ jnp.array([1.0, 2.0]), jnp.ones((3, 2)))
+  assert float(odd) == 5.0
+
+
+def test_interpolate_keeps_integer_images_as_floats():
+  real = jnp.zeros((4, 3), jnp.uint8)
+  fake = jnp.full((4, 3), 255, jnp.uint8)
+  key = jax.random.key(0)
+  eps = np.asarray(jax.random.uniform(key, (4,), jnp.float32), np.float64)
+  got = gnorm_jax.interpolate(key, real, fake)
+  assert got.dtype == jnp.float32
+  np.testing.assert_allclose(got, np.broadcast_to(((1 - eps) * 255)[:, None], (4, 3)),
+                             rtol=1e-6)

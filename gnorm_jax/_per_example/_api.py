@@ -11,30 +11,22 @@ import jax.numpy as jnp
 
 from gnorm_jax._checks import (
   check_argnums,
+  check_bool,
   check_choice,
+  check_count,
   check_fun,
   check_grad_args,
   check_threshold_tree,
   is_tree,
+  path_str,
   signature_fix,
 )
 from gnorm_jax._norms import tree_norm
-from gnorm_jax._numerics import clip_factor
+from gnorm_jax._numerics import clip_scales, pow2_split
 from gnorm_jax._per_example import _jaxpr, _plan, _program, _run
 
 _METHODS = ("auto", "ghost", "vmap")
 _REDUCTIONS = ("mean", "sum")
-# The public signatures, named in the messages about a value in the wrong slot.
-_SIGNATURES = {
-    "per_example_grad_norms":
-        '(fun, argnums=0, has_aux=False, *, batch_argnums=1, method="auto")',
-    "clipped_grad":
-        '(fun, argnums=0, has_aux=False, *, max_norm, batch_argnums=1, method="auto",'
-        ' reduce="mean", return_norms=False, nan_safe=True, microbatch_size=None)',
-    "per_example_plan":
-        '(fun, argnums=0, has_aux=False, *, batch_argnums=1, method="auto", max_norm=None,'
-        ' microbatch_size=None)',
-}
 
 
 def _as_tuple(nums: int | Sequence[int]) -> tuple[int, ...]:
@@ -46,20 +38,18 @@ class _PerExample:
 
   def __init__(self, loss, argnums, batch_argnums, method, caller, *, has_aux=False,
                nan_safe=True, microbatch_size=None):
-    check_fun(loss, caller)
-    fix = signature_fix(caller, _SIGNATURES[caller])
-    check_grad_args(caller, _SIGNATURES[caller], argnums, has_aux)
+    """``caller`` is the public function being built (its name and signature go
+    into the messages)."""
+    self.caller = caller.__name__
+    check_fun(loss, self.caller)
+    fix = signature_fix(caller)
+    check_grad_args(caller, argnums, has_aux)
     check_argnums("batch_argnums", batch_argnums, fix)
     check_choice("method", method, _METHODS)
-    if not isinstance(nan_safe, bool):
-      raise TypeError(f"nan_safe must be True or False, got nan_safe={nan_safe!r}.")
-    if microbatch_size is not None and (
-        isinstance(microbatch_size, bool) or not isinstance(microbatch_size, int)
-        or microbatch_size < 1):
-      raise ValueError(
-          "microbatch_size must be a positive int or None, got"
-          f" microbatch_size={microbatch_size!r}."
-      )
+    nan_safe = check_bool("nan_safe", nan_safe)
+    microbatch_size = check_count(
+        "microbatch_size", microbatch_size, allow_none=True,
+        fix="It is the number of examples per pass, e.g. microbatch_size=32 (None: one pass).")
     self.loss = loss
     self.argnums = _as_tuple(argnums)
     self.batch_argnums = _as_tuple(batch_argnums)
@@ -78,23 +68,39 @@ class _PerExample:
 
   # ---------------------------------------------------------------- helpers
 
-  def _check_call(self, args: tuple) -> int:
+  def _check_call(self, args: tuple, kwargs: dict) -> int:
     needed = max(self.argnums + self.batch_argnums) + 1
+    if kwargs:
+      raise TypeError(
+          f"the function {self.caller} returns takes the parameters and the batch"
+          f" positionally (argnums and batch_argnums count positions) and only mask= by"
+          f" keyword; got the keyword argument(s) {', '.join(sorted(kwargs))}. Pass them"
+          " positionally, in the order of fun's parameters."
+      )
     if len(args) < needed:
       raise TypeError(
           f"argnums={self.argnums} and batch_argnums={self.batch_argnums} need at least"
           f" {needed} positional arguments, got {len(args)}."
       )
     sizes = {
-        (i, jax.tree_util.keystr(path)): jnp.shape(x)[0] if jnp.ndim(x) else None
+        f"argument {i}" + (f" at {path_str(path)}" if path else ""):
+            jnp.shape(x)[0] if jnp.ndim(x) else None
         for i in self.batch_argnums
         for path, x in jax.tree_util.tree_flatten_with_path(args[i])[0]
     }
     distinct = set(sizes.values())
     if not sizes or None in distinct or len(distinct) != 1:
+      shown = "; ".join(f"{k}: {'a scalar' if v is None else v}" for k, v in sizes.items())
       raise ValueError(
           "every leaf of the batched arguments (batch_argnums) needs the same leading batch"
-          f" axis; got leading sizes {sizes} (None: a scalar leaf)."
+          f" axis; got leading sizes {shown or 'none (no array leaves)'}. Give every batched"
+          " leaf the batch as its first axis, or leave unbatched arguments out of"
+          " batch_argnums."
+      )
+    if distinct == {0}:
+      raise ValueError(
+          "the batch is empty (leading axis of size 0): there is no example to take a"
+          " gradient of. Pass at least one example, or skip the call."
       )
     for i in self.argnums:
       for path, x in jax.tree_util.tree_flatten_with_path(args[i])[0]:
@@ -131,7 +137,7 @@ class _PerExample:
     if self.has_aux:
       if not (isinstance(out_shape, (tuple, list)) and len(out_shape) == 2):
         raise TypeError(
-            "with has_aux=True the loss must return a pair (value, aux); got"
+            "with has_aux=True fun must return a pair (value, aux); got"
             f" {jax.tree.structure(out_shape)}."
         )
       value_shape, aux_shape = out_shape
@@ -141,7 +147,7 @@ class _PerExample:
     if not (isinstance(value_shape, jax.ShapeDtypeStruct) and value_shape.shape == ()
             and jnp.issubdtype(value_shape.dtype, jnp.floating)):
       raise TypeError(
-          "loss must return one real scalar per example (it is the single-example loss,"
+          "fun must return one real scalar per example (it is the single-example loss,"
           " called without the batch axis; with has_aux=True, (scalar, aux)); got"
           f" {out_shape}."
       )
@@ -202,11 +208,13 @@ class _PerExample:
                            num_passes=-(-batch_size // chunk))
 
   def _clip_weights(self, args, max_norm):
-    """A function of per-leaf norms [B, L] giving each leaf's clip weights [B]."""
+    """A function of per-leaf norms [B, L] giving each leaf's clip weights [B],
+    and each leaf's boost (the weights are B·min(1, C/‖gᵢ‖); see _weight)."""
     params = self._params(args)
-    n_leaves = len(jax.tree.leaves(params))
-    if not is_tree(max_norm):
-      return lambda leaf_norms, norms: [clip_factor(norms, max_norm)] * n_leaves
+    dtypes = [jnp.result_type(w) for w in jax.tree.leaves(params)]
+    if not is_tree(max_norm):  # one weight per example (streams use the first leaf's)
+      boosts = [_boost(max_norm, dtypes)] * len(dtypes)
+      return (lambda leaf_norms, norms: [_weight(norms, max_norm, b) for b in boosts]), boosts
     thresholds = jax.tree.leaves(max_norm)
     ids = jax.tree.unflatten(jax.tree.structure(max_norm), range(len(thresholds)))
     try:
@@ -221,31 +229,36 @@ class _PerExample:
 
     def weights(leaf_norms, norms):
       per_group = []
-      for g, c in enumerate(thresholds):
+      for g in range(len(thresholds)):
         cols = [i for i, gi in enumerate(group_of) if gi == g]
         gn = (jax.vmap(tree_norm)(leaf_norms[:, cols]) if cols
               else jnp.zeros(norms.shape, norms.dtype))
-        per_group.append(clip_factor(gn, c))
-      return [per_group[g] for g in group_of]
+        per_group.append(gn)
+      return [_weight(per_group[g], thresholds[g], b) for g, b in zip(group_of, boosts)]
 
-    return weights
+    boosts = [_boost(thresholds[g], [d]) for g, d in zip(group_of, dtypes)]
+    return weights, boosts
 
   # ---------------------------------------------------------------- calls
 
-  def __call__(self, args, max_norm=None, reduce="mean", mask=None):
+  def __call__(self, args, kwargs, max_norm=None, reduce="mean", mask=None):
     """Returns (clipped gradient tree or None, norms [B], aux or None)."""
-    batch_size = self._check_call(args)
+    batch_size = self._check_call(args, kwargs)
     if mask is not None:
-      mask = jnp.asarray(mask)
+      want = (f"mask must be a bool array of shape ({batch_size},) (one flag per example,"
+              " False for padding; mask=None: no padding)")
+      try:
+        mask = jnp.asarray(mask)
+      except TypeError:
+        raise TypeError(f"{want}, got mask={mask!r}.") from None
       if mask.shape != (batch_size,) or mask.dtype != jnp.bool_:
-        raise ValueError(
-            f"mask must be a bool array of shape ({batch_size},) (one flag per example, False"
-            f" for padding), got shape {mask.shape} and dtype {mask.dtype}."
-        )
+        raise ValueError(f"{want}, got shape {mask.shape} and dtype {mask.dtype}.")
     traced = self._trace(args)
     plan = self._make_plan(args, traced, batch_size, max_norm)
-    weights_fn = None if max_norm is None else self._clip_weights(args, max_norm)
+    weights_fn, boosts = (None, None) if max_norm is None else self._clip_weights(args, max_norm)
     batch_flat = [jnp.asarray(x) for i in self.batch_argnums for x in jax.tree.leaves(args[i])]
+    if mask is not None:
+      batch_flat = _fill_padding(batch_flat, mask)
     norms, sums, aux = _execute(plan, traced, batch_flat, batch_size, weights_fn, mask,
                                 self.nan_safe)
     if traced.aux_tree is not None:
@@ -254,17 +267,50 @@ class _PerExample:
       aux = None
     if sums is None:
       return None, norms, aux
-    if reduce == "mean":
-      sums = [(g / batch_size).astype(g.dtype) for g in sums]
+    divisor = batch_size if reduce == "mean" else 1
+    sums = [(g / b / divisor).astype(g.dtype) for g, b in zip(sums, boosts)]
     grads = jax.tree.unflatten(jax.tree.structure(self._params(args)), sums)
     return grads, norms, aux
 
   def plan(self, args, max_norm=None) -> "PerExamplePlan":
-    batch_size = self._check_call(args)
+    batch_size = self._check_call(args, {})
     traced = self._trace(args)
     return describe(self._make_plan(args, traced, batch_size, max_norm),
                     _param_paths(self._params(args)),
                     [tuple(w.shape) for w in traced.params_flat])
+
+
+def _boost(max_norm: Any, dtypes: list) -> jax.Array:
+  """A power of two B with C·B in [4, 8) (at least 1; at most 2^(maxexp/2) of ``dtypes``).
+
+  The clip weight C/‖gᵢ‖ is subnormal, and flushed to 0, for ‖gᵢ‖ > C/tiny
+  (8.5e37·C in float32): such an example silently dropped out of the sum.
+  Weighted by B·C/‖gᵢ‖ >= 4/max >= tiny instead, and the sum divided by B
+  (exact), it is kept; for C >= 4 (B = 1) nothing changes.
+  """
+  c = jnp.asarray(max_norm, jnp.float32)
+  s, _ = pow2_split(c)
+  cap = min(2.0 ** (jnp.finfo(d).maxexp // 2) for d in dtypes) if dtypes else 1.0
+  boost = jnp.clip(s * 8, 1, cap)
+  return jnp.where(jnp.isfinite(c) & (c > 0), boost, 1)
+
+
+def _weight(norms: jax.Array, max_norm: Any, boost: jax.Array) -> jax.Array:
+  """B·min(1, C/‖gᵢ‖) formed as ((f·B)·s) with s·f = the clip factor (clip_scales):
+  f·B is in (4, 16] where clipping, so nothing underflows or overflows on the way."""
+  s, f = clip_scales(norms, max_norm)
+  return (f * boost.astype(f.dtype)) * s
+
+
+def _fill_padding(batch_flat: list, mask: jax.Array) -> list:
+  """Padding rows replaced by the first kept example (the "double where").
+
+  Their norms and weights are zeroed afterwards; computing them from a real
+  example keeps NaN or inf held in padding out of the derivatives too (0·NaN
+  is NaN in the backward pass of a where).
+  """
+  first = jnp.argmax(mask)
+  return [jnp.where(mask.reshape((-1,) + (1,) * (x.ndim - 1)), x, x[first]) for x in batch_flat]
 
 
 def _execute(plan: _plan.Plan, traced: _run.Traced, batch_flat: list, batch_size: int,
@@ -460,12 +506,12 @@ def per_example_grad_norms(
     https://arxiv.org/abs/2110.05679; Bu et al. 2022,
     https://arxiv.org/abs/2205.10683.
   """
-  spec = _PerExample(fun, argnums, batch_argnums, method, "per_example_grad_norms",
+  spec = _PerExample(fun, argnums, batch_argnums, method, per_example_grad_norms,
                      has_aux=has_aux)
 
   @functools.wraps(fun)
-  def norms_fn(*args, mask=None):
-    _, norms, aux = spec(args, mask=mask)
+  def norms_fn(*args, mask=None, **kwargs):
+    _, norms, aux = spec(args, kwargs, mask=mask)
     return (norms, aux) if has_aux else norms
 
   return norms_fn
@@ -500,7 +546,13 @@ def clipped_grad(
   Edge cases: an example with ‖gᵢ‖ = 0 has weight 1 (nothing to clip), never
   NaN; C = 0 gives zeros; C = inf gives the plain sum. With ``nan_safe`` an
   example whose gradient is not finite gets weight 0 (its norm is reported as
-  computed, inf or NaN) and cannot poison the sum.
+  computed, inf or NaN) and cannot poison the sum; so does an example whose
+  norm exceeds the largest float (3.4e38 in float32: reported inf). A norm
+  far above C is clipped, not dropped: the weights are formed scaled by a
+  power of two (C/‖gᵢ‖ alone is flushed to 0 past 8.5e37·C). Padding rows
+  (``mask`` False) are computed from a kept example, so NaN or inf held in
+  padding reaches neither the result nor its derivatives. An empty batch is
+  an error.
 
   The signature is that of :func:`jax.grad` (and of ``jax_privacy``'s
   ``clipped_grad``): ``fun, argnums, has_aux``, then keyword-only settings.
@@ -567,20 +619,22 @@ def clipped_grad(
                        fix="Pass the clipping threshold C >= 0 (e.g. 1.0), or a tree of them"
                        " (a prefix of the parameters) for per-layer clipping.")
   check_choice("reduce", reduce, _REDUCTIONS)
-  spec = _PerExample(fun, argnums, batch_argnums, method, "clipped_grad", has_aux=has_aux,
+  return_norms = check_bool("return_norms", return_norms)
+  spec = _PerExample(fun, argnums, batch_argnums, method, clipped_grad, has_aux=has_aux,
                      nan_safe=nan_safe, microbatch_size=microbatch_size)
 
   @functools.wraps(fun)
-  def clipped_fn(*args, mask=None):
-    grads, norms, aux = spec(args, max_norm, reduce, mask=mask)
+  def clipped_fn(*args, mask=None, **kwargs):
+    grads, norms, aux = spec(args, kwargs, max_norm, reduce, mask=mask)
     result = (grads, norms) if return_norms else grads
     return (result, aux) if has_aux else result
 
   return clipped_fn
 
 
-per_example_grad_norms.__doc__ = per_example_grad_norms.__doc__.replace("{rules}", _RULES_DOC)
-clipped_grad.__doc__ = clipped_grad.__doc__.replace("{rules}", _RULES_DOC)
+if per_example_grad_norms.__doc__:  # None under python -OO
+  per_example_grad_norms.__doc__ = per_example_grad_norms.__doc__.replace("{rules}", _RULES_DOC)
+  clipped_grad.__doc__ = clipped_grad.__doc__.replace("{rules}", _RULES_DOC)
 
 
 def per_example_plan(
@@ -633,7 +687,7 @@ def per_example_plan(
   if max_norm is not None:
     check_threshold_tree("max_norm", max_norm, allow_tree=True,
                          fix="Pass the threshold of the clipped_grad call to plan, or None.")
-  spec = _PerExample(fun, argnums, batch_argnums, method, "per_example_plan", has_aux=has_aux,
+  spec = _PerExample(fun, argnums, batch_argnums, method, per_example_plan, has_aux=has_aux,
                      microbatch_size=microbatch_size)
 
   def plan_fn(*args):

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from gnorm_jax._norms import safe_sqrt
 from gnorm_jax._numerics import pow2_exponent
 from gnorm_jax._per_example._program import chain_layout
 from gnorm_jax._per_example._rules import Dense, Ghost, Index, Use
@@ -160,7 +161,8 @@ def ghost_terms(gs: list[Ghost]) -> tuple[jax.Array, jax.Array]:
   tol = 4 * float(jnp.finfo(real).eps) * (math.sqrt(k) + t) / GHOST_RTOL
   suspect = ~jnp.isfinite(s) | (s < tol * bound)
   shift = sum(x for x in e.values() if x is not None)
-  return jnp.ldexp(jnp.sqrt(jnp.maximum(s, 0)), shift), suspect
+  # safe_sqrt: the derivative at s = 0 (an example whose gradient is 0) is 0, not NaN.
+  return jnp.ldexp(safe_sqrt(jnp.maximum(s, 0)), shift), suspect
 
 
 def factor_grads(gs: list[Ghost], w: jax.Array, weights: jax.Array | None = None,

@@ -1,4 +1,4 @@
-"""Shared timing harness for gnorm_jax benchmarks (see shared BENCHMARKS.md).
+"""Shared timing harness for gnorm_jax benchmarks (the method: docs/benchmarks.md).
 
 Every variant is compiled and warmed up first, then variants are interleaved in
 rounds (A B C, A B C, ...); each variant's time is the median over rounds of its

@@ -11,7 +11,7 @@ with the parameters and optimizer state donated:
 - jax_privacy clipped grad + noise: ``jax_privacy.clipping.clipped_grad`` (the
   clipped sum) + the same ``dp_noise`` + adam, when jax_privacy is installed.
 
-Goal (from the issue): the gnorm_jax DP step at most 1.15x the plain step.
+Goal: the gnorm_jax DP step at most 1.15x the plain step.
 """
 
 from __future__ import annotations

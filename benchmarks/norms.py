@@ -2,7 +2,7 @@
 
     python benchmarks/norms.py [--quick] [--rounds N]
 
-Prints, in one run (see shared BENCHMARKS.md for the method):
+Prints, in one run (the method: docs/benchmarks.md):
 
 1. Global norms of a transformer-like pytree (~38M float32 parameters in ~100
    leaves; ``--quick``: ~1M): ``tree_norm`` and ``optax.tree.norm`` against one
@@ -19,9 +19,9 @@ Prints, in one run (see shared BENCHMARKS.md for the method):
    per-leaf ``clip_by_block_rms``). One compile per variant, each gnorm_jax
    variant next to its optax baseline.
 
-Goals (issue 2): tree_norm <= 1.15x the flat pass; value_grad_and_norm <=
-1.05x value_and_grad. Issue 13: the 1000-leaf clip + adam step compiles within
-about 2x of optax's.
+Goals: tree_norm <= 1.15x the flat pass; value_grad_and_norm <= 1.05x
+value_and_grad; the 1000-leaf clip + adam step compiles within about 2x of
+optax's.
 """
 
 from __future__ import annotations

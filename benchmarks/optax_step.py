@@ -42,7 +42,7 @@ VARIANTS: dict[str, Callable[[], optax.GradientTransformation]] = {
     ),
     "normalize + adam": lambda: optax.chain(gnorm_jax.normalize(), optax.adam(LR)),
     "normalized_sgd(momentum=0.9)": lambda: gnorm_jax.normalized_sgd(LR, momentum=0.9),
-    # Adaptive thresholds (issue 4): the history work is O(history), not O(params).
+    # Adaptive thresholds: the history work is O(history), not O(params).
     "autoclip + adam": lambda: optax.chain(gnorm_jax.autoclip(0.1), optax.adam(LR)),
     "zclip + adam": lambda: optax.chain(gnorm_jax.zclip(), optax.adam(LR)),
     "quantile_clip + adam": lambda: optax.chain(gnorm_jax.quantile_clip(0.9), optax.adam(LR)),

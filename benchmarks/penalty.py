@@ -6,7 +6,7 @@ For an MLP and a small conv net (cross-entropy on random data), times the
 jit-compiled ``(value, grad)`` of every method of
 ``gnorm_jax.penalized_value_and_grad`` and of plain ``jax.value_and_grad(J)``
 (the baseline) in one interleaved run, and prints median ms, the ratio to the
-baseline and XLA's temp/output memory, then each goal (issue 5: hvp ≤ 3x and
+baseline and XLA's temp/output memory, then each goal (hvp ≤ 3x and
 never slower than double_backprop; finite_difference ≤ 2.2x) as measured and
 as XLA's flop count, which the machine's noise does not touch.
 """
@@ -107,7 +107,7 @@ def _gflops(fn, *args) -> float:
 
 
 def _goals(times: dict[str, float], flops: dict[str, float]) -> str:
-  """The issue's goals, measured (time) and in XLA's flop count (noise-free)."""
+  """The goals, measured (time) and in XLA's flop count (noise-free)."""
   t = {k: v / times[BASELINE] for k, v in times.items()}
   f = {k: v / flops[BASELINE] for k, v in flops.items()}
   mark = lambda ok: "met" if ok else "MISSED"

@@ -30,6 +30,9 @@ of the penalty gradient against their references, per-layer norms, a summary
 table with each set-up's held-out accuracy, and a PNG figure of the norm curves
 at ``--out``. About 20-40 s on 2 CPU cores, most of it compilation.
 
+It needs the ``[demo]`` extra (scikit-learn, tqdm, matplotlib):
+``pip install "gnorm_jax[demo]"``.
+
 Usage: ``python -m gnorm_jax.demo [--steps 300] [--out gnorm_demo.png]
 [--runs adam,clip,...] [--seed 0]``.
 """
@@ -48,11 +51,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
-from tqdm import tqdm
 
 import gnorm_jax
+from gnorm_jax._extras import import_extra
 
 # ---------------------------------------------------------------------------
 # 1. Data and model.
@@ -79,8 +80,9 @@ def make_data(cfg: Config) -> tuple[np.ndarray, ...]:
   Pixels (0-16) are centred by the training images' mean and divided by their
   standard deviation; the split is stratified, so both sets hold every class.
   """
-  digits = load_digits()
-  x_train, x_test, y_train, y_test = train_test_split(
+  digits = import_extra("sklearn.datasets", "demo").load_digits()
+  split = import_extra("sklearn.model_selection", "demo").train_test_split
+  x_train, x_test, y_train, y_test = split(
       digits.data, digits.target, test_size=cfg.test_fraction, random_state=cfg.seed,
       stratify=digits.target,
   )
@@ -303,6 +305,7 @@ def spike_steps(cfg: Config) -> list[int]:
 
 def train(runs: Sequence[Run], cfg: Config, x_train, y_train, batches: np.ndarray):
   """Trains every set-up from the same initialization on the same batches."""
+  tqdm = import_extra("tqdm", "demo").tqdm
   init, step = make_train_step(runs, cfg)
   states = init(init_mlp(jax.random.key(cfg.seed), (PIXELS, *cfg.hidden, CLASSES)))
   corrupt = np.zeros(cfg.steps, bool)
@@ -418,10 +421,8 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 
 def plot(runs, curves, rows, example_norms, spikes, path: str) -> None:
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  import_extra("matplotlib", "demo").use("Agg")
+  plt = import_extra("matplotlib.pyplot", "demo")
 
   names = [run.name for run in runs]
   base = curves[names[0]]
@@ -522,6 +523,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   """Runs the demo; returns the summary rows, per-step curves, held-out accuracy of each
   set-up, the checks and the figure path."""
   args = parse_args(argv)
+  import_extra("matplotlib", "demo")  # the figure comes last: fail before training, not after
   runs, cfg = args.runs, Config(steps=args.steps, seed=args.seed)
   t0 = time.perf_counter()
   x_train, y_train, x_test, y_test = (jnp.asarray(a) for a in make_data(cfg))

@@ -10,6 +10,7 @@ this test checks the child's return code and output.
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import textwrap
@@ -224,16 +225,16 @@ CHILD = textwrap.dedent(
     noise_std = float(np.std(np.concatenate([np.ravel(a) for a in jax.tree.leaves(noise)])))
     assert 0.9 < noise_std / 1.1 < 1.1, noise_std
 
-    # ---- the README's "Sharded use" example, as written there.
+    # ---- the sharded-use examples: the one below, and docs/sharding.md's as written there.
     print("RESULTS", json.dumps(errors), flush=True)
 
-    README = %(readme)r
-    exec(README, {})
-    print("README OK")
+    exec(%(example)r, {})
+    exec(%(page)r, {})
+    print("EXAMPLES OK")
     '''
 )
 
-README_EXAMPLE = textwrap.dedent(
+SHARDED_EXAMPLE = textwrap.dedent(
     """
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -269,7 +270,9 @@ README_EXAMPLE = textwrap.dedent(
 @pytest.fixture(scope="module")
 def child_output(tmp_path_factory):
   script = tmp_path_factory.mktemp("multidevice") / "child.py"
-  script.write_text(CHILD % {"rtol": RTOL, "readme": README_EXAMPLE})
+  page = "".join(re.findall(r"```python\n(.*?)```", (ROOT / "docs" / "sharding.md").read_text(),
+                           re.S))
+  script.write_text(CHILD % {"rtol": RTOL, "example": SHARDED_EXAMPLE, "page": page})
   env = dict(os.environ)
   env["XLA_FLAGS"] = (
       env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
@@ -285,8 +288,8 @@ def test_child_ran_on_8_devices_without_error(child_output):
   assert child_output.returncode == 0, child_output.stdout + child_output.stderr
 
 
-def test_readme_sharded_example_runs(child_output):
-  assert "README OK" in child_output.stdout, child_output.stdout + child_output.stderr
+def test_sharded_examples_run(child_output):
+  assert "EXAMPLES OK" in child_output.stdout, child_output.stdout + child_output.stderr
 
 
 def _results(child_output):

@@ -135,12 +135,19 @@ def check_plan(loss, params, *args, batch_argnums=None, rules=None):
 QUICK_COMPILE = {"xla_backend_optimization_level": 0}
 
 
-def case_runner(models: dict):
-  """A cached function of a model's name: its reference, max_norm, and every method's results
-  (or the error one raised).
+# Loss scales every zoo model is checked at: the engine's norms and sums must neither overflow
+# nor underflow where float32 holds the per-example gradients themselves.
+SCALES = (1.0, 1e20, 1e-20)
 
-  The methods are traced separately but compiled as one jit: XLA merges what their graphs share
-  (all of it when every leaf has a rule), which saves a third of their compile time.
+
+def case_runner(models: dict):
+  """A cached function of a model's name: its params, reference per-example gradients, max_norm,
+  and every method's results at every loss scale in SCALES (or the error a method raised).
+
+  The methods are traced separately but compiled as one jit, the loss scale and threshold its
+  arguments: XLA merges what their graphs share (all of it when every leaf has a rule), which
+  saves a third of their compile time, and the scales cost no compile. The reference is
+  vmap(grad) at scale 1, scaled exactly in float64 (the gradient is linear in the loss scale).
   """
 
   @functools.cache
@@ -151,36 +158,45 @@ def case_runner(models: dict):
     max_norm = float(np.median(_norms(per_example)))  # about half the examples are clipped
     errors = {}
 
-    def methods(params, *batch):
+    def methods(params, batch, scale, threshold):
+      def scaled(p, *b):
+        value = loss(p, *b)
+        return value * scale.astype(value.dtype)
+
       results = {}
       for method in METHODS:
         try:
-          results[method] = _run(loss, params, batch, batch_argnums, method, max_norm, jit=False)
+          results[method] = _run(scaled, params, batch, batch_argnums, method, threshold,
+                                 jit=False)
         except Exception as e:  # raised again by that method's test
           errors[method] = e
       return results
 
-    results = jax.jit(methods, compiler_options=QUICK_COMPILE)(params, *batch)
+    compiled = jax.jit(methods, compiler_options=QUICK_COMPILE)
+    results = {s: compiled(params, tuple(batch), np.float32(s), np.float32(s * max_norm))
+               for s in SCALES}
     return params, per_example, max_norm, results, errors
 
   return case
 
 
-def check_case(case, name, method):
-  """The zoo's `check` for one method of a cached case."""
+def check_case(case, name, method, scale=1.0):
+  """The zoo's `check` for one method of a cached case, at loss scale ``scale``."""
   params, per_example, max_norm, results, errors = case(name)
   if method in errors:
     raise errors[method]
+  per_example = [g * scale for g in per_example]
   want_norms = _norms(per_example)
-  want_sum, magnitude = _clipped_sum(per_example, max_norm)
+  want_sum, magnitude = _clipped_sum(per_example, max_norm * scale)
   b = len(want_norms)
-  norms, mean, norms2, total = results[method]
-  _assert_norms(norms, want_norms, f"{method} per_example_grad_norms")
-  _assert_norms(norms2, want_norms, f"{method} clipped_grad norms")
+  norms, mean, norms2, total = results[scale][method]
+  what = f"{method} at loss scale {scale:g}"
+  _assert_norms(norms, want_norms, f"{what}: per_example_grad_norms")
+  _assert_norms(norms2, want_norms, f"{what}: clipped_grad norms")
   assert jax.tree.structure(mean) == jax.tree.structure(params), method
   _assert_tree_close(mean, [s / b for s in want_sum], [m / b for m in magnitude],
-                     f"{method} clipped mean")
-  _assert_tree_close(total, want_sum, magnitude, f"{method} clipped sum")
+                     f"{what}: clipped mean")
+  _assert_tree_close(total, want_sum, magnitude, f"{what}: clipped sum")
 
 
 def zoo_tests(models: dict, rules=None):
@@ -189,10 +205,11 @@ def zoo_tests(models: dict, rules=None):
   module level under the names ``test_...`` pytest collects."""
   case = case_runner(models)
 
+  @pytest.mark.parametrize("scale", SCALES, ids=[f"{s:g}" for s in SCALES])
   @pytest.mark.parametrize("method", METHODS)
   @pytest.mark.parametrize("name", sorted(models))
-  def test_zoo_matches_vmap_of_grad(name, method):
-    check_case(case, name, method)
+  def test_zoo_matches_vmap_of_grad(name, method, scale):
+    check_case(case, name, method, scale)
 
   @pytest.mark.parametrize("name", sorted(models))
   def test_zoo_plan_materializes_nothing(name):

@@ -20,8 +20,8 @@ import jax.numpy as jnp
 def machine_line() -> str:
   devices = jax.devices()
   return (
-      f"jax {jax.__version__} | backend {jax.default_backend()} |"
-      f" {len(devices)} x {devices[0].device_kind} | os.cpu_count()={os.cpu_count()}"
+    f"jax {jax.__version__} | backend {jax.default_backend()} |"
+    f" {len(devices)} x {devices[0].device_kind} | os.cpu_count()={os.cpu_count()}"
   )
 
 
@@ -34,11 +34,11 @@ def parse_args(description: str) -> argparse.Namespace:
 
 
 def time_variants(
-    variants: dict[str, Callable[[], Any]],
-    *,
-    rounds: int = 7,
-    reps: int = 3,
-    warmup: int = 2,
+  variants: dict[str, Callable[[], Any]],
+  *,
+  rounds: int = 7,
+  reps: int = 3,
+  warmup: int = 2,
 ) -> dict[str, float]:
   """Median milliseconds per call of each zero-argument callable, interleaved.
 
@@ -67,8 +67,8 @@ def memory(fn: Callable[..., Any], *args: Any, **jit_kwargs: Any) -> dict[str, i
   if analysis is None:  # some backends do not report
     return {"temp": -1, "output": -1}
   return {
-      "temp": int(analysis.temp_size_in_bytes),
-      "output": int(analysis.output_size_in_bytes),
+    "temp": int(analysis.temp_size_in_bytes),
+    "output": int(analysis.output_size_in_bytes),
   }
 
 
@@ -77,10 +77,10 @@ def _mib(n: int) -> str:
 
 
 def table(
-    title: str,
-    times_ms: dict[str, float],
-    baseline: str,
-    mem: dict[str, dict[str, int]] | None = None,
+  title: str,
+  times_ms: dict[str, float],
+  baseline: str,
+  mem: dict[str, dict[str, int]] | None = None,
 ) -> str:
   """A markdown table: variant, median ms, ratio to baseline [, memory MiB]."""
   head = "| variant | median ms | ratio to " + baseline + " |"
@@ -98,8 +98,9 @@ def table(
     lines.append(row)
   return "\n".join(lines) + "\n"
 
+
 def transformer_tree(
-    key: jax.Array, *, d_model: int = 512, n_layers: int = 10, vocab: int = 12288
+  key: jax.Array, *, d_model: int = 512, n_layers: int = 10, vocab: int = 12288
 ) -> dict[str, Any]:
   """Random float32 parameters shaped like a small transformer.
 
@@ -109,7 +110,8 @@ def transformer_tree(
   shapes = {"embed": (vocab, d_model), "final_ln/scale": (d_model,), "final_ln/bias": (d_model,)}
   for i in range(n_layers):
     p = f"layer{i:02d}/"
-    shapes.update({
+    shapes.update(
+      {
         p + "ln1": (2, d_model),
         p + "attn/w_qkv": (d_model, 3 * d_model),
         p + "attn/b_qkv": (3 * d_model,),
@@ -120,9 +122,10 @@ def transformer_tree(
         p + "mlp/b_in": (4 * d_model,),
         p + "mlp/w_out": (4 * d_model, d_model),
         p + "mlp/b_out": (d_model,),
-    })
+      }
+    )
   keys = jax.random.split(key, len(shapes))
   return {
-      name: 0.02 * jax.random.normal(k, shape, jnp.float32)
-      for k, (name, shape) in zip(keys, sorted(shapes.items()))
+    name: 0.02 * jax.random.normal(k, shape, jnp.float32)
+    for k, (name, shape) in zip(keys, sorted(shapes.items()))
   }

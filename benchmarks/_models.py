@@ -18,8 +18,7 @@ class Block(nn.Module):
   def __call__(self, x):
     t = x.shape[-2]
     mask = nn.make_causal_mask(jnp.ones(t, jnp.int32))[0]
-    x = x + nn.MultiHeadDotProductAttention(num_heads=self.heads)(
-        nn.LayerNorm()(x), mask=mask)
+    x = x + nn.MultiHeadDotProductAttention(num_heads=self.heads)(nn.LayerNorm()(x), mask=mask)
     h = nn.gelu(nn.Dense(4 * self.d)(nn.LayerNorm()(x)))
     return x + nn.Dense(self.d)(h)
 
@@ -55,8 +54,12 @@ class GPT(nn.Module):
     pos = self.param("pos", nn.initializers.normal(0.02), (self.seq, self.d))
     x = embed(tokens) + pos[: tokens.shape[-1]]
     if self.scanned:
-      stack = nn.scan(nn.remat(_Step), variable_axes={"params": 0},
-                      split_rngs={"params": True}, length=self.layers)
+      stack = nn.scan(
+        nn.remat(_Step),
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        length=self.layers,
+      )
       x, _ = stack(self.d, self.heads)(x, None)
     else:
       for _ in range(self.layers):
@@ -111,8 +114,10 @@ def lstm(key, *, batch, seq, hidden, features=32, classes=10):
   model = nn.RNN(nn.LSTMCell(hidden))
   head = nn.Dense(classes)
   k1, k2, k3, k4 = jax.random.split(key, 4)
-  params = {"rnn": model.init(k1, jnp.zeros((seq, features))),
-            "head": head.init(k2, jnp.zeros(hidden))}
+  params = {
+    "rnn": model.init(k1, jnp.zeros((seq, features))),
+    "head": head.init(k2, jnp.zeros(hidden)),
+  }
 
   def loss(p, x, y):
     h = model.apply(p["rnn"], x)[-1]

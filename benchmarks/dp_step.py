@@ -46,11 +46,14 @@ def steps(loss, batch_size) -> dict[str, tuple[Callable[..., Any], optax.Gradien
 
   adam = optax.adam(LEARNING_RATE)
   dp_tx = optax.chain(
-      gnorm_jax.dp_noise(CLIP, NOISE_MULTIPLIER, batch_size=batch_size, seed=0), adam)
+    gnorm_jax.dp_noise(CLIP, NOISE_MULTIPLIER, batch_size=batch_size, seed=0), adam
+  )
   grads = {
-      BASELINE: (batch_mean_grad, adam),
-      "gnorm_jax DP step": (
-          gnorm_jax.clipped_grad(loss, max_norm=CLIP, batch_argnums=(1, 2), reduce="sum"), dp_tx),
+    BASELINE: (batch_mean_grad, adam),
+    "gnorm_jax DP step": (
+      gnorm_jax.clipped_grad(loss, max_norm=CLIP, batch_argnums=(1, 2), reduce="sum"),
+      dp_tx,
+    ),
   }
   try:
     from jax_privacy import clipping
@@ -58,9 +61,8 @@ def steps(loss, batch_size) -> dict[str, tuple[Callable[..., Any], optax.Gradien
     print("(jax_privacy not installed: `pip install jax-privacy` adds its row)")
   else:
     grads["jax_privacy clipped grad + noise"] = (
-        clipping.clipped_grad(loss, l2_clip_norm=CLIP, batch_argnums=(1, 2),
-                              keep_batch_dim=False),
-        dp_tx,
+      clipping.clipped_grad(loss, l2_clip_norm=CLIP, batch_argnums=(1, 2), keep_batch_dim=False),
+      dp_tx,
     )
 
   def make(grad_fn, tx):
@@ -94,18 +96,26 @@ def main() -> None:
   loss, params, batch = mlp(jax.random.key(0), sizes, batch_size)
   variants = steps(loss, batch_size)
   mem = {
-      name: memory(step, params, tx.init(params), *batch, donate_argnums=(0, 1))
-      for name, (step, tx) in variants.items()
+    name: memory(step, params, tx.init(params), *batch, donate_argnums=(0, 1))
+    for name, (step, tx) in variants.items()
   }
   runners = {name: _runner(step, tx, params, batch) for name, (step, tx) in variants.items()}
   times = time_variants(runners, rounds=args.rounds or (3 if q else 7))
   title = "-".join(map(str, sizes))
   print()
-  print(table(f"DP-SGD step, MLP {title}, B={batch_size} (jit, donated params and state)",
-              times, BASELINE, mem))
+  print(
+    table(
+      f"DP-SGD step, MLP {title}, B={batch_size} (jit, donated params and state)",
+      times,
+      BASELINE,
+      mem,
+    )
+  )
   ratio = times["gnorm_jax DP step"] / times[BASELINE]
-  print(f"gnorm_jax DP step / plain adam step: {ratio:.2f}x (goal <= {GOAL}x:"
-        f" {'met' if ratio <= GOAL else 'MISSED'})")
+  print(
+    f"gnorm_jax DP step / plain adam step: {ratio:.2f}x (goal <= {GOAL}x:"
+    f" {'met' if ratio <= GOAL else 'MISSED'})"
+  )
   jp = "jax_privacy clipped grad + noise"
   if jp in times:
     print(f"{jp} / gnorm_jax DP step: {times[jp] / times['gnorm_jax DP step']:.1f}x")

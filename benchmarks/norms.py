@@ -55,16 +55,16 @@ def bench_tree_norms(quick: bool, rounds: int) -> str:
   # Entries of 1e20 overflow a float32 sum of squares: the rare rescaled branch.
   huge = jax.tree.map(lambda x: x * 1e22, tree)
   fns = {
-      "flat sqrt(sum(x*x))": (jax.jit(flat_norm), flat),
-      # The same pass again, separately jitted: the noise floor of the ratios.
-      "flat sqrt(sum(x*x)), repeated": (jax.jit(lambda x: flat_norm(x)), flat),
-      "gnorm_jax.tree_norm": (jax.jit(gnorm_jax.tree_norm), tree),
-      "optax.tree.norm": (jax.jit(optax.tree.norm), tree),
-      "gnorm_jax.leaf_norms": (jax.jit(gnorm_jax.leaf_norms), tree),
-      "gnorm_jax.tree_norm, rare branch (entries ~1e20)": (jax.jit(gnorm_jax.tree_norm), huge),
+    "flat sqrt(sum(x*x))": (jax.jit(flat_norm), flat),
+    # The same pass again, separately jitted: the noise floor of the ratios.
+    "flat sqrt(sum(x*x)), repeated": (jax.jit(lambda x: flat_norm(x)), flat),
+    "gnorm_jax.tree_norm": (jax.jit(gnorm_jax.tree_norm), tree),
+    "optax.tree.norm": (jax.jit(optax.tree.norm), tree),
+    "gnorm_jax.leaf_norms": (jax.jit(gnorm_jax.leaf_norms), tree),
+    "gnorm_jax.tree_norm, rare branch (entries ~1e20)": (jax.jit(gnorm_jax.tree_norm), huge),
   }
   times = _harness.time_variants(
-      {name: (lambda f=f, a=a: f(a)) for name, (f, a) in fns.items()}, rounds=rounds
+    {name: (lambda f=f, a=a: f(a)) for name, (f, a) in fns.items()}, rounds=rounds
   )
   mem = {name: _harness.memory(f, a) for name, (f, a) in fns.items()}
   title = f"Global norm of {n / 1e6:.1f}M float32 parameters in {len(leaves)} leaves"
@@ -74,8 +74,8 @@ def bench_tree_norms(quick: bool, rounds: int) -> str:
 def mlp_params(key: jax.Array, widths: list[int]) -> list[dict[str, jax.Array]]:
   keys = jax.random.split(key, len(widths) - 1)
   return [
-      {"w": jax.random.normal(k, (m, n)) / jnp.sqrt(m), "b": jnp.zeros(n)}
-      for k, m, n in zip(keys, widths[:-1], widths[1:])
+    {"w": jax.random.normal(k, (m, n)) / jnp.sqrt(m), "b": jnp.zeros(n)}
+    for k, m, n in zip(keys, widths[:-1], widths[1:])
   ]
 
 
@@ -95,16 +95,16 @@ def bench_value_grad_and_norm(quick: bool, rounds: int) -> str:
   y = jax.random.normal(ky, (batch, width))
   n = sum(p.size for p in jax.tree.leaves(params))
   fns = {
-      "jax.value_and_grad": jax.jit(jax.value_and_grad(mlp_loss)),
-      "gnorm_jax.value_grad_and_norm": jax.jit(gnorm_jax.value_grad_and_norm(mlp_loss)),
+    "jax.value_and_grad": jax.jit(jax.value_and_grad(mlp_loss)),
+    "gnorm_jax.value_grad_and_norm": jax.jit(gnorm_jax.value_grad_and_norm(mlp_loss)),
   }
   times = _harness.time_variants(
-      {name: (lambda f=f: f(params, x, y)) for name, f in fns.items()}, rounds=rounds
+    {name: (lambda f=f: f(params, x, y)) for name, f in fns.items()}, rounds=rounds
   )
   mem = {name: _harness.memory(f, params, x, y) for name, f in fns.items()}
   title = (
-      f"value, grad and norm of an MLP loss ({depth} x {width}x{width} layers,"
-      f" {n / 1e6:.1f}M params, batch {batch})"
+    f"value, grad and norm of an MLP loss ({depth} x {width}x{width} layers,"
+    f" {n / 1e6:.1f}M params, batch {batch})"
   )
   return _harness.table(title, times, "jax.value_and_grad", mem)
 
@@ -112,9 +112,7 @@ def bench_value_grad_and_norm(quick: bool, rounds: int) -> str:
 def small_leaves(n: int, dtypes=(jnp.float32,)) -> dict[str, jax.Array]:
   """``n`` small leaves of six shapes, (16,) to (64, 8), cycling through ``dtypes``."""
   shapes = [(16,), (32,), (64,), (16, 8), (64, 8), (8, 8, 4)]
-  return {
-      f"p{i:04d}": jnp.ones(shapes[i % len(shapes)], dtypes[i % len(dtypes)]) for i in range(n)
-  }
+  return {f"p{i:04d}": jnp.ones(shapes[i % len(shapes)], dtypes[i % len(dtypes)]) for i in range(n)}
 
 
 def compile_seconds(fn, *args) -> float:
@@ -135,23 +133,29 @@ def bench_compile(quick: bool) -> str:
   adam = optax.adam(1e-3)
   mixed = small_leaves(n, (jnp.float32, jnp.bfloat16, jnp.float16))
   pairs = {
-      "tree_norm (optax.tree.norm)": ((gnorm_jax.tree_norm, (tree,)), (optax.tree.norm, (tree,))),
-      "jax.grad(tree_norm) (jax.grad(optax.tree.norm))": (
-          (jax.grad(gnorm_jax.tree_norm), (tree,)), (jax.grad(optax.tree.norm), (tree,))),
-      "tree_norm, float32/bfloat16/float16 leaves (optax.tree.norm)": (
-          (gnorm_jax.tree_norm, (mixed,)), (optax.tree.norm, (mixed,))),
-      "clip_by_norm + adam step (optax.clip_by_global_norm + adam)": (
-          update_step(optax.chain(gnorm_jax.clip_by_norm(1.0), adam), tree),
-          update_step(optax.chain(optax.clip_by_global_norm(1.0), adam), tree),
-      ),
-      'clip_by_norm(per="leaf") + adam step (optax.clip_by_block_rms + adam)': (
-          update_step(optax.chain(gnorm_jax.clip_by_norm(1.0, per="leaf"), adam), tree),
-          update_step(optax.chain(optax.clip_by_block_rms(1.0), adam), tree),
-      ),
+    "tree_norm (optax.tree.norm)": ((gnorm_jax.tree_norm, (tree,)), (optax.tree.norm, (tree,))),
+    "jax.grad(tree_norm) (jax.grad(optax.tree.norm))": (
+      (jax.grad(gnorm_jax.tree_norm), (tree,)),
+      (jax.grad(optax.tree.norm), (tree,)),
+    ),
+    "tree_norm, float32/bfloat16/float16 leaves (optax.tree.norm)": (
+      (gnorm_jax.tree_norm, (mixed,)),
+      (optax.tree.norm, (mixed,)),
+    ),
+    "clip_by_norm + adam step (optax.clip_by_global_norm + adam)": (
+      update_step(optax.chain(gnorm_jax.clip_by_norm(1.0), adam), tree),
+      update_step(optax.chain(optax.clip_by_global_norm(1.0), adam), tree),
+    ),
+    'clip_by_norm(per="leaf") + adam step (optax.clip_by_block_rms + adam)': (
+      update_step(optax.chain(gnorm_jax.clip_by_norm(1.0, per="leaf"), adam), tree),
+      update_step(optax.chain(optax.clip_by_block_rms(1.0), adam), tree),
+    ),
   }
   lines = [
-      f"### Compile time (trace, lower and compile) of {n} small leaves", "",
-      "| variant (baseline) | gnorm_jax s | baseline s | ratio |", "|---|---:|---:|---:|",
+    f"### Compile time (trace, lower and compile) of {n} small leaves",
+    "",
+    "| variant (baseline) | gnorm_jax s | baseline s | ratio |",
+    "|---|---:|---:|---:|",
   ]
   for name, ((fn, args), (base_fn, base_args)) in pairs.items():
     ours, base = compile_seconds(fn, *args), compile_seconds(base_fn, *base_args)

@@ -30,26 +30,23 @@ MAX_NORM = 1.0  # the gradients below have norm ≫ 1, so clipping is active
 
 # name -> builder of the GradientTransformation; "adam" is the baseline.
 VARIANTS: dict[str, Callable[[], optax.GradientTransformation]] = {
-    "adam": lambda: optax.adam(LR),
-    "optax.clip_by_global_norm + adam": lambda: optax.chain(
-        optax.clip_by_global_norm(MAX_NORM), optax.adam(LR)
-    ),
-    "clip_by_norm + adam": lambda: optax.chain(
-        gnorm_jax.clip_by_norm(MAX_NORM), optax.adam(LR)
-    ),
-    "clip_by_norm(per='leaf') + adam": lambda: optax.chain(
-        gnorm_jax.clip_by_norm(MAX_NORM, per="leaf"), optax.adam(LR)
-    ),
-    "normalize + adam": lambda: optax.chain(gnorm_jax.normalize(), optax.adam(LR)),
-    "normalized_sgd(momentum=0.9)": lambda: gnorm_jax.normalized_sgd(LR, momentum=0.9),
-    # Adaptive thresholds: the history work is O(history), not O(params).
-    "autoclip + adam": lambda: optax.chain(gnorm_jax.autoclip(0.1), optax.adam(LR)),
-    "zclip + adam": lambda: optax.chain(gnorm_jax.zclip(), optax.adam(LR)),
-    "quantile_clip + adam": lambda: optax.chain(gnorm_jax.quantile_clip(0.9), optax.adam(LR)),
-    "skip_spikes(adam)": lambda: gnorm_jax.skip_spikes(optax.adam(LR)),
+  "adam": lambda: optax.adam(LR),
+  "optax.clip_by_global_norm + adam": lambda: optax.chain(
+    optax.clip_by_global_norm(MAX_NORM), optax.adam(LR)
+  ),
+  "clip_by_norm + adam": lambda: optax.chain(gnorm_jax.clip_by_norm(MAX_NORM), optax.adam(LR)),
+  "clip_by_norm(per='leaf') + adam": lambda: optax.chain(
+    gnorm_jax.clip_by_norm(MAX_NORM, per="leaf"), optax.adam(LR)
+  ),
+  "normalize + adam": lambda: optax.chain(gnorm_jax.normalize(), optax.adam(LR)),
+  "normalized_sgd(momentum=0.9)": lambda: gnorm_jax.normalized_sgd(LR, momentum=0.9),
+  # Adaptive thresholds: the history work is O(history), not O(params).
+  "autoclip + adam": lambda: optax.chain(gnorm_jax.autoclip(0.1), optax.adam(LR)),
+  "zclip + adam": lambda: optax.chain(gnorm_jax.zclip(), optax.adam(LR)),
+  "quantile_clip + adam": lambda: optax.chain(gnorm_jax.quantile_clip(0.9), optax.adam(LR)),
+  "skip_spikes(adam)": lambda: gnorm_jax.skip_spikes(optax.adam(LR)),
 }
 BASELINE = "adam"
-
 
 
 def update(tx: optax.GradientTransformation) -> Callable[..., Any]:
@@ -87,30 +84,28 @@ def main() -> None:
   params = _harness.transformer_tree(jax.random.key(0), **size)
   # Gradient-like values with a global norm far above MAX_NORM.
   grads = jax.tree.map(
-      lambda x: 1e-2 * x / 0.02, _harness.transformer_tree(jax.random.key(1), **size)
+    lambda x: 1e-2 * x / 0.02, _harness.transformer_tree(jax.random.key(1), **size)
   )
   n_params = sum(x.size for x in jax.tree.leaves(params))
   n_leaves = len(jax.tree.leaves(params))
 
   txs = {name: build() for name, build in VARIANTS.items()}
   mem = {
-      name: _harness.memory(
-          update(tx), params, tx.init(params), grads, donate_argnums=(0, 1)
-      )
-      for name, tx in txs.items()
+    name: _harness.memory(update(tx), params, tx.init(params), grads, donate_argnums=(0, 1))
+    for name, tx in txs.items()
   }
   runners = {name: _runner(tx, params, grads) for name, tx in txs.items()}
   rounds = args.rounds or (3 if args.quick else 7)
   times = _harness.time_variants(runners, rounds=rounds)
   print()
   print(
-      _harness.table(
-          f"Optimizer step, {n_params / 1e6:.1f}M float32 params in {n_leaves} leaves"
-          " (jit, donated params and state)",
-          times,
-          BASELINE,
-          mem,
-      )
+    _harness.table(
+      f"Optimizer step, {n_params / 1e6:.1f}M float32 params in {n_leaves} leaves"
+      " (jit, donated params and state)",
+      times,
+      BASELINE,
+      mem,
+    )
   )
 
 

@@ -57,15 +57,21 @@ def convnet(key, *, batch, channels, size=32):
   c = channels
 
   def conv_init(key, c_in, c_out):
-    return {"w": jax.random.normal(key, (3, 3, c_in, c_out)) / jnp.sqrt(9 * c_in),
-            "b": jnp.zeros(c_out)}
+    return {
+      "w": jax.random.normal(key, (3, 3, c_in, c_out)) / jnp.sqrt(9 * c_in),
+      "b": jnp.zeros(c_out),
+    }
 
-  params = {"c1": conv_init(k[0], 3, c), "c2": conv_init(k[1], c, 2 * c),
-            "out": _dense(k[2], 2 * c * (size // 4) ** 2, CLASSES)}
+  params = {
+    "c1": conv_init(k[0], 3, c),
+    "c2": conv_init(k[1], c, 2 * c),
+    "out": _dense(k[2], 2 * c * (size // 4) ** 2, CLASSES),
+  }
 
   def conv(p, x):
-    y = jax.lax.conv_general_dilated(x, p["w"], (1, 1), "SAME",
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    y = jax.lax.conv_general_dilated(
+      x, p["w"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
     return jax.nn.gelu(y + p["b"])
 
   def pool(x):
@@ -111,14 +117,19 @@ def _goals(times: dict[str, float], flops: dict[str, float]) -> str:
   t = {k: v / times[BASELINE] for k, v in times.items()}
   f = {k: v / flops[BASELINE] for k, v in flops.items()}
   mark = lambda ok: "met" if ok else "MISSED"
-  return "\n".join([
-      f"- hvp <= 3x: {t['hvp']:.2f}x ({mark(t['hvp'] <= 3)}); XLA flops {f['hvp']:.2f}x",
-      f"- hvp <= double_backprop: {t['hvp'] / t['double_backprop']:.2f}x"
-      f" ({mark(t['hvp'] <= t['double_backprop'])}); XLA flops"
-      f" {f['hvp'] / f['double_backprop']:.2f}x",
-      f"- finite_difference <= 2.2x: {t['finite_difference']:.2f}x"
-      f" ({mark(t['finite_difference'] <= 2.2)}); XLA flops {f['finite_difference']:.2f}x",
-  ]) + "\n"
+  return (
+    "\n".join(
+      [
+        f"- hvp <= 3x: {t['hvp']:.2f}x ({mark(t['hvp'] <= 3)}); XLA flops {f['hvp']:.2f}x",
+        f"- hvp <= double_backprop: {t['hvp'] / t['double_backprop']:.2f}x"
+        f" ({mark(t['hvp'] <= t['double_backprop'])}); XLA flops"
+        f" {f['hvp'] / f['double_backprop']:.2f}x",
+        f"- finite_difference <= 2.2x: {t['finite_difference']:.2f}x"
+        f" ({mark(t['finite_difference'] <= 2.2)}); XLA flops {f['finite_difference']:.2f}x",
+      ]
+    )
+    + "\n"
+  )
 
 
 def bench(title: str, loss, params, x, y, rounds: int) -> str:
@@ -145,15 +156,21 @@ def main() -> None:
     mlp_size = dict(batch=256, width=1024, depth=3)
     cnn_size = dict(batch=32, channels=32, size=32)
   print()
-  print(bench(
+  print(
+    bench(
       f"MLP 784-{mlp_size['width']}x{mlp_size['depth']}-10, batch {mlp_size['batch']}",
-      *mlp(key_mlp, **mlp_size), rounds,
-  ))
-  print(bench(
+      *mlp(key_mlp, **mlp_size),
+      rounds,
+    )
+  )
+  print(
+    bench(
       f"conv net {cnn_size['channels']}/{2 * cnn_size['channels']} channels,"
       f" {cnn_size['size']}x{cnn_size['size']}x3, batch {cnn_size['batch']}",
-      *convnet(key_cnn, **cnn_size), rounds,
-  ))
+      *convnet(key_cnn, **cnn_size),
+      rounds,
+    )
+  )
 
 
 if __name__ == "__main__":

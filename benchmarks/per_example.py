@@ -36,11 +36,11 @@ CLIP = 1.0
 def mlp(key, sizes, batch):
   keys = jax.random.split(key, len(sizes) + 1)
   params = [
-      {
-          "w": jax.random.normal(k, (m, n)) / jnp.sqrt(m),
-          "b": jnp.zeros(n),
-      }
-      for k, m, n in zip(keys, sizes[:-1], sizes[1:])
+    {
+      "w": jax.random.normal(k, (m, n)) / jnp.sqrt(m),
+      "b": jnp.zeros(n),
+    }
+    for k, m, n in zip(keys, sizes[:-1], sizes[1:])
   ]
 
   def loss(p, x, y):
@@ -63,17 +63,17 @@ def transformer(key, batch, seq, d=256, heads=4, vocab=512):
     return jax.random.normal(next(ks), shape) / jnp.sqrt(shape[0])
 
   params = {
-      "emb": init(vocab, d),
-      "wq": init(d, heads, dh),
-      "wk": init(d, heads, dh),
-      "wv": init(d, heads, dh),
-      "wo": init(heads, dh, d),
-      "ln1": jnp.ones(d),
-      "ln2": jnp.ones(d),
-      "w1": init(d, 4 * d),
-      "b1": jnp.zeros(4 * d),
-      "w2": init(4 * d, d),
-      "b2": jnp.zeros(d),
+    "emb": init(vocab, d),
+    "wq": init(d, heads, dh),
+    "wk": init(d, heads, dh),
+    "wv": init(d, heads, dh),
+    "wo": init(heads, dh, d),
+    "ln1": jnp.ones(d),
+    "ln2": jnp.ones(d),
+    "w1": init(d, 4 * d),
+    "b1": jnp.zeros(4 * d),
+    "w2": init(4 * d, d),
+    "b2": jnp.zeros(d),
   }
 
   def layer_norm(x, scale):
@@ -106,28 +106,26 @@ def variants(loss, params, batch):
     return jax.grad(lambda p: jnp.mean(jax.vmap(loss, in_axes=(None, 0, 0))(p, *b)))(p)
 
   out = {
-      "plain batch-mean grad": batch_mean_grad,
-      "vmap per-example norms": gnorm_jax.per_example_grad_norms(
-          loss, batch_argnums=(1, 2), method="vmap"
-      ),
-      "gnorm_jax per_example_grad_norms": gnorm_jax.per_example_grad_norms(
-          loss, batch_argnums=(1, 2)
-      ),
-      "vmap clipped grad": gnorm_jax.clipped_grad(
-          loss, max_norm=CLIP, batch_argnums=(1, 2), method="vmap"
-      ),
-      "gnorm_jax clipped_grad": gnorm_jax.clipped_grad(loss, max_norm=CLIP, batch_argnums=(1, 2)),
+    "plain batch-mean grad": batch_mean_grad,
+    "vmap per-example norms": gnorm_jax.per_example_grad_norms(
+      loss, batch_argnums=(1, 2), method="vmap"
+    ),
+    "gnorm_jax per_example_grad_norms": gnorm_jax.per_example_grad_norms(
+      loss, batch_argnums=(1, 2)
+    ),
+    "vmap clipped grad": gnorm_jax.clipped_grad(
+      loss, max_norm=CLIP, batch_argnums=(1, 2), method="vmap"
+    ),
+    "gnorm_jax clipped_grad": gnorm_jax.clipped_grad(loss, max_norm=CLIP, batch_argnums=(1, 2)),
   }
   try:
     from jax_privacy import clipping
   except ImportError:
     print("(jax_privacy not installed: `pip install jax-privacy` adds its column)")
   else:
-    jp = clipping.clipped_grad(
-        loss, l2_clip_norm=CLIP, batch_argnums=(1, 2), keep_batch_dim=False
-    )
+    jp = clipping.clipped_grad(loss, l2_clip_norm=CLIP, batch_argnums=(1, 2), keep_batch_dim=False)
     out["jax_privacy clipped_grad"] = lambda p, *b: jax.tree.map(
-        lambda g: g / b[0].shape[0], jp(p, *b)
+      lambda g: g / b[0].shape[0], jp(p, *b)
     )
   return out
 
@@ -159,18 +157,18 @@ def run(title, loss, params, batch, rounds, goal_time=1.3, goal_memory=1.5):
     return m["temp"] + m["output"]
 
   lines = [
-      f"per-example norms speed-up over vmap: {vs['vmap per-example norms'] / vs[cheap[1]]:.1f}x",
-      f"clipped_grad / batch-mean grad: {times[cheap[2]] / times[cheap[0]]:.2f}x"
-      f" (goal <= {goal_time}x)",
-      f"XLA temp memory clipped_grad / batch-mean grad:"
-      f" {mem[cheap[2]]['temp'] / max(mem[cheap[0]]['temp'], 1):.2f}x (goal <= {goal_memory}x);"
-      f" vmap clipped grad {mem['vmap clipped grad']['temp'] / max(mem[cheap[0]]['temp'], 1):.2f}x",
+    f"per-example norms speed-up over vmap: {vs['vmap per-example norms'] / vs[cheap[1]]:.1f}x",
+    f"clipped_grad / batch-mean grad: {times[cheap[2]] / times[cheap[0]]:.2f}x"
+    f" (goal <= {goal_time}x)",
+    f"XLA temp memory clipped_grad / batch-mean grad:"
+    f" {mem[cheap[2]]['temp'] / max(mem[cheap[0]]['temp'], 1):.2f}x (goal <= {goal_memory}x);"
+    f" vmap clipped grad {mem['vmap clipped grad']['temp'] / max(mem[cheap[0]]['temp'], 1):.2f}x",
   ]
   if "jax_privacy clipped_grad" in vs:
     jp = "jax_privacy clipped_grad"
     lines.append(
-        f"jax_privacy clipped_grad / gnorm_jax clipped_grad: time {vs[jp] / vs[cheap[2]]:.1f}x,"
-        f" XLA peak memory {peak(mem[jp]) / peak(mem[cheap[2]]):.1f}x"
+      f"jax_privacy clipped_grad / gnorm_jax clipped_grad: time {vs[jp] / vs[cheap[2]]:.1f}x,"
+      f" XLA peak memory {peak(mem[jp]) / peak(mem[cheap[2]]):.1f}x"
     )
   print("\n".join("- " + line for line in lines) + "\n")
 
@@ -180,14 +178,19 @@ def memory_only(title, loss, params, batch, goal):
   fns = variants(loss, params, batch)
   names = ["plain batch-mean grad", "gnorm_jax clipped_grad", "vmap clipped grad"]
   mem = {n: memory(fns[n], params, *batch) for n in names}
-  rows = [f"### {title}: compiled only (XLA memory_analysis)", "",
-          "| variant | temp MiB | ratio to plain |", "|---|---:|---:|"]
+  rows = [
+    f"### {title}: compiled only (XLA memory_analysis)",
+    "",
+    "| variant | temp MiB | ratio to plain |",
+    "|---|---:|---:|",
+  ]
   base = mem[names[0]]["temp"]
   for n in names:
     rows.append(f"| {n} | {mem[n]['temp'] / 2**20:.0f} | {mem[n]['temp'] / base:.2f}x |")
   print("\n".join(rows))
-  print(f"- temp memory clipped_grad / plain: {mem[names[1]]['temp'] / base:.2f}x"
-        f" (goal <= {goal}x)\n")
+  print(
+    f"- temp memory clipped_grad / plain: {mem[names[1]]['temp'] / base:.2f}x (goal <= {goal}x)\n"
+  )
 
 
 def main():
@@ -197,39 +200,79 @@ def main():
   rounds = args.rounds or 3
   q = args.quick
   rows = {
-      "mlp": lambda: run(
-          "MLP 512-1024-1024-1024-10, B=256" if not q else "MLP 512-256-256-10, B=64",
-          *mlp(key, [512, 1024, 1024, 1024, 10] if not q else [512, 256, 256, 10],
-               256 if not q else 64), rounds, goal_time=1.1),
-      "transformer": lambda: run(
-          "transformer block d=256, T=128, B=32" if not q else "transformer block d=64, T=32, B=8",
-          *(transformer(key, 32, 128) if not q else transformer(key, 8, 32, d=64, vocab=128)),
-          rounds),
-      "gpt": lambda: run(
-          "flax GPT block d=256, T=64, B=32, vocab 8000, tied" if not q else "flax GPT block small",
-          *_models.gpt(key, batch=32 if not q else 8, seq=64 if not q else 16,
-                       d=256 if not q else 32, heads=4, vocab=8000 if not q else 500),
-          rounds, goal_time=1.2),
-      "cnn": lambda: run(f"flax CNN 32x32x3, B={64 if not q else 8}",
-                         *_models.cnn(key, batch=64 if not q else 8), rounds,
-                         goal_time=1.5, goal_memory=2.0),
-      "lstm": lambda: run(
-          "flax nn.RNN(LSTMCell(128)), T=32, B=64" if not q else "flax LSTM small",
-          *_models.lstm(key, batch=64 if not q else 8, seq=32 if not q else 8,
-                        hidden=128 if not q else 16), rounds, goal_time=1.5),
-      "scanned_gpt": lambda: run(
-          "4-layer GPT as nn.scan(nn.remat(Block)), d=256, T=64, B=32, vocab 1000"
-          if not q else "scanned GPT small",
-          *_models.gpt(key, batch=32 if not q else 8, seq=64 if not q else 16,
-                       d=256 if not q else 32, heads=4, vocab=1000 if not q else 100,
-                       layers=4 if not q else 2, scanned=True),
-          rounds, goal_time=1.3, goal_memory=2.0),
-      "gpt2_memory": lambda: memory_only(
-          "GPT-2-small-shaped block (vocab 50257, d=768, 12 heads, T=128, B=32, tied)"
-          if not q else "GPT-2-shaped block, small",
-          *_models.gpt(key, batch=32 if not q else 4, seq=128 if not q else 16,
-                       d=768 if not q else 64, heads=12 if not q else 4,
-                       vocab=50257 if not q else 5000), goal=1.3),
+    "mlp": lambda: run(
+      "MLP 512-1024-1024-1024-10, B=256" if not q else "MLP 512-256-256-10, B=64",
+      *mlp(
+        key, [512, 1024, 1024, 1024, 10] if not q else [512, 256, 256, 10], 256 if not q else 64
+      ),
+      rounds,
+      goal_time=1.1,
+    ),
+    "transformer": lambda: run(
+      "transformer block d=256, T=128, B=32" if not q else "transformer block d=64, T=32, B=8",
+      *(transformer(key, 32, 128) if not q else transformer(key, 8, 32, d=64, vocab=128)),
+      rounds,
+    ),
+    "gpt": lambda: run(
+      "flax GPT block d=256, T=64, B=32, vocab 8000, tied" if not q else "flax GPT block small",
+      *_models.gpt(
+        key,
+        batch=32 if not q else 8,
+        seq=64 if not q else 16,
+        d=256 if not q else 32,
+        heads=4,
+        vocab=8000 if not q else 500,
+      ),
+      rounds,
+      goal_time=1.2,
+    ),
+    "cnn": lambda: run(
+      f"flax CNN 32x32x3, B={64 if not q else 8}",
+      *_models.cnn(key, batch=64 if not q else 8),
+      rounds,
+      goal_time=1.5,
+      goal_memory=2.0,
+    ),
+    "lstm": lambda: run(
+      "flax nn.RNN(LSTMCell(128)), T=32, B=64" if not q else "flax LSTM small",
+      *_models.lstm(
+        key, batch=64 if not q else 8, seq=32 if not q else 8, hidden=128 if not q else 16
+      ),
+      rounds,
+      goal_time=1.5,
+    ),
+    "scanned_gpt": lambda: run(
+      "4-layer GPT as nn.scan(nn.remat(Block)), d=256, T=64, B=32, vocab 1000"
+      if not q
+      else "scanned GPT small",
+      *_models.gpt(
+        key,
+        batch=32 if not q else 8,
+        seq=64 if not q else 16,
+        d=256 if not q else 32,
+        heads=4,
+        vocab=1000 if not q else 100,
+        layers=4 if not q else 2,
+        scanned=True,
+      ),
+      rounds,
+      goal_time=1.3,
+      goal_memory=2.0,
+    ),
+    "gpt2_memory": lambda: memory_only(
+      "GPT-2-small-shaped block (vocab 50257, d=768, 12 heads, T=128, B=32, tied)"
+      if not q
+      else "GPT-2-shaped block, small",
+      *_models.gpt(
+        key,
+        batch=32 if not q else 4,
+        seq=128 if not q else 16,
+        d=768 if not q else 64,
+        heads=12 if not q else 4,
+        vocab=50257 if not q else 5000,
+      ),
+      goal=1.3,
+    ),
   }
   for name in args.only or rows:
     rows[name]()

@@ -1,6 +1,6 @@
 """Runs every benchmark script in this folder and prints all tables.
 
-    python benchmarks/run_all.py [--quick]
+python benchmarks/run_all.py [--quick]
 """
 
 import pathlib

@@ -39,11 +39,11 @@ release = gnorm_jax.__version__
 version = release
 
 extensions = [
-    "myst_nb",
-    "sphinx.ext.autodoc",
-    "sphinx.ext.autosummary",
-    "sphinx.ext.napoleon",
-    "sphinx.ext.mathjax",
+  "myst_nb",
+  "sphinx.ext.autodoc",
+  "sphinx.ext.autosummary",
+  "sphinx.ext.napoleon",
+  "sphinx.ext.mathjax",
 ]
 
 exclude_patterns = ["_build", "_templates", "**.ipynb_checkpoints"]
@@ -55,9 +55,9 @@ source_suffix = {".rst": "restructuredtext", ".md": "myst-nb", ".ipynb": "myst-n
 # links, so the build needs no network (no intersphinx inventories).
 nitpicky = True
 nitpick_ignore_regex = [
-    (r"py:.*", r"(?!gnorm_jax\b).*\..*"),  # dotted names outside gnorm_jax: jax.Array, optax...
-    (r"py:.*", r"Any|Callable|Sequence|Iterator|Mapping|NamedTuple|Schedule|PyTree"),
-    (r"py:.*", r"int|float|bool|str|tuple|list|dict|None|object|type|complex"),
+  (r"py:.*", r"(?!gnorm_jax\b).*\..*"),  # dotted names outside gnorm_jax: jax.Array, optax...
+  (r"py:.*", r"Any|Callable|Sequence|Iterator|Mapping|NamedTuple|Schedule|PyTree"),
+  (r"py:.*", r"int|float|bool|str|tuple|list|dict|None|object|type|complex"),
 ]
 
 # Docstrings: Google style (Args/Returns/Raises/Examples/References).
@@ -84,8 +84,8 @@ nb_merge_streams = True
 html_theme = "sphinx_book_theme"
 html_title = f"gnorm_jax {release}"
 html_theme_options = {
-    "show_toc_level": 2,
-    "navigation_with_keys": False,
+  "show_toc_level": 2,
+  "navigation_with_keys": False,
 }
 html_static_path: list[str] = []
 

@@ -213,19 +213,25 @@ def autoclip(quantile: Any = 0.1, *, history: int = 1000) -> optax.GradientTrans
     >>> float(state.max_norm), updates  # the median of (5, 1, 9)
     (5.0, Array([0., 5.], dtype=float32))
   """
-  check_number("quantile", quantile, low=0, high=1, low_open=True,
-               fix="It is a fraction: 0.1 clips to the 10th percentile.")
+  check_number(
+    "quantile",
+    quantile,
+    low=0,
+    high=1,
+    low_open=True,
+    fix="It is a fraction: 0.1 clips to the 10th percentile.",
+  )
   size = check_size("history", history)
 
   def init_fn(params):
     dtype = _norm_dtype(params)
     return AutoClipState(
-        count=_zero_count(),
-        grad_norm=jnp.zeros((), dtype),
-        max_norm=jnp.full((), jnp.inf, dtype),
-        history=_empty_history(size, dtype),
-        num_recorded=_zero_count(),
-        num_clipped=_zero_count(),
+      count=_zero_count(),
+      grad_norm=jnp.zeros((), dtype),
+      max_norm=jnp.full((), jnp.inf, dtype),
+      history=_empty_history(size, dtype),
+      num_recorded=_zero_count(),
+      num_clipped=_zero_count(),
     )
 
   def update_fn(updates, state, params=None):
@@ -234,12 +240,12 @@ def autoclip(quantile: Any = 0.1, *, history: int = 1000) -> optax.GradientTrans
     buffer, num_recorded = _record(state.history, state.num_recorded, norm)
     max_norm = _quantile(buffer, num_recorded, quantile)
     new_state = AutoClipState(
-        count=optax.safe_increment(state.count),
-        grad_norm=norm,
-        max_norm=max_norm,
-        history=buffer,
-        num_recorded=num_recorded,
-        num_clipped=_count_if(state.num_clipped, norm > max_norm),
+      count=optax.safe_increment(state.count),
+      grad_norm=norm,
+      max_norm=max_norm,
+      history=buffer,
+      num_recorded=num_recorded,
+      num_clipped=_count_if(state.num_clipped, norm > max_norm),
     )
     return _clip(updates, m, r, max_norm), new_state
 
@@ -263,11 +269,11 @@ class ZClipState(NamedTuple):
 
 
 def zclip(
-    *,
-    decay: Any = 0.97,
-    z_threshold: Any = 2.5,
-    warmup_steps: Any = 25,
-    max_norm: Any = None,
+  *,
+  decay: Any = 0.97,
+  z_threshold: Any = 2.5,
+  warmup_steps: Any = 25,
+  max_norm: Any = None,
 ) -> optax.GradientTransformation:
   r"""ZClip: clip norms that are outliers (z-score) of an EMA of past norms.
 
@@ -337,12 +343,24 @@ def zclip(
     >>> updates  # clipped to 2 + 2.5**2 / 5 * 1
     Array([3.25], dtype=float32)
   """
-  check_number("decay", decay, low=0, high=1, low_open=True, high_open=True,
-               fix="It is the EMA weight of the old value, e.g. 0.97.")
+  check_number(
+    "decay",
+    decay,
+    low=0,
+    high=1,
+    low_open=True,
+    high_open=True,
+    fix="It is the EMA weight of the old value, e.g. 0.97.",
+  )
   check_number("z_threshold", z_threshold, low=0, fix="The paper uses 2.5.")
   check_number("warmup_steps", warmup_steps, low=1, integer=True, fix="The paper uses 25.")
-  check_number("max_norm", max_norm, low=0, allow_none=True,
-               fix="It is an optional fixed cap on the norm; None for none.")
+  check_number(
+    "max_norm",
+    max_norm,
+    low=0,
+    allow_none=True,
+    fix="It is an optional fixed cap on the norm; None for none.",
+  )
   cap = jnp.inf if max_norm is None else max_norm
 
   def init_fn(params):
@@ -350,13 +368,13 @@ def zclip(
     # One buffer per field (jnp.array copies): a state donated to a jitted
     # step must not hold the same buffer twice.
     return ZClipState(
-        count=_zero_count(),
-        grad_norm=jnp.zeros((), dtype),
-        max_norm=jnp.array(cap, dtype),
-        mean=jnp.zeros((), dtype),
-        var=jnp.zeros((), dtype),
-        num_recorded=_zero_count(),
-        num_clipped=_zero_count(),
+      count=_zero_count(),
+      grad_norm=jnp.zeros((), dtype),
+      max_norm=jnp.array(cap, dtype),
+      mean=jnp.zeros((), dtype),
+      var=jnp.zeros((), dtype),
+      num_recorded=_zero_count(),
+      num_clipped=_zero_count(),
     )
 
   def update_fn(updates, state, params=None):
@@ -392,19 +410,21 @@ def zclip(
     new_mean = jnp.where(keep, mean, jnp.where(warm, warm_mean, ema_mean))
     # A variance beyond the largest float saturates there: inf would make every
     # later z-score 0 and switch clipping off for good.
-    new_var = jnp.minimum(jnp.where(keep, var, jnp.where(warm, warm_var, ema_var)),
-                          jnp.finfo(dtype).max)
+    new_var = jnp.minimum(
+      jnp.where(keep, var, jnp.where(warm, warm_var, ema_var)), jnp.finfo(dtype).max
+    )
     limit = jnp.minimum(jnp.where(spike, clipped, jnp.inf), cap_t)
     reported = jnp.where(
-        warm, cap_t, jnp.minimum(jnp.where(spike, clipped, _upper_bound(mean, zt, std)), cap_t))
+      warm, cap_t, jnp.minimum(jnp.where(spike, clipped, _upper_bound(mean, zt, std)), cap_t)
+    )
     new_state = ZClipState(
-        count=optax.safe_increment(state.count),
-        grad_norm=norm,
-        max_norm=reported,
-        mean=new_mean,
-        var=new_var,
-        num_recorded=_count_if(state.num_recorded, finite),
-        num_clipped=_count_if(state.num_clipped, norm > limit),
+      count=optax.safe_increment(state.count),
+      grad_norm=norm,
+      max_norm=reported,
+      mean=new_mean,
+      var=new_var,
+      num_recorded=_count_if(state.num_recorded, finite),
+      num_clipped=_count_if(state.num_clipped, norm > limit),
     )
     return _clip(updates, m, r, limit), new_state
 
@@ -432,10 +452,10 @@ def _clamp_threshold(c: jax.Array) -> jax.Array:
 
 
 def quantile_clip(
-    quantile: Any = 0.9,
-    *,
-    adaptation_rate: Any = 0.2,
-    initial_max_norm: Any = 1.0,
+  quantile: Any = 0.9,
+  *,
+  adaptation_rate: Any = 0.2,
+  initial_max_norm: Any = 1.0,
 ) -> optax.GradientTransformation:
   r"""Clip to a streaming estimate of a quantile of the global norm.
 
@@ -492,23 +512,40 @@ def quantile_clip(
     >>> updates, float(state.next_max_norm)  # clipped to 1; C grows by e^0.25
     (Array([0.6, 0.8], dtype=float32), 1.2840...)
   """
-  check_number("quantile", quantile, low=0, high=1, low_open=True,
-               fix="It is a fraction: 0.9 tracks the 90th percentile of the norm.")
-  check_number("adaptation_rate", adaptation_rate, low=0, high=_MAX_ADAPTATION_RATE,
-               fix="It is the adaptation rate η of the threshold; the paper uses 0.2. One step"
-               " changes the threshold by up to e^η.")
-  check_number("initial_max_norm", initial_max_norm, low=0, low_open=True, finite=True,
-               fix="The geometric update cannot move a threshold of 0; start from e.g. 1.0.")
+  check_number(
+    "quantile",
+    quantile,
+    low=0,
+    high=1,
+    low_open=True,
+    fix="It is a fraction: 0.9 tracks the 90th percentile of the norm.",
+  )
+  check_number(
+    "adaptation_rate",
+    adaptation_rate,
+    low=0,
+    high=_MAX_ADAPTATION_RATE,
+    fix="It is the adaptation rate η of the threshold; the paper uses 0.2. One step"
+    " changes the threshold by up to e^η.",
+  )
+  check_number(
+    "initial_max_norm",
+    initial_max_norm,
+    low=0,
+    low_open=True,
+    finite=True,
+    fix="The geometric update cannot move a threshold of 0; start from e.g. 1.0.",
+  )
 
   def init_fn(params):
     dtype = _norm_dtype(params)
     # One buffer per field (jnp.array copies), so the state can be donated.
     return QuantileClipState(
-        count=_zero_count(),
-        grad_norm=jnp.zeros((), dtype),
-        max_norm=_clamp_threshold(jnp.array(initial_max_norm, dtype)),
-        next_max_norm=_clamp_threshold(jnp.array(initial_max_norm, dtype)),
-        num_clipped=_zero_count(),
+      count=_zero_count(),
+      grad_norm=jnp.zeros((), dtype),
+      max_norm=_clamp_threshold(jnp.array(initial_max_norm, dtype)),
+      next_max_norm=_clamp_threshold(jnp.array(initial_max_norm, dtype)),
+      num_clipped=_zero_count(),
     )
 
   def update_fn(updates, state, params=None):
@@ -517,14 +554,13 @@ def quantile_clip(
     norm, m, r = _measure(updates, dtype)
     c = state.next_max_norm
     below = (norm <= c).astype(dtype)
-    step = jnp.exp(
-        -jnp.asarray(adaptation_rate, dtype) * (below - jnp.asarray(quantile, dtype)))
+    step = jnp.exp(-jnp.asarray(adaptation_rate, dtype) * (below - jnp.asarray(quantile, dtype)))
     new_state = QuantileClipState(
-        count=optax.safe_increment(state.count),
-        grad_norm=norm,
-        max_norm=c,
-        next_max_norm=_clamp_threshold(jnp.where(jnp.isfinite(norm), c * step, c)),
-        num_clipped=_count_if(state.num_clipped, norm > c),
+      count=optax.safe_increment(state.count),
+      grad_norm=norm,
+      max_norm=c,
+      next_max_norm=_clamp_threshold(jnp.where(jnp.isfinite(norm), c * step, c)),
+      num_clipped=_count_if(state.num_clipped, norm > c),
     )
     return _clip(updates, m, r, c), new_state
 
@@ -548,11 +584,11 @@ class SkipSpikesState(NamedTuple):
 
 
 def skip_spikes(
-    inner: optax.GradientTransformation,
-    *,
-    history: int = 128,
-    z_threshold: Any = 6.0,
-    warmup_steps: Any = 20,
+  inner: optax.GradientTransformation,
+  *,
+  history: int = 128,
+  z_threshold: Any = 6.0,
+  warmup_steps: Any = 20,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Skip optimizer steps whose gradient norm is a spike; otherwise run ``inner``.
 
@@ -631,27 +667,32 @@ def skip_spikes(
   """
   if not isinstance(inner, optax.GradientTransformation):
     raise TypeError(
-        "skip_spikes wraps an optimizer: inner must be an optax.GradientTransformation, got"
-        f" inner={inner!r} ({type(inner).__name__}). Pass e.g. skip_spikes(optax.adamw(3e-4))"
-        " (a built transformation: optax.adamw(3e-4), not optax.adamw); the other"
-        " arguments are keyword-only."
+      "skip_spikes wraps an optimizer: inner must be an optax.GradientTransformation, got"
+      f" inner={inner!r} ({type(inner).__name__}). Pass e.g. skip_spikes(optax.adamw(3e-4))"
+      " (a built transformation: optax.adamw(3e-4), not optax.adamw); the other"
+      " arguments are keyword-only."
     )
   size = check_size("history", history)
   check_number("z_threshold", z_threshold, low=0, fix="6.0 skips only extreme spikes.")
-  check_number("warmup_steps", warmup_steps, low=1, integer=True,
-               fix="It is the number of norms recorded before spikes are detected.")
+  check_number(
+    "warmup_steps",
+    warmup_steps,
+    low=1,
+    integer=True,
+    fix="It is the number of norms recorded before spikes are detected.",
+  )
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params):
     dtype = _norm_dtype(params)
     return SkipSpikesState(
-        count=_zero_count(),
-        grad_norm=jnp.zeros((), dtype),
-        max_norm=jnp.full((), jnp.inf, dtype),
-        history=_empty_history(size, dtype),
-        num_recorded=_zero_count(),
-        num_skipped=_zero_count(),
-        inner_state=inner.init(params),
+      count=_zero_count(),
+      grad_norm=jnp.zeros((), dtype),
+      max_norm=jnp.full((), jnp.inf, dtype),
+      history=_empty_history(size, dtype),
+      num_recorded=_zero_count(),
+      num_skipped=_zero_count(),
+      inner_state=inner.init(params),
     )
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -659,28 +700,29 @@ def skip_spikes(
     norm, m, _ = _measure(updates, dtype)
     mean, std = _mean_std(state.history, state.num_recorded)
     threshold = jnp.where(
-        state.num_recorded >= warmup_steps,
-        _upper_bound(mean, jnp.asarray(z_threshold, dtype), std),
-        jnp.inf,
+      state.num_recorded >= warmup_steps,
+      _upper_bound(mean, jnp.asarray(z_threshold, dtype), std),
+      jnp.inf,
     )
     # A finite update whose norm overflows is a spike only against a finite threshold.
     skip = ~jnp.isfinite(m) | (norm > threshold)
     new_updates, new_inner = inner.update(updates, state.inner_state, params, **extra_args)
     new_updates = jax.tree.map(lambda u: jnp.where(skip, jnp.zeros_like(u), u), new_updates)
-    inner_state = jax.tree.map(lambda old, new: jnp.where(skip, old, new),
-                               state.inner_state, new_inner)
+    inner_state = jax.tree.map(
+      lambda old, new: jnp.where(skip, old, new), state.inner_state, new_inner
+    )
     # A skipped spike enters the window at the threshold (winsorized), so one
     # spike cannot raise the bar; non-finite norms are dropped by _record.
     recorded = jnp.where(jnp.isfinite(norm), jnp.minimum(norm, threshold), norm)
     history, num_recorded = _record(state.history, state.num_recorded, recorded)
     new_state = SkipSpikesState(
-        count=optax.safe_increment(state.count),
-        grad_norm=norm,
-        max_norm=threshold,
-        history=history,
-        num_recorded=num_recorded,
-        num_skipped=_count_if(state.num_skipped, skip),
-        inner_state=inner_state,
+      count=optax.safe_increment(state.count),
+      grad_norm=norm,
+      max_norm=threshold,
+      history=history,
+      num_recorded=num_recorded,
+      num_skipped=_count_if(state.num_skipped, skip),
+      inner_state=inner_state,
     )
     return new_updates, new_state
 

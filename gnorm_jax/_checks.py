@@ -43,7 +43,7 @@ def is_traced(value: Any) -> bool:
 
 def _fail_type(name: str, value: Any, what: str, fix: str) -> None:
   raise TypeError(
-      f"{name} must be {what}, got {name}={value!r} ({type(value).__name__}). {fix}".rstrip()
+    f"{name} must be {what}, got {name}={value!r} ({type(value).__name__}). {fix}".rstrip()
   )
 
 
@@ -93,17 +93,17 @@ def _interval(low, high, low_open, high_open) -> str:
 
 
 def check_number(
-    name: str,
-    value: Any,
-    *,
-    low: float | None = None,
-    high: float | None = None,
-    low_open: bool = False,
-    high_open: bool = False,
-    finite: bool = False,
-    integer: bool = False,
-    allow_none: bool = False,
-    fix: str = "",
+  name: str,
+  value: Any,
+  *,
+  low: float | None = None,
+  high: float | None = None,
+  low_open: bool = False,
+  high_open: bool = False,
+  finite: bool = False,
+  integer: bool = False,
+  allow_none: bool = False,
+  fix: str = "",
 ) -> None:
   """Checks a scalar hyperparameter under the number policy.
 
@@ -137,16 +137,17 @@ def check_number(
     kind = "an integer" if integer else ("a finite number" if finite else "")
     requirement = " ".join(s for s in (kind, _interval(low, high, low_open, high_open)) if s)
     raise ValueError(
-        f"{name} must be {requirement or 'a number, not NaN'}, got {name}={value!r}. {fix}".rstrip()
+      f"{name} must be {requirement or 'a number, not NaN'}, got {name}={value!r}. {fix}".rstrip()
     )
 
 
 def check_size(name: str, value: Any) -> int:
   """A buffer length of an optax transformation: a Python int >= 1 (it is the state's shape)."""
   return check_count(
-      name, value,
-      fix=f"It fixes the shape of the state; with optax.inject_hyperparams, pass"
-      f" static_args=({name!r},).",
+    name,
+    value,
+    fix=f"It fixes the shape of the state; with optax.inject_hyperparams, pass"
+    f" static_args=({name!r},).",
   )
 
 
@@ -166,15 +167,14 @@ def check_argnums(name: str, argnums: Any, fix: str = "") -> tuple[int, ...]:
     ok = False
   if not ok:
     raise TypeError(
-        f"{name} must be an int or a non-empty tuple of ints, got {name}={argnums!r}. {fix}"
-        .rstrip()
+      f"{name} must be an int or a non-empty tuple of ints, got {name}={argnums!r}. {fix}".rstrip()
     )
   negative = [a for a in nums if a < 0]
   if negative:
     raise ValueError(
-        f"{name} must count positional arguments from 0, got {name}={argnums!r} with negative"
-        f" entries {negative}. Pass the position from the left, e.g. {name}=1 for the second"
-        " argument."
+      f"{name} must count positional arguments from 0, got {name}={argnums!r} with negative"
+      f" entries {negative}. Pass the position from the left, e.g. {name}=1 for the second"
+      " argument."
     )
   return nums
 
@@ -200,8 +200,8 @@ def signature_fix(fn: Callable[..., Any]) -> str:
   :func:`signature` of ``fn``.
   """
   return (
-      f"The signature is {signature(fn)}: argnums and has_aux follow fun, as in jax.grad;"
-      " pass the other arguments by keyword."
+    f"The signature is {signature(fn)}: argnums and has_aux follow fun, as in jax.grad;"
+    " pass the other arguments by keyword."
   )
 
 
@@ -247,8 +247,8 @@ def check_count(name: str, value: Any, *, allow_none: bool = False, fix: str = "
       pass
   if size is None:
     raise TypeError(
-        f"{name} must be a Python int{' or None' if allow_none else ''}, got {name}={value!r}"
-        f" ({type(value).__name__}). {fix}".rstrip()
+      f"{name} must be a Python int{' or None' if allow_none else ''}, got {name}={value!r}"
+      f" ({type(value).__name__}). {fix}".rstrip()
     )
   if size < 1:
     raise ValueError(f"{name} must be an int >= 1, got {name}={value!r}. {fix}".rstrip())
@@ -264,7 +264,7 @@ def check_choice(name: str, value: Any, choices: Sequence[Any], fix: str = "") -
   """Raises ValueError unless ``value`` is one of ``choices`` (compared by type and value)."""
   if not any(type(value) is type(c) and value == c for c in choices):
     raise ValueError(
-        f"{name} must be one of {tuple(choices)!r}, got {name}={value!r}. {fix}".rstrip()
+      f"{name} must be one of {tuple(choices)!r}, got {name}={value!r}. {fix}".rstrip()
     )
 
 
@@ -273,7 +273,7 @@ def check_ord(ord: Any) -> None:
   scalar = isinstance(ord, numbers.Real) and not isinstance(ord, (bool, np.bool_))
   if not any(ord is o or (o is not None and scalar and ord == o) for o in _ORDS):
     raise ValueError(
-        f"ord must be None (Euclidean), 1, 2 or inf (math.inf / jnp.inf); got ord={ord!r}."
+      f"ord must be None (Euclidean), 1, 2 or inf (math.inf / jnp.inf); got ord={ord!r}."
     )
 
 
@@ -290,7 +290,7 @@ def is_tree(value: Any) -> bool:
 
 
 def check_threshold_tree(
-    name: str, value: Any, *, allow_tree: bool, fix: str = "", check_arrays: bool = True
+  name: str, value: Any, *, allow_tree: bool, fix: str = "", check_arrays: bool = True
 ) -> None:
   """A threshold >= 0: one number, or (with ``allow_tree``) a pytree of them.
 
@@ -313,8 +313,8 @@ def check_threshold_tree(
     raise ValueError(f"{name} has no leaves: got {name}={value!r}. {fix}".rstrip())
   if is_tree(value) and value is not None and not allow_tree:
     raise ValueError(
-        f"{name} must be one number here, got the pytree {name}={value!r}. A pytree of"
-        " thresholds (one per leaf or subtree) needs per='leaf'."
+      f"{name} must be one number here, got the pytree {name}={value!r}. A pytree of"
+      " thresholds (one per leaf or subtree) needs per='leaf'."
     )
   if value is None:
     raise TypeError(f"{name} must be a number >= 0, got None. {fix}".rstrip())

@@ -39,11 +39,11 @@ from gnorm_jax._norms import leaf_norms_split, tree_norm_split
 from gnorm_jax._numerics import broadcast_prefix, clip_scales, pow2_inverse, scale_tree
 
 __all__ = [
-    "ClipByNormState",
-    "NormalizeState",
-    "clip_by_norm",
-    "normalize",
-    "normalized_sgd",
+  "ClipByNormState",
+  "NormalizeState",
+  "clip_by_norm",
+  "normalize",
+  "normalized_sgd",
 ]
 
 _PERS = ("global", "leaf")
@@ -87,8 +87,10 @@ def _normalized(tree: Any, m: jax.Array, r: jax.Array, scale: jax.Array | float)
 
 def _check_per(per: Any) -> None:
   check_choice(
-      "per", per, _PERS, 'Use "global" (one norm over the whole update) or "leaf" (one norm per'
-      ' leaf).'
+    "per",
+    per,
+    _PERS,
+    'Use "global" (one norm over the whole update) or "leaf" (one norm per leaf).',
   )
 
 
@@ -115,9 +117,7 @@ def _product(m: Any, r: Any) -> Any:
 
 
 def _zeros_like_norm(norm_fn: Callable[[Any], Any], params: Any) -> Any:
-  return jax.tree.map(
-      lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(norm_fn, params)[0]
-  )
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(norm_fn, params)[0])
 
 
 def _cast_like(new: Any, old: Any) -> Any:
@@ -133,17 +133,17 @@ def _per_leaf_thresholds(max_norm: Any, norms: Any) -> Any:
     return broadcast_prefix(max_norm, norms)
   except ValueError:
     raise ValueError(
-        "max_norm must be one number or a pytree prefix of the updates (one threshold per"
-        f" leaf or subtree); its structure {jax.tree.structure(max_norm)} does not match the"
-        f" updates' {jax.tree.structure(norms)}."
+      "max_norm must be one number or a pytree prefix of the updates (one threshold per"
+      f" leaf or subtree); its structure {jax.tree.structure(max_norm)} does not match the"
+      f" updates' {jax.tree.structure(norms)}."
     ) from None
 
 
 def _act_on_norm(
-    norm_fn: Callable[[Any], Any],
-    state_cls: type,
-    act: Callable[[Any, Any], Any],
-    thresholds: Callable[[Any], Any] | None = None,
+  norm_fn: Callable[[Any], Any],
+  state_cls: type,
+  act: Callable[[Any, Any], Any],
+  thresholds: Callable[[Any], Any] | None = None,
 ) -> optax.GradientTransformation:
   """The transformation ``updates ↦ act(updates, *norm_fn(updates))``.
 
@@ -168,10 +168,10 @@ def _act_on_norm(
 
 
 def clip_by_norm(
-    max_norm: float | jax.Array,
-    *,
-    ord: int | float | None = None,
-    per: str = "global",
+  max_norm: float | jax.Array,
+  *,
+  ord: int | float | None = None,
+  per: str = "global",
 ) -> optax.GradientTransformation:
   r"""Clips updates to norm at most ``max_norm`` (Pascanu et al. 2013).
 
@@ -245,8 +245,11 @@ def clip_by_norm(
   ord = canonical_ord(ord)
   _check_per(per)
   check_threshold_tree(
-      "max_norm", max_norm, allow_tree=per == "leaf", check_arrays=False,
-      fix="Pass the largest update norm to allow, e.g. max_norm=1.0.",
+    "max_norm",
+    max_norm,
+    allow_tree=per == "leaf",
+    check_arrays=False,
+    fix="Pass the largest update norm to allow, e.g. max_norm=1.0.",
   )
 
   def thresholds(norm):
@@ -265,10 +268,10 @@ def clip_by_norm(
 
 
 def normalize(
-    scale: float | jax.Array = 1.0,
-    *,
-    ord: int | float | None = None,
-    per: str = "global",
+  scale: float | jax.Array = 1.0,
+  *,
+  ord: int | float | None = None,
+  per: str = "global",
 ) -> optax.GradientTransformation:
   r"""Normalizes updates to norm ``|scale|`` (normalized gradient descent).
 
@@ -315,7 +318,7 @@ def normalize(
     2017.
   """
   check_number(
-      "scale", scale, finite=True, fix="It is the norm of the normalized update, e.g. scale=1.0."
+    "scale", scale, finite=True, fix="It is the norm of the normalized update, e.g. scale=1.0."
   )
   ord = canonical_ord(ord)
   _check_per(per)
@@ -329,12 +332,12 @@ def normalize(
 
 
 def normalized_sgd(
-    learning_rate: optax.ScalarOrSchedule,
-    *,
-    momentum: float | jax.Array = 0.0,
-    nesterov: bool = False,
-    ord: int | float | None = None,
-    per: str = "global",
+  learning_rate: optax.ScalarOrSchedule,
+  *,
+  momentum: float | jax.Array = 0.0,
+  nesterov: bool = False,
+  ord: int | float | None = None,
+  per: str = "global",
 ) -> optax.GradientTransformation:
   r"""Normalized SGD, with momentum as in Cutkosky & Mehta (2020).
 
@@ -388,17 +391,24 @@ def normalized_sgd(
   """
   if not callable(learning_rate):
     check_number(
-        "learning_rate", learning_rate, low=0, finite=True,
-        fix="It is the length of every step, e.g. learning_rate=0.01 (the sign of descent is"
-        " applied for you), or an optax schedule.",
+      "learning_rate",
+      learning_rate,
+      low=0,
+      finite=True,
+      fix="It is the length of every step, e.g. learning_rate=0.01 (the sign of descent is"
+      " applied for you), or an optax schedule.",
     )
   check_number(
-      "momentum", momentum, low=0, high=1, high_open=True,
-      fix="E.g. momentum=0.9, or 0.0 for plain normalized gradient descent.",
+    "momentum",
+    momentum,
+    low=0,
+    high=1,
+    high_open=True,
+    fix="E.g. momentum=0.9, or 0.0 for plain normalized gradient descent.",
   )
   parts = [
-      normalize(ord=ord, per=per),
-      optax.scale_by_learning_rate(learning_rate),
+    normalize(ord=ord, per=per),
+    optax.scale_by_learning_rate(learning_rate),
   ]
   # Only a scalar (not an array) 0 drops the trace: optax.inject_hyperparams
   # passes a concrete array at init and a traced one in update, and the

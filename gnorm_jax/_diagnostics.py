@@ -27,15 +27,15 @@ from gnorm_jax._norms import leaf_norms, tree_norm
 from gnorm_jax._numerics import pow2_split, safe_divide
 
 __all__ = [
-    "NoiseScale",
-    "gradient_noise_scale",
-    "noise_scale_from_two_batches",
-    "NoiseScaleTrackerState",
-    "NoiseScaleTracker",
-    "noise_scale_tracker",
-    "flat_leaf_norms",
-    "RecordLeafNormsState",
-    "record_leaf_norms",
+  "NoiseScale",
+  "gradient_noise_scale",
+  "noise_scale_from_two_batches",
+  "NoiseScaleTrackerState",
+  "NoiseScaleTracker",
+  "noise_scale_tracker",
+  "flat_leaf_norms",
+  "RecordLeafNormsState",
+  "record_leaf_norms",
 ]
 
 
@@ -60,10 +60,10 @@ def _check_batch_sizes(small_batch_size: Any, big_batch_size: Any) -> None:
   big = concrete_number(names[1], big_batch_size)
   if small is not None and big is not None and big <= small:
     raise ValueError(
-        f"{names[1]} must be larger than {names[0]}: the estimates divide by"
-        f" {names[1]} - {names[0]}; got {names[0]}={small_batch_size!r},"
-        f" {names[1]}={big_batch_size!r}. Measure the big-batch gradient on more examples"
-        " than the small one."
+      f"{names[1]} must be larger than {names[0]}: the estimates divide by"
+      f" {names[1]} - {names[0]}; got {names[0]}={small_batch_size!r},"
+      f" {names[1]}={big_batch_size!r}. Measure the big-batch gradient on more examples"
+      " than the small one."
     )
 
 
@@ -75,10 +75,10 @@ def _safe_ratio(num: jax.Array, den: jax.Array) -> jax.Array:
 
 
 def noise_scale_from_two_batches(
-    small_sq_norm: jax.Array | float,
-    big_sq_norm: jax.Array | float,
-    small_batch_size: jax.Array | int,
-    big_batch_size: jax.Array | int,
+  small_sq_norm: jax.Array | float,
+  big_sq_norm: jax.Array | float,
+  small_batch_size: jax.Array | int,
+  big_batch_size: jax.Array | int,
 ) -> NoiseScale:
   r"""The simple noise scale from gradient norms measured at two batch sizes.
 
@@ -167,9 +167,9 @@ def _size_factors(b_small: Any, b_big: Any, dtype: Any) -> tuple[jax.Array, jax.
 
 
 def gradient_noise_scale(
-    per_example_sq_norms: jax.Array,
-    batch_grad_sq_norm: jax.Array | float,
-    batch_size: jax.Array | int,
+  per_example_sq_norms: jax.Array,
+  batch_grad_sq_norm: jax.Array | float,
+  batch_size: jax.Array | int,
 ) -> NoiseScale:
   r"""The simple gradient noise scale from per-example and batch gradient norms.
 
@@ -223,27 +223,32 @@ def gradient_noise_scale(
   sq = jnp.asarray(per_example_sq_norms)
   if sq.ndim != 1 or sq.shape[0] == 0:
     raise ValueError(
-        "per_example_sq_norms must be a non-empty 1-D array [n] of squared"
-        f" per-example gradient norms, got shape {sq.shape}. Flatten it"
-        " (e.g. `x.reshape(-1)`) if it has a microbatch axis."
+      "per_example_sq_norms must be a non-empty 1-D array [n] of squared"
+      f" per-example gradient norms, got shape {sq.shape}. Flatten it"
+      " (e.g. `x.reshape(-1)`) if it has a microbatch axis."
     )
-  check_number("batch_size", batch_size, low=2, finite=True,
-               fix="The estimates divide by batch_size - 1.")
+  check_number(
+    "batch_size", batch_size, low=2, finite=True, fix="The estimates divide by batch_size - 1."
+  )
   b = concrete_number("batch_size", batch_size)
   if b is not None and sq.shape[0] > b:
     raise ValueError(
-        f"per_example_sq_norms has {sq.shape[0]} entries, more than batch_size={batch_size!r}:"
-        " they are the squared norms of examples of that batch (all of them or a subset)."
-        " Pass the size of the batch whose mean gradient gave batch_grad_sq_norm."
+      f"per_example_sq_norms has {sq.shape[0]} entries, more than batch_size={batch_size!r}:"
+      " they are the squared norms of examples of that batch (all of them or a subset)."
+      " Pass the size of the batch whose mean gradient gave batch_grad_sq_norm."
     )
   if not is_traced(sq) and bool(jnp.any(sq < 0)):
     raise ValueError(
-        "per_example_sq_norms must be squared norms (>= 0), got negative entries at"
-        f" {np.flatnonzero(np.asarray(sq) < 0).tolist()}. Square the norms"
-        " (per_example_grad_norms(...) ** 2)."
+      "per_example_sq_norms must be squared norms (>= 0), got negative entries at"
+      f" {np.flatnonzero(np.asarray(sq) < 0).tolist()}. Square the norms"
+      " (per_example_grad_norms(...) ** 2)."
     )
-  check_number("batch_grad_sq_norm", batch_grad_sq_norm, low=0,
-               fix="It is the squared norm of the batch's mean gradient.")
+  check_number(
+    "batch_grad_sq_norm",
+    batch_grad_sq_norm,
+    low=0,
+    fix="It is the squared norm of the batch's mean gradient.",
+  )
   small = jnp.mean(sq.astype(jnp.promote_types(sq.dtype, jnp.float32)))
   return noise_scale_from_two_batches(small, batch_grad_sq_norm, 1, batch_size)
 
@@ -262,9 +267,7 @@ class NoiseScaleTracker(NamedTuple):
   """A pair of pure functions, ``init()`` and ``update(estimate, state)``."""
 
   init: Callable[[], NoiseScaleTrackerState]
-  update: Callable[
-      [NoiseScale, NoiseScaleTrackerState], tuple[NoiseScale, NoiseScaleTrackerState]
-  ]
+  update: Callable[[NoiseScale, NoiseScaleTrackerState], tuple[NoiseScale, NoiseScaleTrackerState]]
 
 
 def noise_scale_tracker(decay: float | jax.Array = 0.99) -> NoiseScaleTracker:
@@ -322,8 +325,9 @@ def noise_scale_tracker(decay: float | jax.Array = 0.99) -> NoiseScaleTracker:
     McCandlish, Kaplan, Amodei et al. 2018, "An Empirical Model of Large-Batch
     Training", appendix A. https://arxiv.org/abs/1812.06162
   """
-  check_number("decay", decay, low=0, high=1, high_open=True,
-               fix="E.g. 0.99 averages over ~100 steps.")
+  check_number(
+    "decay", decay, low=0, high=1, high_open=True, fix="E.g. 0.99 averages over ~100 steps."
+  )
 
   def init() -> NoiseScaleTrackerState:
     # Distinct buffers, so the state can be donated to a jitted step.
@@ -331,7 +335,7 @@ def noise_scale_tracker(decay: float | jax.Array = 0.99) -> NoiseScaleTracker:
     return NoiseScaleTrackerState(zero(), zero(), zero(), jnp.zeros((), jnp.int32))
 
   def update(
-      estimate: NoiseScale, state: NoiseScaleTrackerState
+    estimate: NoiseScale, state: NoiseScaleTrackerState
   ) -> tuple[NoiseScale, NoiseScaleTrackerState]:
     dtype = state.grad_sq_norm.dtype
     beta = jnp.asarray(decay).astype(dtype)
@@ -343,19 +347,17 @@ def noise_scale_tracker(decay: float | jax.Array = 0.99) -> NoiseScaleTracker:
       return jnp.where(finite, beta * old + (1 - beta) * new, old)
 
     state = NoiseScaleTrackerState(
-        grad_sq_norm=ema(state.grad_sq_norm, grad_sq),
-        trace_cov=ema(state.trace_cov, trace_cov),
-        weight=ema(state.weight, jnp.ones((), dtype)),
-        num_skipped=state.num_skipped + jnp.where(finite, 0, 1).astype(jnp.int32),
+      grad_sq_norm=ema(state.grad_sq_norm, grad_sq),
+      trace_cov=ema(state.trace_cov, trace_cov),
+      weight=ema(state.weight, jnp.ones((), dtype)),
+      num_skipped=state.num_skipped + jnp.where(finite, 0, 1).astype(jnp.int32),
     )
     seen = state.weight > 0
     inv_weight = safe_divide(1, state.weight, jnp.nan)
     smoothed = NoiseScale(
-        b_simple=jnp.where(
-            seen, _safe_ratio(state.trace_cov, state.grad_sq_norm), jnp.nan
-        ),
-        grad_sq_norm=state.grad_sq_norm * inv_weight,
-        trace_cov=state.trace_cov * inv_weight,
+      b_simple=jnp.where(seen, _safe_ratio(state.trace_cov, state.grad_sq_norm), jnp.nan),
+      grad_sq_norm=state.grad_sq_norm * inv_weight,
+      trace_cov=state.trace_cov * inv_weight,
     )
     return smoothed, state
 
@@ -387,19 +389,19 @@ def _flat_dict(tree: Any, *, prefix: str = "", sep: str = "/") -> dict[str, Any]
     key = sep.join(k for k in (prefix, key) if k)
     if key in out:
       raise ValueError(
-          f"Two leaves of the tree have the same flat path {key!r} with"
-          f" sep={sep!r}; pass a separator that does not occur in the keys."
+        f"Two leaves of the tree have the same flat path {key!r} with"
+        f" sep={sep!r}; pass a separator that does not occur in the keys."
       )
     out[key] = leaf
   return out
 
 
 def flat_leaf_norms(
-    tree: Any,
-    ord: int | float | None = None,
-    *,
-    prefix: str = "",
-    sep: str = "/",
+  tree: Any,
+  ord: int | float | None = None,
+  *,
+  prefix: str = "",
+  sep: str = "/",
 ) -> dict[str, jax.Array]:
   r"""Per-leaf (per-layer) norms as a flat ``{path: norm}`` dict for logging.
 
@@ -439,8 +441,8 @@ def flat_leaf_norms(
   for name, value in (("prefix", prefix), ("sep", sep)):
     if not isinstance(value, str):
       raise TypeError(
-          f"{name} must be a str, got {name}={value!r} ({type(value).__name__}). Pass e.g."
-          f" prefix='grad_norm', sep='/'."
+        f"{name} must be a str, got {name}={value!r} ({type(value).__name__}). Pass e.g."
+        f" prefix='grad_norm', sep='/'."
       )
   if not sep:
     raise ValueError("sep must be a non-empty str, got sep=''. Pass e.g. sep='/'.")
@@ -503,7 +505,7 @@ def record_leaf_norms(ord: int | float | None = None) -> optax.GradientTransform
   def update_fn(updates, state, params=None):
     del params
     norms = jax.tree.map(
-        lambda n, old: n.astype(old.dtype), leaf_norms(updates, ord), state.leaf_norms
+      lambda n, old: n.astype(old.dtype), leaf_norms(updates, ord), state.leaf_norms
     )
     total = tree_norm(norms, ord).astype(state.global_norm.dtype)
     return updates, RecordLeafNormsState(norms, total)

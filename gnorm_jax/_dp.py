@@ -38,13 +38,13 @@ from gnorm_jax._extras import import_extra
 from gnorm_jax._norms import tree_norm
 
 __all__ = [
-    "DPNoiseState",
-    "PoissonBatches",
-    "dp_epsilon",
-    "dp_noise",
-    "dp_noise_multiplier",
-    "poisson_batches",
-    "poisson_max_batch_size",
+  "DPNoiseState",
+  "PoissonBatches",
+  "dp_epsilon",
+  "dp_noise",
+  "dp_noise_multiplier",
+  "poisson_batches",
+  "poisson_max_batch_size",
 ]
 
 _ACCOUNTANTS = ("auto", "pld", "rdp")
@@ -65,24 +65,32 @@ def _host_number(name: str, value: Any, fix: str, **requirements: Any) -> int | 
   number = concrete_number(name, value, fix)
   if number is None:
     raise TypeError(
-        f"{name} must be a concrete number: this function runs on the host, not under"
-        f" jit/grad/vmap; got the traced {name}={value!r}. {fix}"
+      f"{name} must be a concrete number: this function runs on the host, not under"
+      f" jit/grad/vmap; got the traced {name}={value!r}. {fix}"
     )
   check_number(name, number, fix=fix, **requirements)
   return number
 
 
 _NOISE_MULTIPLIER = dict(
-    low=0, finite=True,
-    fix="It is σ, the noise std in units of the sensitivity (e.g. 1.0; 0 adds no noise).",
+  low=0,
+  finite=True,
+  fix="It is σ, the noise std in units of the sensitivity (e.g. 1.0; 0 adds no noise).",
 )
 _SAMPLING_RATE = dict(
-    low=0, low_open=True, high=1,
-    fix="It is q, each example's probability of being in a batch (e.g. 256 / N).",
+  low=0,
+  low_open=True,
+  high=1,
+  fix="It is q, each example's probability of being in a batch (e.g. 256 / N).",
 )
 _STEPS = dict(low=1, integer=True, fix="Pass the number of training steps (e.g. 1000).")
-_DELTA = dict(low=0, high=1, low_open=True, high_open=True,
-              fix="Pick δ well below 1/N for N examples (e.g. 1e-5).")
+_DELTA = dict(
+  low=0,
+  high=1,
+  low_open=True,
+  high_open=True,
+  fix="Pick δ well below 1/N for N examples (e.g. 1e-5).",
+)
 _NUM_EXAMPLES = dict(low=1, integer=True, fix="Pass the number of training examples N.")
 
 
@@ -91,9 +99,13 @@ def _check_accounting(sampling_rate: Any, steps: Any, delta: Any, accountant: An
   q = _host_number("sampling_rate", sampling_rate, **_SAMPLING_RATE)
   t = _host_number("steps", steps, **_STEPS)
   d = _host_number("delta", delta, **_DELTA)
-  check_choice("accountant", accountant, _ACCOUNTANTS,
-               '"auto" takes the smaller of the two valid bounds; "pld" (privacy loss'
-               ' distributions) is usually the tighter, "rdp" (Rényi DP) the faster.')
+  check_choice(
+    "accountant",
+    accountant,
+    _ACCOUNTANTS,
+    '"auto" takes the smaller of the two valid bounds; "pld" (privacy loss'
+    ' distributions) is usually the tighter, "rdp" (Rényi DP) the faster.',
+  )
   return float(q), int(t), float(d)
 
 
@@ -121,8 +133,7 @@ def _is_key(seed: Any) -> bool:
   return isinstance(seed, jax.Array) and jax.dtypes.issubdtype(seed.dtype, jax.dtypes.prng_key)
 
 
-_SEED_FIX = ("Pass an integer in [-2**63, 2**63) (e.g. seed=0), or a PRNG key from"
-             " jax.random.key.")
+_SEED_FIX = "Pass an integer in [-2**63, 2**63) (e.g. seed=0), or a PRNG key from jax.random.key."
 
 
 def _check_seed(seed: Any) -> Any:
@@ -150,9 +161,9 @@ def _check_updates(updates: Any, max_norm: Any) -> None:
   for path, leaf in jax.tree_util.tree_flatten_with_path(updates)[0]:
     if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
       raise TypeError(
-          f"dp_noise adds real Gaussian noise and needs real floating-point updates, but"
-          f" the leaf at {path_str(path)} has dtype {jnp.result_type(leaf)}."
-          " Cast it (e.g. `x.astype(jnp.float32)`) or leave it out of the update tree."
+        f"dp_noise adds real Gaussian noise and needs real floating-point updates, but"
+        f" the leaf at {path_str(path)} has dtype {jnp.result_type(leaf)}."
+        " Cast it (e.g. `x.astype(jnp.float32)`) or leave it out of the update tree."
       )
   treedef = jax.tree.structure(max_norm)
   if not jax.tree_util.treedef_is_leaf(treedef):
@@ -160,19 +171,19 @@ def _check_updates(updates: Any, max_norm: Any) -> None:
       treedef.flatten_up_to(updates)
     except (ValueError, TypeError) as error:
       raise ValueError(
-          f"A per-layer max_norm must be a prefix of the update tree (one threshold per"
-          f" layer or per leaf), but max_norm has structure {treedef} and the updates"
-          f" {jax.tree.structure(updates)}. Give the thresholds the parameters' structure,"
-          f" as passed to clipped_grad."
+        f"A per-layer max_norm must be a prefix of the update tree (one threshold per"
+        f" layer or per leaf), but max_norm has structure {treedef} and the updates"
+        f" {jax.tree.structure(updates)}. Give the thresholds the parameters' structure,"
+        f" as passed to clipped_grad."
       ) from error
 
 
 def dp_noise(
-    max_norm: Any,
-    noise_multiplier: float | jax.Array,
-    *,
-    batch_size: float | jax.Array,
-    seed: int | jax.Array = 0,
+  max_norm: Any,
+  noise_multiplier: float | jax.Array,
+  *,
+  batch_size: float | jax.Array,
+  seed: int | jax.Array = 0,
 ) -> optax.GradientTransformation:
   r"""Adds the Gaussian noise of DP-SGD to a clipped gradient sum (Abadi et al. 2016).
 
@@ -246,15 +257,26 @@ def dp_noise(
   """
   if not jax.tree.leaves(max_norm):
     raise ValueError(
-        f"max_norm has no leaves: got max_norm={max_norm!r}. Pass the clipping threshold"
-        " C (e.g. 1.0) or a tree of per-layer thresholds."
+      f"max_norm has no leaves: got max_norm={max_norm!r}. Pass the clipping threshold"
+      " C (e.g. 1.0) or a tree of per-layer thresholds."
     )
   for path, c in jax.tree_util.tree_flatten_with_path(max_norm)[0]:
-    check_number(f"max_norm{jax.tree_util.keystr(path)}", c, low=0, finite=True,
-                 fix="Pass the threshold the per-example gradients were clipped to (e.g. 1.0).")
+    check_number(
+      f"max_norm{jax.tree_util.keystr(path)}",
+      c,
+      low=0,
+      finite=True,
+      fix="Pass the threshold the per-example gradients were clipped to (e.g. 1.0).",
+    )
   check_number("noise_multiplier", noise_multiplier, **_NOISE_MULTIPLIER)
-  check_number("batch_size", batch_size, low=0, low_open=True, finite=True,
-               fix="Pass the expected batch size q·N under Poisson sampling (e.g. 256).")
+  check_number(
+    "batch_size",
+    batch_size,
+    low=0,
+    low_open=True,
+    finite=True,
+    fix="Pass the expected batch size q·N under Poisson sampling (e.g. 256).",
+  )
   seed = _check_seed(seed)
 
   def init_fn(params):
@@ -287,8 +309,8 @@ def _dp_sgd_event(noise_multiplier: float, sampling_rate: float, steps: int) -> 
   """The DpEvent of DP-SGD: ``steps`` Poisson-subsampled Gaussian mechanisms."""
   dp_event = import_extra("dp_accounting.dp_event", "dp")
   return dp_event.SelfComposedDpEvent(
-      dp_event.PoissonSampledDpEvent(sampling_rate, dp_event.GaussianDpEvent(noise_multiplier)),
-      steps,
+    dp_event.PoissonSampledDpEvent(sampling_rate, dp_event.GaussianDpEvent(noise_multiplier)),
+    steps,
   )
 
 
@@ -299,9 +321,9 @@ def _pld_feasible(epsilon: float, steps: int) -> bool:
 
 def _pld_too_costly(epsilon: float, steps: int) -> ValueError:
   return ValueError(
-      f"accountant='pld' would need gigabytes or minutes here (steps={steps}, ε about"
-      f" {epsilon:.3g}; PLD is used up to steps={_PLD_MAX_STEPS} and ε={_PLD_MAX_EPSILON:g})."
-      " Use accountant='rdp' (or 'auto', which falls back to RDP by itself)."
+    f"accountant='pld' would need gigabytes or minutes here (steps={steps}, ε about"
+    f" {epsilon:.3g}; PLD is used up to steps={_PLD_MAX_STEPS} and ε={_PLD_MAX_EPSILON:g})."
+    " Use accountant='rdp' (or 'auto', which falls back to RDP by itself)."
   )
 
 
@@ -316,12 +338,12 @@ def _make_accountant(accountant: str) -> Callable[[], Any]:
 
 
 def dp_epsilon(
-    noise_multiplier: float,
-    sampling_rate: float,
-    steps: int,
-    delta: float,
-    *,
-    accountant: str = "auto",
+  noise_multiplier: float,
+  sampling_rate: float,
+  steps: int,
+  delta: float,
+  *,
+  accountant: str = "auto",
 ) -> float:
   r"""The ε of DP-SGD at a given δ: (ε, δ)-DP after ``steps`` steps.
 
@@ -391,12 +413,12 @@ def dp_epsilon(
 
 
 def dp_noise_multiplier(
-    epsilon: float,
-    sampling_rate: float,
-    steps: int,
-    delta: float,
-    *,
-    accountant: str = "auto",
+  epsilon: float,
+  sampling_rate: float,
+  steps: int,
+  delta: float,
+  *,
+  accountant: str = "auto",
 ) -> float:
   r"""The smallest noise multiplier σ for which DP-SGD is (ε, δ)-DP after ``steps`` steps.
 
@@ -445,15 +467,29 @@ def dp_noise_multiplier(
     https://arxiv.org/abs/1702.07476; Doroshenko et al. 2022,
     https://arxiv.org/abs/2207.04380.
   """
-  eps = float(_host_number("epsilon", epsilon, low=0, low_open=True, finite=True,
-                           fix="Pass the privacy budget ε (e.g. 8.0)."))
+  eps = float(
+    _host_number(
+      "epsilon",
+      epsilon,
+      low=0,
+      low_open=True,
+      finite=True,
+      fix="Pass the privacy budget ε (e.g. 8.0).",
+    )
+  )
   q, t, d = _check_accounting(sampling_rate, steps, delta, accountant)
   dp_accounting = import_extra("dp_accounting", "dp")
 
   def calibrate(name, bracket):
-    return float(dp_accounting.calibrate_dp_mechanism(
-        _make_accountant(name), lambda sigma: _dp_sgd_event(sigma, q, t), eps, d,
-        bracket_interval=bracket))
+    return float(
+      dp_accounting.calibrate_dp_mechanism(
+        _make_accountant(name),
+        lambda sigma: _dp_sgd_event(sigma, q, t),
+        eps,
+        d,
+        bracket_interval=bracket,
+      )
+    )
 
   if accountant == "pld" and not _pld_feasible(eps, t):
     raise _pld_too_costly(eps, t)
@@ -465,8 +501,9 @@ def dp_noise_multiplier(
   # PLD's σ is searched in [σ_rdp/2, σ_rdp] (small σ make PLD slow); there is
   # none there when PLD's bound is the looser one, and then RDP's σ is kept.
   try:
-    return min(calibrate("pld", dp_accounting.ExplicitBracketInterval(sigma_rdp / 2, sigma_rdp)),
-               sigma_rdp)
+    return min(
+      calibrate("pld", dp_accounting.ExplicitBracketInterval(sigma_rdp / 2, sigma_rdp)), sigma_rdp
+    )
   except ValueError:
     if _epsilon("pld", sigma_rdp / 2, q, t, d) > eps:
       return sigma_rdp
@@ -513,12 +550,12 @@ class PoissonBatches(Iterator[tuple[np.ndarray, np.ndarray]]):
       self.num_truncated += 1
       if self.num_truncated == 1:
         warnings.warn(
-            f"poisson_batches drew {drawn} examples, more than max_batch_size="
-            f"{self.max_batch_size}; the batch is a uniformly random subset of"
-            f" {self.max_batch_size} of them. The privacy accounting assumes no truncation:"
-            f" raise max_batch_size (see poisson_max_batch_size). `.num_truncated` counts"
-            f" these batches; this warning is given once.",
-            stacklevel=2,
+          f"poisson_batches drew {drawn} examples, more than max_batch_size="
+          f"{self.max_batch_size}; the batch is a uniformly random subset of"
+          f" {self.max_batch_size} of them. The privacy accounting assumes no truncation:"
+          f" raise max_batch_size (see poisson_max_batch_size). `.num_truncated` counts"
+          f" these batches; this warning is given once.",
+          stacklevel=2,
         )
     indices = np.zeros(self.max_batch_size, np.int64)
     indices[:size] = np.sort(self._rng.choice(self.num_examples, size, replace=False))
@@ -526,12 +563,12 @@ class PoissonBatches(Iterator[tuple[np.ndarray, np.ndarray]]):
 
 
 def poisson_batches(
-    num_examples: int,
-    sampling_rate: float,
-    *,
-    max_batch_size: int,
-    seed: int = 0,
-    steps: int | None = None,
+  num_examples: int,
+  sampling_rate: float,
+  *,
+  max_batch_size: int,
+  seed: int = 0,
+  steps: int | None = None,
 ) -> PoissonBatches:
   r"""Batches of Poisson sampling, padded to a fixed shape for ``jit``.
 
@@ -582,9 +619,12 @@ def poisson_batches(
   """
   n = int(_host_number("num_examples", num_examples, **_NUM_EXAMPLES))
   q = float(_host_number("sampling_rate", sampling_rate, **_SAMPLING_RATE))
-  size = check_count("max_batch_size", max_batch_size,
-                     fix="It is the fixed shape of every batch (jit compiles once for it); see"
-                     " poisson_max_batch_size.")
+  size = check_count(
+    "max_batch_size",
+    max_batch_size,
+    fix="It is the fixed shape of every batch (jit compiles once for it); see"
+    " poisson_max_batch_size.",
+  )
   seed = int(_host_number("seed", seed, low=0, integer=True, fix="Pass e.g. seed=0."))
   if steps is not None:
     steps = int(_host_number("steps", steps, **_STEPS))
@@ -592,7 +632,7 @@ def poisson_batches(
 
 
 def poisson_max_batch_size(
-    num_examples: int, sampling_rate: float, *, failure_probability: float = 1e-9
+  num_examples: int, sampling_rate: float, *, failure_probability: float = 1e-9
 ) -> int:
   r"""The smallest size a Poisson batch exceeds with probability at most ``failure_probability``.
 
@@ -624,8 +664,17 @@ def poisson_max_batch_size(
   """
   n = int(_host_number("num_examples", num_examples, **_NUM_EXAMPLES))
   q = float(_host_number("sampling_rate", sampling_rate, **_SAMPLING_RATE))
-  p = float(_host_number("failure_probability", failure_probability, low=0, high=1,
-                         low_open=True, high_open=True, fix="Pass e.g. 1e-9."))
+  p = float(
+    _host_number(
+      "failure_probability",
+      failure_probability,
+      low=0,
+      high=1,
+      low_open=True,
+      high_open=True,
+      fix="Pass e.g. 1e-9.",
+    )
+  )
   stats = import_extra("scipy.stats", "dp")
   m = stats.binom.isf(p, n, q)
   return max(int(m), 1)

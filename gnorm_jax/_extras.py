@@ -13,6 +13,6 @@ def import_extra(module: str, extra: str) -> ModuleType:
   except ImportError as e:
     package = module.partition(".")[0]
     raise ImportError(
-        f"{package} is not installed; this part of gnorm_jax needs the [{extra}] extra:"
-        f' pip install "gnorm_jax[{extra}]"'
+      f"{package} is not installed; this part of gnorm_jax needs the [{extra}] extra:"
+      f' pip install "gnorm_jax[{extra}]"'
     ) from e

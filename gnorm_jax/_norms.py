@@ -50,10 +50,10 @@ def _checked_leaves(tree: Any) -> list[jax.Array]:
     leaf = jnp.asarray(leaf)
     if not jnp.issubdtype(leaf.dtype, jnp.inexact):
       raise TypeError(
-          f"gnorm_jax norms need floating-point or complex leaves, but the leaf"
-          f" at {jax.tree_util.keystr(path) or '<root>'} has dtype"
-          f" {leaf.dtype}. Cast it (e.g. `x.astype(jnp.float32)`) or leave it"
-          " out of the tree."
+        f"gnorm_jax norms need floating-point or complex leaves, but the leaf"
+        f" at {jax.tree_util.keystr(path) or '<root>'} has dtype"
+        f" {leaf.dtype}. Cast it (e.g. `x.astype(jnp.float32)`) or leave it"
+        " out of the tree."
       )
     leaves.append(leaf)
   return leaves
@@ -194,7 +194,7 @@ def _fast(total: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def _rescue(
-    groups: list[list[jax.Array]], sums: list[list[jax.Array]], totals: list[jax.Array]
+  groups: list[list[jax.Array]], sums: list[list[jax.Array]], totals: list[jax.Array]
 ) -> list[tuple[jax.Array, jax.Array]]:
   """Groups whose one-pass sum is accurate keep it; the others are rescaled."""
   out = []
@@ -222,8 +222,9 @@ def _l2_norms_one(groups: list[list[jax.Array]]) -> list[tuple[jax.Array, jax.Ar
   fuse both passes into one huge kernel, slow to compile.
   """
   sums, totals = _sumsqs(groups)
-  return lax.cond(_all_fast(totals), lambda: [_fast(t) for t in totals],
-                  lambda: _rescue(groups, sums, totals))
+  return lax.cond(
+    _all_fast(totals), lambda: [_fast(t) for t in totals], lambda: _rescue(groups, sums, totals)
+  )
 
 
 @jax.custom_batching.custom_vmap
@@ -243,8 +244,9 @@ def _l2_norms_vmap(axis_size, in_batched, groups):
   in_axes = [[0 if b else None for b in bg] for bg in batched]
   sums, totals = jax.vmap(_sumsqs, in_axes=(in_axes,), axis_size=axis_size)(groups)
   rescue = jax.vmap(_rescue, in_axes=(in_axes, 0, 0), axis_size=axis_size)
-  norms = lax.cond(_all_fast(totals), lambda: [_fast(t) for t in totals],
-                   lambda: rescue(groups, sums, totals))
+  norms = lax.cond(
+    _all_fast(totals), lambda: [_fast(t) for t in totals], lambda: rescue(groups, sums, totals)
+  )
   return norms, [(True, True)] * len(norms)
 
 
@@ -260,12 +262,14 @@ def _l2_norms(groups: list[list[jax.Array]]) -> list[tuple[jax.Array, jax.Array]
 def _l2_norms_jvp(primals, tangents):
   (groups,), (dgroups,) = primals, tangents
   norms = _l2_norms(groups)
-  return norms, [(_l2_jvp(m, r, g, dg), jnp.zeros_like(r))
-                 for (m, r), g, dg in zip(norms, groups, dgroups)]
+  return norms, [
+    (_l2_jvp(m, r, g, dg), jnp.zeros_like(r)) for (m, r), g, dg in zip(norms, groups, dgroups)
+  ]
 
 
-def _l2_jvp(m: jax.Array, r: jax.Array, leaves: list[jax.Array],
-            dleaves: list[jax.Array]) -> jax.Array:
+def _l2_jvp(
+  m: jax.Array, r: jax.Array, leaves: list[jax.Array], dleaves: list[jax.Array]
+) -> jax.Array:
   """dm for ‖x‖ = m·r: d‖x‖/r with d‖x‖ = Re<x/‖x‖, dx>, and 0 at x = 0 (the zero subgradient).
 
   x/‖x‖ is formed as (x·2^k/r)/(m·2^k) with m·2^k in [0.5, 1): 1/‖x‖ alone
@@ -301,8 +305,11 @@ def _other_norm(leaves: list[jax.Array], ord: Any) -> tuple[jax.Array, jax.Array
 
   total = l1(1)
   one = jnp.ones((), acc)
-  return lax.cond(jnp.isfinite(total), lambda: (total, one),
-                  lambda: (l1(jnp.asarray(2.0**-64, acc)), one * 2.0**64))
+  return lax.cond(
+    jnp.isfinite(total),
+    lambda: (total, one),
+    lambda: (l1(jnp.asarray(2.0**-64, acc)), one * 2.0**64),
+  )
 
 
 # Jitted so that eager calls compile once per tree structure and shapes instead

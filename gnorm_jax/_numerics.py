@@ -154,7 +154,8 @@ def broadcast_prefix(factor: Any, tree: Any) -> Any:
   if not jax.tree.leaves(factor) or jax.tree.leaves(factor)[0] is not factor:
     # None in ``factor`` is an empty subtree: it matches only None (no leaves) in ``tree``.
     return jax.tree.map(
-        lambda f, sub: jax.tree.map(lambda _: f, sub, is_leaf=is_none), factor, tree)
+      lambda f, sub: jax.tree.map(lambda _: f, sub, is_leaf=is_none), factor, tree
+    )
   return jax.tree.map(lambda _: factor, tree, is_leaf=is_none)
 
 
@@ -194,7 +195,7 @@ def clip_factor(norm: jax.Array, max_norm: jax.Array | float) -> jax.Array:
 
 
 def clip_scales(
-    norm: jax.Array, max_norm: jax.Array | float, r: Any = None
+  norm: jax.Array, max_norm: jax.Array | float, r: Any = None
 ) -> tuple[jax.Array, ...]:
   """``(s, f)`` with ``s·f = clip_factor(norm, max_norm)``, for ``scale_tree(g, s, f)``.
 

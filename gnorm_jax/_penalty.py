@@ -36,11 +36,11 @@ from gnorm_jax._norms import leaf_norms, safe_sqrt, sum_of_squares, tree_norm
 from gnorm_jax._numerics import pow2_inverse, scale_tree, upcast
 
 __all__ = [
-    "penalized",
-    "penalized_value_and_grad",
-    "gradient_penalty",
-    "r1_penalty",
-    "interpolate",
+  "penalized",
+  "penalized_value_and_grad",
+  "gradient_penalty",
+  "r1_penalty",
+  "interpolate",
 ]
 
 _METHODS = ("hvp", "double_backprop", "finite_difference")
@@ -89,9 +89,7 @@ def _unit(v: Any) -> tuple[Any, jax.Array]:
 def _resolution(theta: Any) -> jax.Array:
   """‖(ε_ℓ·‖θ_ℓ‖)_ℓ‖: how far rounding to θ's dtypes can move a point near θ."""
   norms = leaf_norms(theta)
-  return tree_norm(
-      jax.tree.map(lambda n, x: n * jnp.finfo(jnp.asarray(x).dtype).eps, norms, theta)
-  )
+  return tree_norm(jax.tree.map(lambda n, x: n * jnp.finfo(jnp.asarray(x).dtype).eps, norms, theta))
 
 
 def _bind(fun: Callable[..., Any], argnums: int | Sequence[int], args, kwargs):
@@ -103,9 +101,9 @@ def _bind(fun: Callable[..., Any], argnums: int | Sequence[int], args, kwargs):
   nums = (argnums,) if isinstance(argnums, int) else tuple(argnums)
   if max(nums) >= len(args):
     raise TypeError(
-        f"argnums={argnums!r} refers to a positional argument that was not"
-        f" given: the function was called with {len(args)} positional"
-        " argument(s). Pass the differentiated arguments positionally."
+      f"argnums={argnums!r} refers to a positional argument that was not"
+      f" given: the function was called with {len(args)} positional"
+      " argument(s). Pass the differentiated arguments positionally."
     )
 
   def f(theta):
@@ -132,13 +130,13 @@ def _join(value: Any, aux: Any, has_aux: bool) -> Any:
 
 
 def penalized(
-    fun: Callable[..., Any],
-    argnums: int | Sequence[int] = 0,
-    has_aux: bool = False,
-    *,
-    weight: Any,
-    squared: bool = True,
-    ord: int | float | None = None,
+  fun: Callable[..., Any],
+  argnums: int | Sequence[int] = 0,
+  has_aux: bool = False,
+  *,
+  weight: Any,
+  squared: bool = True,
+  ord: int | float | None = None,
 ) -> Callable[..., Any]:
   r"""Returns the gradient-norm-penalized objective of ``fun``.
 
@@ -248,15 +246,15 @@ def _finite_difference_method(f, theta, *, weight, penalty, has_aux, radius):
 
 
 def penalized_value_and_grad(
-    fun: Callable[..., Any],
-    argnums: int | Sequence[int] = 0,
-    has_aux: bool = False,
-    *,
-    weight: Any,
-    method: str = "hvp",
-    squared: bool = True,
-    ord: int | float | None = None,
-    radius: Any = 0.01,
+  fun: Callable[..., Any],
+  argnums: int | Sequence[int] = 0,
+  has_aux: bool = False,
+  *,
+  weight: Any,
+  method: str = "hvp",
+  squared: bool = True,
+  ord: int | float | None = None,
+  radius: Any = 0.01,
 ) -> Callable[..., tuple[Any, Any]]:
   r"""Returns a function giving the penalized objective and its gradient.
 
@@ -350,8 +348,14 @@ def penalized_value_and_grad(
   check_grad_args(penalized_value_and_grad, argnums, has_aux)
   check_choice("method", method, _METHODS)
   check_number("weight", weight, low=0, finite=True, fix=_WEIGHT_FIX)
-  check_number("radius", radius, low=0, low_open=True, finite=True,
-               fix="Pass a small step in parameter space, e.g. 0.01.")
+  check_number(
+    "radius",
+    radius,
+    low=0,
+    low_open=True,
+    finite=True,
+    fix="Pass a small step in parameter space, e.g. 0.01.",
+  )
   check_choice("squared", squared, (True, False), "Pass a bool: penalize ‖∇J‖² or ‖∇J‖.")
   check_ord(ord)
 
@@ -365,9 +369,7 @@ def penalized_value_and_grad(
   @functools.wraps(fun)
   def wrapped(*args, **kwargs):
     f, theta = _bind(fun, argnums, args, kwargs)
-    out, pen, grads = core(
-        f, theta, weight=weight, penalty=penalty, has_aux=has_aux, radius=radius
-    )
+    out, pen, grads = core(f, theta, weight=weight, penalty=penalty, has_aux=has_aux, radius=radius)
     value, aux = _split(out, has_aux)
     return _join(value + weight * pen, aux, has_aux), grads
 
@@ -391,9 +393,9 @@ def _input_grads(critic: Callable[[Any], jax.Array], x: Any) -> Any:
     batch = jax.tree.leaves(x)[0].shape[0]
     if jnp.ndim(scores) == 0 or jnp.shape(scores)[0] != batch or jnp.size(scores) != batch:
       raise ValueError(
-          f"fun (the critic) must map a batch of {batch} examples to {batch} scores (shape"
-          f" [{batch}] or [{batch}, 1]), got shape {jnp.shape(scores)}. For a"
-          " model of one example, pass `jax.vmap(model)`."
+        f"fun (the critic) must map a batch of {batch} examples to {batch} scores (shape"
+        f" [{batch}] or [{batch}, 1]), got shape {jnp.shape(scores)}. For a"
+        " model of one example, pass `jax.vmap(model)`."
       )
     return jnp.sum(scores)
 
@@ -409,18 +411,18 @@ def _check_batch(x: Any, name: str) -> None:
   leaves = jax.tree.leaves(x)
   if not leaves or any(jnp.ndim(l) == 0 for l in leaves):
     raise ValueError(
-        f"{name} needs a leading batch axis: an array [B, ...] (or a pytree of"
-        f" them), got {x!r}. For one example, pass `x[None]`."
+      f"{name} needs a leading batch axis: an array [B, ...] (or a pytree of"
+      f" them), got {x!r}. For one example, pass `x[None]`."
     )
   sizes = {jnp.shape(l)[0] for l in leaves}
   if len(sizes) != 1:
     raise ValueError(
-        f"every leaf of {name} needs the same leading batch size, got sizes {sorted(sizes)}."
+      f"every leaf of {name} needs the same leading batch size, got sizes {sorted(sizes)}."
     )
   if sizes == {0}:
     raise ValueError(
-        f"{name} is an empty batch (leading axis of size 0): the mean over its examples is"
-        " undefined. Pass at least one example, or skip the call."
+      f"{name} is an empty batch (leading axis of size 0): the mean over its examples is"
+      " undefined. Pass at least one example, or skip the call."
     )
 
 
@@ -434,7 +436,8 @@ def _mean(values: jax.Array) -> jax.Array:
   batch = values.shape[0]
   scale = 2.0 ** -math.ceil(math.log2(batch))
   return jnp.sum(values * jnp.asarray(scale, values.dtype), axis=0) / jnp.asarray(
-      batch * scale, values.dtype)
+    batch * scale, values.dtype
+  )
 
 
 def gradient_penalty(fun: Callable[[Any], jax.Array], x: Any, *, target: Any = 1.0) -> jax.Array:
@@ -483,8 +486,7 @@ def gradient_penalty(fun: Callable[[Any], jax.Array], x: Any, *, target: Any = 1
     https://arxiv.org/abs/1704.00028
   """
   check_fun(fun, "gradient_penalty")
-  check_number("target", target, low=0, finite=True,
-               fix="Pass the target norm, 1.0 in WGAN-GP.")
+  check_number("target", target, low=0, finite=True, fix="Pass the target norm, 1.0 in WGAN-GP.")
   _check_batch(x, "x")
   norms = safe_sqrt(_per_example_sq_norms(_input_grads(fun, x)))
   return _mean(jnp.square(norms - jnp.asarray(target, norms.dtype)))
@@ -570,11 +572,11 @@ def interpolate(key: jax.Array, real: Any, fake: Any) -> Any:
   """
   _check_batch(real, "real")
   if jax.tree.structure(real) != jax.tree.structure(fake) or any(
-      jnp.shape(r) != jnp.shape(f) for r, f in zip(jax.tree.leaves(real), jax.tree.leaves(fake))
+    jnp.shape(r) != jnp.shape(f) for r, f in zip(jax.tree.leaves(real), jax.tree.leaves(fake))
   ):
     raise ValueError(
-        "real and fake must have the same structure and shapes, got"
-        f" {jax.tree.map(jnp.shape, real)} and {jax.tree.map(jnp.shape, fake)}."
+      "real and fake must have the same structure and shapes, got"
+      f" {jax.tree.map(jnp.shape, real)} and {jax.tree.map(jnp.shape, fake)}."
     )
   batch = jnp.shape(jax.tree.leaves(real)[0])[0]
   eps = jax.random.uniform(key, (batch,), jnp.float32)

@@ -14,11 +14,11 @@ __all__ = ["grad_norm", "value_grad_and_norm"]
 
 
 def value_grad_and_norm(
-    fun: Callable[..., Any],
-    argnums: int | Sequence[int] = 0,
-    has_aux: bool = False,
-    *,
-    ord: int | float | None = None,
+  fun: Callable[..., Any],
+  argnums: int | Sequence[int] = 0,
+  has_aux: bool = False,
+  *,
+  ord: int | float | None = None,
 ) -> Callable[..., tuple[Any, Any, jax.Array]]:
   r"""Returns a function computing ``(value, grads, ‖grads‖)`` in one pass.
 
@@ -74,11 +74,11 @@ def value_grad_and_norm(
 
 
 def grad_norm(
-    fun: Callable[..., Any],
-    argnums: int | Sequence[int] = 0,
-    has_aux: bool = False,
-    *,
-    ord: int | float | None = None,
+  fun: Callable[..., Any],
+  argnums: int | Sequence[int] = 0,
+  has_aux: bool = False,
+  *,
+  ord: int | float | None = None,
 ) -> Callable[..., Any]:
   r"""Returns a function computing the gradient norm ‖∇f‖ at its arguments.
 

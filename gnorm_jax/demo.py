@@ -83,13 +83,20 @@ def make_data(cfg: Config) -> tuple[np.ndarray, ...]:
   digits = import_extra("sklearn.datasets", "demo").load_digits()
   split = import_extra("sklearn.model_selection", "demo").train_test_split
   x_train, x_test, y_train, y_test = split(
-      digits.data, digits.target, test_size=cfg.test_fraction, random_state=cfg.seed,
-      stratify=digits.target,
+    digits.data,
+    digits.target,
+    test_size=cfg.test_fraction,
+    random_state=cfg.seed,
+    stratify=digits.target,
   )
   mean, std = x_train.mean(0), x_train.std()
   x_train, x_test = ((x - mean) / std for x in (x_train, x_test))
-  return (x_train.astype(np.float32), y_train.astype(np.int32),
-          x_test.astype(np.float32), y_test.astype(np.int32))
+  return (
+    x_train.astype(np.float32),
+    y_train.astype(np.int32),
+    x_test.astype(np.float32),
+    y_test.astype(np.int32),
+  )
 
 
 def init_mlp(key: jax.Array, sizes: Sequence[int]) -> dict[str, dict[str, jax.Array]]:
@@ -98,8 +105,8 @@ def init_mlp(key: jax.Array, sizes: Sequence[int]) -> dict[str, dict[str, jax.Ar
   keys = jax.random.split(key, len(sizes) - 1)
   for i, (k, d_in, d_out) in enumerate(zip(keys, sizes[:-1], sizes[1:])):
     params[f"dense{i}"] = {
-        "kernel": jax.random.normal(k, (d_in, d_out)) * math.sqrt(2.0 / d_in),
-        "bias": jnp.zeros(d_out),
+      "kernel": jax.random.normal(k, (d_in, d_out)) * math.sqrt(2.0 / d_in),
+      "bias": jnp.zeros(d_out),
     }
   return params
 
@@ -143,8 +150,8 @@ class Run(NamedTuple):
 def _by_path(tree: Any) -> dict[str, Any]:
   """A tree's leaves by their path, ``{"dense0/kernel": leaf}``, for the plots and tables."""
   return {
-      jax.tree_util.keystr(path, simple=True, separator="/"): leaf
-      for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+    jax.tree_util.keystr(path, simple=True, separator="/"): leaf
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
   }
 
 
@@ -154,31 +161,47 @@ def _normalized_lr(lr: optax.Schedule) -> optax.Schedule:
 
 
 RUNS = (
-    # record_leaf_norms first in the chain: its state holds per-layer gradient norms.
-    Run("adam", "adam", lambda lr: optax.chain(gnorm_jax.record_leaf_norms(), optax.adam(lr))),
-    Run("clip", "clip_by_norm + adam",
-        lambda lr: optax.chain(gnorm_jax.clip_by_norm(MAX_NORM), optax.adam(lr))),
-    Run("autoclip", "autoclip + adam",
-        lambda lr: optax.chain(gnorm_jax.autoclip(0.1, history=1000), optax.adam(lr))),
-    Run("zclip", "zclip + adam", lambda lr: optax.chain(gnorm_jax.zclip(), optax.adam(lr))),
-    Run("quantile", "quantile_clip + adam",
-        lambda lr: optax.chain(gnorm_jax.quantile_clip(0.9), optax.adam(lr))),
-    Run("skip", "skip_spikes(adam)",
-        lambda lr: gnorm_jax.skip_spikes(optax.adam(lr), history=64, z_threshold=6.0)),
-    Run("normalize", "normalize + sgd",
-        lambda lr: optax.chain(gnorm_jax.normalize(), optax.sgd(_normalized_lr(lr)))),
-    Run("nsgd", "normalized_sgd",
-        lambda lr: gnorm_jax.normalized_sgd(_normalized_lr(lr), momentum=0.9)),
-    Run("penalty", "‖∇J‖² penalty + adam", optax.adam, "penalty"),
-    Run("input_penalty", "input-grad penalty + adam", optax.adam, "input_penalty"),
-    Run("dp", "per-example clip + adam", optax.adam, "per_example_clip"),
+  # record_leaf_norms first in the chain: its state holds per-layer gradient norms.
+  Run("adam", "adam", lambda lr: optax.chain(gnorm_jax.record_leaf_norms(), optax.adam(lr))),
+  Run(
+    "clip",
+    "clip_by_norm + adam",
+    lambda lr: optax.chain(gnorm_jax.clip_by_norm(MAX_NORM), optax.adam(lr)),
+  ),
+  Run(
+    "autoclip",
+    "autoclip + adam",
+    lambda lr: optax.chain(gnorm_jax.autoclip(0.1, history=1000), optax.adam(lr)),
+  ),
+  Run("zclip", "zclip + adam", lambda lr: optax.chain(gnorm_jax.zclip(), optax.adam(lr))),
+  Run(
+    "quantile",
+    "quantile_clip + adam",
+    lambda lr: optax.chain(gnorm_jax.quantile_clip(0.9), optax.adam(lr)),
+  ),
+  Run(
+    "skip",
+    "skip_spikes(adam)",
+    lambda lr: gnorm_jax.skip_spikes(optax.adam(lr), history=64, z_threshold=6.0),
+  ),
+  Run(
+    "normalize",
+    "normalize + sgd",
+    lambda lr: optax.chain(gnorm_jax.normalize(), optax.sgd(_normalized_lr(lr))),
+  ),
+  Run(
+    "nsgd", "normalized_sgd", lambda lr: gnorm_jax.normalized_sgd(_normalized_lr(lr), momentum=0.9)
+  ),
+  Run("penalty", "‖∇J‖² penalty + adam", optax.adam, "penalty"),
+  Run("input_penalty", "input-grad penalty + adam", optax.adam, "input_penalty"),
+  Run("dp", "per-example clip + adam", optax.adam, "per_example_clip"),
 )
 RUN_KEYS = tuple(r.key for r in RUNS)
 
 _penalty_value_and_grad = gnorm_jax.penalized_value_and_grad(batch_loss, weight=PENALTY_WEIGHT)
 _per_example_norms = gnorm_jax.per_example_grad_norms(example_loss, batch_argnums=(1, 2))
 _per_example_clipped = gnorm_jax.clipped_grad(
-    example_loss, max_norm=EXAMPLE_MAX_NORM, batch_argnums=(1, 2), return_norms=True
+  example_loss, max_norm=EXAMPLE_MAX_NORM, batch_argnums=(1, 2), return_norms=True
 )
 _value_grad_and_norm = gnorm_jax.value_grad_and_norm(batch_loss)
 
@@ -236,12 +259,12 @@ def run_step(run: Run, optimizer, tracker, state: RunState, x, y, clean):
   params = optax.apply_updates(params, updates)
 
   metrics = {
-      "loss": loss,
-      "grad_norm": grad_norm,
-      "update_norm": gnorm_jax.tree_norm(updates),
-      "b_simple": estimate.b_simple,
-      "b_simple_ema": smoothed.b_simple,
-      "examples_clipped": jnp.mean(example_norms > EXAMPLE_MAX_NORM),
+    "loss": loss,
+    "grad_norm": grad_norm,
+    "update_norm": gnorm_jax.tree_norm(updates),
+    "b_simple": estimate.b_simple,
+    "b_simple_ema": smoothed.b_simple,
+    "examples_clipped": jnp.mean(example_norms > EXAMPLE_MAX_NORM),
   }
   # What the norm-based transformations kept in their states.
   leaf_norms = optax.tree.get(opt_state, "leaf_norms")
@@ -275,8 +298,8 @@ def make_train_step(runs: Sequence[Run], cfg: Config):
   def step(states, x_all, y_all, idx, corrupt):
     x, y = corrupt_batch(x_all[idx], y_all[idx], corrupt, cfg.spike_factor)
     out = [
-        run_step(run, opt, tracker, state, x, y, ~corrupt)
-        for run, opt, state in zip(runs, optimizers, states)
+      run_step(run, opt, tracker, state, x, y, ~corrupt)
+      for run, opt, state in zip(runs, optimizers, states)
     ]
     return [s for s, _ in out], [m for _, m in out]
 
@@ -312,8 +335,10 @@ def train(runs: Sequence[Run], cfg: Config, x_train, y_train, batches: np.ndarra
   corrupt[spike_steps(cfg)] = True
 
   def info(m):
-    return (f"{runs[0].name}: loss {float(m[0]['loss']):.3f}"
-            f" ‖∇J‖ {float(m[0]['grad_norm']):.3f} B_simple {float(m[0]['b_simple_ema']):.0f}")
+    return (
+      f"{runs[0].name}: loss {float(m[0]['loss']):.3f}"
+      f" ‖∇J‖ {float(m[0]['grad_norm']):.3f} B_simple {float(m[0]['b_simple_ema']):.0f}"
+    )
 
   history = []
   every = max(1, cfg.steps // 50)  # the postfix fetches from the device: not every step
@@ -326,8 +351,8 @@ def train(runs: Sequence[Run], cfg: Config, x_train, y_train, batches: np.ndarra
       bar.update()
   history = jax.device_get(history)
   curves = {
-      run.name: jax.tree.map(lambda *xs: np.stack(xs), *[h[i] for h in history])
-      for i, run in enumerate(runs)
+    run.name: jax.tree.map(lambda *xs: np.stack(xs), *[h[i] for h in history])
+    for i, run in enumerate(runs)
   }
   return {run.name: s.params for run, s in zip(runs, states)}, curves
 
@@ -355,18 +380,16 @@ def evaluate(finals: list, x_test, y_test, batch_size: int) -> dict[str, Any]:
   exact_penalty_grad = jax.grad(gnorm_jax.penalized(batch_loss, weight=PENALTY_WEIGHT))
   full_grads = jax.grad(batch_loss)(ref, x_test, y_test)
   return {
-      "accuracy": [jnp.mean(jnp.argmax(mlp(p, x_test), -1) == y_test) for p in finals],
-      "checks": {
-          "per_example_rel_err": _relative_error(
-              _per_example_norms(ref, x, y), direct(ref, x, y)
-          ),
-          "penalty_grad_rel_err": _relative_error(
-              _penalty_value_and_grad(ref, x, y)[1], exact_penalty_grad(ref, x, y)
-          ),
-      },
-      "layer_norms": gnorm_jax.flat_leaf_norms(full_grads, prefix="grad_norm"),
-      "global_norm": gnorm_jax.tree_norm(full_grads),
-      "example_norms": _per_example_norms(ref, x_test, y_test),
+    "accuracy": [jnp.mean(jnp.argmax(mlp(p, x_test), -1) == y_test) for p in finals],
+    "checks": {
+      "per_example_rel_err": _relative_error(_per_example_norms(ref, x, y), direct(ref, x, y)),
+      "penalty_grad_rel_err": _relative_error(
+        _penalty_value_and_grad(ref, x, y)[1], exact_penalty_grad(ref, x, y)
+      ),
+    },
+    "layer_norms": gnorm_jax.flat_leaf_norms(full_grads, prefix="grad_norm"),
+    "global_norm": gnorm_jax.tree_norm(full_grads),
+    "example_norms": _per_example_norms(ref, x_test, y_test),
   }
 
 
@@ -393,7 +416,8 @@ def summarize(runs, curves, accuracy, steps: int) -> list[dict[str, Any]]:
     action = acted(c)
     if run.gradient == "per_example_clip":
       action = f"{100 * np.mean(c['examples_clipped']):.0f}% of examples clipped"
-    rows.append({
+    rows.append(
+      {
         "set-up": run.name,
         "train loss": float(np.mean(c["loss"][-tail:])),
         "test acc": accuracy[run.name],
@@ -402,7 +426,8 @@ def summarize(runs, curves, accuracy, steps: int) -> list[dict[str, Any]]:
         "median ‖update‖": float(np.median(c["update_norm"])),
         "B_simple (EMA, end)": float(c["b_simple_ema"][-1]),
         "norm-based action": action,
-    })
+      }
+    )
   return rows
 
 
@@ -438,41 +463,85 @@ def plot(runs, curves, rows, example_norms, spikes, path: str) -> None:
     ax.set(title=title, xlabel="step", ylabel=ylabel, yscale="log" if log else "linear")
     ax.legend(fontsize=7)
 
-  panel(axes[0, 0], "Training loss (dotted: corrupted batches)", "batch loss",
-        [(n, curves[n]["loss"], {"color": colors[n], "lw": 1}) for n in names])
-  panel(axes[0, 1], "Global gradient norm ‖∇J‖ (value_grad_and_norm)", "‖∇J‖",
-        [(n, curves[n]["grad_norm"], {"color": colors[n], "lw": 1}) for n in names])
+  panel(
+    axes[0, 0],
+    "Training loss (dotted: corrupted batches)",
+    "batch loss",
+    [(n, curves[n]["loss"], {"color": colors[n], "lw": 1}) for n in names],
+  )
+  panel(
+    axes[0, 1],
+    "Global gradient norm ‖∇J‖ (value_grad_and_norm)",
+    "‖∇J‖",
+    [(n, curves[n]["grad_norm"], {"color": colors[n], "lw": 1}) for n in names],
+  )
   if "layer_norms" in base:
-    panel(axes[0, 2], f"Per-layer gradient norms ({names[0]}, record_leaf_norms)",
-          "‖∇J‖ of the layer's leaf",
-          [(k, v, {"lw": 1}) for k, v in base["layer_norms"].items()])
+    panel(
+      axes[0, 2],
+      f"Per-layer gradient norms ({names[0]}, record_leaf_norms)",
+      "‖∇J‖ of the layer's leaf",
+      [(k, v, {"lw": 1}) for k, v in base["layer_norms"].items()],
+    )
   thresholds = [
-      (f"threshold: {n}",
-       np.where(np.isfinite(curves[n]["threshold"]), curves[n]["threshold"], np.nan),
-       {"color": colors[n], "lw": 1.2})
-      for n in names if "threshold" in curves[n]
+    (
+      f"threshold: {n}",
+      np.where(np.isfinite(curves[n]["threshold"]), curves[n]["threshold"], np.nan),
+      {"color": colors[n], "lw": 1.2},
+    )
+    for n in names
+    if "threshold" in curves[n]
   ]
-  panel(axes[0, 3], "Clipping thresholds (state max_norm) vs ‖∇J‖", "norm",
-        [(f"‖∇J‖ ({names[0]})", base["grad_norm"], {"color": "black", "lw": 0.8})] + thresholds)
-  panel(axes[1, 0], "Update norm ‖Δθ‖ (normalized updates: = step size)", "‖update‖",
-        [(n, curves[n]["update_norm"], {"color": colors[n], "lw": 1}) for n in names
-         if n == names[0] or "normal" in n or "clip_by_norm" in n])
+  panel(
+    axes[0, 3],
+    "Clipping thresholds (state max_norm) vs ‖∇J‖",
+    "norm",
+    [(f"‖∇J‖ ({names[0]})", base["grad_norm"], {"color": "black", "lw": 0.8})] + thresholds,
+  )
+  panel(
+    axes[1, 0],
+    "Update norm ‖Δθ‖ (normalized updates: = step size)",
+    "‖update‖",
+    [
+      (n, curves[n]["update_norm"], {"color": colors[n], "lw": 1})
+      for n in names
+      if n == names[0] or "normal" in n or "clip_by_norm" in n
+    ],
+  )
   raw = base["b_simple"]
-  panel(axes[1, 1], "Gradient noise scale B_simple = tr(Σ)/‖G‖²\n(corrupted batches skipped)",
-        "B_simple (examples)",
-        [("one step's estimate, " + names[0], np.where(raw > 0, raw, np.nan),
-          {"color": "grey", "ls": "", "marker": ".", "ms": 2, "alpha": 0.5})]
-        + [(f"EMA (noise_scale_tracker): {n}", curves[n]["b_simple_ema"],
-            {"color": colors[n], "lw": 1.5}) for n in names[:1] + names[-1:]])
+  panel(
+    axes[1, 1],
+    "Gradient noise scale B_simple = tr(Σ)/‖G‖²\n(corrupted batches skipped)",
+    "B_simple (examples)",
+    [
+      (
+        "one step's estimate, " + names[0],
+        np.where(raw > 0, raw, np.nan),
+        {"color": "grey", "ls": "", "marker": ".", "ms": 2, "alpha": 0.5},
+      )
+    ]
+    + [
+      (
+        f"EMA (noise_scale_tracker): {n}",
+        curves[n]["b_simple_ema"],
+        {"color": colors[n], "lw": 1.5},
+      )
+      for n in names[:1] + names[-1:]
+    ],
+  )
 
   ax = axes[1, 2]
   positive = example_norms[example_norms > 0]
   bins = np.geomspace(positive.min(), positive.max() * 1.01, 40) if positive.size else 10
   ax.hist(example_norms, bins=bins, color=colors[names[0]])
-  ax.axvline(EXAMPLE_MAX_NORM, color="red", ls="--",
-             label=f"per-example clip C = {EXAMPLE_MAX_NORM}")
-  ax.set(title=f"Per-example gradient norms, test set\n({names[0]}, per_example_grad_norms)",
-         xlabel="‖∇ℓᵢ‖", ylabel="examples", xscale="log")
+  ax.axvline(
+    EXAMPLE_MAX_NORM, color="red", ls="--", label=f"per-example clip C = {EXAMPLE_MAX_NORM}"
+  )
+  ax.set(
+    title=f"Per-example gradient norms, test set\n({names[0]}, per_example_grad_norms)",
+    xlabel="‖∇ℓᵢ‖",
+    ylabel="examples",
+    xscale="log",
+  )
   ax.legend(fontsize=7)
 
   ax = axes[1, 3]
@@ -481,8 +550,7 @@ def plot(runs, curves, rows, example_norms, spikes, path: str) -> None:
   ax.invert_yaxis()
   ax.tick_params(axis="y", labelsize=8)
 
-  fig.suptitle("gnorm_jax demo: gradient norms while an MLP learns handwritten digits",
-               fontsize=14)
+  fig.suptitle("gnorm_jax demo: gradient norms while an MLP learns handwritten digits", fontsize=14)
   fig.savefig(path, dpi=72)
   plt.close(fig)
 
@@ -493,20 +561,24 @@ def plot(runs, curves, rows, example_norms, spikes, path: str) -> None:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(
-      prog="python -m gnorm_jax.demo",
-      description="Train a small MLP on scikit-learn's handwritten digits under eleven"
-      " gradient-norm set-ups"
-      " (clipping, adaptive clipping, spike skipping, normalized updates, penalties,"
-      " per-example clipping) and show global, per-layer and per-example norms and the"
-      " gradient noise scale: a progress bar, a summary table and a PNG figure.",
+    prog="python -m gnorm_jax.demo",
+    description="Train a small MLP on scikit-learn's handwritten digits under eleven"
+    " gradient-norm set-ups"
+    " (clipping, adaptive clipping, spike skipping, normalized updates, penalties,"
+    " per-example clipping) and show global, per-layer and per-example norms and the"
+    " gradient noise scale: a progress bar, a summary table and a PNG figure.",
   )
-  parser.add_argument("--steps", type=int, default=Config.steps,
-                      help="training steps (default %(default)s)")
-  parser.add_argument("--out", default="gnorm_demo.png",
-                      help="path of the PNG figure (default %(default)s)")
-  parser.add_argument("--runs", default=",".join(RUN_KEYS),
-                      help="comma-separated set-ups to train, the first is the reference"
-                      " (default: all: %(default)s)")
+  parser.add_argument(
+    "--steps", type=int, default=Config.steps, help="training steps (default %(default)s)"
+  )
+  parser.add_argument(
+    "--out", default="gnorm_demo.png", help="path of the PNG figure (default %(default)s)"
+  )
+  parser.add_argument(
+    "--runs",
+    default=",".join(RUN_KEYS),
+    help="comma-separated set-ups to train, the first is the reference (default: all: %(default)s)",
+  )
   parser.add_argument("--seed", type=int, default=Config.seed, help="data and initialization seed")
   args = parser.parse_args(argv)
   if args.steps < 1:
@@ -528,27 +600,29 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   t0 = time.perf_counter()
   x_train, y_train, x_test, y_test = (jnp.asarray(a) for a in make_data(cfg))
   batches = np.random.default_rng(cfg.seed + 1).integers(
-      0, len(y_train), (cfg.steps, cfg.batch_size), dtype=np.int32
+    0, len(y_train), (cfg.steps, cfg.batch_size), dtype=np.int32
   )
   sizes = (PIXELS, *cfg.hidden, CLASSES)
   shapes = jax.eval_shape(lambda k: init_mlp(k, sizes), jax.random.key(0))
   n_params = sum(x.size for x in jax.tree.leaves(shapes))
-  print(f"gnorm_jax demo | jax {jax.__version__} on {jax.default_backend()} |"
-        f" digits: {len(y_train)} training and {len(y_test)} held-out 8×8 images, 10 classes |"
-        f" MLP {'-'.join(map(str, sizes))} ({n_params} parameters), batch {cfg.batch_size},"
-        f" {cfg.steps} steps")
+  print(
+    f"gnorm_jax demo | jax {jax.__version__} on {jax.default_backend()} |"
+    f" digits: {len(y_train)} training and {len(y_test)} held-out 8×8 images, 10 classes |"
+    f" MLP {'-'.join(map(str, sizes))} ({n_params} parameters), batch {cfg.batch_size},"
+    f" {cfg.steps} steps"
+  )
   spikes = spike_steps(cfg)
   if spikes:
-    print(f"The batches of steps {', '.join(map(str, spikes))} are corrupted (pixels"
-          f" x{cfg.spike_factor:g}, every label replaced by the next digit) to show what the"
-          " clippers do with a gradient spike.")
+    print(
+      f"The batches of steps {', '.join(map(str, spikes))} are corrupted (pixels"
+      f" x{cfg.spike_factor:g}, every label replaced by the next digit) to show what the"
+      " clippers do with a gradient spike."
+    )
   print(f"Set-ups: {', '.join(r.name for r in runs)}. All compile into one program.\n")
 
   # Training, then every measurement after it in one jitted call.
   finals, curves = train(runs, cfg, x_train, y_train, batches)
-  results = jax.device_get(
-      evaluate([finals[r.name] for r in runs], x_test, y_test, cfg.batch_size)
-  )
+  results = jax.device_get(evaluate([finals[r.name] for r in runs], x_test, y_test, cfg.batch_size))
   accuracy = {r.name: float(a) for r, a in zip(runs, results["accuracy"])}
   checks = {k: float(v) for k, v in results["checks"].items()}
   layer_norms = {k: float(v) for k, v in results["layer_norms"].items()}
@@ -556,21 +630,31 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
   ref = runs[0].name
   print(f"\nChecks on a test batch ({ref} parameters after training):")
-  print(f"  ghost per-example norms vs vmap(grad):    relative error "
-        f"{checks['per_example_rel_err']:.1e}")
-  print(f"  ‖∇J‖² penalty gradient, HVP vs jax.grad:  relative error "
-        f"{checks['penalty_grad_rel_err']:.1e}")
-  print(f"\nPer-layer gradient norms on the test set ({ref}; flat_leaf_norms,"
-        " ready for a metrics logger):")
+  print(
+    f"  ghost per-example norms vs vmap(grad):    relative error "
+    f"{checks['per_example_rel_err']:.1e}"
+  )
+  print(
+    f"  ‖∇J‖² penalty gradient, HVP vs jax.grad:  relative error "
+    f"{checks['penalty_grad_rel_err']:.1e}"
+  )
+  print(
+    f"\nPer-layer gradient norms on the test set ({ref}; flat_leaf_norms,"
+    " ready for a metrics logger):"
+  )
   for path, value in layer_norms.items():
     print(f"  {path:<26} {value:.4g}")
   print(f"  {'global (tree_norm)':<26} {float(results['global_norm']):.4g}")
-  print(f"Per-example gradient norms on the test set: median {np.median(example_norms):.3g},"
-        f" 99th percentile {np.percentile(example_norms, 99):.3g}, max {example_norms.max():.3g}.")
+  print(
+    f"Per-example gradient norms on the test set: median {np.median(example_norms):.3g},"
+    f" 99th percentile {np.percentile(example_norms, 99):.3g}, max {example_norms.max():.3g}."
+  )
   b_end = curves[ref]["b_simple_ema"][-1]
-  print(f"Gradient noise scale ({ref}, EMA at the end): B_simple ≈ {b_end:.0f} examples;"
-        f" batches much larger than this gain little per example (this demo uses"
-        f" {cfg.batch_size}).")
+  print(
+    f"Gradient noise scale ({ref}, EMA at the end): B_simple ≈ {b_end:.0f} examples;"
+    f" batches much larger than this gain little per example (this demo uses"
+    f" {cfg.batch_size})."
+  )
 
   rows = summarize(runs, curves, accuracy, cfg.steps)
   print("\nSummary (train loss: mean over the last 10% of steps):\n")
@@ -581,8 +665,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   plot(runs, curves, rows, example_norms, spikes, out)
   print(f"\nFigure written to {out}")
   print(f"Total time {time.perf_counter() - t0:.1f}s")
-  return {"rows": rows, "curves": curves, "accuracy": accuracy, "checks": checks,
-          "layer_norms": layer_norms, "figure": out}
+  return {
+    "rows": rows,
+    "curves": curves,
+    "accuracy": accuracy,
+    "checks": checks,
+    "layer_norms": layer_norms,
+    "figure": out,
+  }
 
 
 if __name__ == "__main__":

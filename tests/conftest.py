@@ -11,9 +11,7 @@ def np_values(tree):
   leaves = [np.asarray(x) for x in jax.tree.leaves(tree)]
   if not leaves:
     return np.zeros(0)
-  as64 = [
-      x.astype(np.complex128 if np.iscomplexobj(x) else np.float64).ravel() for x in leaves
-  ]
+  as64 = [x.astype(np.complex128 if np.iscomplexobj(x) else np.float64).ravel() for x in leaves]
   return np.concatenate(as64)
 
 

@@ -104,7 +104,7 @@ def check(loss, params, *args, batch_argnums=None, methods=METHODS, jit=True):
     _assert_norms(norms2, want_norms, f"{method} clipped_grad norms")
     assert jax.tree.structure(mean) == jax.tree.structure(params), method
     _assert_tree_close(
-        mean, [s / b for s in want_sum], [m / b for m in magnitude], f"{method} clipped mean"
+      mean, [s / b for s in want_sum], [m / b for m in magnitude], f"{method} clipped mean"
     )
     _assert_tree_close(total, want_sum, magnitude, f"{method} clipped sum")
 
@@ -116,13 +116,15 @@ def check_plan(loss, params, *args, batch_argnums=None, rules=None):
   plan = gnorm_jax.per_example_plan(loss, batch_argnums=batch_argnums)(params, *args)
   leaves = jax.tree_util.tree_flatten_with_path(params)[0]
   assert {leaf.path: tuple(leaf.shape) for leaf in plan.leaves} == {
-      jax.tree_util.keystr(path): x.shape for path, x in leaves
+    jax.tree_util.keystr(path): x.shape for path, x in leaves
   }
   table = str(plan)
   for leaf in plan.leaves:
     assert leaf.route in ("ghost", "direct"), f"{leaf.path}: route {leaf.route!r} ({leaf.why})"
     assert leaf.rules and set(leaf.rules) <= (RULES if rules is None else set(rules)), (
-        leaf.path, leaf.rules)
+      leaf.path,
+      leaf.rules,
+    )
     assert leaf.path in table, (leaf.path, table)
   return plan
 
@@ -166,15 +168,15 @@ def case_runner(models: dict):
       results = {}
       for method in METHODS:
         try:
-          results[method] = _run(scaled, params, batch, batch_argnums, method, threshold,
-                                 jit=False)
+          results[method] = _run(scaled, params, batch, batch_argnums, method, threshold, jit=False)
         except Exception as e:  # raised again by that method's test
           errors[method] = e
       return results
 
     compiled = jax.jit(methods, compiler_options=QUICK_COMPILE)
-    results = {s: compiled(params, tuple(batch), np.float32(s), np.float32(s * max_norm))
-               for s in SCALES}
+    results = {
+      s: compiled(params, tuple(batch), np.float32(s), np.float32(s * max_norm)) for s in SCALES
+    }
     return params, per_example, max_norm, results, errors
 
   return case
@@ -194,8 +196,9 @@ def check_case(case, name, method, scale=1.0):
   _assert_norms(norms, want_norms, f"{what}: per_example_grad_norms")
   _assert_norms(norms2, want_norms, f"{what}: clipped_grad norms")
   assert jax.tree.structure(mean) == jax.tree.structure(params), method
-  _assert_tree_close(mean, [s / b for s in want_sum], [m / b for m in magnitude],
-                     f"{what}: clipped mean")
+  _assert_tree_close(
+    mean, [s / b for s in want_sum], [m / b for m in magnitude], f"{what}: clipped mean"
+  )
   _assert_tree_close(total, want_sum, magnitude, f"{what}: clipped sum")
 
 
@@ -249,7 +252,8 @@ def all_models() -> dict:
   for path in paths:
     for name, build in getattr(_module(path), "MODELS", {}).items():
       if name in models:
-        raise ValueError(f"zoo model {name!r} is defined by both {where[name]} and {path.name};"
-                         " rename one")
+        raise ValueError(
+          f"zoo model {name!r} is defined by both {where[name]} and {path.name}; rename one"
+        )
       models[name], where[name] = build, path.name
   return models

@@ -53,8 +53,16 @@ def _stream(kind: str) -> np.ndarray:
   return g.astype(np.float32)
 
 
-STREAMS = ["steady", "constant", "drifting", "spiky", "zeros", "zeros_then_ones", "shift",
-           "nonfinite"]
+STREAMS = [
+  "steady",
+  "constant",
+  "drifting",
+  "spiky",
+  "zeros",
+  "zeros_then_ones",
+  "shift",
+  "nonfinite",
+]
 
 
 def _grads(norms) -> dict:
@@ -153,16 +161,16 @@ QUANTILE = dict(quantile=0.8, adaptation_rate=0.3, initial_max_norm=0.5)
 SKIP = dict(history=16, z_threshold=3.0, warmup_steps=5)
 
 CLIPPERS = {
-    "autoclip": (lambda: gnorm_jax.autoclip(**AUTOCLIP), lambda g: ref_autoclip(g, **AUTOCLIP)),
-    "zclip": (lambda: gnorm_jax.zclip(**ZCLIP), lambda g: ref_zclip(g, **ZCLIP)[0]),
-    "zclip_capped": (
-        lambda: gnorm_jax.zclip(**ZCLIP, max_norm=3.0),
-        lambda g: ref_zclip(g, **ZCLIP, max_norm=3.0)[0],
-    ),
-    "quantile_clip": (
-        lambda: gnorm_jax.quantile_clip(**QUANTILE),
-        lambda g: ref_quantile(g, **QUANTILE),
-    ),
+  "autoclip": (lambda: gnorm_jax.autoclip(**AUTOCLIP), lambda g: ref_autoclip(g, **AUTOCLIP)),
+  "zclip": (lambda: gnorm_jax.zclip(**ZCLIP), lambda g: ref_zclip(g, **ZCLIP)[0]),
+  "zclip_capped": (
+    lambda: gnorm_jax.zclip(**ZCLIP, max_norm=3.0),
+    lambda g: ref_zclip(g, **ZCLIP, max_norm=3.0)[0],
+  ),
+  "quantile_clip": (
+    lambda: gnorm_jax.quantile_clip(**QUANTILE),
+    lambda g: ref_quantile(g, **QUANTILE),
+  ),
 }
 
 
@@ -201,13 +209,14 @@ def test_clip_threshold_matches_reference(name, stream):
   ref_limit = np.array([np.inf if x is None else x for x in limits])
   # The update is held to min(norm, threshold), exactly as the paper's rule.
   np.testing.assert_allclose(
-      _norms(updates)[finite], np.minimum(norms, ref_limit)[finite], rtol=2e-5, atol=1e-6
+    _norms(updates)[finite], np.minimum(norms, ref_limit)[finite], rtol=2e-5, atol=1e-6
   )
   clipped = np.diff(np.concatenate([[0], np.asarray(states.num_clipped)])) > 0
   np.testing.assert_array_equal(clipped[finite], (norms > ref_limit)[finite])
   if name != "zclip" and name != "zclip_capped":  # zclip reports mean + z·std when unclipped
-    np.testing.assert_allclose(np.asarray(states.max_norm)[finite], ref_limit[finite],
-                               rtol=2e-5, atol=1e-6)
+    np.testing.assert_allclose(
+      np.asarray(states.max_norm)[finite], ref_limit[finite], rtol=2e-5, atol=1e-6
+    )
   assert np.all(np.asarray(states.count) == np.arange(1, T + 1))
 
 
@@ -236,8 +245,10 @@ def test_skip_spikes_matches_reference_and_independent_adam(stream):
   for t in np.flatnonzero(skipped):
     assert all(np.all(np.asarray(u[t]) == 0) for u in jax.tree.leaves(updates))
     if t > 0:
-      chex.assert_trees_all_equal(jax.tree.map(lambda x: x[t], states.inner_state),
-                                  jax.tree.map(lambda x: x[t - 1], states.inner_state))
+      chex.assert_trees_all_equal(
+        jax.tree.map(lambda x: x[t], states.inner_state),
+        jax.tree.map(lambda x: x[t - 1], states.inner_state),
+      )
   # Kept steps: exactly optax.adam run on the kept gradients only.
   grads = _grads(_stream(stream))
   adam, state = optax.adam(0.1), optax.adam(0.1).init(_params())
@@ -287,8 +298,9 @@ def test_zclip_paper_example_by_hand():
     updates, state = tx.update(jnp.array([g]), state)
   np.testing.assert_allclose(updates, [3.25], rtol=1e-5)
   mean = 0.9 * 2 + 0.1 * 3.25
-  np.testing.assert_allclose([state.mean, state.var], [mean, 0.9 + 0.1 * (3.25 - mean) ** 2],
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    [state.mean, state.var], [mean, 0.9 + 0.1 * (3.25 - mean) ** 2], rtol=1e-5
+  )
 
 
 # ---------------------------------------------------------------------------
@@ -307,8 +319,9 @@ def test_eager_equals_jit_equals_vmap(name):
   batched = jax.jit(jax.vmap(jitted))(grads)
   for i in range(len(streams)):
     one = jax.tree.map(lambda x: x[i], grads)
-    chex.assert_trees_all_close(jax.tree.map(lambda x: x[i], batched), jitted(one), rtol=1e-5,
-                                atol=1e-7)
+    chex.assert_trees_all_close(
+      jax.tree.map(lambda x: x[i], batched), jitted(one), rtol=1e-5, atol=1e-7
+    )
   first = jax.tree.map(lambda x: x[0], grads)
   chex.assert_trees_all_close(jitted(first), _loop(tx, first), rtol=1e-5, atol=1e-7)
 
@@ -320,8 +333,7 @@ def test_low_precision_updates_keep_their_dtype(name, dtype):
   params = jax.tree.map(lambda u: u.astype(dtype), UNIT)
   state = tx.init(params)
   for g in (1.0, 2.0, 50.0):
-    updates, state = tx.update(jax.tree.map(lambda u: (g * u).astype(dtype), UNIT), state,
-                               params)
+    updates, state = tx.update(jax.tree.map(lambda u: (g * u).astype(dtype), UNIT), state, params)
     assert all(u.dtype == dtype for u in jax.tree.leaves(updates))
   assert state.grad_norm.dtype == jnp.float32
   assert float(state.grad_norm) == pytest.approx(50.0, rel=1e-2)
@@ -341,11 +353,11 @@ def test_zero_gradients_never_give_nan(name):
 
 
 STATISTICS = {
-    "autoclip": ("history", "num_recorded"),
-    "zclip": ("mean", "var", "num_recorded"),
-    "zclip_capped": ("mean", "var", "num_recorded"),
-    "quantile_clip": ("next_max_norm",),
-    "skip": ("history", "num_recorded", "inner_state"),
+  "autoclip": ("history", "num_recorded"),
+  "zclip": ("mean", "var", "num_recorded"),
+  "zclip_capped": ("mean", "var", "num_recorded"),
+  "quantile_clip": ("next_max_norm",),
+  "skip": ("history", "num_recorded", "inner_state"),
 }
 
 
@@ -356,8 +368,10 @@ def test_nonfinite_norms_do_not_poison_the_statistics(name):
   assert bad.size == 4
   for t in bad:
     for field in STATISTICS[name]:
-      chex.assert_trees_all_equal(jax.tree.map(lambda x: x[t], getattr(states, field)),
-                                  jax.tree.map(lambda x: x[t - 1], getattr(states, field)))
+      chex.assert_trees_all_equal(
+        jax.tree.map(lambda x: x[t], getattr(states, field)),
+        jax.tree.map(lambda x: x[t - 1], getattr(states, field)),
+      )
     step = [np.asarray(u[t]) for u in jax.tree.leaves(updates)]
     if name == "skip":  # skipped: zero update
       assert all(np.all(u == 0) for u in step)
@@ -526,36 +540,37 @@ def test_check_grads_through_the_clip(name):
 # Hyperparameters: validation, and traced values without retracing.
 
 BAD = [
-    (gnorm_jax.autoclip, dict(quantile=0.0), "quantile"),
-    (gnorm_jax.autoclip, dict(quantile=1.5), "quantile"),
-    (gnorm_jax.autoclip, dict(quantile=10.0), r"quantile must be in \(0, 1\]"),
-    (gnorm_jax.autoclip, dict(quantile=-3), "quantile"),
-    (gnorm_jax.autoclip, dict(history=0), "history"),
-    (gnorm_jax.zclip, dict(decay=0.0), "decay"),
-    (gnorm_jax.zclip, dict(decay=1.0), "decay"),
-    (gnorm_jax.zclip, dict(z_threshold=-1.0), "z_threshold"),
-    (gnorm_jax.zclip, dict(warmup_steps=0), "warmup_steps"),
-    (gnorm_jax.zclip, dict(warmup_steps=2.5), "warmup_steps"),
-    (gnorm_jax.zclip, dict(max_norm=-1.0), "max_norm"),
-    (gnorm_jax.quantile_clip, dict(quantile=0.0), "quantile"),
-    (gnorm_jax.quantile_clip, dict(quantile=1.5), "quantile"),
-    (gnorm_jax.quantile_clip, dict(adaptation_rate=-0.1), "adaptation_rate"),
-    (gnorm_jax.quantile_clip, dict(initial_max_norm=0.0), "initial_max_norm"),
-    (functools.partial(gnorm_jax.skip_spikes, optax.sgd(1.0)), dict(history=0), "history"),
-    (functools.partial(gnorm_jax.skip_spikes, optax.sgd(1.0)), dict(z_threshold=-1.0),
-     "z_threshold"),
-    (functools.partial(gnorm_jax.skip_spikes, optax.sgd(1.0)), dict(warmup_steps=0),
-     "warmup_steps"),
-    (functools.partial(gnorm_jax.skip_spikes, optax.sgd(1.0)), dict(warmup_steps=2.5),
-     "warmup_steps must be an integer"),
-    # Concrete arrays and numpy scalars are numbers too (they used to pass unchecked).
-    (gnorm_jax.zclip, dict(max_norm=jnp.array(-1.0)), "max_norm must be >= 0"),
-    (gnorm_jax.zclip, dict(decay=np.float32(1.5)), r"decay must be in \(0, 1\)"),
-    (gnorm_jax.zclip, dict(warmup_steps=np.float64(2.5)), "warmup_steps must be an integer"),
-    (gnorm_jax.quantile_clip, dict(initial_max_norm=jnp.array(0.0)), "initial_max_norm"),
-    (gnorm_jax.quantile_clip, dict(initial_max_norm=math.inf), "initial_max_norm"),
-    (gnorm_jax.quantile_clip, dict(adaptation_rate=900.0), r"adaptation_rate must be in \[0, 88"),
-    (gnorm_jax.autoclip, dict(quantile=jnp.array(math.nan)), "quantile"),
+  (gnorm_jax.autoclip, dict(quantile=0.0), "quantile"),
+  (gnorm_jax.autoclip, dict(quantile=1.5), "quantile"),
+  (gnorm_jax.autoclip, dict(quantile=10.0), r"quantile must be in \(0, 1\]"),
+  (gnorm_jax.autoclip, dict(quantile=-3), "quantile"),
+  (gnorm_jax.autoclip, dict(history=0), "history"),
+  (gnorm_jax.zclip, dict(decay=0.0), "decay"),
+  (gnorm_jax.zclip, dict(decay=1.0), "decay"),
+  (gnorm_jax.zclip, dict(z_threshold=-1.0), "z_threshold"),
+  (gnorm_jax.zclip, dict(warmup_steps=0), "warmup_steps"),
+  (gnorm_jax.zclip, dict(warmup_steps=2.5), "warmup_steps"),
+  (gnorm_jax.zclip, dict(max_norm=-1.0), "max_norm"),
+  (gnorm_jax.quantile_clip, dict(quantile=0.0), "quantile"),
+  (gnorm_jax.quantile_clip, dict(quantile=1.5), "quantile"),
+  (gnorm_jax.quantile_clip, dict(adaptation_rate=-0.1), "adaptation_rate"),
+  (gnorm_jax.quantile_clip, dict(initial_max_norm=0.0), "initial_max_norm"),
+  (functools.partial(gnorm_jax.skip_spikes, optax.sgd(1.0)), dict(history=0), "history"),
+  (functools.partial(gnorm_jax.skip_spikes, optax.sgd(1.0)), dict(z_threshold=-1.0), "z_threshold"),
+  (functools.partial(gnorm_jax.skip_spikes, optax.sgd(1.0)), dict(warmup_steps=0), "warmup_steps"),
+  (
+    functools.partial(gnorm_jax.skip_spikes, optax.sgd(1.0)),
+    dict(warmup_steps=2.5),
+    "warmup_steps must be an integer",
+  ),
+  # Concrete arrays and numpy scalars are numbers too (they used to pass unchecked).
+  (gnorm_jax.zclip, dict(max_norm=jnp.array(-1.0)), "max_norm must be >= 0"),
+  (gnorm_jax.zclip, dict(decay=np.float32(1.5)), r"decay must be in \(0, 1\)"),
+  (gnorm_jax.zclip, dict(warmup_steps=np.float64(2.5)), "warmup_steps must be an integer"),
+  (gnorm_jax.quantile_clip, dict(initial_max_norm=jnp.array(0.0)), "initial_max_norm"),
+  (gnorm_jax.quantile_clip, dict(initial_max_norm=math.inf), "initial_max_norm"),
+  (gnorm_jax.quantile_clip, dict(adaptation_rate=900.0), r"adaptation_rate must be in \[0, 88"),
+  (gnorm_jax.autoclip, dict(quantile=jnp.array(math.nan)), "quantile"),
 ]
 
 
@@ -565,19 +580,24 @@ def test_bad_hyperparameters_raise_at_construction(factory, kwargs, name):
     factory(**kwargs)
 
 
-@pytest.mark.parametrize("factory,kwargs", [
+@pytest.mark.parametrize(
+  "factory,kwargs",
+  [
     (gnorm_jax.autoclip, dict(quantile=True)),
     (gnorm_jax.zclip, dict(max_norm="1.0")),
     (gnorm_jax.zclip, dict(warmup_steps=jnp.ones(2))),
     (gnorm_jax.quantile_clip, dict(quantile=True)),
     (functools.partial(gnorm_jax.skip_spikes, optax.sgd(1.0)), dict(z_threshold=True)),
-])
+  ],
+)
 def test_non_number_hyperparameters_raise_type_error(factory, kwargs):
   with pytest.raises(TypeError, match=f"{next(iter(kwargs))} must be a"):
     factory(**kwargs)
 
 
-@pytest.mark.parametrize("factory,old", [
+@pytest.mark.parametrize(
+  "factory,old",
+  [
     (gnorm_jax.autoclip, dict(percentile=10.0)),
     (gnorm_jax.zclip, dict(alpha=0.97)),
     (gnorm_jax.quantile_clip, dict(target_quantile=0.9)),
@@ -585,7 +605,8 @@ def test_non_number_hyperparameters_raise_type_error(factory, kwargs):
     (functools.partial(gnorm_jax.skip_spikes, optax.sgd(1.0)), dict(window=128)),
     (functools.partial(gnorm_jax.skip_spikes, optax.sgd(1.0)), dict(num_sigmas=6.0)),
     (functools.partial(gnorm_jax.skip_spikes, optax.sgd(1.0)), dict(min_history=20)),
-])
+  ],
+)
 def test_old_hyperparameter_names_are_type_errors(factory, old):
   # One name per idea (issue 13): quantile, history, decay, z_threshold, warmup_steps,
   # adaptation_rate.
@@ -602,24 +623,38 @@ def test_autoclip_default_is_the_papers_10th_percentile():
   assert float(state.max_norm) == pytest.approx(np.percentile(norms, 10))
 
 
-@pytest.mark.parametrize("factory,name", [
+@pytest.mark.parametrize(
+  "factory,name",
+  [
     (gnorm_jax.autoclip, "history"),
     (functools.partial(gnorm_jax.skip_spikes, optax.sgd(1.0)), "history"),
-])
+  ],
+)
 def test_buffer_length_must_be_an_int(factory, name):
   with pytest.raises(TypeError, match="static_args"):
     factory(**{name: 2.5})
 
 
 INJECT = [
-    (optax.inject_hyperparams(gnorm_jax.autoclip, static_args=("history",)),
-     dict(quantile=0.1, history=8), "quantile", 0.9),
-    (optax.inject_hyperparams(gnorm_jax.zclip), dict(decay=0.9, z_threshold=2.0,
-                                                     warmup_steps=3), "z_threshold", 0.5),
-    (optax.inject_hyperparams(gnorm_jax.quantile_clip), dict(quantile=0.5),
-     "adaptation_rate", 0.9),
-    (optax.inject_hyperparams(gnorm_jax.skip_spikes, static_args=("history",)),
-     dict(inner=optax.sgd(1.0), history=8, warmup_steps=3), "z_threshold", 0.0),
+  (
+    optax.inject_hyperparams(gnorm_jax.autoclip, static_args=("history",)),
+    dict(quantile=0.1, history=8),
+    "quantile",
+    0.9,
+  ),
+  (
+    optax.inject_hyperparams(gnorm_jax.zclip),
+    dict(decay=0.9, z_threshold=2.0, warmup_steps=3),
+    "z_threshold",
+    0.5,
+  ),
+  (optax.inject_hyperparams(gnorm_jax.quantile_clip), dict(quantile=0.5), "adaptation_rate", 0.9),
+  (
+    optax.inject_hyperparams(gnorm_jax.skip_spikes, static_args=("history",)),
+    dict(inner=optax.sgd(1.0), history=8, warmup_steps=3),
+    "z_threshold",
+    0.0,
+  ),
 ]
 
 
@@ -681,11 +716,12 @@ def _hypo_run(name):
 
 @hypothesis.settings(max_examples=20, deadline=None)
 @hypothesis.given(
-    norms=st.lists(
-        st.one_of(st.just(0.0), st.floats(2.0**-10, 1e4, width=32)),
-        min_size=_HYPO_T, max_size=_HYPO_T,
-    ),
-    name=st.sampled_from(list(ALL)),
+  norms=st.lists(
+    st.one_of(st.just(0.0), st.floats(2.0**-10, 1e4, width=32)),
+    min_size=_HYPO_T,
+    max_size=_HYPO_T,
+  ),
+  name=st.sampled_from(list(ALL)),
 )
 def test_invariants(norms, name):
   updates, states = _hypo_run(name)(_grads(norms))
@@ -716,8 +752,8 @@ def test_traced_quantile_outside_range_is_clipped_into_it(quantile, expect):
 def test_initial_state_can_be_donated(name):
   """A training step donates its state; init must not reuse one buffer twice."""
   tx = {
-      "inject_zclip": lambda: optax.inject_hyperparams(gnorm_jax.zclip)(max_norm=2.0),
-      "inject_quantile_clip": lambda: optax.inject_hyperparams(gnorm_jax.quantile_clip)(),
+    "inject_zclip": lambda: optax.inject_hyperparams(gnorm_jax.zclip)(max_norm=2.0),
+    "inject_quantile_clip": lambda: optax.inject_hyperparams(gnorm_jax.quantile_clip)(),
   }.get(name, ALL.get(name))()
   state = tx.init(_params())
   step = jax.jit(lambda g, s: tx.update(g, s)[1], donate_argnums=1)
@@ -729,11 +765,14 @@ def test_initial_state_can_be_donated(name):
 BIG = jnp.array([3e38, 3e38], jnp.float32)  # finite; its norm 4.2e38 overflows float32
 
 
-@pytest.mark.parametrize("make", [
+@pytest.mark.parametrize(
+  "make",
+  [
     lambda: gnorm_jax.autoclip(0.5, history=4),
     lambda: gnorm_jax.zclip(warmup_steps=2),
     lambda: gnorm_jax.skip_spikes(optax.identity(), warmup_steps=2),
-])
+  ],
+)
 def test_first_update_with_overflowing_norm_passes_unchanged(make):
   # Every threshold is inf on the first step: the update is finite and must
   # pass as it is (it was zeroed: its norm overflowed to inf).

@@ -94,7 +94,8 @@ def test_threshold_trees():
 def test_signature_is_read_from_the_function():
   # The "The signature is ..." hints come from inspect, not from copies.
   assert _checks.signature(gnorm_jax.grad_norm) == (
-      "grad_norm(fun, argnums=0, has_aux=False, *, ord=None)")
+    "grad_norm(fun, argnums=0, has_aux=False, *, ord=None)"
+  )
   sig = _checks.signature(gnorm_jax.clipped_grad)
   assert sig.startswith("clipped_grad(fun, argnums=0, has_aux=False, *, max_norm,")
   with pytest.raises(TypeError, match=re.escape(f"The signature is {sig}")):
@@ -131,7 +132,8 @@ def test_threshold_none_is_named_not_called_a_pytree():
   _checks.check_threshold_tree("max_norm", {"a": None, "b": 1.0}, allow_tree=True)
 
 
-@pytest.mark.parametrize("ord_, expected", [(jnp.array(1), 1), (np.array(math.inf), math.inf),
-                                            (2.0, 2), (None, None)])
+@pytest.mark.parametrize(
+  "ord_, expected", [(jnp.array(1), 1), (np.array(math.inf), math.inf), (2.0, 2), (None, None)]
+)
 def test_canonical_ord_reads_concrete_arrays(ord_, expected):
   assert _checks.canonical_ord(ord_) == expected

@@ -26,9 +26,9 @@ FACTORIES = [gnorm_jax.clip_by_norm, gnorm_jax.normalize]
 def make_tree(seed=0, scale=1.0, dtype=jnp.float32):
   k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
   return {
-      "w": (scale * jax.random.normal(k1, (4, 3))).astype(dtype),
-      "b": (scale * jax.random.normal(k2, (3,))).astype(dtype),
-      "nested": {"s": (scale * jax.random.normal(k3, ())).astype(dtype)},
+    "w": (scale * jax.random.normal(k1, (4, 3))).astype(dtype),
+    "b": (scale * jax.random.normal(k2, (3,))).astype(dtype),
+    "nested": {"s": (scale * jax.random.normal(k3, ())).astype(dtype)},
   }
 
 
@@ -54,11 +54,9 @@ def np_normalize(tree, scale, ord=None, per="global"):
 def assert_tree_close(actual, expected, rtol=1e-5, atol=0.0):
   chex.assert_trees_all_equal_structs(actual, expected)
   jax.tree.map(
-      lambda a, e: np.testing.assert_allclose(
-          np.asarray(a, np.float64), e, rtol=rtol, atol=atol
-      ),
-      actual,
-      expected,
+    lambda a, e: np.testing.assert_allclose(np.asarray(a, np.float64), e, rtol=rtol, atol=atol),
+    actual,
+    expected,
   )
 
 
@@ -108,17 +106,17 @@ def test_clip_below_threshold_is_bit_for_bit(per):
   g = make_tree()
   g["b"] = g["b"].at[0].set(-0.0)
   # Threshold exactly at the norm: still "at or below".
-  norm = gnorm_jax.tree_norm(g) if per == "global" else max(
-      jax.tree.leaves(gnorm_jax.leaf_norms(g))
+  norm = (
+    gnorm_jax.tree_norm(g) if per == "global" else max(jax.tree.leaves(gnorm_jax.leaf_norms(g)))
   )
   for max_norm in [float(norm), 10.0, math.inf]:
     out, _ = jitted(gnorm_jax.clip_by_norm, None, per)(g, max_norm)
     jax.tree.map(
-        lambda a, b: np.testing.assert_array_equal(
-            np.asarray(a).view(np.uint32), np.asarray(b).view(np.uint32)
-        ),
-        out,
-        g,
+      lambda a, b: np.testing.assert_array_equal(
+        np.asarray(a).view(np.uint32), np.asarray(b).view(np.uint32)
+      ),
+      out,
+      g,
     )
 
 
@@ -155,7 +153,7 @@ def test_clip_derivatives_at_extreme_norms_are_finite_and_exact(per, scale):
   for max_norm in [1.0, 0.0, 4.0 * scale]:
     tau = jnp.float32(max_norm)
     jac_g, jac_tau = jax.jit(
-        jax.jacobian(lambda g, tau: jitted(gnorm_jax.clip_by_norm, None, per)(g, tau)[0], (0, 1))
+      jax.jacobian(lambda g, tau: jitted(gnorm_jax.clip_by_norm, None, per)(g, tau)[0], (0, 1))
     )(g, tau)
     assert np.isfinite(jac_g).all() and np.isfinite(jac_tau).all(), (scale, max_norm)
     # Clipped (0 < τ < ‖g‖): ∂/∂g τg/‖g‖ = τ/‖g‖·(I − uuᵀ) and ∂/∂τ = u, u = g/‖g‖;
@@ -172,7 +170,7 @@ def test_clip_derivatives_at_extreme_norms_are_finite_and_exact(per, scale):
 
 
 @pytest.mark.parametrize(
-    "norm,max_norm", [(1e-30, 1.0), (2e-30, 1e-30), (3.0, 1.0), (1e30, 2e29), (0.5, 1.0)]
+  "norm,max_norm", [(1e-30, 1.0), (2e-30, 1e-30), (3.0, 1.0), (1e30, 2e29), (0.5, 1.0)]
 )
 def test_clip_factor_derivatives_match_float64(norm, max_norm):
   from gnorm_jax._numerics import clip_factor
@@ -196,7 +194,7 @@ def test_clip_meta_gradient_wrt_max_norm():
 
 
 @pytest.mark.parametrize(
-    "bad", [-1.0, -1e-9, float("nan"), -3, np.float32(-1.0), np.array(math.nan)]
+  "bad", [-1.0, -1e-9, float("nan"), -3, np.float32(-1.0), np.array(math.nan)]
 )
 def test_clip_rejects_negative_or_nan_max_norm(bad):
   # numpy 0-d arrays are numbers too.
@@ -211,8 +209,10 @@ def test_injected_negative_or_nan_max_norm_acts_as_zero(bad, jit):
   # update: both are used as they are, a negative or NaN one acting as 0 (it
   # raised at init). A jax array given directly is treated the same way.
   g = jnp.array([3.0, 4.0])
-  for tx in (optax.inject_hyperparams(gnorm_jax.clip_by_norm)(max_norm=bad),
-             gnorm_jax.clip_by_norm(jnp.array(bad))):
+  for tx in (
+    optax.inject_hyperparams(gnorm_jax.clip_by_norm)(max_norm=bad),
+    gnorm_jax.clip_by_norm(jnp.array(bad)),
+  ):
     update = jax.jit(tx.update) if jit else tx.update
     out, state = update(g, tx.init(g))
     np.testing.assert_array_equal(out, np.zeros(2))
@@ -279,9 +279,7 @@ def test_eager_equals_jit(factory, per, ord):
 @pytest.mark.parametrize("factory", FACTORIES)
 def test_ord_2_is_the_euclidean_default(factory):
   g = make_tree(scale=0.7)
-  assert_tree_close(
-      apply(factory(0.5, ord=2), g), jax.tree.map(np.asarray, apply(factory(0.5), g))
-  )
+  assert_tree_close(apply(factory(0.5, ord=2), g), jax.tree.map(np.asarray, apply(factory(0.5), g)))
 
 
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
@@ -293,9 +291,7 @@ def test_normalized_sgd_eager_equals_jit(momentum):
     g = make_tree(step + 1)
     u_eager, s_eager = tx.update(g, s_eager, params)
     u_jit, s_jit = jax.jit(tx.update)(g, s_jit, params)
-    assert_tree_close(
-        (u_eager, s_eager), jax.tree.map(np.asarray, (u_jit, s_jit)), rtol=1e-5
-    )
+    assert_tree_close((u_eager, s_eager), jax.tree.map(np.asarray, (u_jit, s_jit)), rtol=1e-5)
 
 
 @pytest.mark.parametrize("factory", FACTORIES)
@@ -309,7 +305,7 @@ def test_under_vmap_matches_loop(factory, per):
     oi, si = single(jax.tree.map(lambda x: x[i], batch))
     assert_tree_close(jax.tree.map(lambda x: x[i], out), jax.tree.map(np.asarray, oi))
     assert_tree_close(
-        jax.tree.map(lambda x: x[i], state.grad_norm), jax.tree.map(np.asarray, si.grad_norm)
+      jax.tree.map(lambda x: x[i], state.grad_norm), jax.tree.map(np.asarray, si.grad_norm)
     )
 
 
@@ -350,12 +346,12 @@ def test_state_dtype_is_stable_under_scan():
 
 
 @pytest.mark.parametrize(
-    "factory, name, values",
-    [
-        (gnorm_jax.clip_by_norm, "max_norm", [0.5, 2.0, 0.0]),
-        (gnorm_jax.normalize, "scale", [0.5, 2.0, -1.0]),
-        (gnorm_jax.normalized_sgd, "learning_rate", [0.5, 2.0, 0.0]),
-    ],
+  "factory, name, values",
+  [
+    (gnorm_jax.clip_by_norm, "max_norm", [0.5, 2.0, 0.0]),
+    (gnorm_jax.normalize, "scale", [0.5, 2.0, -1.0]),
+    (gnorm_jax.normalized_sgd, "learning_rate", [0.5, 2.0, 0.0]),
+  ],
 )
 def test_inject_hyperparams_changes_value_without_retrace(factory, name, values):
   chex.clear_trace_counter()
@@ -395,7 +391,7 @@ def test_traced_negative_or_nan_max_norm_acts_as_zero():
 @pytest.mark.parametrize("ord", ORDS)
 @pytest.mark.parametrize("per", PERS)
 @pytest.mark.parametrize(
-    "values, max_norm", [([1e38, 1e38], 1.0), ([2e38, -1e38, 1.0], 1e-3), ([1e-30, 2e-30], 1e-31)]
+  "values, max_norm", [([1e38, 1e38], 1.0), ([2e38, -1e38, 1.0], 1e-3), ([1e-30, 2e-30], 1e-31)]
 )
 def test_clip_extreme_norms_match_float64(values, max_norm, per, ord):
   # Regression: min(1, τ/‖g‖) = 1/1.4e38 is subnormal in float32 and was
@@ -433,12 +429,12 @@ def test_leaf_clipping_of_an_empty_tree(factory):
 
 @pytest.mark.parametrize("per", PERS)
 @pytest.mark.parametrize(
-    "tx",
-    [
-        lambda per: gnorm_jax.clip_by_norm(1.0, per=per),
-        lambda per: gnorm_jax.normalize(2.0, per=per),
-        lambda per: gnorm_jax.normalized_sgd(0.1, momentum=0.9, per=per),
-    ],
+  "tx",
+  [
+    lambda per: gnorm_jax.clip_by_norm(1.0, per=per),
+    lambda per: gnorm_jax.normalize(2.0, per=per),
+    lambda per: gnorm_jax.normalized_sgd(0.1, momentum=0.9, per=per),
+  ],
 )
 def test_python_float_leaves(tx, per):
   # Regression: Python-float leaves raised AttributeError ('float' has no dtype).
@@ -528,7 +524,7 @@ def test_non_finite_updates_stay_non_finite(factory, per, bad):
   assert not np.isfinite(np.asarray(out["w"])).all()
   assert np.isfinite(np.asarray(out["b"])).all() and np.isfinite(out["nested"]["s"])
   w_norm = state.grad_norm if per == "global" else state.grad_norm["w"]
-  assert (np.isnan(w_norm) if math.isnan(bad) else np.isposinf(w_norm))
+  assert np.isnan(w_norm) if math.isnan(bad) else np.isposinf(w_norm)
   if math.isinf(bad):  # finite entries of the offending group are scaled to 0
     finite = np.isfinite(np.asarray(g["w"]))
     np.testing.assert_array_equal(np.asarray(out["w"])[finite], 0.0)
@@ -537,9 +533,7 @@ def test_non_finite_updates_stay_non_finite(factory, per, bad):
 @pytest.mark.parametrize("factory", FACTORIES)
 def test_apply_if_finite_skips_non_finite_steps(factory):
   params = make_tree()
-  tx = optax.apply_if_finite(
-      optax.chain(factory(1.0), optax.adam(0.1)), max_consecutive_errors=3
-  )
+  tx = optax.apply_if_finite(optax.chain(factory(1.0), optax.adam(0.1)), max_consecutive_errors=3)
   state = tx.init(params)
   bad = jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), params)
   updates, state = jax.jit(tx.update)(bad, state, params)
@@ -561,8 +555,10 @@ def test_normalize_matches_float64_reference(scale, ord, per):
   out, state = jitted(gnorm_jax.normalize, ord, per)(g, scale)
   expected, norms = np_normalize(g, scale, ord, per)
   assert_tree_close(out, expected)
-  got = [gnorm_jax.tree_norm(out, ord)] if per == "global" else jax.tree.leaves(
-      gnorm_jax.leaf_norms(out, ord)
+  got = (
+    [gnorm_jax.tree_norm(out, ord)]
+    if per == "global"
+    else jax.tree.leaves(gnorm_jax.leaf_norms(out, ord))
   )
   np.testing.assert_allclose(got, abs(scale), rtol=1e-5)
 
@@ -593,9 +589,14 @@ def test_normalize_derivatives_match_finite_differences():
 
 
 @pytest.mark.parametrize(
-    "value, scale, dtype",
-    [(1e-37, 1e3, jnp.float32), (3e37, 1e-3, jnp.float32), (1e-4, 1e3, jnp.float16),
-     (3e4, 1e-3, jnp.float16), (1e-37, 1e3, jnp.bfloat16)],
+  "value, scale, dtype",
+  [
+    (1e-37, 1e3, jnp.float32),
+    (3e37, 1e-3, jnp.float32),
+    (1e-4, 1e3, jnp.float16),
+    (3e4, 1e-3, jnp.float16),
+    (1e-37, 1e3, jnp.bfloat16),
+  ],
 )
 def test_normalize_extreme_norms_have_norm_scale(value, scale, dtype):
   # scale/norm over- or underflows here; the power-of-two pre-scaling avoids it.
@@ -604,7 +605,7 @@ def test_normalize_extreme_norms_have_norm_scale(value, scale, dtype):
   assert out.dtype == dtype
   rtol = 1e-6 if dtype == jnp.float32 else 1e-2
   np.testing.assert_allclose(
-      np.asarray(out, np.float64), scale * np.array([1, -1, 1]) / np.sqrt(3), rtol=rtol
+    np.asarray(out, np.float64), scale * np.array([1, -1, 1]) / np.sqrt(3), rtol=rtol
   )
 
 
@@ -627,8 +628,10 @@ def test_normalized_sgd_steps_have_length_learning_rate(ord, per):
   for step in range(3):
     g = make_tree(step + 10, scale=10.0**step)
     updates, state = jax.jit(tx.update)(g, state, params)
-    lengths = [gnorm_jax.tree_norm(updates, ord)] if per == "global" else jax.tree.leaves(
-        gnorm_jax.leaf_norms(updates, ord)
+    lengths = (
+      [gnorm_jax.tree_norm(updates, ord)]
+      if per == "global"
+      else jax.tree.leaves(gnorm_jax.leaf_norms(updates, ord))
     )
     np.testing.assert_allclose(lengths, lr, rtol=1e-5)
     # Descent: the step points against the gradient.
@@ -666,21 +669,21 @@ def test_normalized_sgd_with_traced_momentum_and_schedule():
   u, state = jax.jit(tx.update)(params, state)
   np.testing.assert_allclose(jnp.linalg.norm(u), 0.1, rtol=1e-5)
   np.testing.assert_allclose(
-      optax.tree.get(state, "grad_norm"), np.linalg.norm([1.0, 2.0]), rtol=1e-5
+    optax.tree.get(state, "grad_norm"), np.linalg.norm([1.0, 2.0]), rtol=1e-5
   )
 
 
 @pytest.mark.parametrize(
-    "kwargs, match",
-    [
-        ({"learning_rate": -0.1}, "learning_rate=-0.1"),
-        ({"learning_rate": math.nan}, "learning_rate=nan"),
-        ({"learning_rate": 0.1, "momentum": 1.0}, "momentum=1.0"),
-        ({"learning_rate": 0.1, "momentum": -0.5}, "momentum=-0.5"),
-        ({"learning_rate": jnp.array(-0.1)}, "learning_rate must be a finite number >= 0"),
-        ({"learning_rate": math.inf}, "learning_rate must be a finite number >= 0"),
-        ({"learning_rate": 0.1, "momentum": jnp.array(1.0)}, r"momentum must be in \[0, 1\)"),
-    ],
+  "kwargs, match",
+  [
+    ({"learning_rate": -0.1}, "learning_rate=-0.1"),
+    ({"learning_rate": math.nan}, "learning_rate=nan"),
+    ({"learning_rate": 0.1, "momentum": 1.0}, "momentum=1.0"),
+    ({"learning_rate": 0.1, "momentum": -0.5}, "momentum=-0.5"),
+    ({"learning_rate": jnp.array(-0.1)}, "learning_rate must be a finite number >= 0"),
+    ({"learning_rate": math.inf}, "learning_rate must be a finite number >= 0"),
+    ({"learning_rate": 0.1, "momentum": jnp.array(1.0)}, r"momentum must be in \[0, 1\)"),
+  ],
 )
 def test_normalized_sgd_rejects_bad_hyperparameters(kwargs, match):
   with pytest.raises(ValueError, match=match):
@@ -688,7 +691,7 @@ def test_normalized_sgd_rejects_bad_hyperparameters(kwargs, match):
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{"learning_rate": 0.1, "momentum": True}, {"learning_rate": True}]
+  "kwargs", [{"learning_rate": 0.1, "momentum": True}, {"learning_rate": True}]
 )
 def test_normalized_sgd_rejects_bools(kwargs):
   # momentum=True used to run with β = 1.
@@ -700,9 +703,9 @@ def test_normalized_sgd_rejects_bools(kwargs):
 
 # Two shapes and traced thresholds: each property compiles once per (shape, ord).
 finite_vectors = st.sampled_from([(6,), (2, 3)]).flatmap(
-    lambda shape: hnp.arrays(
-        np.float32, shape, elements=st.floats(-1e6, 1e6, width=32, allow_subnormal=False)
-    )
+  lambda shape: hnp.arrays(
+    np.float32, shape, elements=st.floats(-1e6, 1e6, width=32, allow_subnormal=False)
+  )
 )
 
 
@@ -741,7 +744,6 @@ def test_normalize_properties(g, scale):
     np.testing.assert_allclose(out, scale * g64 / np.linalg.norm(g64), rtol=1e-5, atol=1e-30)
   else:
     np.testing.assert_array_equal(out, 0.0)
-
 
 
 # Issue 18: finite updates whose norm overflows float32.

@@ -151,7 +151,7 @@ def test_runs_flag_selects_set_ups_in_order():
 
 
 @pytest.mark.parametrize(
-    "argv", [["--steps", "0"], ["--runs", "adam,bogus"], ["--runs", ","], ["--steps", "many"]]
+  "argv", [["--steps", "0"], ["--runs", "adam,bogus"], ["--runs", ","], ["--steps", "many"]]
 )
 def test_bad_arguments_exit_with_usage_error(argv, capsys):
   with pytest.raises(SystemExit) as exit_info:
@@ -163,8 +163,12 @@ def test_bad_arguments_exit_with_usage_error(argv, capsys):
 def test_runs_as_a_module():
   env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
   proc = subprocess.run(
-      [sys.executable, "-m", "gnorm_jax.demo", "--help"],
-      cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    [sys.executable, "-m", "gnorm_jax.demo", "--help"],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
   )
   assert proc.returncode == 0, proc.stderr
   for flag in ("--steps", "--out", "--runs", "--seed"):
@@ -197,7 +201,7 @@ def reference_noise_scale(params, x, y):
   """B_simple from vmap(jax.grad) per-example gradients, in float64 numpy."""
   per_ex = per_example_grads(params, x, y)
   flat = np.concatenate(
-      [np.asarray(g, np.float64).reshape(x.shape[0], -1) for g in jax.tree.leaves(per_ex)], 1
+    [np.asarray(g, np.float64).reshape(x.shape[0], -1) for g in jax.tree.leaves(per_ex)], 1
   )
   small = np.mean(np.sum(flat**2, 1))
   big = np.sum(flat.mean(0) ** 2)
@@ -233,8 +237,9 @@ def test_step_metrics_match_references(key):
   direction, updates = reference_step(params)
   np.testing.assert_allclose(m["update_norm"], gnorm_jax.tree_norm(updates), rtol=1e-4)
   jax.tree.map(
-      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7),
-      new_state.params, optax.apply_updates(params, updates),
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7),
+    new_state.params,
+    optax.apply_updates(params, updates),
   )
   if key == "adam":
     layer = m["layer_norms"]["dense0/kernel"]

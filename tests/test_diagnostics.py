@@ -49,9 +49,7 @@ def test_two_batches_matches_reference(b_small, b_big, jit):
     fn = jax.jit(fn)
   est = fn(jnp.float32(small), jnp.float32(big), b_small, b_big)
   want = ref_two_batches(np.float32(small), np.float32(big), b_small, b_big)
-  np.testing.assert_allclose(
-      [est.b_simple, est.grad_sq_norm, est.trace_cov], want, rtol=1e-5
-  )
+  np.testing.assert_allclose([est.b_simple, est.grad_sq_norm, est.trace_cov], want, rtol=1e-5)
   assert est.b_simple.dtype == jnp.float32
 
 
@@ -73,12 +71,8 @@ def test_gradient_noise_scale_from_model_gradients(n, d, jit):
 
   fn = jax.jit(gnorm_jax.gradient_noise_scale) if jit else gnorm_jax.gradient_noise_scale
   est = fn(jnp.sum(per_ex**2, axis=1), jnp.sum(batch**2), n)
-  want = ref_two_batches(
-      np.mean(np.sum(per_ex64**2, axis=1)), np.sum(batch64**2), 1, n
-  )
-  np.testing.assert_allclose(
-      [est.b_simple, est.grad_sq_norm, est.trace_cov], want, rtol=2e-4
-  )
+  want = ref_two_batches(np.mean(np.sum(per_ex64**2, axis=1)), np.sum(batch64**2), 1, n)
+  np.testing.assert_allclose([est.b_simple, est.grad_sq_norm, est.trace_cov], want, rtol=2e-4)
 
 
 def test_gradient_noise_scale_is_two_batches_with_small_batch_size_one():
@@ -99,9 +93,9 @@ def test_estimates_are_unbiased(b_small, b_big):
   g = mean + sigma * rng.standard_normal((trials, b_big, d))
   small = np.sum(g[:, :b_small].mean(1) ** 2, axis=1)
   big = np.sum(g.mean(1) ** 2, axis=1)
-  est = jax.vmap(
-      lambda s, b: gnorm_jax.noise_scale_from_two_batches(s, b, b_small, b_big)
-  )(jnp.asarray(small, jnp.float32), jnp.asarray(big, jnp.float32))
+  est = jax.vmap(lambda s, b: gnorm_jax.noise_scale_from_two_batches(s, b, b_small, b_big))(
+    jnp.asarray(small, jnp.float32), jnp.asarray(big, jnp.float32)
+  )
   for values, truth in [(est.grad_sq_norm, true_g2), (est.trace_cov, true_tr)]:
     values = np.asarray(values, np.float64)
     stderr = values.std() / math.sqrt(trials)
@@ -115,12 +109,12 @@ def test_gradient_noise_scale_unbiased_from_per_example_norms():
   sigma = rng.uniform(0.5, 2.0, d)
   g = mean + sigma * rng.standard_normal((trials, b, d))
   est = jax.vmap(lambda sq, big: gnorm_jax.gradient_noise_scale(sq, big, b))(
-      jnp.asarray(np.sum(g**2, -1), jnp.float32),
-      jnp.asarray(np.sum(g.mean(1) ** 2, -1), jnp.float32),
+    jnp.asarray(np.sum(g**2, -1), jnp.float32),
+    jnp.asarray(np.sum(g.mean(1) ** 2, -1), jnp.float32),
   )
   for values, truth in [
-      (est.grad_sq_norm, np.sum(mean**2)),
-      (est.trace_cov, np.sum(sigma**2)),
+    (est.grad_sq_norm, np.sum(mean**2)),
+    (est.trace_cov, np.sum(sigma**2)),
   ]:
     values = np.asarray(values, np.float64)
     assert abs(values.mean() - truth) < 5 * values.std() / math.sqrt(trials)
@@ -133,9 +127,9 @@ def test_float64_inputs_give_float64():
     est = gnorm_jax.noise_scale_from_two_batches(small, big, 3, 17)
     assert est.b_simple.dtype == jnp.float64
     np.testing.assert_allclose(
-        [est.b_simple, est.grad_sq_norm, est.trace_cov],
-        ref_two_batches(1.2345678901234, 0.3333333333333, 3, 17),
-        rtol=1e-13,
+      [est.b_simple, est.grad_sq_norm, est.trace_cov],
+      ref_two_batches(1.2345678901234, 0.3333333333333, 3, 17),
+      rtol=1e-13,
     )
 
 
@@ -145,9 +139,9 @@ def test_low_precision_inputs_accumulate_in_float32(dtype):
   est = gnorm_jax.gradient_noise_scale(sq, jnp.asarray(1.0, dtype), 3)
   assert est.b_simple.dtype == jnp.float32
   np.testing.assert_allclose(
-      [est.b_simple, est.grad_sq_norm, est.trace_cov],
-      ref_two_batches(2.0, 1.0, 1, 3),
-      rtol=1e-5,
+    [est.b_simple, est.grad_sq_norm, est.trace_cov],
+    ref_two_batches(2.0, 1.0, 1, 3),
+    rtol=1e-5,
   )
 
 
@@ -160,9 +154,7 @@ def test_traced_batch_size_does_not_retrace():
   sq = jnp.array([2.0, 3.0, 1.0, 2.0])
   for batch_size in (4, 8, 100):
     est = fn(sq, 1.0, batch_size)
-    np.testing.assert_allclose(
-        est.b_simple, ref_two_batches(2.0, 1.0, 1, batch_size)[0], rtol=1e-5
-    )
+    np.testing.assert_allclose(est.b_simple, ref_two_batches(2.0, 1.0, 1, batch_size)[0], rtol=1e-5)
 
 
 def test_zero_gradients_give_zero_not_nan():
@@ -172,13 +164,13 @@ def test_zero_gradients_give_zero_not_nan():
 
 
 @pytest.mark.parametrize(
-    "small,big,b_simple",
-    [
-        # ‖G‖² estimate exactly 0 with noise: infinite noise scale.
-        (4.0, 1.0, math.inf),
-        # Estimated ‖G‖² negative (too few steps averaged): negative b_simple.
-        (10.0, 1.0, None),
-    ],
+  "small,big,b_simple",
+  [
+    # ‖G‖² estimate exactly 0 with noise: infinite noise scale.
+    (4.0, 1.0, math.inf),
+    # Estimated ‖G‖² negative (too few steps averaged): negative b_simple.
+    (10.0, 1.0, None),
+  ],
 )
 def test_degenerate_signal(small, big, b_simple):
   est = gnorm_jax.noise_scale_from_two_batches(small, big, 1, 4)
@@ -190,12 +182,12 @@ def test_degenerate_signal(small, big, b_simple):
 
 
 @pytest.mark.parametrize(
-    "small,big,expect",
-    [
-        (math.nan, 1.0, "nan"),
-        (1.0, math.nan, "nan"),
-        (math.inf, 1.0, "inf"),
-    ],
+  "small,big,expect",
+  [
+    (math.nan, 1.0, "nan"),
+    (1.0, math.nan, "nan"),
+    (math.inf, 1.0, "inf"),
+  ],
 )
 def test_non_finite_inputs_propagate(small, big, expect):
   est = gnorm_jax.noise_scale_from_two_batches(small, big, 1, 4)
@@ -222,17 +214,17 @@ def test_derivatives():
 
 
 @pytest.mark.parametrize(
-    "small,big,error,match",
-    [
-        (0, 4, ValueError, "small_batch_size must be a finite number >= 1"),
-        (jnp.array(0), 4, ValueError, "small_batch_size must be"),
-        (2, np.int32(2), ValueError, "big_batch_size must be larger"),
-        (2, math.inf, ValueError, "big_batch_size must be a finite number"),
-        (4, 4, ValueError, "big_batch_size must be larger"),
-        (8, 2, ValueError, "big_batch_size must be larger"),
-        (True, 4, TypeError, "small_batch_size must be a number"),
-        (2, "8", TypeError, "big_batch_size must be a real number"),
-    ],
+  "small,big,error,match",
+  [
+    (0, 4, ValueError, "small_batch_size must be a finite number >= 1"),
+    (jnp.array(0), 4, ValueError, "small_batch_size must be"),
+    (2, np.int32(2), ValueError, "big_batch_size must be larger"),
+    (2, math.inf, ValueError, "big_batch_size must be a finite number"),
+    (4, 4, ValueError, "big_batch_size must be larger"),
+    (8, 2, ValueError, "big_batch_size must be larger"),
+    (True, 4, TypeError, "small_batch_size must be a number"),
+    (2, "8", TypeError, "big_batch_size must be a real number"),
+  ],
 )
 def test_two_batches_validation(small, big, error, match):
   with pytest.raises(error, match=match):
@@ -246,15 +238,15 @@ def test_two_batches_old_argument_names_are_gone():
 
 
 @pytest.mark.parametrize(
-    "sq,batch_size,match",
-    [
-        (jnp.ones(4), 1, "batch_size must be a finite number >= 2"),
-        (jnp.ones(4), 0, "batch_size must be a finite number >= 2"),
-        (jnp.ones(4), jnp.array(1), "batch_size must be a finite number >= 2"),
-        (jnp.ones((2, 2)), 4, "non-empty 1-D"),
-        (jnp.ones(()), 4, "non-empty 1-D"),
-        (jnp.ones((0,)), 4, "non-empty 1-D"),
-    ],
+  "sq,batch_size,match",
+  [
+    (jnp.ones(4), 1, "batch_size must be a finite number >= 2"),
+    (jnp.ones(4), 0, "batch_size must be a finite number >= 2"),
+    (jnp.ones(4), jnp.array(1), "batch_size must be a finite number >= 2"),
+    (jnp.ones((2, 2)), 4, "non-empty 1-D"),
+    (jnp.ones(()), 4, "non-empty 1-D"),
+    (jnp.ones((0,)), 4, "non-empty 1-D"),
+  ],
 )
 def test_gradient_noise_scale_validation(sq, batch_size, match):
   with pytest.raises(ValueError, match=match):
@@ -263,21 +255,20 @@ def test_gradient_noise_scale_validation(sq, batch_size, match):
 
 @settings(max_examples=30, deadline=None)
 @given(
-    seed=st.integers(0, 2**31 - 1),
-    scale=st.floats(1e-3, 1e3),
-    n=st.integers(2, 16),
+  seed=st.integers(0, 2**31 - 1),
+  scale=st.floats(1e-3, 1e3),
+  n=st.integers(2, 16),
 )
 def test_b_simple_is_scale_invariant(seed, scale, n):
   """Scaling every gradient by c scales both estimates by c² and leaves B_simple."""
   g = per_example_grads(np.random.default_rng(seed), n, 4)
   sq, big = np.sum(g**2, 1), np.sum(g.mean(0) ** 2)
   a = gnorm_jax.gradient_noise_scale(jnp.asarray(sq, jnp.float32), big, n)
-  b = gnorm_jax.gradient_noise_scale(
-      jnp.asarray(sq * scale**2, jnp.float32), big * scale**2, n
-  )
+  b = gnorm_jax.gradient_noise_scale(jnp.asarray(sq * scale**2, jnp.float32), big * scale**2, n)
   np.testing.assert_allclose(b.b_simple, a.b_simple, rtol=2e-3, atol=1e-6)
   np.testing.assert_allclose(
-      b.grad_sq_norm, a.grad_sq_norm * scale**2, rtol=2e-3, atol=1e-6 * scale**2)
+    b.grad_sq_norm, a.grad_sq_norm * scale**2, rtol=2e-3, atol=1e-6 * scale**2
+  )
 
 
 # ---------------------------------------------------------------------------
@@ -296,9 +287,7 @@ def ref_tracker(estimates, decays):
 
 
 def random_estimates(rng, steps):
-  return [
-      (float(rng.uniform(-0.5, 2.0)), float(rng.uniform(1.0, 50.0))) for _ in range(steps)
-  ]
+  return [(float(rng.uniform(-0.5, 2.0)), float(rng.uniform(1.0, 50.0))) for _ in range(steps)]
 
 
 @pytest.mark.parametrize("decay", [0.0, 0.5, 0.9, 0.999])
@@ -371,9 +360,9 @@ def test_tracker_before_any_finite_estimate_is_nan():
 
 @settings(max_examples=25, deadline=None)
 @given(
-    value=st.tuples(st.floats(0.01, 100.0), st.floats(0.0, 1000.0)),
-    decay=st.floats(0.0, 0.999),
-    steps=st.integers(1, 8),
+  value=st.tuples(st.floats(0.01, 100.0), st.floats(0.0, 1000.0)),
+  decay=st.floats(0.0, 0.999),
+  steps=st.integers(1, 8),
 )
 def test_tracker_of_constant_estimates_is_that_constant(value, decay, steps):
   """Bias correction is exact: a constant sequence averages to itself at every step."""
@@ -416,20 +405,20 @@ def nested_tree():
   rng = np.random.default_rng(3)
   r = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
   return {
-      "params": {"dense": {"kernel": r(3, 4), "bias": r(4)}},
-      "blocks": [r(2), Pair(r(2, 2), r(5))],
-      "eqx": Linear(r(2, 3), r(2)),
+    "params": {"dense": {"kernel": r(3, 4), "bias": r(4)}},
+    "blocks": [r(2), Pair(r(2, 2), r(5))],
+    "eqx": Linear(r(2, 3), r(2)),
   }
 
 
 EXPECTED_PATHS = {
-    "params/dense/kernel": ("params", "dense", "kernel"),
-    "params/dense/bias": ("params", "dense", "bias"),
-    "blocks/0": ("blocks", 0),
-    "blocks/1/first": ("blocks", 1, "first"),
-    "blocks/1/second": ("blocks", 1, "second"),
-    "eqx/weight": ("eqx", "weight"),
-    "eqx/bias": ("eqx", "bias"),
+  "params/dense/kernel": ("params", "dense", "kernel"),
+  "params/dense/bias": ("params", "dense", "bias"),
+  "blocks/0": ("blocks", 0),
+  "blocks/1/first": ("blocks", 1, "first"),
+  "blocks/1/second": ("blocks", 1, "second"),
+  "eqx/weight": ("eqx", "weight"),
+  "eqx/bias": ("eqx", "bias"),
 }
 
 
@@ -494,15 +483,11 @@ def test_flat_leaf_norms_prefix_and_errors():
 
 
 def ref_leaf_norms(tree, ord):
-  return jax.tree.map(
-      lambda x: np.linalg.norm(np.asarray(x, np.float64).ravel(), ord=ord), tree
-  )
+  return jax.tree.map(lambda x: np.linalg.norm(np.asarray(x, np.float64).ravel(), ord=ord), tree)
 
 
 def ref_global(tree, ord):
-  flat = np.concatenate(
-      [np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(tree)]
-  )
+  flat = np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(tree)])
   return np.linalg.norm(flat, ord=ord)
 
 
@@ -520,7 +505,7 @@ def test_record_leaf_norms_records_and_passes_updates(ord, jit):
   if not jit:
     assert all(a is b for a, b in zip(jax.tree.leaves(updates), jax.tree.leaves(grads)))
   chex.assert_trees_all_close(
-      jax.tree.map(np.float64, state.leaf_norms), ref_leaf_norms(grads, ord), rtol=1e-5
+    jax.tree.map(np.float64, state.leaf_norms), ref_leaf_norms(grads, ord), rtol=1e-5
   )
   np.testing.assert_allclose(state.global_norm, ref_global(grads, ord), rtol=1e-5)
 
@@ -530,18 +515,16 @@ def test_record_leaf_norms_position_in_chain():
   params = {"w": jnp.ones(3), "b": jnp.zeros(())}
   grads = {"w": jnp.array([3.0, 0.0, 4.0]), "b": jnp.array(-2.0)}
   opt = optax.chain(
-      gnorm_jax.record_leaf_norms(),
-      optax.clip_by_global_norm(1.0),
-      optax.sgd(0.1),
-      gnorm_jax.record_leaf_norms(),
+    gnorm_jax.record_leaf_norms(),
+    optax.clip_by_global_norm(1.0),
+    optax.sgd(0.1),
+    gnorm_jax.record_leaf_norms(),
   )
   state = opt.init(params)
   updates, state = jax.jit(opt.update)(grads, state, params)
   first, last = state[0], state[3]
   np.testing.assert_allclose(first.global_norm, math.sqrt(29.0), rtol=1e-5)
-  np.testing.assert_allclose(
-      [first.leaf_norms["w"], first.leaf_norms["b"]], [5.0, 2.0], rtol=1e-5
-  )
+  np.testing.assert_allclose([first.leaf_norms["w"], first.leaf_norms["b"]], [5.0, 2.0], rtol=1e-5)
   np.testing.assert_allclose(last.global_norm, 0.1, rtol=1e-5)  # clipped to 1, lr 0.1
   np.testing.assert_allclose(last.global_norm, ref_global(updates, None), rtol=1e-5)
   assert float(optax.tree.get(opt.init(params)[0], "global_norm")) == 0.0
@@ -582,9 +565,7 @@ def test_record_leaf_norms_in_a_jitted_training_loop():
     params = optax.apply_updates(params, updates)
     return (params, state), optax.tree.get(state, "global_norm")
 
-  _, norms = jax.jit(lambda c: jax.lax.scan(step, c, None, length=4))(
-      (params, opt.init(params))
-  )
+  _, norms = jax.jit(lambda c: jax.lax.scan(step, c, None, length=4))((params, opt.init(params)))
   np.testing.assert_allclose(norms, math.sqrt(3.0) * 0.5 ** np.arange(4), rtol=1e-5)
 
 
@@ -603,8 +584,9 @@ def _np_noise_scale(small, big, b_small, b_big):
   return trace_cov / grad_sq, grad_sq, trace_cov
 
 
-@pytest.mark.parametrize("args", [(3e38, 2e38, 32, 128), (1.0, 0.5, 2**25, 2**25 + 1),
-                                  (5.0, 2.0, 32, 128)])
+@pytest.mark.parametrize(
+  "args", [(3e38, 2e38, 32, 128), (1.0, 0.5, 2**25, 2**25 + 1), (5.0, 2.0, 32, 128)]
+)
 def test_noise_scale_matches_float64(args):
   # 3e38: B·|G|² overflowed float32 (b_simple NaN, want 25.6); 2**25 and
   # 2**25 + 1 are the same float32 (a division by 0).
@@ -633,8 +615,7 @@ def test_tracker_state_is_float64_under_x64():
   with jax.enable_x64(True):
     tracker = gnorm_jax.noise_scale_tracker(0.5)
     state = tracker.init()
-    est = gnorm_jax.noise_scale_from_two_batches(
-        jnp.float64(3e300), jnp.float64(1e300), 1, 2)
+    est = gnorm_jax.noise_scale_from_two_batches(jnp.float64(3e300), jnp.float64(1e300), 1, 2)
     smoothed, state = tracker.update(est, state)
     assert state.grad_sq_norm.dtype == jnp.float64
     np.testing.assert_allclose(smoothed.grad_sq_norm, -1e300, rtol=1e-12)

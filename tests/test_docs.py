@@ -22,7 +22,7 @@ _spec.loader.exec_module(api_reference)
 
 PAGES = sorted(DOCS.glob("*.md"))
 EXAMPLES = [
-    (page.stem, re.findall(r"```python\n(.*?)```", page.read_text(), re.S)) for page in PAGES
+  (page.stem, re.findall(r"```python\n(.*?)```", page.read_text(), re.S)) for page in PAGES
 ]
 EXAMPLES = [(page, blocks) for page, blocks in EXAMPLES if blocks]
 
@@ -79,7 +79,7 @@ def test_guide_examples_run(page, blocks):
 
 
 @pytest.mark.parametrize(
-    "notebook", sorted((DOCS.parent / "notebooks").glob("*.ipynb")), ids=lambda p: p.stem
+  "notebook", sorted((DOCS.parent / "notebooks").glob("*.ipynb")), ids=lambda p: p.stem
 )
 def test_notebooks_run_small_in_the_docs_build(notebook):
   """conf.py sets GNORM_NOTEBOOK_FULL=0: each notebook must read it, and be committed without

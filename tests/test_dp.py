@@ -41,16 +41,20 @@ def test_noise_has_std_sigma_times_max_norm_over_batch_size():
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
 def test_zero_noise_multiplier_gives_exactly_sum_over_batch_size(dtype):
-  grad_sum = {"w": jax.random.normal(jax.random.key(1), (5, 3)).astype(dtype), "b": None,
-              "s": jnp.asarray(3.0, dtype)}
+  grad_sum = {
+    "w": jax.random.normal(jax.random.key(1), (5, 3)).astype(dtype),
+    "b": None,
+    "s": jnp.asarray(3.0, dtype),
+  }
   # Eagerly: under jit XLA may turn x / 7 into x · (1/7), 1 ulp away.
   updates, state = noisy_update(1.0, 0.0, 7, grad_sum, jit=False)
   assert updates["b"] is None
   for name in ["w", "s"]:
     expected = (grad_sum[name].astype(jnp.float32) / 7).astype(dtype)
     assert updates[name].dtype == dtype
-    np.testing.assert_array_equal(np.asarray(updates[name], np.float32),
-                                  np.asarray(expected, np.float32))
+    np.testing.assert_array_equal(
+      np.asarray(updates[name], np.float32), np.asarray(expected, np.float32)
+    )
   assert float(state.noise_std) == 0.0
 
 
@@ -62,8 +66,10 @@ def test_low_precision_updates_keep_their_dtype_and_get_the_noise(dtype):
 
 
 def test_per_layer_thresholds_give_the_norm_of_the_thresholds_as_sensitivity():
-  grads = {"layer1": {"w": jnp.zeros((100, 300)), "b": jnp.zeros(300)},
-           "layer2": {"w": jnp.zeros((300, 100))}}
+  grads = {
+    "layer1": {"w": jnp.zeros((100, 300)), "b": jnp.zeros(300)},
+    "layer2": {"w": jnp.zeros((300, 100))},
+  }
   updates, state = noisy_update({"layer1": 3.0, "layer2": 4.0}, 1.5, 2.0, grads)
   np.testing.assert_allclose(float(state.noise_std), 1.5 * 5.0, rtol=1e-6)
   for leaf in [updates["layer1"]["w"], updates["layer2"]["w"]]:  # one std for every leaf
@@ -121,8 +127,9 @@ def test_chains_with_sgd_under_jit_and_matches_eager():
 def test_inject_hyperparams_changes_values_without_retrace():
   chex.clear_trace_counter()
   params = {"w": jnp.zeros(1000)}
-  tx = optax.inject_hyperparams(gnorm_jax.dp_noise)(max_norm=1.0, noise_multiplier=1.0,
-                                                    batch_size=10.0)
+  tx = optax.inject_hyperparams(gnorm_jax.dp_noise)(
+    max_norm=1.0, noise_multiplier=1.0, batch_size=10.0
+  )
   state = tx.init(params)
 
   @jax.jit
@@ -162,7 +169,8 @@ def test_one_dp_sgd_step_end_to_end():
 
 def dp_sgd_event(sigma, q, steps):
   return dp_accounting.SelfComposedDpEvent(
-      dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps)
+    dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps
+  )
 
 
 ACCOUNTANTS = {"pld": dp_accounting.pld.PLDAccountant, "rdp": dp_accounting.rdp.RdpAccountant}
@@ -182,7 +190,8 @@ def test_dp_epsilon_is_dp_accountings_epsilon(accountant):
 def test_dp_noise_multiplier_rdp_is_dp_accountings_calibration():
   sigma = gnorm_jax.dp_noise_multiplier(1.0, 0.02, 50, DELTA, accountant="rdp")
   reference = dp_accounting.calibrate_dp_mechanism(
-      dp_accounting.rdp.RdpAccountant, lambda s: dp_sgd_event(s, 0.02, 50), 1.0, DELTA)
+    dp_accounting.rdp.RdpAccountant, lambda s: dp_sgd_event(s, 0.02, 50), 1.0, DELTA
+  )
   np.testing.assert_allclose(sigma, reference, atol=2e-6)
   assert reference_epsilon(sigma, 0.02, 50, "rdp") <= 1.0
 
@@ -206,7 +215,8 @@ def test_rdp_is_looser_than_pld(pld_sigma):
 
 def test_epsilon_is_monotone():
   eps = lambda sigma=1.0, q=0.01, steps=100, delta=DELTA: gnorm_jax.dp_epsilon(
-      sigma, q, steps, delta, accountant="rdp")
+    sigma, q, steps, delta, accountant="rdp"
+  )
   assert eps(sigma=0.8) > eps() > eps(sigma=1.5)
   assert eps(q=0.005) < eps() < eps(q=0.02)
   assert eps(steps=10) < eps() < eps(steps=1000)
@@ -248,8 +258,9 @@ def test_poisson_batch_sizes_are_binomial_and_inclusion_is_uniform():
 
 
 def test_poisson_batches_are_reproducible_by_seed():
-  take = lambda seed: list(itertools.islice(
-      gnorm_jax.poisson_batches(100, 0.1, max_batch_size=30, seed=seed), 5))
+  take = lambda seed: list(
+    itertools.islice(gnorm_jax.poisson_batches(100, 0.1, max_batch_size=30, seed=seed), 5)
+  )
   chex.assert_trees_all_equal(take(7), take(7))
   assert not all(np.array_equal(a[0], b[0]) for a, b in zip(take(7), take(8)))
 
@@ -280,17 +291,22 @@ def test_poisson_max_batch_size_is_the_smallest_safe_size():
 
 V, T = ValueError, TypeError
 NOISE_BAD = [
-    (V, "max_norm", dict(max_norm=-1.0)), (V, "max_norm", dict(max_norm=math.nan)),
-    (V, "max_norm", dict(max_norm=math.inf)), (T, "max_norm", dict(max_norm=True)),
-    (V, r"max_norm\['b'\]", dict(max_norm={"w": 1.0, "b": -2.0})),
-    (V, "max_norm", dict(max_norm={})),
-    (V, "noise_multiplier", dict(noise_multiplier=-0.5)),
-    (V, "noise_multiplier", dict(noise_multiplier=math.nan)),
-    (V, "noise_multiplier", dict(noise_multiplier=math.inf)),
-    (T, "noise_multiplier", dict(noise_multiplier=np.bool_(True))),
-    (V, "batch_size", dict(batch_size=0)), (V, "batch_size", dict(batch_size=-4)),
-    (V, "batch_size", dict(batch_size=math.inf)), (T, "batch_size", dict(batch_size=True)),
-    (V, "seed", dict(seed=1.5)), (T, "seed", dict(seed=False)),
+  (V, "max_norm", dict(max_norm=-1.0)),
+  (V, "max_norm", dict(max_norm=math.nan)),
+  (V, "max_norm", dict(max_norm=math.inf)),
+  (T, "max_norm", dict(max_norm=True)),
+  (V, r"max_norm\['b'\]", dict(max_norm={"w": 1.0, "b": -2.0})),
+  (V, "max_norm", dict(max_norm={})),
+  (V, "noise_multiplier", dict(noise_multiplier=-0.5)),
+  (V, "noise_multiplier", dict(noise_multiplier=math.nan)),
+  (V, "noise_multiplier", dict(noise_multiplier=math.inf)),
+  (T, "noise_multiplier", dict(noise_multiplier=np.bool_(True))),
+  (V, "batch_size", dict(batch_size=0)),
+  (V, "batch_size", dict(batch_size=-4)),
+  (V, "batch_size", dict(batch_size=math.inf)),
+  (T, "batch_size", dict(batch_size=True)),
+  (V, "seed", dict(seed=1.5)),
+  (T, "seed", dict(seed=False)),
 ]
 
 
@@ -311,25 +327,44 @@ def test_dp_noise_accepts_traced_hyperparameters_unchecked():
 
 
 FIRST_BAD = [
-    (V, -1.0), (V, math.nan), (V, math.inf), (T, True), (T, "1.0"), (T, np.zeros(2)),
+  (V, -1.0),
+  (V, math.nan),
+  (V, math.inf),
+  (T, True),
+  (T, "1.0"),
+  (T, np.zeros(2)),
 ]
-ACCOUNTING_BAD = [
-    (V, "sampling_rate", dict(sampling_rate=0.0)), (V, "sampling_rate", dict(sampling_rate=1.5)),
+ACCOUNTING_BAD = (
+  [
+    (V, "sampling_rate", dict(sampling_rate=0.0)),
+    (V, "sampling_rate", dict(sampling_rate=1.5)),
     (V, "sampling_rate", dict(sampling_rate=math.nan)),
     (T, "sampling_rate", dict(sampling_rate=True)),
-    (V, "steps", dict(steps=0)), (V, "steps", dict(steps=10.5)), (T, "steps", dict(steps=True)),
-    (V, "delta", dict(delta=0.0)), (V, "delta", dict(delta=1.0)),
+    (V, "steps", dict(steps=0)),
+    (V, "steps", dict(steps=10.5)),
+    (T, "steps", dict(steps=True)),
+    (V, "delta", dict(delta=0.0)),
+    (V, "delta", dict(delta=1.0)),
     (V, "delta", dict(delta=math.nan)),
-    (V, "accountant", dict(accountant="moments")), (V, "accountant", dict(accountant=None)),
-] + [(error, name, {name: value}) for name in ("noise_multiplier", "epsilon")
-     for error, value in FIRST_BAD] + [(V, "epsilon", dict(epsilon=0.0))]
+    (V, "accountant", dict(accountant="moments")),
+    (V, "accountant", dict(accountant=None)),
+  ]
+  + [
+    (error, name, {name: value})
+    for name in ("noise_multiplier", "epsilon")
+    for error, value in FIRST_BAD
+  ]
+  + [(V, "epsilon", dict(epsilon=0.0))]
+)
 
 
 @pytest.mark.parametrize("error, name, bad", ACCOUNTING_BAD, ids=repr)
 def test_accounting_rejects_bad_arguments(error, name, bad):
   args = {"sampling_rate": 0.01, "steps": 10, "delta": DELTA} | bad
-  for fn, first in [(gnorm_jax.dp_epsilon, "noise_multiplier"),
-                    (gnorm_jax.dp_noise_multiplier, "epsilon")]:
+  for fn, first in [
+    (gnorm_jax.dp_epsilon, "noise_multiplier"),
+    (gnorm_jax.dp_noise_multiplier, "epsilon"),
+  ]:
     if name in ("noise_multiplier", "epsilon") and name != first:
       continue
     with pytest.raises(error, match=rf"{name}.*got {name}"):
@@ -342,14 +377,19 @@ def test_accounting_needs_concrete_numbers():
 
 
 SAMPLING_BAD = [
-    (V, "num_examples", dict(num_examples=0)), (V, "num_examples", dict(num_examples=10.5)),
-    (T, "num_examples", dict(num_examples=True)),
-    (V, "sampling_rate", dict(sampling_rate=0.0)), (V, "sampling_rate", dict(sampling_rate=-0.1)),
-    (V, "sampling_rate", dict(sampling_rate=2.0)),
-    (V, "max_batch_size", dict(max_batch_size=0)), (T, "max_batch_size", dict(max_batch_size=8.5)),
-    (T, "max_batch_size", dict(max_batch_size=True)),
-    (V, "seed", dict(seed=-1)), (V, "seed", dict(seed=0.5)),
-    (V, "steps", dict(steps=0)), (V, "steps", dict(steps=2.5)),
+  (V, "num_examples", dict(num_examples=0)),
+  (V, "num_examples", dict(num_examples=10.5)),
+  (T, "num_examples", dict(num_examples=True)),
+  (V, "sampling_rate", dict(sampling_rate=0.0)),
+  (V, "sampling_rate", dict(sampling_rate=-0.1)),
+  (V, "sampling_rate", dict(sampling_rate=2.0)),
+  (V, "max_batch_size", dict(max_batch_size=0)),
+  (T, "max_batch_size", dict(max_batch_size=8.5)),
+  (T, "max_batch_size", dict(max_batch_size=True)),
+  (V, "seed", dict(seed=-1)),
+  (V, "seed", dict(seed=0.5)),
+  (V, "steps", dict(steps=0)),
+  (V, "steps", dict(steps=2.5)),
 ]
 
 
@@ -360,12 +400,17 @@ def test_poisson_batches_rejects_bad_arguments(error, name, bad):
     gnorm_jax.poisson_batches(**kwargs)
 
 
-@pytest.mark.parametrize("error, name, bad", [
-    (V, "num_examples", dict(num_examples=-5)), (V, "sampling_rate", dict(sampling_rate=0.0)),
+@pytest.mark.parametrize(
+  "error, name, bad",
+  [
+    (V, "num_examples", dict(num_examples=-5)),
+    (V, "sampling_rate", dict(sampling_rate=0.0)),
     (V, "failure_probability", dict(failure_probability=0.0)),
     (V, "failure_probability", dict(failure_probability=1.0)),
     (T, "failure_probability", dict(failure_probability=False)),
-], ids=repr)
+  ],
+  ids=repr,
+)
 def test_poisson_max_batch_size_rejects_bad_arguments(error, name, bad):
   kwargs = dict(num_examples=100, sampling_rate=0.1) | bad
   with pytest.raises(error, match=rf"{name}.*got {name}"):
@@ -377,7 +422,8 @@ def test_poisson_max_batch_size_rejects_bad_arguments(error, name, bad):
 
 def _direct_epsilon(accountant, sigma, q, steps, delta):
   event = dp_accounting.SelfComposedDpEvent(
-      dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps)
+    dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps
+  )
   make = {"pld": dp_accounting.pld.PLDAccountant, "rdp": dp_accounting.rdp.RdpAccountant}
   return make[accountant]().compose(event).get_epsilon(delta)
 
@@ -413,8 +459,9 @@ def test_seed_may_be_a_key_and_bad_seeds_are_named():
   g = jnp.zeros(3)
   by_key = gnorm_jax.dp_noise(1.0, 1.0, batch_size=1, seed=jax.random.key(7))
   by_int = gnorm_jax.dp_noise(1.0, 1.0, batch_size=1, seed=7)
-  np.testing.assert_array_equal(by_key.update(g, by_key.init(g))[0],
-                                by_int.update(g, by_int.init(g))[0])
+  np.testing.assert_array_equal(
+    by_key.update(g, by_key.init(g))[0], by_int.update(g, by_int.init(g))[0]
+  )
   with pytest.raises(ValueError, match=r"seed must be an integer in .* got seed=1844674407"):
     gnorm_jax.dp_noise(1.0, 1.0, batch_size=1, seed=2**64)
   with pytest.raises(TypeError, match=r"seed must be one PRNG key"):

@@ -25,7 +25,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 RTOL = 3e-5
 
 CHILD = textwrap.dedent(
-    r'''
+  r'''
     import json
     import math
 
@@ -235,7 +235,7 @@ CHILD = textwrap.dedent(
 )
 
 SHARDED_EXAMPLE = textwrap.dedent(
-    """
+  """
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
     import gnorm_jax
@@ -270,16 +270,18 @@ SHARDED_EXAMPLE = textwrap.dedent(
 @pytest.fixture(scope="module")
 def child_output(tmp_path_factory):
   script = tmp_path_factory.mktemp("multidevice") / "child.py"
-  page = "".join(re.findall(r"```python\n(.*?)```", (ROOT / "docs" / "sharding.md").read_text(),
-                           re.S))
+  page = "".join(
+    re.findall(r"```python\n(.*?)```", (ROOT / "docs" / "sharding.md").read_text(), re.S)
+  )
   script.write_text(CHILD % {"rtol": RTOL, "example": SHARDED_EXAMPLE, "page": page})
   env = dict(os.environ)
   env["XLA_FLAGS"] = (
-      env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+    env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+  ).strip()
   env["JAX_PLATFORMS"] = "cpu"
   env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
   proc = subprocess.run(
-      [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300
+    [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300
   )
   return proc
 
@@ -298,28 +300,28 @@ def _results(child_output):
 
 
 @pytest.mark.parametrize(
-    "name",
-    [
-        *(f"named/{fn}/ord={o}" for fn in ("tree_norm", "leaf_norms") for o in ("2", "1", "inf")),
-        "named/grad_norm",
-        "named/value_grad_and_norm",
-        "named/clip_by_norm/global",
-        "named/clip_by_norm/leaf",
-        "shard_map/value",
-        "shard_map/value_grad_and_norm",
-        "shard_map/grad_norm",
-        "shard_map/tree_norm",
-        "shard_map/leaf_norms",
-        "shard_map/clip_by_norm",
-        "shard_map/per_shard_tree_norm",
-        "named/clipped_grad/mean",
-        "named/clipped_grad/sum",
-        "named/per_example_grad_norms",
-        "named/dp_sgd_step",
-        "shard_map/clipped_sum",
-        "shard_map/dp_noise_once",
-        "shard_map/dp_noise_draw",
-    ],
+  "name",
+  [
+    *(f"named/{fn}/ord={o}" for fn in ("tree_norm", "leaf_norms") for o in ("2", "1", "inf")),
+    "named/grad_norm",
+    "named/value_grad_and_norm",
+    "named/clip_by_norm/global",
+    "named/clip_by_norm/leaf",
+    "shard_map/value",
+    "shard_map/value_grad_and_norm",
+    "shard_map/grad_norm",
+    "shard_map/tree_norm",
+    "shard_map/leaf_norms",
+    "shard_map/clip_by_norm",
+    "shard_map/per_shard_tree_norm",
+    "named/clipped_grad/mean",
+    "named/clipped_grad/sum",
+    "named/per_example_grad_norms",
+    "named/dp_sgd_step",
+    "shard_map/clipped_sum",
+    "shard_map/dp_noise_once",
+    "shard_map/dp_noise_draw",
+  ],
 )
 def test_sharded_equals_single_device(child_output, name):
   assert _results(child_output)[name] <= RTOL

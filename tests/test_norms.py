@@ -38,9 +38,9 @@ def mixed_tree(dtype=jnp.float32, seed=0):
     return jnp.asarray(x, dtype)
 
   return {
-      "bias": arr(5),
-      "layer": {"w": arr(4, 3), "scale": arr()},
-      "conv": [arr(2, 3, 2), None],
+    "bias": arr(5),
+    "layer": {"w": arr(4, 3), "scale": arr()},
+    "conv": [arr(2, 3, 2), None],
   }
 
 
@@ -96,17 +96,17 @@ def test_low_precision_accumulates_in_float32(ord, dtype):
 
 
 @pytest.mark.parametrize(
-    "values, expected",
-    [
-        ([1e20, 1e20], math.sqrt(2) * 1e20),  # x² overflows float32
-        ([1e-30, 1e-30], math.sqrt(2) * 1e-30),  # x² underflows float32
-        ([1e-30, -1e-30, 1e-31], math.sqrt(2.01) * 1e-30),
-        ([2e38, 2e38], math.sqrt(2) * 2e38),  # the norm itself is still finite
-        ([1e20, 1e-30], 1e20),
-        ([3e-20, 4e-20], 5e-20),  # the sum of squares, 2.5e-39, is subnormal
-        ([3e-10, 4e-10], 5e-10),  # just below the fast path's threshold
-        ([3e-9, 4e-9], 5e-9),  # just above it
-    ],
+  "values, expected",
+  [
+    ([1e20, 1e20], math.sqrt(2) * 1e20),  # x² overflows float32
+    ([1e-30, 1e-30], math.sqrt(2) * 1e-30),  # x² underflows float32
+    ([1e-30, -1e-30, 1e-31], math.sqrt(2.01) * 1e-30),
+    ([2e38, 2e38], math.sqrt(2) * 2e38),  # the norm itself is still finite
+    ([1e20, 1e-30], 1e20),
+    ([3e-20, 4e-20], 5e-20),  # the sum of squares, 2.5e-39, is subnormal
+    ([3e-10, 4e-10], 5e-10),  # just below the fast path's threshold
+    ([3e-9, 4e-9], 5e-9),  # just above it
+  ],
 )
 @pytest.mark.parametrize("mode", ["eager", "jit"])
 def test_overflow_and_underflow_safe_in_float32(values, expected, mode):
@@ -127,11 +127,11 @@ def test_leaf_norms_each_leaf_rescued_independently():
   # One leaf on each side of the fast path: the rare branch must only change
   # the leaves that need it and leave the others exact.
   tree = {
-      "ordinary": jnp.asarray([3.0, 4.0]),
-      "zero": jnp.zeros(3),
-      "huge": jnp.asarray([1e20, 1e20]),
-      "tiny": jnp.asarray([1e-30, 1e-30]),
-      "empty": jnp.zeros((0, 4)),
+    "ordinary": jnp.asarray([3.0, 4.0]),
+    "zero": jnp.zeros(3),
+    "huge": jnp.asarray([1e20, 1e20]),
+    "tiny": jnp.asarray([1e-30, 1e-30]),
+    "empty": jnp.zeros((0, 4)),
   }
   for fn in (gnorm_jax.leaf_norms, jax.jit(gnorm_jax.leaf_norms)):
     norms = fn(tree)
@@ -149,10 +149,10 @@ def test_leaves_needing_different_rescues_in_one_tree():
   # One leaf overflows, one underflows, one is zero: one scale for the whole tree.
   rng = np.random.default_rng(5)
   tree = {
-      "huge": jnp.asarray([3e38, -1e30], jnp.float32),
-      "tiny": jnp.asarray(1e-30 * rng.normal(size=5), jnp.float32),
-      "zero": jnp.zeros(4),
-      "ordinary": jnp.asarray([3.0, 4.0]),
+    "huge": jnp.asarray([3e38, -1e30], jnp.float32),
+    "tiny": jnp.asarray(1e-30 * rng.normal(size=5), jnp.float32),
+    "zero": jnp.zeros(4),
+    "ordinary": jnp.asarray([3.0, 4.0]),
   }
   for fn in (gnorm_jax.tree_norm, jax.jit(gnorm_jax.tree_norm)):
     assert_rel(fn(tree), np_norm(tree), rtol=1e-5)
@@ -174,10 +174,10 @@ def test_leaf_norms_large_leaves_rescued_independently():
   rng = np.random.default_rng(6)
   big = rng.normal(size=2**16)
   tree = {
-      "big_ordinary": jnp.asarray(big, jnp.float32),
-      "big_tiny": jnp.asarray(1e-30 * big, jnp.float32),
-      "big_zero": jnp.zeros(2**16),
-      "small_huge": jnp.asarray([1e20, 1e20]),
+    "big_ordinary": jnp.asarray(big, jnp.float32),
+    "big_tiny": jnp.asarray(1e-30 * big, jnp.float32),
+    "big_zero": jnp.zeros(2**16),
+    "small_huge": jnp.asarray([1e20, 1e20]),
   }
   expected = {name: np_norm(leaf) for name, leaf in tree.items()}
   for fn in (gnorm_jax.leaf_norms, jax.jit(gnorm_jax.leaf_norms)):
@@ -264,13 +264,18 @@ def test_bad_ord_raises_value_error(fn, ord):
 
 
 @pytest.mark.parametrize(
-    "ord, canonical",
-    [
-        (2, None), (2.0, None), (np.float64(2.0), None),
-        (1.0, 1), (np.int64(1), 1),
-        (float("inf"), math.inf), (jnp.inf, math.inf), (np.inf, math.inf),
-        (np.float32(np.inf), math.inf),
-    ],
+  "ord, canonical",
+  [
+    (2, None),
+    (2.0, None),
+    (np.float64(2.0), None),
+    (1.0, 1),
+    (np.int64(1), 1),
+    (float("inf"), math.inf),
+    (jnp.inf, math.inf),
+    (np.inf, math.inf),
+    (np.float32(np.inf), math.inf),
+  ],
 )
 def test_equivalent_ord_spellings_give_equal_norms(ord, canonical):
   tree = mixed_tree()
@@ -278,9 +283,11 @@ def test_equivalent_ord_spellings_give_equal_norms(ord, canonical):
   np.testing.assert_array_equal(norm, gnorm_jax.tree_norm(tree, canonical))
   assert_rel(norm, np_norm(tree, canonical), rtol=1e-6)
   leaf_norms = gnorm_jax.leaf_norms(tree, ord)
-  for got, want, leaf in zip(jax.tree.leaves(leaf_norms),
-                             jax.tree.leaves(gnorm_jax.leaf_norms(tree, canonical)),
-                             jax.tree.leaves(tree)):
+  for got, want, leaf in zip(
+    jax.tree.leaves(leaf_norms),
+    jax.tree.leaves(gnorm_jax.leaf_norms(tree, canonical)),
+    jax.tree.leaves(tree),
+  ):
     np.testing.assert_array_equal(got, want)
     assert_rel(got, np_norm(leaf, canonical), rtol=1e-6)
 
@@ -292,8 +299,8 @@ def test_equivalent_ord_spellings_give_equal_norms(ord, canonical):
 def test_eager_jit_vmap_agree(ord):
   rng = np.random.default_rng(2)
   batch = {
-      "w": jnp.asarray(rng.normal(size=(4, 3, 2)), jnp.float32),
-      "b": jnp.asarray(rng.normal(size=(4, 5)), jnp.bfloat16),
+    "w": jnp.asarray(rng.normal(size=(4, 3, 2)), jnp.float32),
+    "b": jnp.asarray(rng.normal(size=(4, 5)), jnp.bfloat16),
   }
   # One example in the rare range, so vmap mixes both branches in one batch.
   batch["w"] = batch["w"].at[2].multiply(1e25)
@@ -326,7 +333,8 @@ def test_vmap_with_unbatched_leaves_nested_vmap_and_derivatives(scale):
   inner = jax.vmap(fn, in_axes=(0, None))
   np.testing.assert_allclose(jax.vmap(inner, in_axes=(0, None))(batch, fixed), loop, rtol=1e-5)
   np.testing.assert_allclose(
-      jax.jit(jax.vmap(inner, in_axes=(0, None)))(batch, fixed), loop, rtol=1e-5)
+    jax.jit(jax.vmap(inner, in_axes=(0, None)))(batch, fixed), loop, rtol=1e-5
+  )
   grad_loop = np.asarray([[jax.grad(fn)(w, fixed) for w in ws] for ws in batch])
   grad_vmap = jax.vmap(jax.vmap(jax.grad(fn), in_axes=(0, None)), in_axes=(0, None))(batch, fixed)
   np.testing.assert_allclose(grad_vmap, grad_loop, rtol=1e-5)
@@ -334,7 +342,8 @@ def test_vmap_with_unbatched_leaves_nested_vmap_and_derivatives(scale):
   np.testing.assert_allclose(jax.grad(summed)(batch), grad_loop, rtol=1e-5)
   hess = jax.vmap(jax.hessian(fn), in_axes=(0, None))(batch[0], fixed)
   np.testing.assert_allclose(
-      hess, [jax.hessian(fn)(w, fixed) for w in batch[0]], rtol=1e-5, atol=1e-30)
+    hess, [jax.hessian(fn)(w, fixed) for w in batch[0]], rtol=1e-5, atol=1e-30
+  )
 
 
 def test_vmap_at_zero_examples_has_zero_gradients():
@@ -379,30 +388,33 @@ def test_grad_at_zero_check_grads_first_order():
 def x64_points():
   rng = np.random.default_rng(3)
   return {
-      "vector": lambda: (jnp.asarray(rng.normal(size=5)),),
-      "tree": lambda: ({"w": jnp.asarray(rng.normal(size=(3, 2))),
-                        "b": jnp.asarray(rng.normal(size=2))},),
-      "complex": lambda: (jnp.asarray(rng.normal(size=3) + 1j * rng.normal(size=3)),),
-      "large": lambda: (jnp.asarray(1e150 * rng.normal(size=4)),),
+    "vector": lambda: (jnp.asarray(rng.normal(size=5)),),
+    "tree": lambda: (
+      {"w": jnp.asarray(rng.normal(size=(3, 2))), "b": jnp.asarray(rng.normal(size=2))},
+    ),
+    "complex": lambda: (jnp.asarray(rng.normal(size=3) + 1j * rng.normal(size=3)),),
+    "large": lambda: (jnp.asarray(1e150 * rng.normal(size=4)),),
   }
 
 
 @pytest.mark.parametrize(
-    "fn, point",
-    [("tree_norm", p) for p in x64_points()] + [("leaf_norms", "tree"), ("leaf_norms", "large")],
+  "fn, point",
+  [("tree_norm", p) for p in x64_points()] + [("leaf_norms", "tree"), ("leaf_norms", "large")],
 )
 def test_check_grads_orders_1_and_2(point, fn):
   norm = getattr(gnorm_jax, fn)
   with jax.enable_x64(True):
     args = x64_points()[point]()
-    check_grads(norm, args, order=2, modes=["fwd", "rev"],
-                eps=1e-4 * float(gnorm_jax.tree_norm(args)))
+    check_grads(
+      norm, args, order=2, modes=["fwd", "rev"], eps=1e-4 * float(gnorm_jax.tree_norm(args))
+    )
 
 
 def test_check_grads_float32():
   x = jnp.asarray([1.0, 2.0, -3.0], jnp.float32)
-  check_grads(gnorm_jax.tree_norm, (x,), order=2, modes=["fwd", "rev"],
-              eps=1e-2, atol=1e-2, rtol=1e-2)
+  check_grads(
+    gnorm_jax.tree_norm, (x,), order=2, modes=["fwd", "rev"], eps=1e-2, atol=1e-2, rtol=1e-2
+  )
 
 
 @pytest.mark.parametrize("values", [[1e20, -1e20, 3e19], [1e-30, 2e-30, -1e-31], [3.0, 4.0, 0.0]])
@@ -419,12 +431,13 @@ def test_hessian_matches_formula():
   u = x / 3.0
   expected = (np.eye(3) - np.outer(u, u)) / 3.0
   np.testing.assert_allclose(
-      jax.hessian(gnorm_jax.tree_norm)(jnp.asarray(x, jnp.float32)), expected, atol=1e-6)
+    jax.hessian(gnorm_jax.tree_norm)(jnp.asarray(x, jnp.float32)), expected, atol=1e-6
+  )
 
 
 @pytest.mark.parametrize(
-    "values",
-    [[1e38, 1e38], [3e38, -1e37, 0.0], [1e-30, 1e-30], [2e-37, -5e-38, 3e-37], [1e19, 0.5]],
+  "values",
+  [[1e38, 1e38], [3e38, -1e37, 0.0], [1e-30, 1e-30], [2e-37, -5e-38, 3e-37], [1e19, 0.5]],
 )
 def test_grad_and_hessian_at_extreme_norms_match_float64(values):
   # Regression: 1/‖x‖ is subnormal (flushed to 0) for ‖x‖ >= 1e38, which made
@@ -460,14 +473,14 @@ def test_grad_ord_1_and_inf(ord):
 
 @pytest.mark.parametrize("ord", ORDS)
 @pytest.mark.parametrize(
-    "values, expected",
-    [
-        ([math.inf, 1.0], math.inf),
-        ([-math.inf, 1.0], math.inf),
-        ([math.nan, 1.0], math.nan),
-        ([1.0, math.nan], math.nan),
-        ([math.inf, math.nan], math.nan),
-    ],
+  "values, expected",
+  [
+    ([math.inf, 1.0], math.inf),
+    ([-math.inf, 1.0], math.inf),
+    ([math.nan, 1.0], math.nan),
+    ([1.0, math.nan], math.nan),
+    ([math.inf, math.nan], math.nan),
+  ],
 )
 def test_non_finite_inputs(ord, values, expected):
   tree = {"bad": jnp.asarray(values), "ok": jnp.asarray([3.0, 4.0])}
@@ -480,7 +493,8 @@ def test_non_finite_inputs(ord, values, expected):
 
 def test_grad_at_non_finite_input_is_nan_there():
   grads = jax.grad(gnorm_jax.tree_norm)(
-      {"bad": jnp.asarray([math.inf, math.nan]), "ok": jnp.ones(2)})
+    {"bad": jnp.asarray([math.inf, math.nan]), "ok": jnp.ones(2)}
+  )
   assert np.all(np.isnan(grads["bad"]))
   assert not np.any(np.isnan(grads["ok"]))
 
@@ -513,14 +527,15 @@ def _ops_per_leaf(fn):
 
 
 @pytest.mark.parametrize(
-    "fn, max_ops",
-    [
-        pytest.param(gnorm_jax.tree_norm, 10, id="tree_norm"),
-        pytest.param(jax.grad(gnorm_jax.tree_norm), 14, id="grad"),
-        pytest.param(lambda t: jax.vmap(gnorm_jax.tree_norm)(jax.tree.map(lambda x: x[None], t)),
-                     16, id="vmap"),
-        pytest.param(gnorm_jax.leaf_norms, 60, id="leaf_norms"),
-    ],
+  "fn, max_ops",
+  [
+    pytest.param(gnorm_jax.tree_norm, 10, id="tree_norm"),
+    pytest.param(jax.grad(gnorm_jax.tree_norm), 14, id="grad"),
+    pytest.param(
+      lambda t: jax.vmap(gnorm_jax.tree_norm)(jax.tree.map(lambda x: x[None], t)), 16, id="vmap"
+    ),
+    pytest.param(gnorm_jax.leaf_norms, 60, id="leaf_norms"),
+  ],
 )
 def test_per_leaf_work_is_a_few_ops_and_one_reduction_per_pass(fn, max_ops):
   # Compile time grows with the work per leaf: with a max |x| pass before
@@ -565,10 +580,10 @@ def test_property_agrees_with_numpy_float64(tree, ord):
 
 @settings(max_examples=20, deadline=None)
 @given(
-    random_trees(dtypes=(jnp.float32, jnp.complex64)),
-    st.floats(1e-4, 1e4),
-    st.sampled_from([1.0, -1.0]),
-    st.sampled_from(ORDS),
+  random_trees(dtypes=(jnp.float32, jnp.complex64)),
+  st.floats(1e-4, 1e4),
+  st.sampled_from([1.0, -1.0]),
+  st.sampled_from(ORDS),
 )
 def test_property_homogeneity(tree, c, sign, ord):
   scaled = jax.tree.map(lambda x: (sign * c) * x, tree)
@@ -603,13 +618,13 @@ def test_sum_of_squares_and_safe_sqrt():
 
 
 @pytest.mark.parametrize(
-    "dtype, expected",
-    [
-        (jnp.float16, jnp.float32),
-        (jnp.bfloat16, jnp.float32),
-        (jnp.float32, jnp.float32),
-        (jnp.complex64, jnp.float32),
-    ],
+  "dtype, expected",
+  [
+    (jnp.float16, jnp.float32),
+    (jnp.bfloat16, jnp.float32),
+    (jnp.float32, jnp.float32),
+    (jnp.complex64, jnp.float32),
+  ],
 )
 def test_accumulation_dtype(dtype, expected):
   assert gnorm_jax._norms.accumulation_dtype(dtype) == expected
@@ -636,8 +651,9 @@ def test_split_norm_is_finite_where_the_norm_overflows(ord_, values):
 def test_ord_1_and_inf_derivatives_are_zero_at_zero(ord_):
   # jnp.abs has derivative 1 at 0 (and max splits ties): the zero subgradient
   # is the norm core's policy for every ord.
-  np.testing.assert_array_equal(jax.grad(lambda g: gnorm_jax.tree_norm(g, ord_))(jnp.zeros(3)),
-                                np.zeros(3))
+  np.testing.assert_array_equal(
+    jax.grad(lambda g: gnorm_jax.tree_norm(g, ord_))(jnp.zeros(3)), np.zeros(3)
+  )
   x = jnp.array([0.0, -2.0, 1.0])
   expected = np.sign(np.asarray(x)) if ord_ == 1 else np.array([0.0, -1.0, 0.0])
   np.testing.assert_array_equal(jax.grad(lambda g: gnorm_jax.tree_norm(g, ord_))(x), expected)

@@ -55,14 +55,30 @@ def test_core_install_is_jax_optax_numpy():
   assert sorted(map(_name, PROJECT["dependencies"])) == ["jax", "jaxlib", "numpy", "optax"]
 
 
-@pytest.mark.parametrize("extra,wanted", [
+@pytest.mark.parametrize(
+  "extra,wanted",
+  [
     ("dp", {"dp-accounting", "scipy"}),
     ("demo", {"scikit-learn", "tqdm", "matplotlib"}),
-    ("test", {"pytest", "hypothesis", "flax", "equinox", "dm-haiku", "chex",
-              "dp-accounting", "scikit-learn", "tqdm", "matplotlib"}),
+    (
+      "test",
+      {
+        "pytest",
+        "hypothesis",
+        "flax",
+        "equinox",
+        "dm-haiku",
+        "chex",
+        "dp-accounting",
+        "scikit-learn",
+        "tqdm",
+        "matplotlib",
+      },
+    ),
     ("docs", {"sphinx", "myst-nb", "sphinx-book-theme", "ipykernel", "matplotlib"}),
     ("bench", {"jax-privacy", "transformers"}),
-])
+  ],
+)
 def test_extra_holds_what_it_is_for(extra, wanted):
   assert wanted <= _extra_names(extra)
 
@@ -82,8 +98,9 @@ def _unguarded_imports(code: str) -> set[str]:
   return modules
 
 
-@pytest.mark.parametrize("notebook", sorted((ROOT / "notebooks").glob("*.ipynb")),
-                         ids=lambda p: p.stem)
+@pytest.mark.parametrize(
+  "notebook", sorted((ROOT / "notebooks").glob("*.ipynb")), ids=lambda p: p.stem
+)
 def test_docs_extra_installs_what_the_notebooks_import(notebook):
   """The docs build executes the notebooks: `pip install ".[docs]"` must be enough."""
   from importlib.metadata import packages_distributions
@@ -105,11 +122,15 @@ DP_MISSING = re.escape('pip install "gnorm_jax[dp]"')
 DEMO_MISSING = re.escape('pip install "gnorm_jax[demo]"')
 
 
-@pytest.mark.parametrize("call", [
+@pytest.mark.parametrize(
+  "call",
+  [
     lambda: gnorm_jax.dp_epsilon(1.0, 0.01, 100, 1e-5),
     lambda: gnorm_jax.dp_epsilon(1.0, 0.01, 100, 1e-5, accountant="rdp"),
     lambda: gnorm_jax.dp_noise_multiplier(8.0, 0.01, 100, 1e-5),
-], ids=["dp_epsilon_pld", "dp_epsilon_rdp", "dp_noise_multiplier"])
+  ],
+  ids=["dp_epsilon_pld", "dp_epsilon_rdp", "dp_noise_multiplier"],
+)
 def test_accounting_without_dp_accounting_names_the_extra(monkeypatch, call):
   hide(monkeypatch, "dp_accounting")
   with pytest.raises(ImportError, match=DP_MISSING):
@@ -129,12 +150,16 @@ def test_sampling_needs_no_extra(monkeypatch):
   assert idx.shape == mask.shape == (10,)
 
 
-@pytest.mark.parametrize("module,call", [
+@pytest.mark.parametrize(
+  "module,call",
+  [
     ("sklearn", lambda: demo.make_data(demo.Config())),
     ("tqdm", lambda: demo.train(demo.RUNS, demo.Config(steps=1), None, None, None)),
     ("matplotlib", lambda: demo.main(["--steps", "1"])),  # before training, not after
     ("matplotlib", lambda: demo.plot(demo.RUNS, {}, [], np.ones(3), [], "unused.png")),
-], ids=["sklearn", "tqdm", "matplotlib_main", "matplotlib_plot"])
+  ],
+  ids=["sklearn", "tqdm", "matplotlib_main", "matplotlib_plot"],
+)
 def test_demo_without_its_extra_names_it(monkeypatch, module, call):
   hide(monkeypatch, module)
   with pytest.raises(ImportError, match=DEMO_MISSING):
@@ -147,8 +172,11 @@ def test_demo_without_its_extra_names_it(monkeypatch, module, call):
 
 def test_imports_under_python_OO():
   proc = subprocess.run(
-      [sys.executable, "-OO", "-c", "import gnorm_jax, gnorm_jax.demo"],
-      cwd=ROOT, capture_output=True, text=True, timeout=120,
+    [sys.executable, "-OO", "-c", "import gnorm_jax, gnorm_jax.demo"],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=120,
   )
   assert proc.returncode == 0, proc.stderr
 
@@ -158,8 +186,8 @@ def test_imports_under_python_OO():
 
 
 HISTORY = re.compile(
-    r"\b[Ii]ssue #?\d|\b[Dd]efect #?\d|\bwas lent\b|BENCHMARKS\.md|\bmissed\b|\(was \d"
-    r"|\bwas \d[\d.]*\s?[×x]"
+  r"\b[Ii]ssue #?\d|\b[Dd]efect #?\d|\bwas lent\b|BENCHMARKS\.md|\bmissed\b|\(was \d"
+  r"|\bwas \d[\d.]*\s?[×x]"
 )
 
 

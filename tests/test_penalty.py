@@ -72,7 +72,7 @@ def _np_phi(g, squared, ord):
 def _np_reference(a, b, t, weight, squared, ord):
   g, h = _np_grad_hess(a, b, t)
   return np.log(np.cosh(t)).sum() + 0.5 * t @ a @ t + b @ t + weight * _np_phi(
-      g, squared, ord
+    g, squared, ord
   ), g + weight * h @ _np_dphi(g, squared, ord)
 
 
@@ -111,8 +111,9 @@ def test_exact_methods_match_numpy(method, squared, ord):
   a, b, t = _problem()
   want_value, want_grad = _np_reference(a, b, t, 0.3, squared, ord)
   value, grad = jax.jit(
-      gnorm_jax.penalized_value_and_grad(
-          _j(a, b), weight=0.3, method=method, squared=squared, ord=ord)
+    gnorm_jax.penalized_value_and_grad(
+      _j(a, b), weight=0.3, method=method, squared=squared, ord=ord
+    )
   )(jnp.asarray(t, jnp.float32))
   np.testing.assert_allclose(float(value), want_value, rtol=1e-5)
   np.testing.assert_allclose(grad, want_grad, rtol=2e-5, atol=1e-5)
@@ -167,7 +168,7 @@ def test_value_is_exact_in_every_method(method):
   a, b, t = _problem(seed=3)
   want, _ = _np_reference(a, b, t, 0.5, True, None)
   value, _ = gnorm_jax.penalized_value_and_grad(_j(a, b), weight=0.5, method=method)(
-      jnp.asarray(t, jnp.float32)
+    jnp.asarray(t, jnp.float32)
   )
   np.testing.assert_allclose(float(value), want, rtol=1e-5)
 
@@ -186,7 +187,7 @@ def test_finite_difference_is_exact_for_a_quadratic(squared):
   want = g + 0.3 * a @ _np_dphi(g, squared, None)
   for radius in (1e-2, 1.0):
     _, got = gnorm_jax.penalized_value_and_grad(
-        j, weight=0.3, method="finite_difference", squared=squared, radius=radius
+      j, weight=0.3, method="finite_difference", squared=squared, radius=radius
     )(jnp.asarray(t, jnp.float32))
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
@@ -202,7 +203,7 @@ def test_finite_difference_matches_the_paper_formula():
   alpha = lam / r
   want = (1 - alpha) * g0 + alpha * g1
   _, got = gnorm_jax.penalized_value_and_grad(
-      j, weight=lam, method="finite_difference", squared=False, radius=r
+    j, weight=lam, method="finite_difference", squared=False, radius=r
   )(theta)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
@@ -216,7 +217,7 @@ def test_finite_difference_converges_linearly_in_radius(squared):
     j = lambda th: jnp.sum(jnp.log(jnp.cosh(th))) + 0.5 * th @ a @ th + b @ th
     for radius in (1e-1, 1e-2, 1e-3):
       _, got = gnorm_jax.penalized_value_and_grad(
-          j, weight=0.3, method="finite_difference", squared=squared, radius=radius
+        j, weight=0.3, method="finite_difference", squared=squared, radius=radius
       )(jnp.asarray(t))
       errors.append(np.linalg.norm(np.asarray(got) - exact))
   # error ≈ C·r: each tenfold smaller radius gives about a tenfold smaller error.
@@ -239,7 +240,7 @@ def _stationary():
 def test_stationary_point_is_nan_free(method, squared):
   j, theta = _stationary()
   value, grad = jax.jit(
-      gnorm_jax.penalized_value_and_grad(j, weight=0.3, method=method, squared=squared)
+    gnorm_jax.penalized_value_and_grad(j, weight=0.3, method=method, squared=squared)
   )(theta)
   assert float(value) == 6.0  # Σ cosh 0 = 6, penalty 0
   assert _all_finite(grad)
@@ -287,8 +288,8 @@ def test_non_finite_gradients_propagate(method):
 def _mlp_problem(seed=0):
   k = jax.random.split(jax.random.key(seed), 5)
   params = {
-      "l1": {"w": jax.random.normal(k[0], (6, 8)) / 2.5, "b": jnp.zeros(8)},
-      "l2": {"w": jax.random.normal(k[1], (8, 3)) / 3.0, "b": 0.1 * jnp.ones(3)},
+    "l1": {"w": jax.random.normal(k[0], (6, 8)) / 2.5, "b": jnp.zeros(8)},
+    "l2": {"w": jax.random.normal(k[1], (8, 3)) / 3.0, "b": 0.1 * jnp.ones(3)},
   }
   x = jax.random.normal(k[2], (16, 6))
   y = jax.random.randint(k[3], (16,), 0, 3)
@@ -319,7 +320,7 @@ def test_hvp_matches_explicit_hessian_on_mlp(squared):
   want = unravel(jnp.asarray(g + 0.2 * h @ v, jnp.float32))
   for method in EXACT:
     _, got = jax.jit(
-        gnorm_jax.penalized_value_and_grad(loss, weight=0.2, method=method, squared=squared)
+      gnorm_jax.penalized_value_and_grad(loss, weight=0.2, method=method, squared=squared)
     )(params, x, y)
     _leaves_close(got, want, rtol=2e-4, atol=1e-6)
 
@@ -328,11 +329,10 @@ def test_hvp_matches_explicit_hessian_on_mlp(squared):
 def test_methods_agree_on_mlp(squared):
   loss, params, x, y = _mlp_problem(seed=1)
   out = {
-      m: jax.jit(
-          gnorm_jax.penalized_value_and_grad(
-              loss, weight=0.1, method=m, squared=squared, radius=1e-3)
-      )(params, x, y)
-      for m in METHODS
+    m: jax.jit(
+      gnorm_jax.penalized_value_and_grad(loss, weight=0.1, method=m, squared=squared, radius=1e-3)
+    )(params, x, y)
+    for m in METHODS
   }
   for m in METHODS:
     assert float(out[m][0]) == pytest.approx(float(out["double_backprop"][0]), rel=1e-6)
@@ -374,14 +374,15 @@ def test_argnums_tuple_has_aux_and_kwargs(method):
 
   w, b = jnp.array([0.3, -1.0]), jnp.array([2.0])
   (value, aux), (gw, gb) = gnorm_jax.penalized_value_and_grad(
-      j, weight=0.1, method=method, argnums=(0, 1), has_aux=True, radius=1e-3
+    j, weight=0.1, method=method, argnums=(0, 1), has_aux=True, radius=1e-3
   )(w, b, scale=2.0)
   wn, bn = np.asarray(w, np.float64), np.asarray(b, np.float64)
   g = 2 * np.concatenate([np.cos(wn), bn**2])
   h = 2 * np.diag(np.concatenate([-np.sin(wn), 2 * bn]))
   want = g + 0.1 * h @ (2 * g)
   np.testing.assert_allclose(
-      value, 2 * (np.sin(wn).sum() + bn[0] ** 3 / 3) + 0.1 * g @ g, rtol=1e-5)
+    value, 2 * (np.sin(wn).sum() + bn[0] ** 3 / 3) + 0.1 * g @ g, rtol=1e-5
+  )
   assert float(aux["w_mean"]) == pytest.approx(float(jnp.mean(w)))
   tol = 1e-5 if method in EXACT else 2e-2
   np.testing.assert_allclose(np.concatenate([gw, gb]), want, rtol=tol, atol=tol)
@@ -395,7 +396,7 @@ def test_argnums_tuple_has_aux_and_kwargs(method):
 def _float32_reference_grad(seed):
   loss, params, x, y = _mlp_problem(seed=seed)
   return jax.jit(gnorm_jax.penalized_value_and_grad(loss, weight=0.1, method="double_backprop"))(
-      params, x, y
+    params, x, y
   )[1]
 
 
@@ -404,7 +405,7 @@ def test_low_precision_params_keep_their_dtype(method):
   loss, params, x, y = _mlp_problem(seed=4)
   params16 = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
   _, grads = jax.jit(
-      gnorm_jax.penalized_value_and_grad(loss, weight=0.1, method=method, radius=0.05)
+    gnorm_jax.penalized_value_and_grad(loss, weight=0.1, method=method, radius=0.05)
   )(params16, x.astype(jnp.bfloat16), y)
   assert all(g.dtype == jnp.bfloat16 for g in jax.tree.leaves(grads))
   assert _all_finite(grads)
@@ -423,7 +424,7 @@ def test_traced_hyperparameters_do_not_retrace(method):
   @chex.assert_max_traces(n=1)
   def step(weight, radius):
     return gnorm_jax.penalized_value_and_grad(loss, weight=weight, method=method, radius=radius)(
-        params, x, y
+      params, x, y
     )
 
   chex.clear_trace_counter()
@@ -507,15 +508,15 @@ def test_hypothesis_linear_critic_penalties(w, target, shift):
 
 
 @pytest.mark.parametrize(
-    "kwargs, match",
-    [
-        (dict(method="newton"), "method must be one of"),
-        (dict(weight=-1.0), "weight must be a finite number >= 0"),
-        (dict(weight=math.inf), "weight must be a finite number >= 0"),
-        (dict(radius=0.0), "radius must be a finite number > 0"),
-        (dict(radius=-0.1), "radius must be a finite number > 0"),
-        (dict(ord=3), "ord must be"),
-    ],
+  "kwargs, match",
+  [
+    (dict(method="newton"), "method must be one of"),
+    (dict(weight=-1.0), "weight must be a finite number >= 0"),
+    (dict(weight=math.inf), "weight must be a finite number >= 0"),
+    (dict(radius=0.0), "radius must be a finite number > 0"),
+    (dict(radius=-0.1), "radius must be a finite number > 0"),
+    (dict(ord=3), "ord must be"),
+  ],
 )
 def test_penalized_value_and_grad_rejects_bad_hyperparameters(kwargs, match):
   weight = kwargs.pop("weight", 0.1)
@@ -524,15 +525,15 @@ def test_penalized_value_and_grad_rejects_bad_hyperparameters(kwargs, match):
 
 
 @pytest.mark.parametrize(
-    "weight, error, match",
-    [
-        ("0.1", TypeError, "weight must be a real number"),
-        (True, TypeError, "weight must be a number, not a bool"),
-        (jnp.ones(2), TypeError, r"weight must be a scalar"),
-        (np.float32(-1.0), ValueError, "weight must be a finite number >= 0"),
-        (jnp.array(-1.0), ValueError, "weight must be a finite number >= 0"),
-        (jnp.array(math.nan), ValueError, "weight must be a finite number >= 0"),
-    ],
+  "weight, error, match",
+  [
+    ("0.1", TypeError, "weight must be a real number"),
+    (True, TypeError, "weight must be a number, not a bool"),
+    (jnp.ones(2), TypeError, r"weight must be a scalar"),
+    (np.float32(-1.0), ValueError, "weight must be a finite number >= 0"),
+    (jnp.array(-1.0), ValueError, "weight must be a finite number >= 0"),
+    (jnp.array(math.nan), ValueError, "weight must be a finite number >= 0"),
+  ],
 )
 @pytest.mark.parametrize("make", [gnorm_jax.penalized, gnorm_jax.penalized_value_and_grad])
 def test_penalty_weight_follows_the_number_policy(make, weight, error, match):
@@ -543,16 +544,16 @@ def test_penalty_weight_follows_the_number_policy(make, weight, error, match):
 
 
 @pytest.mark.parametrize(
-    "kwargs, error, match",
-    [
-        (dict(radius=jnp.array(0.0)), ValueError, "radius must be a finite number > 0"),
-        (dict(radius=math.inf), ValueError, "radius must be a finite number > 0"),
-        (dict(method=3), ValueError, "method must be one of"),
-        (dict(argnums=-1), ValueError, r"negative entries \[-1\]"),
-        (dict(argnums=(0, -2)), ValueError, r"negative entries \[-2\]"),
-        (dict(argnums=True), TypeError, "argnums must be an int"),
-        (dict(squared="no"), ValueError, r"squared must be one of \(True, False\)"),
-    ],
+  "kwargs, error, match",
+  [
+    (dict(radius=jnp.array(0.0)), ValueError, "radius must be a finite number > 0"),
+    (dict(radius=math.inf), ValueError, "radius must be a finite number > 0"),
+    (dict(method=3), ValueError, "method must be one of"),
+    (dict(argnums=-1), ValueError, r"negative entries \[-1\]"),
+    (dict(argnums=(0, -2)), ValueError, r"negative entries \[-2\]"),
+    (dict(argnums=True), TypeError, "argnums must be an int"),
+    (dict(squared="no"), ValueError, r"squared must be one of \(True, False\)"),
+  ],
 )
 def test_penalized_value_and_grad_argument_checks(kwargs, error, match):
   with pytest.raises(error, match=match):
@@ -573,8 +574,9 @@ def _np_cubic_penalized_grad(w, weight):
   return w**2 + 4 * weight * w**3
 
 
-@pytest.mark.parametrize("dtype, theta, weight", [(jnp.bfloat16, 300.0, 0.1),
-                                                  (jnp.float16, 100.0, 0.01)])
+@pytest.mark.parametrize(
+  "dtype, theta, weight", [(jnp.bfloat16, 300.0, 0.1), (jnp.float16, 100.0, 0.01)]
+)
 def test_finite_difference_step_is_not_rounded_away(dtype, theta, weight):
   # Regression: θ + 0.01·v/‖v‖ = θ in bfloat16 at θ = 300 (its spacing there
   # is 2), so the probe gradient equalled ∇J and the penalty vanished from ∇P:
@@ -584,8 +586,9 @@ def test_finite_difference_step_is_not_rounded_away(dtype, theta, weight):
   _, grad = gnorm_jax.penalized_value_and_grad(J, weight=weight, method="finite_difference")(w)
   assert grad.dtype == dtype
   # The O(r) error of the wider step: r/(2θ), 1.6% for bfloat16, 0.4% for float16.
-  np.testing.assert_allclose(np.asarray(grad, np.float64), _np_cubic_penalized_grad(w, weight),
-                             rtol=0.03)
+  np.testing.assert_allclose(
+    np.asarray(grad, np.float64), _np_cubic_penalized_grad(w, weight), rtol=0.03
+  )
 
 
 def test_finite_difference_step_floor_leaves_float32_unchanged():
@@ -593,13 +596,15 @@ def test_finite_difference_step_floor_leaves_float32_unchanged():
   # exactly the radius, as in Zhao et al.
   J = lambda w: jnp.sum(w**3) / 3
   w = jnp.asarray([1.0, 2.0])
-  _, grad = gnorm_jax.penalized_value_and_grad(J, weight=0.1, method="finite_difference",
-                                               radius=1e-3)(w)
+  _, grad = gnorm_jax.penalized_value_and_grad(
+    J, weight=0.1, method="finite_difference", radius=1e-3
+  )(w)
   # ((w + r u)² − w²)/r·‖v‖ = 2w·v_u + r·u²·‖v‖ exactly, for u = v/‖v‖, v = 2w².
   v = 2 * np.array([1.0, 4.0])
   u = v / np.linalg.norm(v)
-  expected = np.array([1.0, 4.0]) + 0.1 * np.linalg.norm(v) * (2 * np.array([1.0, 2.0]) * u
-                                                                + 1e-3 * u**2)
+  expected = np.array([1.0, 4.0]) + 0.1 * np.linalg.norm(v) * (
+    2 * np.array([1.0, 2.0]) * u + 1e-3 * u**2
+  )
   np.testing.assert_allclose(grad, expected, rtol=1e-4)
 
 
@@ -663,11 +668,11 @@ def test_gan_penalties_take_fun():
 def _np_critic_setup(seed=0, batch=6, d=4):
   k = jax.random.split(jax.random.key(seed), 3)
   params = {
-      "w1": jax.random.normal(k[0], (d, 8)) / 2,
-      "b1": 0.1 * jnp.ones(8),
-      "w2": jax.random.normal(k[1], (8,)) / 3,
+    "w1": jax.random.normal(k[0], (d, 8)) / 2,
+    "b1": 0.1 * jnp.ones(8),
+    "w2": jax.random.normal(k[1], (8,)) / 3,
   }
-  critic_of = lambda p: (lambda x: jnp.tanh(x @ p["w1"] + p["b1"]) @ p["w2"])
+  critic_of = lambda p: lambda x: jnp.tanh(x @ p["w1"] + p["b1"]) @ p["w2"]
   x = jax.random.normal(k[2], (batch, d))
   return critic_of, params, x
 
@@ -728,7 +733,7 @@ def test_gan_penalty_parameter_gradients(penalty):
     return jnp.mean((jnp.sqrt(sq) - 1) ** 2) if penalty == "gp" else jnp.mean(sq)
 
   _leaves_close(
-      jax.jit(jax.grad(ours))(params), jax.jit(jax.grad(reference))(params), rtol=1e-4, atol=1e-6
+    jax.jit(jax.grad(ours))(params), jax.jit(jax.grad(reference))(params), rtol=1e-4, atol=1e-6
   )
   check_grads(jax.jit(ours), (params,), order=1, modes=["rev"], atol=1e-2, rtol=1e-2)
 
@@ -747,7 +752,7 @@ def test_gan_penalties_nan_free_at_vanishing_input_gradients(penalty):
   want = (2 * (0 - 1) ** 2 + (2 - 1) ** 2) / 3 if penalty == "gp" else 4 / 3
   np.testing.assert_allclose(float(value), want, rtol=1e-5)
   assert _all_finite(grads)
-  zero_critic = lambda p: (lambda x: x @ p)
+  zero_critic = lambda p: lambda x: x @ p
   g0 = jax.grad(lambda p: fn(zero_critic(p), x))(jnp.zeros(2))  # every ∇ₓ = 0
   assert _all_finite(g0) and float(jnp.sum(jnp.abs(g0))) == 0.0
 
@@ -756,7 +761,7 @@ def test_r1_check_grads_at_vanishing_input_gradients():
   """R1 is a sum of squares: smooth in the critic's parameters even where ∇ₓ = 0."""
   with jax.enable_x64(True):
     x = jnp.array([[1.0, -2.0], [0.5, 3.0], [-1.0, 0.0]], jnp.float64)
-    critic_of = lambda p: (lambda x: jnp.tanh(x @ p["w"]) * p["v"])
+    critic_of = lambda p: lambda x: jnp.tanh(x @ p["w"]) * p["v"]
     r1 = lambda p: gnorm_jax.r1_penalty(critic_of(p), x)
     zero = {"w": jnp.zeros(2), "v": jnp.zeros(())}  # every ∇ₓ critic = 0
     check_grads(jax.jit(r1), (zero,), order=2, modes=["fwd", "rev"])
@@ -774,6 +779,7 @@ def test_gan_penalties_on_pytree_inputs_and_image_shapes():
   k = jax.random.split(jax.random.key(3), 3)
   x = {"img": jax.random.normal(k[0], (5, 4, 4, 2)), "cond": jax.random.normal(k[1], (5, 3))}
   w = jax.random.normal(k[2], (4 * 4 * 2,))
+
   def critic(x):
     img = x["img"].reshape(x["img"].shape[0], -1)
     return jnp.tanh(img @ w) + jnp.sum(x["cond"] ** 2, axis=1)
@@ -785,7 +791,7 @@ def test_gan_penalties_on_pytree_inputs_and_image_shapes():
   sq = np.sum(np.asarray(gi, np.float64).reshape(5, -1) ** 2, 1) + np.sum(np.asarray(gc) ** 2, 1)
   np.testing.assert_allclose(float(gnorm_jax.r1_penalty(critic, x)), sq.mean(), rtol=1e-5)
   np.testing.assert_allclose(
-      float(gnorm_jax.gradient_penalty(critic, x)), np.mean((np.sqrt(sq) - 1) ** 2), rtol=1e-5
+    float(gnorm_jax.gradient_penalty(critic, x)), np.mean((np.sqrt(sq) - 1) ** 2), rtol=1e-5
   )
 
 
@@ -810,7 +816,8 @@ def test_gan_penalties_with_flax_linen_critic():
 
 def test_gan_penalties_with_flax_nnx_critic():
   model = nnx.Sequential(
-      nnx.Linear(3, 8, rngs=nnx.Rngs(0)), nnx.tanh, nnx.Linear(8, 1, rngs=nnx.Rngs(1)))
+    nnx.Linear(3, 8, rngs=nnx.Rngs(0)), nnx.tanh, nnx.Linear(8, 1, rngs=nnx.Rngs(1))
+  )
   x = jax.random.normal(jax.random.key(6), (4, 3))
   graphdef, state = nnx.split(model)
 
@@ -895,7 +902,8 @@ def test_unsquared_ord_penalty_has_zero_gradient_at_a_stationary_point(ord_, met
   # derivative 1 at 0. The zero subgradient makes every method agree on 0.
   J = lambda w: jnp.sum(w**2) + jnp.sum(w**3)
   value, grad = gnorm_jax.penalized_value_and_grad(
-      J, weight=0.1, method=method, ord=ord_, squared=False)(jnp.zeros(3))
+    J, weight=0.1, method=method, ord=ord_, squared=False
+  )(jnp.zeros(3))
   assert float(value) == 0.0
   np.testing.assert_array_equal(grad, np.zeros(3))
 
@@ -924,5 +932,4 @@ def test_interpolate_keeps_integer_images_as_floats():
   eps = np.asarray(jax.random.uniform(key, (4,), jnp.float32), np.float64)
   got = gnorm_jax.interpolate(key, real, fake)
   assert got.dtype == jnp.float32
-  np.testing.assert_allclose(got, np.broadcast_to(((1 - eps) * 255)[:, None], (4, 3)),
-                             rtol=1e-6)
+  np.testing.assert_allclose(got, np.broadcast_to(((1 - eps) * 255)[:, None], (4, 3)), rtol=1e-6)

@@ -21,6 +21,7 @@ from gnorm_jax._per_example import _jaxpr, _plan, _program
 def analyze(closed, param_positions):
   return _program.build(_jaxpr.read(closed), param_positions)
 
+
 RTOL = 2e-4
 
 
@@ -49,16 +50,16 @@ def transformer():
   vocab, d, heads, t = 11, 8, 2, 6
   k = iter(jax.random.split(jax.random.key(1), 16))
   params = {
-      "emb": _normal(next(k), vocab, d),
-      "wq": _normal(next(k), d, heads, d // heads),
-      "wk": _normal(next(k), d, heads, d // heads),
-      "wv": _normal(next(k), d, heads, d // heads),
-      "wo": _normal(next(k), heads, d // heads, d),
-      "ln1": 1 + _normal(next(k), d),
-      "ln2": 1 + _normal(next(k), d),
-      "w1": _normal(next(k), d, 16),
-      "b1": _normal(next(k), 16),
-      "w2": _normal(next(k), 16, d),
+    "emb": _normal(next(k), vocab, d),
+    "wq": _normal(next(k), d, heads, d // heads),
+    "wk": _normal(next(k), d, heads, d // heads),
+    "wv": _normal(next(k), d, heads, d // heads),
+    "wo": _normal(next(k), heads, d // heads, d),
+    "ln1": 1 + _normal(next(k), d),
+    "ln2": 1 + _normal(next(k), d),
+    "w1": _normal(next(k), d, 16),
+    "b1": _normal(next(k), 16),
+    "w2": _normal(next(k), 16, d),
   }
 
   def ln(x, s):
@@ -87,7 +88,7 @@ def cnn():
 
   def loss(p, x, y):
     h = jax.lax.conv_general_dilated(
-        x[None], p["kernel"], (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+      x[None], p["kernel"], (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
     )
     return jnp.sum((jax.nn.relu(h).reshape(-1) @ p["w"] - y) ** 2)
 
@@ -133,9 +134,9 @@ def flax_linen():
   k = jax.random.split(jax.random.key(5), 3)
   params = net.init(k[0], jnp.ones(5))
   return (
-      lambda p, x, y: jnp.sum((net.apply(p, x) - y) ** 2),
-      params,
-      (_normal(k[1], 6, 5), _normal(k[2], 6, 3)),
+    lambda p, x, y: jnp.sum((net.apply(p, x) - y) ** 2),
+    params,
+    (_normal(k[1], 6, 5), _normal(k[2], 6, 3)),
   )
 
 
@@ -151,9 +152,9 @@ def flax_nnx():
   graphdef, state = nnx.split(Net(nnx.Rngs(0)))
   k = jax.random.split(jax.random.key(6), 2)
   return (
-      lambda s, x, y: jnp.sum((nnx.merge(graphdef, s)(x) - y) ** 2),
-      state,
-      (_normal(k[0], 6, 5), _normal(k[1], 6, 3)),
+    lambda s, x, y: jnp.sum((nnx.merge(graphdef, s)(x) - y) ** 2),
+    state,
+    (_normal(k[0], 6, 5), _normal(k[1], 6, 3)),
   )
 
 
@@ -161,22 +162,22 @@ def equinox_mlp():
   k = jax.random.split(jax.random.key(7), 3)
   params, static = eqx.partition(eqx.nn.MLP(5, 3, 16, 2, key=k[0]), eqx.is_array)
   return (
-      lambda p, x, y: jnp.sum((eqx.combine(p, static)(x) - y) ** 2),
-      params,
-      (_normal(k[1], 6, 5), _normal(k[2], 6, 3)),
+    lambda p, x, y: jnp.sum((eqx.combine(p, static)(x) - y) ** 2),
+    params,
+    (_normal(k[1], 6, 5), _normal(k[2], 6, 3)),
   )
 
 
 ZOO = {
-    "mlp": lambda: mlp(bias=True),
-    "mlp_no_bias": lambda: mlp(bias=False),
-    "transformer": transformer,
-    "cnn": cnn,
-    "gru_scan": gru,
-    "shared_unrolled": shared_unrolled,
-    "flax_linen": flax_linen,
-    "flax_nnx": flax_nnx,
-    "equinox": equinox_mlp,
+  "mlp": lambda: mlp(bias=True),
+  "mlp_no_bias": lambda: mlp(bias=False),
+  "transformer": transformer,
+  "cnn": cnn,
+  "gru_scan": gru,
+  "shared_unrolled": shared_unrolled,
+  "flax_linen": flax_linen,
+  "flax_nnx": flax_nnx,
+  "equinox": equinox_mlp,
 }
 
 
@@ -221,8 +222,9 @@ def test_reduce_sum_and_vmap_method(name):
   loss, params, batch = ZOO[name]()
   _, want = _reference(loss, params, batch, 0.5, reduce="sum")
   for method in ("auto", "vmap"):
-    got = jax.jit(gnorm_jax.clipped_grad(
-        loss, max_norm=0.5, batch_argnums=(1, 2), reduce="sum", method=method))(params, *batch)
+    got = jax.jit(
+      gnorm_jax.clipped_grad(loss, max_norm=0.5, batch_argnums=(1, 2), reduce="sum", method=method)
+    )(params, *batch)
     _assert_tree_close(got, want)
 
 
@@ -232,7 +234,7 @@ def test_x64():
     params = jax.tree.map(lambda x: x.astype(jnp.float64), params)
     want_norms, want = _reference(loss, params, batch, 0.3)
     grads, norms = jax.jit(
-        gnorm_jax.clipped_grad(loss, max_norm=0.3, batch_argnums=(1, 2), return_norms=True)
+      gnorm_jax.clipped_grad(loss, max_norm=0.3, batch_argnums=(1, 2), return_norms=True)
     )(params, *batch)
     assert norms.dtype == jnp.float64
     np.testing.assert_allclose(norms, want_norms, rtol=1e-12)
@@ -242,13 +244,13 @@ def test_x64():
 # --------------------------------------------- both ghost and direct, every layout
 
 EINSUMS = [
-    ("d,dk->k", (5,), (5, 4)),  # vector activation (T = 1)
-    ("td,dk->tk", (6, 5), (5, 4)),  # sequence
-    ("td,kd->tk", (6, 5), (4, 5)),  # transposed weight, contracted on its last axis
-    ("thk,hkd->td", (6, 2, 3), (2, 3, 4)),  # two contracted axes
-    ("td,dhk->thk", (6, 5), (5, 2, 3)),  # two free parameter axes
-    ("htk,hkn->htn", (2, 6, 3), (2, 3, 4)),  # a batch (head) axis shared with the weight
-    ("tk,hkn->htn", (6, 3), (2, 3, 4)),  # parameter with a free head axis
+  ("d,dk->k", (5,), (5, 4)),  # vector activation (T = 1)
+  ("td,dk->tk", (6, 5), (5, 4)),  # sequence
+  ("td,kd->tk", (6, 5), (4, 5)),  # transposed weight, contracted on its last axis
+  ("thk,hkd->td", (6, 2, 3), (2, 3, 4)),  # two contracted axes
+  ("td,dhk->thk", (6, 5), (5, 2, 3)),  # two free parameter axes
+  ("htk,hkn->htn", (2, 6, 3), (2, 3, 4)),  # a batch (head) axis shared with the weight
+  ("tk,hkn->htn", (6, 3), (2, 3, 4)),  # parameter with a free head axis
 ]
 
 
@@ -262,8 +264,10 @@ def test_every_layout_in_both_plans(monkeypatch, spec, act_shape, w_shape, plan,
   w = _normal(k[0], *w_shape)
 
   def loss(w, x):
-    z = jnp.einsum(f"{a_spec},{w_spec}->{out}", x, w) if param_side == "rhs" else jnp.einsum(
-        f"{w_spec},{a_spec}->{out}", w, x
+    z = (
+      jnp.einsum(f"{a_spec},{w_spec}->{out}", x, w)
+      if param_side == "rhs"
+      else jnp.einsum(f"{w_spec},{a_spec}->{out}", w, x)
     )
     return jnp.sum(jnp.sin(z))
 
@@ -301,19 +305,29 @@ def _classify(name):
 
 
 @pytest.mark.parametrize(
-    "name,recognized,fallback",
-    [
-        ("mlp", {"['w1']", "['w2']", "['b1']", "['b2']"}, set()),
-        (
-            "transformer",  # emb: gather + tied matmul; ln: scales; b1: bias
-            {"['wq']", "['wk']", "['wv']", "['wo']", "['w1']", "['w2']", "['emb']", "['ln1']",
-             "['ln2']", "['b1']"},
-            set(),
-        ),
-        ("cnn", {"['w']", "['kernel']"}, set()),
-        ("gru_scan", {"['out']", "['wx']", "['wh']"}, set()),  # scan bodies are looked into
-        ("shared_unrolled", {"['w']", "['u']"}, set()),
-    ],
+  "name,recognized,fallback",
+  [
+    ("mlp", {"['w1']", "['w2']", "['b1']", "['b2']"}, set()),
+    (
+      "transformer",  # emb: gather + tied matmul; ln: scales; b1: bias
+      {
+        "['wq']",
+        "['wk']",
+        "['wv']",
+        "['wo']",
+        "['w1']",
+        "['w2']",
+        "['emb']",
+        "['ln1']",
+        "['ln2']",
+        "['b1']",
+      },
+      set(),
+    ),
+    ("cnn", {"['w']", "['kernel']"}, set()),
+    ("gru_scan", {"['out']", "['wx']", "['wh']"}, set()),  # scan bodies are looked into
+    ("shared_unrolled", {"['w']", "['u']"}, set()),
+  ],
 )
 def test_analysis_recognizes_ruled_uses(name, recognized, fallback):
   assert _classify(name) == (recognized, fallback)
@@ -328,11 +342,13 @@ def test_ghost_method_names_unrecognized_leaves():
   with pytest.raises(ValueError, match=r"\['c'\]: used by max.*method='auto'"):
     gnorm_jax.per_example_grad_norms(loss, batch_argnums=(1, 2), method="ghost")(params, *batch)
   np.testing.assert_allclose(
-      gnorm_jax.per_example_grad_norms(loss, batch_argnums=(1, 2))(params, *batch),
-      _reference(loss, params, batch, 1.0)[0], rtol=RTOL)
+    gnorm_jax.per_example_grad_norms(loss, batch_argnums=(1, 2))(params, *batch),
+    _reference(loss, params, batch, 1.0)[0],
+    rtol=RTOL,
+  )
   loss, params, batch = mlp(bias=True)
   norms = gnorm_jax.per_example_grad_norms(loss, batch_argnums=(1, 2), method="ghost")(
-      params, *batch
+    params, *batch
   )
   np.testing.assert_allclose(norms, _reference(loss, params, batch, 1.0)[0], rtol=RTOL)
 
@@ -417,16 +433,18 @@ def test_nan_safe_drops_non_finite_examples(method, bad):
   """One NaN/inf example is reported in its norm but cannot poison the sum."""
   loss, params, (x, y) = mlp()
   x = x.at[1].set(bad)
-  fn = gnorm_jax.clipped_grad(loss, max_norm=1.0, batch_argnums=(1, 2), return_norms=True,
-                              method=method, reduce="sum")
+  fn = gnorm_jax.clipped_grad(
+    loss, max_norm=1.0, batch_argnums=(1, 2), return_norms=True, method=method, reduce="sum"
+  )
   grads, norms = jax.jit(fn)(params, x, y)
   assert not np.isfinite(norms[1]) and np.all(np.isfinite(np.delete(np.asarray(norms), 1)))
   keep = np.arange(x.shape[0]) != 1
   want_norms, want = _reference(loss, params, (x[keep], y[keep]), 1.0, reduce="sum")
   np.testing.assert_allclose(np.asarray(norms)[keep], want_norms, rtol=RTOL)
   _assert_tree_close(grads, want)
-  unsafe = gnorm_jax.clipped_grad(loss, max_norm=1.0, batch_argnums=(1, 2), nan_safe=False,
-                                  method=method)
+  unsafe = gnorm_jax.clipped_grad(
+    loss, max_norm=1.0, batch_argnums=(1, 2), nan_safe=False, method=method
+  )
   assert all(bool(jnp.any(~jnp.isfinite(g))) for g in jax.tree.leaves(unsafe(params, x, y)))
 
 
@@ -436,8 +454,11 @@ def test_mask_rows_are_padding(name):
   mask = jnp.array([True, False, True, False])
   batch = tuple(b[:4] for b in batch)
   batch = (batch[0].at[1].set(jnp.nan if batch[0].dtype.kind == "f" else batch[0][1]),) + batch[1:]
-  fn = jax.jit(gnorm_jax.clipped_grad(loss, max_norm=0.5, batch_argnums=(1, 2), reduce="sum",
-                                      return_norms=True))
+  fn = jax.jit(
+    gnorm_jax.clipped_grad(
+      loss, max_norm=0.5, batch_argnums=(1, 2), reduce="sum", return_norms=True
+    )
+  )
   grads, norms = fn(params, *batch, mask=mask)
   keep = np.asarray(mask)
   want_norms, want = _reference(loss, params, tuple(b[keep] for b in batch), 0.5, reduce="sum")
@@ -458,17 +479,21 @@ def test_has_aux_returns_stacked_aux():
     return value, {"value": value, "x0": x[0]}
 
   for method in ("auto", "vmap"):
-    (grads, norms), aux = jax.jit(gnorm_jax.clipped_grad(
-        loss_aux, max_norm=0.5, batch_argnums=(1, 2), has_aux=True, return_norms=True,
-        method=method))(params, *batch)
+    (grads, norms), aux = jax.jit(
+      gnorm_jax.clipped_grad(
+        loss_aux, max_norm=0.5, batch_argnums=(1, 2), has_aux=True, return_norms=True, method=method
+      )
+    )(params, *batch)
     want_norms, want = _reference(loss, params, batch, 0.5)
     np.testing.assert_allclose(norms, want_norms, rtol=RTOL)
     _assert_tree_close(grads, want)
-    np.testing.assert_allclose(aux["value"], jax.vmap(loss, in_axes=(None, 0, 0))(params, *batch),
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+      aux["value"], jax.vmap(loss, in_axes=(None, 0, 0))(params, *batch), rtol=1e-5
+    )
     np.testing.assert_array_equal(aux["x0"], batch[0][:, 0])
   norms, aux = gnorm_jax.per_example_grad_norms(loss_aux, batch_argnums=(1, 2), has_aux=True)(
-      params, *batch)
+    params, *batch
+  )
   np.testing.assert_allclose(norms, want_norms, rtol=RTOL)
   with pytest.raises(TypeError, match="pair"):
     gnorm_jax.per_example_grad_norms(loss, batch_argnums=(1, 2), has_aux=True)(params, *batch)
@@ -478,30 +503,36 @@ def test_per_layer_thresholds():
   """Each group of leaves is clipped to its own threshold (float64 numpy reference)."""
   loss, params, batch = mlp()
   max_norm = {"w1": 0.3, "b1": 0.1, "w2": 1.0, "b2": 0.05}
-  grads, norms = jax.jit(gnorm_jax.clipped_grad(
-      loss, max_norm=max_norm, batch_argnums=(1, 2), reduce="sum", return_norms=True))(
-          params, *batch)
+  grads, norms = jax.jit(
+    gnorm_jax.clipped_grad(
+      loss, max_norm=max_norm, batch_argnums=(1, 2), reduce="sum", return_norms=True
+    )
+  )(params, *batch)
   per_ex = jax.vmap(jax.grad(loss), in_axes=(None, 0, 0))(params, *batch)
   for k, c in max_norm.items():
     g = np.asarray(per_ex[k], np.float64).reshape(per_ex[k].shape[0], -1)
     n = np.linalg.norm(g, axis=1)
     w = np.minimum(1.0, c / np.where(n > 0, n, 1.0))
-    np.testing.assert_allclose(grads[k], np.tensordot(w, g, 1).reshape(params[k].shape),
-                               rtol=RTOL, atol=1e-6)
+    np.testing.assert_allclose(
+      grads[k], np.tensordot(w, g, 1).reshape(params[k].shape), rtol=RTOL, atol=1e-6
+    )
   np.testing.assert_allclose(norms, _reference(loss, params, batch, 1.0)[0], rtol=RTOL)
   # A prefix: one threshold for all of a sub-tree.
   nested = {"a": {"w": params["w1"], "b": params["b1"]}, "c": params["w2"]}
   nl = lambda p, x: jnp.sum(jnp.tanh(x @ p["a"]["w"] + p["a"]["b"]) @ p["c"])
   g2 = gnorm_jax.clipped_grad(nl, max_norm={"a": 0.2, "c": 0.7}, reduce="sum")(nested, batch[0])
   per = jax.vmap(jax.grad(nl), in_axes=(None, 0))(nested, batch[0])
-  na = np.sqrt(sum(np.sum(np.asarray(v, np.float64).reshape(6, -1) ** 2, 1)
-                   for v in jax.tree.leaves(per["a"])))
+  na = np.sqrt(
+    sum(np.sum(np.asarray(v, np.float64).reshape(6, -1) ** 2, 1) for v in jax.tree.leaves(per["a"]))
+  )
   wa = np.minimum(1.0, 0.2 / na)
-  np.testing.assert_allclose(g2["a"]["b"], np.tensordot(wa, np.asarray(per["a"]["b"]), 1),
-                             rtol=RTOL, atol=1e-6)
+  np.testing.assert_allclose(
+    g2["a"]["b"], np.tensordot(wa, np.asarray(per["a"]["b"]), 1), rtol=RTOL, atol=1e-6
+  )
   with pytest.raises(ValueError, match="prefix"):
     gnorm_jax.clipped_grad(loss, max_norm={"w1": 1.0, "zz": 1.0}, batch_argnums=(1, 2))(
-        params, *batch)
+      params, *batch
+    )
 
 
 @pytest.mark.parametrize("microbatch_size", [1, 4, 5, 6, 100])
@@ -509,29 +540,29 @@ def test_microbatches_equal_the_whole_batch(microbatch_size):
   loss, params, batch = ZOO["transformer"]()
   mask = jnp.array([True, True, False, True])
   whole = gnorm_jax.clipped_grad(loss, max_norm=0.5, batch_argnums=(1, 2), return_norms=True)
-  chunked = gnorm_jax.clipped_grad(loss, max_norm=0.5, batch_argnums=(1, 2), return_norms=True,
-                                   microbatch_size=microbatch_size)
-  (g1, n1), (g2, n2) = whole(params, *batch, mask=mask), jax.jit(chunked)(params, *batch,
-                                                                         mask=mask)
+  chunked = gnorm_jax.clipped_grad(
+    loss, max_norm=0.5, batch_argnums=(1, 2), return_norms=True, microbatch_size=microbatch_size
+  )
+  (g1, n1), (g2, n2) = whole(params, *batch, mask=mask), jax.jit(chunked)(params, *batch, mask=mask)
   np.testing.assert_allclose(n2, n1, rtol=RTOL)
   _assert_tree_close(g2, jax.tree.map(np.asarray, g1))
 
 
 @pytest.mark.parametrize(
-    "kwargs,error,match",
-    [
-        ({"max_norm": -1.0}, ValueError, "max_norm=-1.0"),
-        ({"max_norm": math.nan}, ValueError, "max_norm=nan"),
-        ({"max_norm": 1.0, "reduce": "max"}, ValueError, "reduce='max'"),
-        ({"max_norm": 1.0, "method": "fast"}, ValueError, "method='fast'"),
-        ({"max_norm": 1.0, "argnums": 1}, ValueError, "share"),
-        ({"max_norm": 1.0, "argnums": "0"}, TypeError, "argnums"),
-        ({"max_norm": True}, TypeError, "max_norm"),
-        ({"max_norm": {"a": -1.0}}, ValueError, "max_norm"),
-        ({"max_norm": None}, ValueError, "max_norm"),
-        ({"max_norm": 1.0, "microbatch_size": 0}, ValueError, "microbatch_size=0"),
-        ({"max_norm": 1.0, "has_aux": 1}, TypeError, "has_aux"),
-    ],
+  "kwargs,error,match",
+  [
+    ({"max_norm": -1.0}, ValueError, "max_norm=-1.0"),
+    ({"max_norm": math.nan}, ValueError, "max_norm=nan"),
+    ({"max_norm": 1.0, "reduce": "max"}, ValueError, "reduce='max'"),
+    ({"max_norm": 1.0, "method": "fast"}, ValueError, "method='fast'"),
+    ({"max_norm": 1.0, "argnums": 1}, ValueError, "share"),
+    ({"max_norm": 1.0, "argnums": "0"}, TypeError, "argnums"),
+    ({"max_norm": True}, TypeError, "max_norm"),
+    ({"max_norm": {"a": -1.0}}, ValueError, "max_norm"),
+    ({"max_norm": None}, ValueError, "max_norm"),
+    ({"max_norm": 1.0, "microbatch_size": 0}, ValueError, "microbatch_size=0"),
+    ({"max_norm": 1.0, "has_aux": 1}, TypeError, "has_aux"),
+  ],
 )
 def test_construction_errors(kwargs, error, match):
   with pytest.raises(error, match=match):
@@ -550,8 +581,7 @@ def test_call_errors():
     gnorm_jax.per_example_grad_norms(lambda w: jnp.sum(w))(jnp.ones(3))
 
 
-_TRANSFORMS = [gnorm_jax.per_example_grad_norms, gnorm_jax.clipped_grad,
-               gnorm_jax.per_example_plan]
+_TRANSFORMS = [gnorm_jax.per_example_grad_norms, gnorm_jax.clipped_grad, gnorm_jax.per_example_plan]
 
 
 @pytest.mark.parametrize("make", _TRANSFORMS)
@@ -587,10 +617,12 @@ def test_positional_argnums_and_has_aux_equal_keywords():
     return loss(p, x, y), y[0]
 
   args = (batch[0], params, batch[1])
-  positional = gnorm_jax.clipped_grad(loss_aux, 1, True, max_norm=0.5, batch_argnums=(0, 2),
-                                      return_norms=True)(*args)
-  keywords = gnorm_jax.clipped_grad(loss_aux, argnums=1, has_aux=True, max_norm=0.5,
-                                    batch_argnums=(0, 2), return_norms=True)(*args)
+  positional = gnorm_jax.clipped_grad(
+    loss_aux, 1, True, max_norm=0.5, batch_argnums=(0, 2), return_norms=True
+  )(*args)
+  keywords = gnorm_jax.clipped_grad(
+    loss_aux, argnums=1, has_aux=True, max_norm=0.5, batch_argnums=(0, 2), return_norms=True
+  )(*args)
   _assert_tree_close(positional, keywords)
   want_norms, want = _reference(loss, params, batch, 0.5)
   _assert_tree_close(positional[0], (want, want_norms))
@@ -608,16 +640,17 @@ _MLP = mlp()
 
 @jax.jit
 def _MLP_FN(params, x, y, max_norm, mask):  # noqa: N802 (a jitted constant)
-  fn = gnorm_jax.clipped_grad(_MLP[0], max_norm=max_norm, batch_argnums=(1, 2), reduce="sum",
-                              return_norms=True)
+  fn = gnorm_jax.clipped_grad(
+    _MLP[0], max_norm=max_norm, batch_argnums=(1, 2), reduce="sum", return_norms=True
+  )
   return fn(params, x, y, mask=mask)
 
 
 @settings(max_examples=15, deadline=None)
 @given(
-    mask=st.lists(st.booleans(), min_size=6, max_size=6),
-    thresholds=st.lists(st.floats(1e-3, 10.0), min_size=4, max_size=4),
-    per_layer=st.booleans(),
+  mask=st.lists(st.booleans(), min_size=6, max_size=6),
+  thresholds=st.lists(st.floats(1e-3, 10.0), min_size=4, max_size=4),
+  per_layer=st.booleans(),
 )
 def test_masks_and_thresholds_match_float64_reference(mask, thresholds, per_layer):
   """Any padding mask and any (per-layer) thresholds: the clipped sum of the kept rows."""

@@ -51,7 +51,7 @@ class _LinenStack(nn.Module):
   @nn.compact
   def __call__(self, x):
     blocks = nn.scan(
-        nn.remat(self.Block), variable_axes={"params": 0}, split_rngs={"params": True}, length=3
+      nn.remat(self.Block), variable_axes={"params": 0}, split_rngs={"params": True}, length=3
     )
     return blocks(name="blocks")(x, None)[0]
 
@@ -73,10 +73,10 @@ class _ScannedGPT(nn.Module):
     embed = nn.Embed(GPT_VOCAB, GPT_D)
     x = embed(tokens) + nn.Embed(GPT_T, GPT_D, name="positions")(jnp.arange(tokens.shape[0]))
     blocks = nn.scan(
-        nn.remat(_GPTBlock),
-        variable_axes={"params": 0},
-        split_rngs={"params": True},
-        length=GPT_LAYERS,
+      nn.remat(_GPTBlock),
+      variable_axes={"params": 0},
+      split_rngs={"params": True},
+      length=GPT_LAYERS,
     )
     x, _ = blocks(name="blocks")(x, None)
     return embed.attend(nn.LayerNorm()(x))
@@ -112,15 +112,15 @@ def _haiku_lstm(xs):
 
 
 RECURRENT = {
-    "linen_rnn_lstm": lambda: shaped(linen(nn.RNN(nn.LSTMCell(H))), 130, in_shape=(T, C)),
-    "linen_rnn_gru": lambda: shaped(linen(nn.RNN(nn.GRUCell(H))), 131, in_shape=(T, C)),
-    "linen_rnn_optimized_lstm": lambda: shaped(
-        linen(nn.RNN(nn.OptimizedLSTMCell(H))), 132, in_shape=(T, C)
-    ),
-    "linen_scan_remat_layers": lambda: shaped(linen(_LinenStack()), 133, in_shape=(T, H)),
-    "linen_scan_remat_gpt": _scanned_gpt,
-    "eqx_lstm_scan": lambda: shaped(eqx_model(_EqxLSTM), 134, in_shape=(T, C)),
-    "haiku_lstm_dynamic_unroll": lambda: shaped(haiku(_haiku_lstm), 135, in_shape=(T, C)),
+  "linen_rnn_lstm": lambda: shaped(linen(nn.RNN(nn.LSTMCell(H))), 130, in_shape=(T, C)),
+  "linen_rnn_gru": lambda: shaped(linen(nn.RNN(nn.GRUCell(H))), 131, in_shape=(T, C)),
+  "linen_rnn_optimized_lstm": lambda: shaped(
+    linen(nn.RNN(nn.OptimizedLSTMCell(H))), 132, in_shape=(T, C)
+  ),
+  "linen_scan_remat_layers": lambda: shaped(linen(_LinenStack()), 133, in_shape=(T, H)),
+  "linen_scan_remat_gpt": _scanned_gpt,
+  "eqx_lstm_scan": lambda: shaped(eqx_model(_EqxLSTM), 134, in_shape=(T, C)),
+  "haiku_lstm_dynamic_unroll": lambda: shaped(haiku(_haiku_lstm), 135, in_shape=(T, C)),
 }
 
 
@@ -142,9 +142,9 @@ def _cond(p, x, flag):
 def _switch(p, x, index):
   h = jnp.tanh(x @ p["u"])
   branches = [
-      lambda h: h @ p["w"],
-      lambda h: jnp.tanh(h @ p["v"] + p["b"]),
-      lambda h: (h * p["s"]) @ p["w"],  # w at two branches
+    lambda h: h @ p["w"],
+    lambda h: jnp.tanh(h @ p["v"] + p["b"]),
+    lambda h: (h * p["s"]) @ p["w"],  # w at two branches
   ]
   return lax.switch(index, branches, h)
 
@@ -181,13 +181,13 @@ def _batched_regression(apply, shapes, seed, extra):
 
 
 CONTROL = {
-    "jax_checkpoint": lambda: shaped(plain(jax.checkpoint(_mlp), _UWB), 140, in_shape=(T, C)),
-    "jax_cond": lambda: _batched_regression(_cond, _BRANCHES, 141, _FLAGS),
-    "jax_switch": lambda: _batched_regression(_switch, _BRANCHES, 142, _INDICES),
-    "jax_fori_loop": lambda: shaped(plain(_fori, _UWB), 143, in_shape=(T, C)),
-    "jax_scan_rnn_data_state": lambda: _batched_regression(
-        _rnn, _UWB, 144, normal_np(np.random.default_rng(145), B, H)
-    ),
+  "jax_checkpoint": lambda: shaped(plain(jax.checkpoint(_mlp), _UWB), 140, in_shape=(T, C)),
+  "jax_cond": lambda: _batched_regression(_cond, _BRANCHES, 141, _FLAGS),
+  "jax_switch": lambda: _batched_regression(_switch, _BRANCHES, 142, _INDICES),
+  "jax_fori_loop": lambda: shaped(plain(_fori, _UWB), 143, in_shape=(T, C)),
+  "jax_scan_rnn_data_state": lambda: _batched_regression(
+    _rnn, _UWB, 144, normal_np(np.random.default_rng(145), B, H)
+  ),
 }
 
 MODELS = {**RECURRENT, **CONTROL}
@@ -233,9 +233,9 @@ def test_while_loop_under_ghost_names_the_leaf():
   params, x, y = _while_case()
   with pytest.raises(ValueError, match=r"\['w'\]: .*while"):
     gnorm_jax.per_example_grad_norms(_while_loss, batch_argnums=(1, 2), method="ghost")(
-        params, x, y
+      params, x, y
     )
   with pytest.raises(ValueError, match=r"\['w'\]: .*while"):
     gnorm_jax.clipped_grad(_while_loss, max_norm=1.0, batch_argnums=(1, 2), method="ghost")(
-        params, x, y
+      params, x, y
     )

@@ -42,8 +42,9 @@ def scaled_rule_linear(x, w):
   return x @ w
 
 
-scaled_rule_linear.defvjp(lambda x, w: (x @ w, (x, w)),
-                          lambda r, g: (g @ r[1].T, 3.0 * (r[0].T @ g)))
+scaled_rule_linear.defvjp(
+  lambda x, w: (x @ w, (x, w)), lambda r, g: (g @ r[1].T, 3.0 * (r[0].T @ g))
+)
 
 
 @jax.custom_vjp
@@ -61,8 +62,9 @@ def clipped_rule_linear(x, w):
   return x @ w
 
 
-clipped_rule_linear.defvjp(lambda x, w: (x @ w, (x, w)),
-                           lambda r, g: (g @ r[1].T, r[0].T @ jnp.clip(g, -0.1, 0.1)))
+clipped_rule_linear.defvjp(
+  lambda x, w: (x @ w, (x, w)), lambda r, g: (g @ r[1].T, r[0].T @ jnp.clip(g, -0.1, 0.1))
+)
 
 
 SHAPES = {"a": (4, 6), "b": (6,), "c": (6, 6), "d": (6, 5), "e": (5, 5), "f": (5, 4), "g": (4, 2)}
@@ -80,8 +82,9 @@ def loss(p, x, y):
 
 def _case(seed=0):
   rng = np.random.default_rng(seed)
-  params = {k: jnp.asarray(rng.normal(size=s) / np.sqrt(s[0]), jnp.float32)
-            for k, s in SHAPES.items()}
+  params = {
+    k: jnp.asarray(rng.normal(size=s) / np.sqrt(s[0]), jnp.float32) for k, s in SHAPES.items()
+  }
   x = jnp.asarray(rng.normal(size=(B, T, 4)), jnp.float32)
   y = jnp.asarray(rng.normal(size=(B, T, 2)), jnp.float32)
   return params, x, y
@@ -109,12 +112,14 @@ def test_plan_looks_through_linearizable_rules_only():
 def test_custom_rules_match_vmap_of_grad(method):
   params, x, y = _case()
   g, want = _reference(params, x, y)
-  norms = jax.jit(gnorm_jax.per_example_grad_norms(
-      loss, batch_argnums=(1, 2), method=method))(params, x, y)
+  norms = jax.jit(gnorm_jax.per_example_grad_norms(loss, batch_argnums=(1, 2), method=method))(
+    params, x, y
+  )
   np.testing.assert_allclose(norms, want, rtol=2e-5)
   c = float(np.median(want))
-  got = jax.jit(gnorm_jax.clipped_grad(loss, max_norm=c, batch_argnums=(1, 2),
-                                       reduce="sum", method=method))(params, x, y)
+  got = jax.jit(
+    gnorm_jax.clipped_grad(loss, max_norm=c, batch_argnums=(1, 2), reduce="sum", method=method)
+  )(params, x, y)
   weights = np.minimum(1.0, c / want)
   for k in SHAPES:
     want_k = np.tensordot(weights, g[k], 1)
@@ -139,8 +144,9 @@ def test_the_custom_rule_is_used_not_the_primal_derivative():
   primal = jax.vmap(jax.grad(primal_loss), in_axes=(None, 0, 0))(params, x, y)
   got = jax.jit(gnorm_jax.per_example_grad_norms(loss, batch_argnums=(1, 2)))(params, x, y)
   np.testing.assert_allclose(got, want, rtol=2e-5)
-  primal_norms = np.sqrt(sum(np.sum(np.asarray(v, np.float64).reshape(B, -1) ** 2, 1)
-                             for v in jax.tree.leaves(primal)))
+  primal_norms = np.sqrt(
+    sum(np.sum(np.asarray(v, np.float64).reshape(B, -1) ** 2, 1) for v in jax.tree.leaves(primal))
+  )
   assert np.max(np.abs(primal_norms - want) / want) > 0.3  # so the check above can fail
 
 
@@ -155,8 +161,10 @@ def test_ghost_method_accepts_linearizable_rules_and_names_the_other():
 
   sub = {k: params[k] for k in "abc"}
   g = jax.vmap(jax.grad(linearizable), in_axes=(None, 0, 0))(sub, x, y)
-  want = np.sqrt(sum(np.sum(np.asarray(v, np.float64).reshape(B, -1) ** 2, 1)
-                     for v in jax.tree.leaves(g)))
-  got = jax.jit(gnorm_jax.per_example_grad_norms(
-      linearizable, batch_argnums=(1, 2), method="ghost"))(sub, x, y)
+  want = np.sqrt(
+    sum(np.sum(np.asarray(v, np.float64).reshape(B, -1) ** 2, 1) for v in jax.tree.leaves(g))
+  )
+  got = jax.jit(
+    gnorm_jax.per_example_grad_norms(linearizable, batch_argnums=(1, 2), method="ghost")
+  )(sub, x, y)
   np.testing.assert_allclose(got, want, rtol=2e-5)

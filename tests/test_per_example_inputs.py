@@ -30,26 +30,43 @@ def test_numpy_ints_and_bools_are_accepted(kwargs):
   np.testing.assert_allclose(got, _reference_clipped_sum(LOSS, W, X, 1.0), rtol=1e-5)
 
 
-@pytest.mark.parametrize("kwargs, error, match", [
-    ({"microbatch_size": 2.0}, TypeError, r"microbatch_size must be a Python int or None, got"
-                                          r" microbatch_size=2.0"),
+@pytest.mark.parametrize(
+  "kwargs, error, match",
+  [
+    (
+      {"microbatch_size": 2.0},
+      TypeError,
+      r"microbatch_size must be a Python int or None, got"
+      r" microbatch_size=2.0",
+    ),
     ({"microbatch_size": 0}, ValueError, r"microbatch_size must be an int >= 1"),
-    ({"return_norms": "yes"}, TypeError, r"return_norms must be True or False, got"
-                                         r" return_norms='yes'"),
+    (
+      {"return_norms": "yes"},
+      TypeError,
+      r"return_norms must be True or False, got"
+      r" return_norms='yes'",
+    ),
     ({"nan_safe": 1}, TypeError, r"nan_safe must be True or False"),
-])
+  ],
+)
 def test_bad_settings_are_named(kwargs, error, match):
   with pytest.raises(error, match=match):
     gnorm_jax.clipped_grad(LOSS, max_norm=1.0, **kwargs)
 
 
-@pytest.mark.parametrize("make", [
+@pytest.mark.parametrize(
+  "make",
+  [
     lambda: gnorm_jax.per_example_grad_norms(LOSS),
     lambda: gnorm_jax.clipped_grad(LOSS, max_norm=1.0),
-])
+  ],
+)
 def test_a_batch_passed_by_keyword_is_named(make):
-  with pytest.raises(TypeError, match=r"got the keyword argument\(s\) x\. Pass them"
-                                      r" positionally"):
+  with pytest.raises(
+    TypeError,
+    match=r"got the keyword argument\(s\) x\. Pass them"
+    r" positionally",
+  ):
     make()(W, x=X)
 
 
@@ -94,10 +111,10 @@ def test_huge_norms_are_clipped_not_dropped():
     got = gnorm_jax.clipped_grad(loss, max_norm=c, reduce="sum")(jnp.zeros(2), x)
     np.testing.assert_allclose(got, _reference_clipped_sum(loss, jnp.zeros(2), x, c), rtol=1e-6)
   tree_loss = lambda p, x: jnp.sum(x * p["a"])  # noqa: E731
-  got = gnorm_jax.clipped_grad(tree_loss, max_norm={"a": 1.0}, reduce="sum")(
-      {"a": jnp.zeros(2)}, x)
-  np.testing.assert_allclose(got["a"], _reference_clipped_sum(loss, jnp.zeros(2), x, 1.0),
-                             rtol=1e-6)
+  got = gnorm_jax.clipped_grad(tree_loss, max_norm={"a": 1.0}, reduce="sum")({"a": jnp.zeros(2)}, x)
+  np.testing.assert_allclose(
+    got["a"], _reference_clipped_sum(loss, jnp.zeros(2), x, 1.0), rtol=1e-6
+  )
 
 
 @pytest.mark.parametrize("method", ["auto", "vmap"])
@@ -113,8 +130,9 @@ def test_grad_through_norms_at_zero_per_example_gradients_is_finite(method):
   got = jax.grad(lambda w: jnp.sum(gnorm_jax.per_example_grad_norms(loss, method=method)(w, x)))
   np.testing.assert_array_equal(got(jnp.zeros(3)), jax.grad(ref)(jnp.zeros(3)))
   np.testing.assert_array_equal(got(jnp.zeros(3)), np.zeros(3))
-  clipped = jax.grad(lambda w: jnp.sum(gnorm_jax.clipped_grad(loss, max_norm=1.0, method=method)(
-      w, x)))(jnp.zeros(3))
+  clipped = jax.grad(
+    lambda w: jnp.sum(gnorm_jax.clipped_grad(loss, max_norm=1.0, method=method)(w, x))
+  )(jnp.zeros(3))
   ref_clipped = jax.grad(lambda w: jnp.sum(jnp.mean(_per_example_grads(loss, w, x), 0)))
   np.testing.assert_allclose(clipped, ref_clipped(jnp.zeros(3)), rtol=1e-6)
 

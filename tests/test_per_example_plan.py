@@ -39,14 +39,17 @@ def _options(params, batch_size):
   mask = jnp.arange(batch_size) % 3 != 2
   mb = max(1, batch_size // 2)
   return [
-      ("norms", dict(), None),
-      ("ghost norms", dict(method="ghost"), None),
-      ("vmap", dict(method="vmap", max_norm=1.0), dict(max_norm=1.0)),
-      ("global threshold", dict(max_norm=1.0), dict(max_norm=1.0)),
-      ("threshold tree", dict(max_norm=tree), dict(max_norm=tree)),
-      ("mask, nan_safe", dict(max_norm=1.0), dict(max_norm=1.0, mask=mask, nan_safe=True)),
-      ("microbatches", dict(max_norm=1.0, microbatch_size=mb),
-       dict(max_norm=1.0, microbatch_size=mb)),
+    ("norms", dict(), None),
+    ("ghost norms", dict(method="ghost"), None),
+    ("vmap", dict(method="vmap", max_norm=1.0), dict(max_norm=1.0)),
+    ("global threshold", dict(max_norm=1.0), dict(max_norm=1.0)),
+    ("threshold tree", dict(max_norm=tree), dict(max_norm=tree)),
+    ("mask, nan_safe", dict(max_norm=1.0), dict(max_norm=1.0, mask=mask, nan_safe=True)),
+    (
+      "microbatches",
+      dict(max_norm=1.0, microbatch_size=mb),
+      dict(max_norm=1.0, microbatch_size=mb),
+    ),
   ]
 
 
@@ -103,7 +106,8 @@ def _routes(name, method):
   """({leaf path: route, with "+streamed"}, whether any leaf is materialized) of a model."""
   loss, params, batch = _model(name)
   plan = gnorm_jax.per_example_plan(
-      loss, batch_argnums=tuple(range(1, len(batch) + 1)), method=method)(params, *batch)
+    loss, batch_argnums=tuple(range(1, len(batch) + 1)), method=method
+  )(params, *batch)
   routes = {leaf.path: leaf.route + ("+streamed" if leaf.streamed else "") for leaf in plan.leaves}
   return routes, any(leaf.route == "materialized" for leaf in plan.leaves)
 
@@ -116,9 +120,11 @@ def _all_routes():
 def test_routes_are_the_committed_ones_on_this_jax(name):
   committed = json.loads(ROUTES_FILE.read_text())
   assert name in committed, (
-      f"{name} has no committed routes: run `python tests/test_per_example_plan.py`")
+    f"{name} has no committed routes: run `python tests/test_per_example_plan.py`"
+  )
   assert _routes(name, "auto")[0] == committed[name], (
-      f"{name}: routes on JAX {jax.__version__} differ from the committed ones")
+    f"{name}: routes on JAX {jax.__version__} differ from the committed ones"
+  )
 
 
 def test_committed_routes_name_only_models_that_exist():

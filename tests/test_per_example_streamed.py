@@ -34,17 +34,18 @@ def _stack_loss(remat: bool):
     h = p["embed"][tokens]
     h, _ = lax.scan(body, h, p["layers"])
     logits = h @ p["embed"].T
-    return jnp.mean(jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(
-        logits, targets[:, None], -1)[:, 0])
+    return jnp.mean(
+      jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, targets[:, None], -1)[:, 0]
+    )
 
   rng = np.random.default_rng(0)
   params = {
-      "embed": jnp.asarray(rng.normal(size=(11, D)), jnp.float32),
-      "layers": {
-          "w": jnp.asarray(rng.normal(size=(L, D, D)) / np.sqrt(D), jnp.float32),
-          "b": jnp.asarray(rng.normal(size=(L, D)) * 0.1, jnp.float32),
-          "scale": jnp.asarray(1 + rng.normal(size=(L, D)) * 0.1, jnp.float32),
-      },
+    "embed": jnp.asarray(rng.normal(size=(11, D)), jnp.float32),
+    "layers": {
+      "w": jnp.asarray(rng.normal(size=(L, D, D)) / np.sqrt(D), jnp.float32),
+      "b": jnp.asarray(rng.normal(size=(L, D)) * 0.1, jnp.float32),
+      "scale": jnp.asarray(1 + rng.normal(size=(L, D)) * 0.1, jnp.float32),
+    },
   }
   tokens = jnp.asarray(rng.integers(0, 11, size=(B, T)))
   targets = jnp.asarray(rng.integers(0, 11, size=(B, T)))
@@ -62,8 +63,9 @@ class _Stack(nn.Module):
   @nn.compact
   def __call__(self, x):
     x = nn.Dense(D)(x)
-    stack = nn.scan(nn.remat(_Block), variable_axes={"params": 0},
-                    split_rngs={"params": True}, length=L)
+    stack = nn.scan(
+      nn.remat(_Block), variable_axes={"params": 0}, split_rngs={"params": True}, length=L
+    )
     x, _ = stack()(x, None)
     return nn.Dense(2)(x)
 
@@ -85,7 +87,7 @@ def _reference(loss, params, batch):
   """Per-example gradients by vmap of grad, their float64 norms."""
   g = jax.vmap(jax.grad(loss), in_axes=(None, *[0] * len(batch)))(params, *batch)
   leaves = [np.asarray(x, np.float64).reshape(B, -1) for x in jax.tree.leaves(g)]
-  return g, np.sqrt(sum(np.sum(x ** 2, axis=1) for x in leaves))
+  return g, np.sqrt(sum(np.sum(x**2, axis=1) for x in leaves))
 
 
 def _clipped_sum(g, weights):
@@ -117,8 +119,9 @@ def test_streamed_norms_and_clipped_sums_match_vmap(name):
   c = float(np.median(want))
   weights = np.minimum(1.0, c / want)
   for reduce, div in (("mean", B), ("sum", 1)):
-    fn = gnorm_jax.clipped_grad(loss, max_norm=c, batch_argnums=(1, 2), reduce=reduce,
-                                return_norms=True)
+    fn = gnorm_jax.clipped_grad(
+      loss, max_norm=c, batch_argnums=(1, 2), reduce=reduce, return_norms=True
+    )
     got, got_norms = jax.jit(fn)(params, *batch)
     np.testing.assert_allclose(got_norms, want, rtol=2e-5)
     _assert_tree_close(got, jax.tree.map(lambda s: s / div, _clipped_sum(g, weights)))
@@ -145,8 +148,9 @@ def test_mask_and_non_finite_example_with_streaming():
     return f * loss(p, tok, tgt)
 
   c = float(np.median(want))
-  fn = gnorm_jax.clipped_grad(scaled, max_norm=c, batch_argnums=(1, 2, 3), reduce="sum",
-                              return_norms=True)
+  fn = gnorm_jax.clipped_grad(
+    scaled, max_norm=c, batch_argnums=(1, 2, 3), reduce="sum", return_norms=True
+  )
   got, norms = jax.jit(fn)(params, tokens, targets, factor, mask=mask)
   assert float(norms[1]) == 0.0 and not np.isfinite(float(norms[3]))
   np.testing.assert_allclose(np.asarray(norms)[[0, 2]], want[[0, 2]], rtol=2e-5)
@@ -162,8 +166,12 @@ def test_per_layer_thresholds_do_not_stream_and_match():
   got = jax.jit(fn)(params, *batch)
   want = {}
   for group, c in thresholds.items():
-    sub = np.sqrt(sum(np.sum(np.asarray(x, np.float64).reshape(B, -1) ** 2, axis=1)
-                      for x in jax.tree.leaves(g[group])))
+    sub = np.sqrt(
+      sum(
+        np.sum(np.asarray(x, np.float64).reshape(B, -1) ** 2, axis=1)
+        for x in jax.tree.leaves(g[group])
+      )
+    )
     want[group] = _clipped_sum(g[group], np.minimum(1.0, c / sub))
   _assert_tree_close(got, want)
 
@@ -176,8 +184,9 @@ def test_microbatches_and_aux_with_streaming():
     return value, {"twice": 2 * value}
 
   full = jax.jit(gnorm_jax.clipped_grad(loss, max_norm=0.7, batch_argnums=(1, 2)))(params, *batch)
-  fn = gnorm_jax.clipped_grad(with_aux, has_aux=True, max_norm=0.7, batch_argnums=(1, 2),
-                              microbatch_size=3)
+  fn = gnorm_jax.clipped_grad(
+    with_aux, has_aux=True, max_norm=0.7, batch_argnums=(1, 2), microbatch_size=3
+  )
   got, aux = jax.jit(fn)(params, *batch)
   _assert_tree_close(got, jax.tree.map(lambda x: np.asarray(x, np.float64), full), rtol=1e-5)
   want_aux = 2 * jax.vmap(loss, in_axes=(None, 0, 0))(params, *batch)

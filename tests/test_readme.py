@@ -14,14 +14,14 @@ import gnorm_jax
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 BLOCKS = [
-    (section, code)
-    for section, body in re.findall(r"^## (.+?)\n(.*?)(?=^## |\Z)", README, re.S | re.M)
-    for code in re.findall(r"```python\n(.*?)```", body, re.S)
+  (section, code)
+  for section, body in re.findall(r"^## (.+?)\n(.*?)(?=^## |\Z)", README, re.S | re.M)
+  for code in re.findall(r"```python\n(.*?)```", body, re.S)
 ]
 COMMANDS = [
-    'pip install -e ".[demo]" && python -m gnorm_jax.demo',
-    'pip install -e ".[test,docs]" && pytest && sphinx-build -W -b html docs docs/_build/html',
-    'pip install -e ".[docs]" && sphinx-build -W -b html docs docs/_build/html',
+  'pip install -e ".[demo]" && python -m gnorm_jax.demo',
+  'pip install -e ".[test,docs]" && pytest && sphinx-build -W -b html docs docs/_build/html',
+  'pip install -e ".[docs]" && sphinx-build -W -b html docs docs/_build/html',
 ]
 
 
@@ -50,7 +50,9 @@ def test_readme_links_resolve():
 
 
 def test_quickstart_runs_and_clips(quickstart):
-  norm = float(gnorm_jax.grad_norm(quickstart["loss"])(
-      quickstart["params"], quickstart["x"], quickstart["y"]))
-  np.testing.assert_allclose(float(optax.tree.get(quickstart["state"], "grad_norm")), norm,
-                             rtol=1e-5)
+  norm = float(
+    gnorm_jax.grad_norm(quickstart["loss"])(quickstart["params"], quickstart["x"], quickstart["y"])
+  )
+  np.testing.assert_allclose(
+    float(optax.tree.get(quickstart["state"], "grad_norm")), norm, rtol=1e-5
+  )

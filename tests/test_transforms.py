@@ -45,7 +45,7 @@ def args32():
 
 @pytest.mark.parametrize("ord", ORDS)
 @pytest.mark.parametrize(
-    "argnums, picks", [(0, (0,)), (1, (1,)), ((0,), (0,)), ((0, 1), (0, 1)), ((1, 0), (1, 0))]
+  "argnums, picks", [(0, (0,)), (1, (1,)), ((0,), (0,)), ((0, 1), (0, 1)), ((1, 0), (1, 0))]
 )
 def test_grad_norm_matches_closed_form(argnums, picks, ord):
   gw, gx = np_loss_grads(W, X, Y)
@@ -114,7 +114,7 @@ def test_low_precision_parameters_give_float32_norm(dtype):
 
 
 @pytest.mark.parametrize(
-    "scale, expected", [(1e20, math.sqrt(2) * 1e20), (1e-30, math.sqrt(2) * 1e-30)]
+  "scale, expected", [(1e20, math.sqrt(2) * 1e20), (1e-30, math.sqrt(2) * 1e-30)]
 )
 def test_extreme_gradients_stay_accurate(scale, expected):
   # Gradients whose squares overflow or underflow float32.
@@ -122,9 +122,7 @@ def test_extreme_gradients_stay_accurate(scale, expected):
   np.testing.assert_allclose(gnorm_jax.grad_norm(f)(jnp.ones(2)), expected, rtol=1e-5)
 
 
-@pytest.mark.parametrize(
-    "fill, check", [(math.inf, np.isinf), (math.nan, np.isnan)]
-)
+@pytest.mark.parametrize("fill, check", [(math.inf, np.isinf), (math.nan, np.isnan)])
 def test_non_finite_gradients(fill, check):
   # ∇(c·Σx) = c: an infinite or NaN gradient entry gives an inf or NaN norm.
   f = lambda x, c: jnp.sum(c * x)
@@ -165,7 +163,8 @@ def test_vmap_per_example_input_gradient_norms(ord):
   per_example = jax.vmap(jax.grad(loss, argnums=1), in_axes=(None, 0, 0))(w, bx, by)
   np.testing.assert_allclose(vmapped, [np_norm([g], ord) for g in per_example], rtol=1e-5)
   np.testing.assert_allclose(
-      jax.jit(jax.vmap(fn, in_axes=(None, 0, 0)))(w, bx, by), vmapped, rtol=1e-5)
+    jax.jit(jax.vmap(fn, in_axes=(None, 0, 0)))(w, bx, by), vmapped, rtol=1e-5
+  )
   eager = [fn(w, x, y) for x, y in zip(bx, by)]
   np.testing.assert_allclose(vmapped, eager, rtol=1e-5)
 
@@ -243,7 +242,8 @@ def test_bad_argnums_raise_type_error_at_construction(transform, argnums):
 @pytest.mark.parametrize("transform", [gnorm_jax.grad_norm, gnorm_jax.value_grad_and_norm])
 def test_wrong_slot_names_the_value_and_the_signature(transform):
   signature = re.escape(
-      f"The signature is {transform.__name__}(fun, argnums=0, has_aux=False, *, ord=None)")
+    f"The signature is {transform.__name__}(fun, argnums=0, has_aux=False, *, ord=None)"
+  )
   with pytest.raises(TypeError, match=rf"got argnums=2\.0\. {signature}"):
     transform(loss, 2.0)
   with pytest.raises(TypeError, match=rf"got has_aux=2\. {signature}"):
@@ -257,7 +257,6 @@ def test_negative_argnums_are_rejected_naming_them(transform, argnums, negative)
   # failed on them deep inside vmap).
   with pytest.raises(ValueError, match=rf"negative entries {re.escape(str(negative))}"):
     transform(loss, argnums)
-
 
 
 @pytest.mark.parametrize("transform", [gnorm_jax.grad_norm, gnorm_jax.value_grad_and_norm])

@@ -36,8 +36,18 @@ def _as_tuple(nums: int | Sequence[int]) -> tuple[int, ...]:
 class _PerExample:
   """Validated configuration shared by per_example_grad_norms and clipped_grad."""
 
-  def __init__(self, loss, argnums, batch_argnums, method, caller, *, has_aux=False,
-               nan_safe=True, microbatch_size=None):
+  def __init__(
+    self,
+    loss,
+    argnums,
+    batch_argnums,
+    method,
+    caller,
+    *,
+    has_aux=False,
+    nan_safe=True,
+    microbatch_size=None,
+  ):
     """``caller`` is the public function being built (its name and signature go
     into the messages)."""
     self.caller = caller.__name__
@@ -48,17 +58,20 @@ class _PerExample:
     check_choice("method", method, _METHODS)
     nan_safe = check_bool("nan_safe", nan_safe)
     microbatch_size = check_count(
-        "microbatch_size", microbatch_size, allow_none=True,
-        fix="It is the number of examples per pass, e.g. microbatch_size=32 (None: one pass).")
+      "microbatch_size",
+      microbatch_size,
+      allow_none=True,
+      fix="It is the number of examples per pass, e.g. microbatch_size=32 (None: one pass).",
+    )
     self.loss = loss
     self.argnums = _as_tuple(argnums)
     self.batch_argnums = _as_tuple(batch_argnums)
     overlap = set(self.argnums) & set(self.batch_argnums)
     if overlap:
       raise ValueError(
-          f"argnums={argnums!r} and batch_argnums={batch_argnums!r} share {sorted(overlap)}:"
-          " differentiated parameters are shared by all examples and carry no batch axis."
-          f" {fix}"
+        f"argnums={argnums!r} and batch_argnums={batch_argnums!r} share {sorted(overlap)}:"
+        " differentiated parameters are shared by all examples and carry no batch axis."
+        f" {fix}"
       )
     self.single_params = not isinstance(argnums, (tuple, list))
     self.method = method
@@ -72,42 +85,43 @@ class _PerExample:
     needed = max(self.argnums + self.batch_argnums) + 1
     if kwargs:
       raise TypeError(
-          f"the function {self.caller} returns takes the parameters and the batch"
-          f" positionally (argnums and batch_argnums count positions) and only mask= by"
-          f" keyword; got the keyword argument(s) {', '.join(sorted(kwargs))}. Pass them"
-          " positionally, in the order of fun's parameters."
+        f"the function {self.caller} returns takes the parameters and the batch"
+        f" positionally (argnums and batch_argnums count positions) and only mask= by"
+        f" keyword; got the keyword argument(s) {', '.join(sorted(kwargs))}. Pass them"
+        " positionally, in the order of fun's parameters."
       )
     if len(args) < needed:
       raise TypeError(
-          f"argnums={self.argnums} and batch_argnums={self.batch_argnums} need at least"
-          f" {needed} positional arguments, got {len(args)}."
+        f"argnums={self.argnums} and batch_argnums={self.batch_argnums} need at least"
+        f" {needed} positional arguments, got {len(args)}."
       )
     sizes = {
-        f"argument {i}" + (f" at {path_str(path)}" if path else ""):
-            jnp.shape(x)[0] if jnp.ndim(x) else None
-        for i in self.batch_argnums
-        for path, x in jax.tree_util.tree_flatten_with_path(args[i])[0]
+      f"argument {i}" + (f" at {path_str(path)}" if path else ""): jnp.shape(x)[0]
+      if jnp.ndim(x)
+      else None
+      for i in self.batch_argnums
+      for path, x in jax.tree_util.tree_flatten_with_path(args[i])[0]
     }
     distinct = set(sizes.values())
     if not sizes or None in distinct or len(distinct) != 1:
       shown = "; ".join(f"{k}: {'a scalar' if v is None else v}" for k, v in sizes.items())
       raise ValueError(
-          "every leaf of the batched arguments (batch_argnums) needs the same leading batch"
-          f" axis; got leading sizes {shown or 'none (no array leaves)'}. Give every batched"
-          " leaf the batch as its first axis, or leave unbatched arguments out of"
-          " batch_argnums."
+        "every leaf of the batched arguments (batch_argnums) needs the same leading batch"
+        f" axis; got leading sizes {shown or 'none (no array leaves)'}. Give every batched"
+        " leaf the batch as its first axis, or leave unbatched arguments out of"
+        " batch_argnums."
       )
     if distinct == {0}:
       raise ValueError(
-          "the batch is empty (leading axis of size 0): there is no example to take a"
-          " gradient of. Pass at least one example, or skip the call."
+        "the batch is empty (leading axis of size 0): there is no example to take a"
+        " gradient of. Pass at least one example, or skip the call."
       )
     for i in self.argnums:
       for path, x in jax.tree_util.tree_flatten_with_path(args[i])[0]:
         if not jnp.issubdtype(jnp.result_type(x), jnp.inexact):
           raise TypeError(
-              f"parameters must be floating point to be differentiated; argument {i} has a"
-              f" leaf {jax.tree_util.keystr(path)} of dtype {jnp.result_type(x)}."
+            f"parameters must be floating point to be differentiated; argument {i} has a"
+            f" leaf {jax.tree_util.keystr(path)} of dtype {jnp.result_type(x)}."
           )
     return distinct.pop()
 
@@ -128,28 +142,32 @@ class _PerExample:
       return self.loss(*full)
 
     single = [
-        jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x)[1:], jnp.result_type(x)), args[i])
-        if i in self.batch_argnums else args[i]
-        for i in dynamic
+      jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x)[1:], jnp.result_type(x)), args[i])
+      if i in self.batch_argnums
+      else args[i]
+      for i in dynamic
     ]
     closed, out_shape = jax.make_jaxpr(loss_of_dynamic, return_shape=True)(*single)
     aux_tree = None
     if self.has_aux:
       if not (isinstance(out_shape, (tuple, list)) and len(out_shape) == 2):
         raise TypeError(
-            "with has_aux=True fun must return a pair (value, aux); got"
-            f" {jax.tree.structure(out_shape)}."
+          "with has_aux=True fun must return a pair (value, aux); got"
+          f" {jax.tree.structure(out_shape)}."
         )
       value_shape, aux_shape = out_shape
       aux_tree = jax.tree.structure(aux_shape)
     else:
       value_shape = out_shape
-    if not (isinstance(value_shape, jax.ShapeDtypeStruct) and value_shape.shape == ()
-            and jnp.issubdtype(value_shape.dtype, jnp.floating)):
+    if not (
+      isinstance(value_shape, jax.ShapeDtypeStruct)
+      and value_shape.shape == ()
+      and jnp.issubdtype(value_shape.dtype, jnp.floating)
+    ):
       raise TypeError(
-          "fun must return one real scalar per example (it is the single-example loss,"
-          " called without the batch axis; with has_aux=True, (scalar, aux)); got"
-          f" {out_shape}."
+        "fun must return one real scalar per example (it is the single-example loss,"
+        " called without the batch axis; with has_aux=True, (scalar, aux)); got"
+        f" {out_shape}."
       )
     # Flat argument positions (as make_jaxpr flattened them) of the batched
     # leaves and of the parameter leaves, numbered in jax.grad's output order.
@@ -159,8 +177,9 @@ class _PerExample:
     for i in dynamic:
       offsets[i], n = n, n + len(arg_leaves[i])
     flat_args = [leaf for i in dynamic for leaf in arg_leaves[i]]
-    batch_positions = [offsets[i] + j for i in self.batch_argnums
-                       for j in range(len(arg_leaves[i]))]
+    batch_positions = [
+      offsets[i] + j for i in self.batch_argnums for j in range(len(arg_leaves[i]))
+    ]
     param_positions = {}
     for i in self.argnums:
       for j in range(len(arg_leaves[i])):
@@ -178,13 +197,16 @@ class _PerExample:
     def user_loss(param_leaves, batch_vals):
       """The user's own loss of one example: (value, aux leaves)."""
       flat = assemble(dict(enumerate(param_leaves)), batch_vals)
-      dyn = [jax.tree.unflatten(arg_trees[i], flat[offsets[i]:offsets[i] + len(arg_leaves[i])])
-             for i in dynamic]
+      dyn = [
+        jax.tree.unflatten(arg_trees[i], flat[offsets[i] : offsets[i] + len(arg_leaves[i])])
+        for i in dynamic
+      ]
       out = loss_of_dynamic(*dyn)
       return (out[0], jax.tree.leaves(out[1])) if self.has_aux else (out, [])
 
-    return _run.Traced(_jaxpr.read(closed), params_flat, assemble, user_loss, aux_tree,
-                       param_positions)
+    return _run.Traced(
+      _jaxpr.read(closed), params_flat, assemble, user_loss, aux_tree, param_positions
+    )
 
   def _make_plan(self, args, traced: _run.Traced, batch_size: int, max_norm=None) -> _plan.Plan:
     """Stages 2 and 3: the Program and the one Plan the call executes."""
@@ -199,13 +221,18 @@ class _PerExample:
       paths = _param_paths(self._params(args))
       why = "; ".join(f"{_show_path(paths[l])}: {r}" for l, r in sorted(program.fallback.items()))
       raise ValueError(
-          "method='ghost' needs a per-example rule for every parameter leaf, but these have"
-          f" none: {why}. Use method='auto' to compute exact per-example gradients for just"
-          " those leaves, and gnorm_jax.per_example_plan to see every leaf's route."
+        "method='ghost' needs a per-example rule for every parameter leaf, but these have"
+        f" none: {why}. Use method='auto' to compute exact per-example gradients for just"
+        " those leaves, and gnorm_jax.per_example_plan to see every leaf's route."
       )
-    return _plan.make_plan(program, traced.params_flat, chunk, method=self.method,
-                           uniform_weights=max_norm is None or not is_tree(max_norm),
-                           num_passes=-(-batch_size // chunk))
+    return _plan.make_plan(
+      program,
+      traced.params_flat,
+      chunk,
+      method=self.method,
+      uniform_weights=max_norm is None or not is_tree(max_norm),
+      num_passes=-(-batch_size // chunk),
+    )
 
   def _clip_weights(self, args, max_norm):
     """A function of per-leaf norms [B, L] giving each leaf's clip weights [B],
@@ -218,21 +245,23 @@ class _PerExample:
     thresholds = jax.tree.leaves(max_norm)
     ids = jax.tree.unflatten(jax.tree.structure(max_norm), range(len(thresholds)))
     try:
-      group_of = jax.tree.leaves(jax.tree.map(
-          lambda g, sub: jax.tree.map(lambda _: g, sub), ids, params))
+      group_of = jax.tree.leaves(
+        jax.tree.map(lambda g, sub: jax.tree.map(lambda _: g, sub), ids, params)
+      )
     except ValueError as e:
       raise ValueError(
-          "max_norm must be a number or a pytree prefix of the parameters (one threshold per"
-          f" group of leaves); its structure {jax.tree.structure(max_norm)} is not a prefix"
-          f" of the parameters' {jax.tree.structure(params)}."
+        "max_norm must be a number or a pytree prefix of the parameters (one threshold per"
+        f" group of leaves); its structure {jax.tree.structure(max_norm)} is not a prefix"
+        f" of the parameters' {jax.tree.structure(params)}."
       ) from e
 
     def weights(leaf_norms, norms):
       per_group = []
       for g in range(len(thresholds)):
         cols = [i for i, gi in enumerate(group_of) if gi == g]
-        gn = (jax.vmap(tree_norm)(leaf_norms[:, cols]) if cols
-              else jnp.zeros(norms.shape, norms.dtype))
+        gn = (
+          jax.vmap(tree_norm)(leaf_norms[:, cols]) if cols else jnp.zeros(norms.shape, norms.dtype)
+        )
         per_group.append(gn)
       return [_weight(per_group[g], thresholds[g], b) for g, b in zip(group_of, boosts)]
 
@@ -245,8 +274,10 @@ class _PerExample:
     """Returns (clipped gradient tree or None, norms [B], aux or None)."""
     batch_size = self._check_call(args, kwargs)
     if mask is not None:
-      want = (f"mask must be a bool array of shape ({batch_size},) (one flag per example,"
-              " False for padding; mask=None: no padding)")
+      want = (
+        f"mask must be a bool array of shape ({batch_size},) (one flag per example,"
+        " False for padding; mask=None: no padding)"
+      )
       try:
         mask = jnp.asarray(mask)
       except TypeError:
@@ -259,8 +290,9 @@ class _PerExample:
     batch_flat = [jnp.asarray(x) for i in self.batch_argnums for x in jax.tree.leaves(args[i])]
     if mask is not None:
       batch_flat = _fill_padding(batch_flat, mask)
-    norms, sums, aux = _execute(plan, traced, batch_flat, batch_size, weights_fn, mask,
-                                self.nan_safe)
+    norms, sums, aux = _execute(
+      plan, traced, batch_flat, batch_size, weights_fn, mask, self.nan_safe
+    )
     if traced.aux_tree is not None:
       aux = jax.tree.unflatten(traced.aux_tree, aux)
     else:
@@ -275,9 +307,11 @@ class _PerExample:
   def plan(self, args, max_norm=None) -> "PerExamplePlan":
     batch_size = self._check_call(args, {})
     traced = self._trace(args)
-    return describe(self._make_plan(args, traced, batch_size, max_norm),
-                    _param_paths(self._params(args)),
-                    [tuple(w.shape) for w in traced.params_flat])
+    return describe(
+      self._make_plan(args, traced, batch_size, max_norm),
+      _param_paths(self._params(args)),
+      [tuple(w.shape) for w in traced.params_flat],
+    )
 
 
 def _boost(max_norm: Any, dtypes: list) -> jax.Array:
@@ -313,8 +347,15 @@ def _fill_padding(batch_flat: list, mask: jax.Array) -> list:
   return [jnp.where(mask.reshape((-1,) + (1,) * (x.ndim - 1)), x, x[first]) for x in batch_flat]
 
 
-def _execute(plan: _plan.Plan, traced: _run.Traced, batch_flat: list, batch_size: int,
-             weights_fn, mask, nan_safe: bool):
+def _execute(
+  plan: _plan.Plan,
+  traced: _run.Traced,
+  batch_flat: list,
+  batch_size: int,
+  weights_fn,
+  mask,
+  nan_safe: bool,
+):
   """Runs ``plan`` over the batch, in ``plan.num_passes`` microbatches."""
   chunk = plan.batch_size
   if plan.num_passes == 1:
@@ -322,10 +363,13 @@ def _execute(plan: _plan.Plan, traced: _run.Traced, batch_flat: list, batch_size
   pad = plan.num_passes * chunk - batch_size
   keep = jnp.ones((batch_size,), bool) if mask is None else mask
   keep = jnp.pad(keep, (0, pad)).reshape(plan.num_passes, chunk)
-  chunks = [jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)).reshape(
-      plan.num_passes, chunk, *x.shape[1:]) for x in batch_flat]
+  chunks = [
+    jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)).reshape(plan.num_passes, chunk, *x.shape[1:])
+    for x in batch_flat
+  ]
   norms, sums, aux = jax.lax.map(
-      lambda c: _run.run(plan, traced, c[0], weights_fn, c[1], nan_safe), (chunks, keep))
+    lambda c: _run.run(plan, traced, c[0], weights_fn, c[1], nan_safe), (chunks, keep)
+  )
   norms = norms.reshape(-1)[:batch_size]
   aux = jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:])[:batch_size], aux)
   sums = None if sums is None else [jnp.sum(s, axis=0).astype(s.dtype) for s in sums]
@@ -338,10 +382,14 @@ def describe(plan: _plan.Plan, paths: list[str], shapes: list[tuple]) -> "PerExa
   for leaf, w in enumerate(shapes):
     r = plan.routes[leaf]
     rules = tuple(dict.fromkeys(u.rule.name for u in plan.program.uses.get(leaf, [])))
-    leaves.append(LeafPlan(paths[leaf], w, rules, r.route, r.flops, r.bytes, plan.why(leaf),
-                           leaf in plan.streamed))
-  return PerExamplePlan(tuple(leaves), plan.batch_size * plan.num_passes, plan.method,
-                        plan.batch_size)
+    leaves.append(
+      LeafPlan(
+        paths[leaf], w, rules, r.route, r.flops, r.bytes, plan.why(leaf), leaf in plan.streamed
+      )
+    )
+  return PerExamplePlan(
+    tuple(leaves), plan.batch_size * plan.num_passes, plan.method, plan.batch_size
+  )
 
 
 def _show_path(path: str) -> str:
@@ -404,15 +452,22 @@ class PerExamplePlan:
   microbatch_size: int | None = None
 
   def __str__(self) -> str:
-    passes = ("" if self.microbatch_size in (None, self.batch_size)
-              else f", passes of {self.microbatch_size}")
-    rows = [f"per-example plan (batch {self.batch_size}{passes}, runs {self.method!r})",
-            "| leaf | shape | rules | route | GFLOP | MiB | note |",
-            "|---|---|---|---|---:|---:|---|"]
+    passes = (
+      ""
+      if self.microbatch_size in (None, self.batch_size)
+      else f", passes of {self.microbatch_size}"
+    )
+    rows = [
+      f"per-example plan (batch {self.batch_size}{passes}, runs {self.method!r})",
+      "| leaf | shape | rules | route | GFLOP | MiB | note |",
+      "|---|---|---|---|---:|---:|---|",
+    ]
     for l in self.leaves:
       gflop = "—" if l.flops is None else f"{l.flops / 1e9:.3g}"
-      rows.append(f"| {l.path} | {l.shape} | {', '.join(l.rules) or '—'} | {l.route} |"
-                  f" {gflop} | {l.bytes / 2**20:.3g} | {l.why} |")
+      rows.append(
+        f"| {l.path} | {l.shape} | {', '.join(l.rules) or '—'} | {l.route} |"
+        f" {gflop} | {l.bytes / 2**20:.3g} | {l.why} |"
+      )
     return "\n".join(rows)
 
 
@@ -450,64 +505,63 @@ _RULES_DOC = """
 
 
 def per_example_grad_norms(
-    fun: Callable[..., jax.Array],
-    argnums: int | Sequence[int] = 0,
-    has_aux: bool = False,
-    *,
-    batch_argnums: int | Sequence[int] = 1,
-    method: str = "auto",
+  fun: Callable[..., jax.Array],
+  argnums: int | Sequence[int] = 0,
+  has_aux: bool = False,
+  *,
+  batch_argnums: int | Sequence[int] = 1,
+  method: str = "auto",
 ) -> Callable[..., Any]:
   r"""Returns a function computing the Euclidean norm of every example's gradient.
 
-  .. math::
-    (\theta, x_{1..B}) \mapsto \big(\|\nabla_\theta \ell(\theta, x_i)\|\big)_{i=1}^{B}
+    .. math::
+      (\theta, x_{1..B}) \mapsto \big(\|\nabla_\theta \ell(\theta, x_i)\|\big)_{i=1}^{B}
 
-  ``fun(params, *example)`` is the loss of ONE example; the arguments at
-  ``batch_argnums`` carry a leading batch axis; other arguments (arrays,
-  Python flags) are passed to every example as they are.
-{rules}
+    ``fun(params, *example)`` is the loss of ONE example; the arguments at
+    ``batch_argnums`` carry a leading batch axis; other arguments (arrays,
+    Python flags) are passed to every example as they are.
+  {rules}
 
-  Args:
-    fun: the single-example loss, returning a real scalar (``(scalar, aux)``
-      with ``has_aux``).
-    argnums: which argument(s) are the parameters (int or tuple).
-    has_aux: ``fun`` returns ``(value, aux)``; the function then returns
-      ``(norms, aux)`` with every example's aux stacked on a leading axis.
-    batch_argnums: which argument(s) carry the leading batch axis.
-    method: ``"auto"``; ``"ghost"`` (the same, but raise a ValueError naming
-      any leaf no rule recognizes, so nothing is materialized per example);
-      ``"vmap"`` (materialize all per-example gradients: the reference, memory
-      B×P).
+    Args:
+      fun: the single-example loss, returning a real scalar (``(scalar, aux)``
+        with ``has_aux``).
+      argnums: which argument(s) are the parameters (int or tuple).
+      has_aux: ``fun`` returns ``(value, aux)``; the function then returns
+        ``(norms, aux)`` with every example's aux stacked on a leading axis.
+      batch_argnums: which argument(s) carry the leading batch axis.
+      method: ``"auto"``; ``"ghost"`` (the same, but raise a ValueError naming
+        any leaf no rule recognizes, so nothing is materialized per example);
+        ``"vmap"`` (materialize all per-example gradients: the reference, memory
+        B×P).
 
-  Returns:
-    A function ``(*args, mask=None) -> norms`` with ``norms`` of shape ``[B]``,
-    float32 (float64 under x64). ``mask`` ([B] bool, optional): rows with False
-    are padding and get norm 0.
+    Returns:
+      A function ``(*args, mask=None) -> norms`` with ``norms`` of shape ``[B]``,
+      float32 (float64 under x64). ``mask`` ([B] bool, optional): rows with False
+      are padding and get norm 0.
 
-  Raises:
-    TypeError: ``fun`` is not callable, ``argnums`` or ``batch_argnums`` is
-      not an int or a non-empty tuple of ints, or ``has_aux`` is not a bool.
-    ValueError: ``argnums`` and ``batch_argnums`` share a position or have
-      negative entries, or ``method`` is not an accepted value.
+    Raises:
+      TypeError: ``fun`` is not callable, ``argnums`` or ``batch_argnums`` is
+        not an int or a non-empty tuple of ints, or ``has_aux`` is not a bool.
+      ValueError: ``argnums`` and ``batch_argnums`` share a position or have
+        negative entries, or ``method`` is not an accepted value.
 
-  Examples:
-    >>> import jax, jax.numpy as jnp
-    >>> import gnorm_jax
-    >>> def loss(w, x, y):  # one example: x [3], y []
-    ...   return (x @ w - y) ** 2
-    >>> w = jnp.array([1.0, 0.0, 0.0])
-    >>> x, y = jnp.eye(3), jnp.zeros(3)
-    >>> norms = jax.jit(gnorm_jax.per_example_grad_norms(loss, batch_argnums=(1, 2)))(w, x, y)
-    >>> [round(float(n), 4) for n in norms]
-    [2.0, 0.0, 0.0]
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> import gnorm_jax
+      >>> def loss(w, x, y):  # one example: x [3], y []
+      ...   return (x @ w - y) ** 2
+      >>> w = jnp.array([1.0, 0.0, 0.0])
+      >>> x, y = jnp.eye(3), jnp.zeros(3)
+      >>> norms = jax.jit(gnorm_jax.per_example_grad_norms(loss, batch_argnums=(1, 2)))(w, x, y)
+      >>> [round(float(n), 4) for n in norms]
+      [2.0, 0.0, 0.0]
 
-  References:
-    Goodfellow 2015, https://arxiv.org/abs/1510.01799; Li et al. 2021,
-    https://arxiv.org/abs/2110.05679; Bu et al. 2022,
-    https://arxiv.org/abs/2205.10683.
+    References:
+      Goodfellow 2015, https://arxiv.org/abs/1510.01799; Li et al. 2021,
+      https://arxiv.org/abs/2110.05679; Bu et al. 2022,
+      https://arxiv.org/abs/2205.10683.
   """
-  spec = _PerExample(fun, argnums, batch_argnums, method, per_example_grad_norms,
-                     has_aux=has_aux)
+  spec = _PerExample(fun, argnums, batch_argnums, method, per_example_grad_norms, has_aux=has_aux)
 
   @functools.wraps(fun)
   def norms_fn(*args, mask=None, **kwargs):
@@ -518,17 +572,17 @@ def per_example_grad_norms(
 
 
 def clipped_grad(
-    fun: Callable[..., jax.Array],
-    argnums: int | Sequence[int] = 0,
-    has_aux: bool = False,
-    *,
-    max_norm: Any,
-    batch_argnums: int | Sequence[int] = 1,
-    method: str = "auto",
-    reduce: str = "mean",
-    return_norms: bool = False,
-    nan_safe: bool = True,
-    microbatch_size: int | None = None,
+  fun: Callable[..., jax.Array],
+  argnums: int | Sequence[int] = 0,
+  has_aux: bool = False,
+  *,
+  max_norm: Any,
+  batch_argnums: int | Sequence[int] = 1,
+  method: str = "auto",
+  reduce: str = "mean",
+  return_norms: bool = False,
+  nan_safe: bool = True,
+  microbatch_size: int | None = None,
 ) -> Callable[..., Any]:
   r"""Returns a function computing the aggregate of per-example clipped gradients.
 
@@ -613,15 +667,27 @@ def clipped_grad(
   """
   if max_norm is None or not jax.tree.leaves(max_norm):
     raise ValueError(
-        f"max_norm must be a non-negative number or a tree of them, got max_norm={max_norm!r}."
+      f"max_norm must be a non-negative number or a tree of them, got max_norm={max_norm!r}."
     )
-  check_threshold_tree("max_norm", max_norm, allow_tree=True,
-                       fix="Pass the clipping threshold C >= 0 (e.g. 1.0), or a tree of them"
-                       " (a prefix of the parameters) for per-layer clipping.")
+  check_threshold_tree(
+    "max_norm",
+    max_norm,
+    allow_tree=True,
+    fix="Pass the clipping threshold C >= 0 (e.g. 1.0), or a tree of them"
+    " (a prefix of the parameters) for per-layer clipping.",
+  )
   check_choice("reduce", reduce, _REDUCTIONS)
   return_norms = check_bool("return_norms", return_norms)
-  spec = _PerExample(fun, argnums, batch_argnums, method, clipped_grad, has_aux=has_aux,
-                     nan_safe=nan_safe, microbatch_size=microbatch_size)
+  spec = _PerExample(
+    fun,
+    argnums,
+    batch_argnums,
+    method,
+    clipped_grad,
+    has_aux=has_aux,
+    nan_safe=nan_safe,
+    microbatch_size=microbatch_size,
+  )
 
   @functools.wraps(fun)
   def clipped_fn(*args, mask=None, **kwargs):
@@ -638,14 +704,14 @@ if per_example_grad_norms.__doc__:  # None under python -OO
 
 
 def per_example_plan(
-    fun: Callable[..., jax.Array],
-    argnums: int | Sequence[int] = 0,
-    has_aux: bool = False,
-    *,
-    batch_argnums: int | Sequence[int] = 1,
-    method: str = "auto",
-    max_norm: Any = None,
-    microbatch_size: int | None = None,
+  fun: Callable[..., jax.Array],
+  argnums: int | Sequence[int] = 0,
+  has_aux: bool = False,
+  *,
+  batch_argnums: int | Sequence[int] = 1,
+  method: str = "auto",
+  max_norm: Any = None,
+  microbatch_size: int | None = None,
 ) -> Callable[..., PerExamplePlan]:
   """Returns a function showing how each parameter leaf's per-example norm is computed.
 
@@ -685,10 +751,21 @@ def per_example_plan(
     [("['b']", ('bias',), 'direct'), ("['w']", ('dot_general',), 'ghost')]
   """
   if max_norm is not None:
-    check_threshold_tree("max_norm", max_norm, allow_tree=True,
-                         fix="Pass the threshold of the clipped_grad call to plan, or None.")
-  spec = _PerExample(fun, argnums, batch_argnums, method, per_example_plan, has_aux=has_aux,
-                     microbatch_size=microbatch_size)
+    check_threshold_tree(
+      "max_norm",
+      max_norm,
+      allow_tree=True,
+      fix="Pass the threshold of the clipped_grad call to plan, or None.",
+    )
+  spec = _PerExample(
+    fun,
+    argnums,
+    batch_argnums,
+    method,
+    per_example_plan,
+    has_aux=has_aux,
+    microbatch_size=microbatch_size,
+  )
 
   def plan_fn(*args):
     return spec.plan(args, max_norm)

@@ -39,8 +39,9 @@ def _apply_chain(segment: tuple, w: jax.Array, params) -> jax.Array:
       w = eqn.eqn.bind([w])[eqn.index]
     elif isinstance(eqn, tuple):  # slot j of a concatenation: zeros in the others
       eqn, j = eqn
-      (w,) = eqn.bind([w if k == j else jnp.zeros(a.shape, a.dtype)
-                       for k, a in enumerate(eqn.in_avals)])
+      (w,) = eqn.bind(
+        [w if k == j else jnp.zeros(a.shape, a.dtype) for k, a in enumerate(eqn.in_avals)]
+      )
     else:
       (w,) = eqn.bind([a.value if isinstance(a, Lit) else w for a in eqn.inputs])
   return w
@@ -55,8 +56,9 @@ def use_output(use: Use, operands: tuple, w: jax.Array, params=None) -> jax.Arra
     w = _apply_chain(use.chain[level], w, params)
     if level == len(use.scopes):
       # Operands a rule does not record do not enter its gradient: zeros stand in.
-      vals = [jnp.zeros(a.shape, a.dtype) if o is None else o
-              for o, a in zip(ops, use.eqn.in_avals)]
+      vals = [
+        jnp.zeros(a.shape, a.dtype) if o is None else o for o, a in zip(ops, use.eqn.in_avals)
+      ]
       vals[use.operand] = w
       return use.eqn.bind(vals)[0]
     kind, length = use.scopes[level]
@@ -67,8 +69,9 @@ def use_output(use: Use, operands: tuple, w: jax.Array, params=None) -> jax.Arra
   return at(0, w, operands)
 
 
-def direct_grads(uses: list[Use], operands: dict, cots: dict, w: jax.Array,
-                 params=None) -> jax.Array:
+def direct_grads(
+  uses: list[Use], operands: dict, cots: dict, w: jax.Array, params=None
+) -> jax.Array:
   """[B, *w.shape]: each example's gradient of leaf ``w`` from its uses (``params``: every
   leaf's value, for uses through a parameter-only value).
 
@@ -99,8 +102,9 @@ def exact_norms(uses, operands, cots, w):
   def fn(which):
     def each(args):
       flag, o, c = args
-      return lax.cond(flag, lambda: tree_norm(one_grad(uses, o, c, w)),
-                      lambda: jnp.zeros((), norm_dtype(w)))
+      return lax.cond(
+        flag, lambda: tree_norm(one_grad(uses, o, c, w)), lambda: jnp.zeros((), norm_dtype(w))
+      )
 
     return lax.map(each, (which, ops, cs))
 
@@ -111,4 +115,5 @@ def weighted_sum(weights: jax.Array, per_example: jax.Array) -> jax.Array:
   """Σᵢ wᵢ·gᵢ over the leading axis, accumulated in at least float32 (complex kept)."""
   acc = acc_dtype(per_example.dtype)
   return jnp.tensordot(weights.astype(acc), per_example.astype(acc), axes=1).astype(
-      per_example.dtype)
+    per_example.dtype
+  )

@@ -58,14 +58,17 @@ def use_ghost(use: Use, operands: tuple, cot: jax.Array, ndim: int) -> Ghost | N
   n = len(steps)
 
   def merge(x):
-    return None if x is None else x.reshape((b * math.prod(steps),) + x.shape[1 + n:])
+    return None if x is None else x.reshape((b * math.prod(steps),) + x.shape[1 + n :])
 
   g = use.rule.ghost(use, [merge(o) for o in operands], merge(cot), perm, coef)
   if g is None or not steps:
     return g
   head, pg, qg = g.layout
-  if any(not isinstance(e, int) for e in head) or scope_heads != sorted(scope_heads) or (
-      head and scope_heads and max(scope_heads) >= min(head)):
+  if (
+    any(not isinstance(e, int) for e in head)
+    or scope_heads != sorted(scope_heads)
+    or (head and scope_heads and max(scope_heads) >= min(head))
+  ):
     return None  # the heads would not be in leaf-axis order
   kinds = [k for k, _ in use.scopes]
   xs_ax = [1 + i for i, k in enumerate(kinds) if k == "xs"]
@@ -75,15 +78,17 @@ def use_ghost(use: Use, operands: tuple, cot: jax.Array, ndim: int) -> Ghost | N
     x = x.reshape(b, *steps, *x.shape[1:])
     order = [0, *xs_ax, 1 + n, *c_ax, 2 + n, *range(3 + n, x.ndim)]
     x = jnp.transpose(x, order)
-    h = math.prod(x.shape[1:2 + len(xs_ax)])
-    t = math.prod(x.shape[2 + len(xs_ax):3 + n])
-    return x.reshape(b, h, t, *x.shape[3 + n:])
+    h = math.prod(x.shape[1 : 2 + len(xs_ax)])
+    t = math.prod(x.shape[2 + len(xs_ax) : 3 + n])
+    return x.reshape(b, h, t, *x.shape[3 + n :])
 
   layout = (tuple(sorted([*scope_heads, *head])), pg, qg)
-  p = (Index(fold(g.p.index), fold(g.p.valid), g.p.size) if isinstance(g.p, Index)
-       else Dense(fold(g.p.value), g.p.kind))
+  p = (
+    Index(fold(g.p.index), fold(g.p.valid), g.p.size)
+    if isinstance(g.p, Index)
+    else Dense(fold(g.p.value), g.p.kind)
+  )
   return Ghost(layout, p, Dense(fold(g.q.value), g.q.kind))
-
 
 
 def _conj(x):
@@ -105,16 +110,18 @@ def ghosts(uses: list[Use], operands: dict, cots: dict, ndim: int) -> list[Ghost
 def ghost_norms(gs: list[Ghost], exact: Callable[[jax.Array], jax.Array]) -> jax.Array:
   """[B] norms of Σ_uses Σ_t P_t ⊗ Q_t, exact where the ghost sum may not be."""
   norms, suspect = ghost_terms(gs)
-  return lax.cond(jnp.any(suspect), lambda: jnp.where(suspect, exact(suspect), norms),
-                  lambda: norms)
+  return lax.cond(
+    jnp.any(suspect), lambda: jnp.where(suspect, exact(suspect), norms), lambda: norms
+  )
 
 
 def ghost_terms(gs: list[Ghost]) -> tuple[jax.Array, jax.Array]:
   """([B] ghost norms, [B] bool: the sum may have lost more than GHOST_RTOL)."""
   dense = [g for g in gs if isinstance(g.p, Dense)]
   index = [g for g in gs if isinstance(g.p, Index)]
-  acc = acc_dtype(jnp.result_type(*[g.q.value.dtype for g in gs],
-                             *[g.p.value.dtype for g in dense]))
+  acc = acc_dtype(
+    jnp.result_type(*[g.q.value.dtype for g in gs], *[g.p.value.dtype for g in dense])
+  )
   real = jnp.finfo(acc).dtype
   # Per-example powers of two: every term of the sum has two cotangent factors,
   # and (without index factors) two activation factors.
@@ -123,8 +130,10 @@ def ghost_terms(gs: list[Ghost]) -> tuple[jax.Array, jax.Array]:
     for f in (g.p, g.q):
       if isinstance(f, Dense):
         kinds[f.kind].append(_amax(f.value, real))
-  e = {k: -pow2_exponent(jnp.max(jnp.stack(v), axis=0)) if v and (k == "cot" or not index)
-       else None for k, v in kinds.items()}
+  e = {
+    k: -pow2_exponent(jnp.max(jnp.stack(v), axis=0)) if v and (k == "cot" or not index) else None
+    for k, v in kinds.items()
+  }
 
   def scaled(f):
     x = f.value.astype(acc)
@@ -141,8 +150,9 @@ def ghost_terms(gs: list[Ghost]) -> tuple[jax.Array, jax.Array]:
     idx = jnp.concatenate([g.p.index for g in index], axis=2)
     valid = jnp.concatenate([g.p.valid for g in index], axis=2)
     diag_p.append(valid.astype(real))
-    ii = ((idx[..., :, None] == idx[..., None, :]) & valid[..., :, None]
-          & valid[..., None, :]).astype(acc)
+    ii = (
+      (idx[..., :, None] == idx[..., None, :]) & valid[..., :, None] & valid[..., None, :]
+    ).astype(acc)
   if dense and index:
     # ⟨onehot(i_t), d_s⟩ = conj(d_s[i_t]): a gather of the dense factor.
     di = jnp.take_along_axis(jnp.swapaxes(pd, 2, 3), idx[..., None], axis=2)  # [B,H,Ti,Td]
@@ -154,8 +164,7 @@ def ghost_terms(gs: list[Ghost]) -> tuple[jax.Array, jax.Array]:
     blocks = [[ii]]
   pg = jnp.concatenate([jnp.concatenate(row, axis=3) for row in blocks], axis=2)
   s = jnp.real(jnp.sum(pg * _gram(q, q), axis=(1, 2, 3)))
-  bound = jnp.sum(jnp.concatenate(diag_p, axis=2) * jnp.sum(jnp.abs(q) ** 2, axis=-1),
-                  axis=(1, 2))
+  bound = jnp.sum(jnp.concatenate(diag_p, axis=2) * jnp.sum(jnp.abs(q) ** 2, axis=-1), axis=(1, 2))
   t = q.shape[2]
   k = q.shape[3] + max([g.p.value.shape[-1] for g in dense], default=1)
   tol = 4 * float(jnp.finfo(real).eps) * (math.sqrt(k) + t) / GHOST_RTOL
@@ -165,8 +174,9 @@ def ghost_terms(gs: list[Ghost]) -> tuple[jax.Array, jax.Array]:
   return jnp.ldexp(safe_sqrt(jnp.maximum(s, 0)), shift), suspect
 
 
-def factor_grads(gs: list[Ghost], w: jax.Array, weights: jax.Array | None = None,
-                  keep: jax.Array | None = None) -> jax.Array:
+def factor_grads(
+  gs: list[Ghost], w: jax.Array, weights: jax.Array | None = None, keep: jax.Array | None = None
+) -> jax.Array:
   """Σ_t P_t ⊗ Q_t in the leaf's layout: [B, *w.shape] per example, or with
   ``weights`` the book-keeping sum Σᵢ wᵢ Σ_t P_t ⊗ Q_t, [*w.shape]. Rows where
   ``keep`` is False are zeroed first (a non-finite example cannot reach the
@@ -198,7 +208,7 @@ def factor_grads(gs: list[Ghost], w: jax.Array, weights: jax.Array | None = None
   b = total.shape[0]
   groups = [e for e in head if not isinstance(e, int)]
   if groups:  # ("split", axis, G): G groups of one axis (grouped convolutions)
-    (_, axis, n_groups), = groups
+    ((_, axis, n_groups),) = groups
     sizes = [w.shape[a] // n_groups if a == axis else w.shape[a] for a in pa + qa]
     x = total.reshape(b, n_groups, *sizes)
     x = jnp.moveaxis(x, 1, 1 + (pa + qa).index(axis))
@@ -209,5 +219,3 @@ def factor_grads(gs: list[Ghost], w: jax.Array, weights: jax.Array | None = None
     x = total.reshape(b, *[w.shape[a] for a in order])
   x = jnp.transpose(x, [0] + [1 + order.index(j) for j in range(w.ndim)]).astype(w.dtype)
   return x if weights is None else x[0]
-
-

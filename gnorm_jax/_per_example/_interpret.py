@@ -22,7 +22,7 @@ from gnorm_jax._per_example._jaxpr import Body, Lit
 
 def _inside(key: tuple, uses: dict) -> dict:
   """The uses nested under the equation at ``key``."""
-  return {k: u for k, u in uses.items() if len(k) > len(key) and k[:len(key)] == key}
+  return {k: u for k, u in uses.items() if len(k) > len(key) and k[: len(key)] == key}
 
 
 def make_run(uses: dict, streams: dict, tangents: dict, remat: bool = True) -> Callable:
@@ -61,11 +61,15 @@ def make_run(uses: dict, streams: dict, tangents: dict, remat: bool = True) -> C
       elif key in tangents and inner:
         outs = eqn.bind(invals)
         t, derived = tangents[key]
-        zeros = [jnp.zeros(jnp.shape(invals[j]), t.invars[len(invals) + m].aval.dtype)
-                 for m, j in enumerate(derived)]
+        zeros = [
+          jnp.zeros(jnp.shape(invals[j]), t.invars[len(invals) + m].aval.dtype)
+          for m, j in enumerate(derived)
+        ]
         touts = run(t, [*invals, *zeros], key, perts, operands)
-        outs = [o + d.astype(o.dtype) if jnp.issubdtype(o.dtype, jnp.inexact) else o
-                for o, d in zip(outs, touts)]
+        outs = [
+          o + d.astype(o.dtype) if jnp.issubdtype(o.dtype, jnp.inexact) else o
+          for o, d in zip(outs, touts)
+        ]
       elif eqn.kind == _jaxpr.REMAT and inner and remat:
         outs = _remat(eqn, invals, key, perts, operands, inner, run)
       elif eqn.kind in (_jaxpr.CALL, _jaxpr.REMAT):
@@ -78,8 +82,9 @@ def make_run(uses: dict, streams: dict, tangents: dict, remat: bool = True) -> C
         outs = eqn.bind(invals)
         if key in uses:
           u = uses[key]
-          operands[key] = tuple(None if j == u.operand or not u.rule.records else x
-                                for j, x in enumerate(invals))
+          operands[key] = tuple(
+            None if j == u.operand or not u.rule.records else x for j, x in enumerate(invals)
+          )
           outs = [outs[0] + perts[key]]
       for v, x in zip(eqn.outputs, outs):
         if v is not None:
@@ -101,7 +106,8 @@ def _remat(eqn, invals, key, perts, operands, inner, run):
     return outs, ops
 
   outs, ops = jax.checkpoint(fn, prevent_cse=eqn.remat.prevent_cse, policy=eqn.remat.policy)(
-      invals, {k: perts[k] for k in inner})
+    invals, {k: perts[k] for k in inner}
+  )
   operands.update(ops)
   return outs
 
@@ -110,7 +116,7 @@ def _scan(eqn, invals, key, perts, operands, inner, run):
   s = eqn.scan
   nc, nk = s.num_consts, s.num_carry
   (body,) = eqn.bodies
-  consts, init, xs = invals[:nc], invals[nc:nc + nk], invals[nc + nk:]
+  consts, init, xs = invals[:nc], invals[nc : nc + nk], invals[nc + nk :]
 
   layout: list = []  # where each recorded operand sits among the distinct values
 
@@ -136,8 +142,14 @@ def _scan(eqn, invals, key, perts, operands, inner, run):
       layout.append((k, row))
     return outs[:nk], (outs[nk:], distinct)
 
-  carry, (ys, distinct) = lax.scan(step, init, (xs, {k: perts[k] for k in inner}),
-                                   length=s.length, reverse=s.reverse, unroll=s.unroll)
+  carry, (ys, distinct) = lax.scan(
+    step,
+    init,
+    (xs, {k: perts[k] for k in inner}),
+    length=s.length,
+    reverse=s.reverse,
+    unroll=s.unroll,
+  )
   for k, row in layout:
     operands[k] = tuple(None if i is None else distinct[i] for i in row)
   return [*carry, *ys]
@@ -162,8 +174,10 @@ def _switch(eqn, invals, key, perts, operands, inner, run):
   def padded(b):
     def fn(args, ps):
       outs, ops = branch_fn(b)(args, ps)
-      full = {k: ops.get(k, jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), v))
-              for k, v in every.items()}
+      full = {
+        k: ops.get(k, jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), v))
+        for k, v in every.items()
+      }
       return outs, full
 
     return fn
@@ -173,9 +187,18 @@ def _switch(eqn, invals, key, perts, operands, inner, run):
   return outs
 
 
-def batched_pass(body: Body, uses: dict, fallback: list, streams: dict, tangents: dict,
-                 assemble: Callable, params_flat: list, batch_flat: list, b: int,
-                 norm_dtype: Any = jnp.float32):
+def batched_pass(
+  body: Body,
+  uses: dict,
+  fallback: list,
+  streams: dict,
+  tangents: dict,
+  assemble: Callable,
+  params_flat: list,
+  batch_flat: list,
+  b: int,
+  norm_dtype: Any = jnp.float32,
+):
   """One vmapped forward+backward over the batch.
 
   Returns (fallback gradients {leaf: [B, ...]}, operands {key: [B, ...]},
@@ -196,11 +219,12 @@ def batched_pass(body: Body, uses: dict, fallback: list, streams: dict, tangents
 
   grad_fn = jax.grad(single, argnums=(0, 1), has_aux=True)
   perts = {
-      k: jnp.zeros((b, *u.steps, *u.out_aval.shape), u.out_aval.dtype) for k, u in uses.items()
+    k: jnp.zeros((b, *u.steps, *u.out_aval.shape), u.out_aval.dtype) for k, u in uses.items()
   }
-  perts.update({k: jnp.zeros((b, st.length, len(st.leaves), 2), norm_dtype)
-                for k, st in streams.items()})
+  perts.update(
+    {k: jnp.zeros((b, st.length, len(st.leaves), 2), norm_dtype) for k, st in streams.items()}
+  )
   (fb_grads, cots), (operands, aux) = jax.vmap(grad_fn, in_axes=(None, 0, 0))(
-      [params_flat[i] for i in fallback], perts, batch_flat
+    [params_flat[i] for i in fallback], perts, batch_flat
   )
   return dict(zip(fallback, fb_grads)), operands, cots, aux

@@ -34,13 +34,24 @@ from typing import Any
 from jax.extend import core as jcore
 
 # Normalized primitive names (JAX spells some differently across versions).
-_ALIASES = {"pjit": "jit", "remat2": "checkpoint", "remat": "checkpoint",
-            "custom_vjp_call_jaxpr": "custom_vjp_call"}
+_ALIASES = {
+  "pjit": "jit",
+  "remat2": "checkpoint",
+  "remat": "checkpoint",
+  "custom_vjp_call_jaxpr": "custom_vjp_call",
+}
 _CALLS = frozenset({"jit", "closed_call", "core_call"})
 
 # Kinds of equation.
 OP, CALL, REMAT, SCAN, COND, CUSTOM_JVP, CUSTOM_VJP = (
-    "op", "call", "remat", "scan", "cond", "custom_jvp", "custom_vjp")
+  "op",
+  "call",
+  "remat",
+  "scan",
+  "cond",
+  "custom_jvp",
+  "custom_vjp",
+)
 
 
 class Var:
@@ -164,8 +175,9 @@ def _read(j: Any, names: dict) -> tuple[Body | None, str]:
   if not isinstance(jaxpr, jcore.Jaxpr):
     return None, f"a body of type {type(j).__name__}"
   if len(jaxpr.constvars) != len(consts):
-    return None, (f"a body with {len(jaxpr.constvars)} constant variables but {len(consts)}"
-                  " constants")
+    return None, (
+      f"a body with {len(jaxpr.constvars)} constant variables but {len(consts)} constants"
+    )
 
   def var(v):
     if v not in names:
@@ -203,8 +215,16 @@ def _eqn(e: Any, inputs: tuple, outputs: tuple, names: dict) -> Eqn:
     if why:
       return opaque(why)
     if name == "checkpoint":
-      return Eqn(name, REMAT, inputs, outputs, p, (body,),
-                 remat=RematInfo(bool(p.get("prevent_cse", True)), p.get("policy")), raw=e)
+      return Eqn(
+        name,
+        REMAT,
+        inputs,
+        outputs,
+        p,
+        (body,),
+        remat=RematInfo(bool(p.get("prevent_cse", True)), p.get("policy")),
+        raw=e,
+      )
     return Eqn(name, CALL, inputs, outputs, p, (body,), raw=e)
   if name == "scan":
     info, why = _scan_info(p, len(inputs))
@@ -252,5 +272,4 @@ def _scan_info(p: Mapping, n_inputs: int) -> tuple[ScanInfo | None, str]:
       return None, f"scan's 'ft_in' ({ft!r}) does not describe its {n_inputs} inputs"
   else:
     return None, f"scan without 'num_consts'/'num_carry' or 'ft_in' (has {sorted(p)})"
-  return ScanInfo(nc, nk, int(p["length"]), bool(p.get("reverse", False)),
-                  p.get("unroll", 1)), ""
+  return ScanInfo(nc, nk, int(p["length"]), bool(p.get("reverse", False)), p.get("unroll", 1)), ""

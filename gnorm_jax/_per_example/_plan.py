@@ -32,8 +32,10 @@ from gnorm_jax._per_example._program import Program
 from gnorm_jax._per_example._rules import Index, Use
 from gnorm_jax._per_example._stream import Stream
 
-STREAMED = ("streamed: per-step norms in the backward pass of its rematerialized scan (global"
-            " clipping: the clipped sum by a second, weighted backward pass)")
+STREAMED = (
+  "streamed: per-step norms in the backward pass of its rematerialized scan (global"
+  " clipping: the clipped sum by a second, weighted backward pass)"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,9 +84,10 @@ def _ghost_static(use: Use, ndim: int):
     found.append(use_ghost(use, operands, cot, ndim))
     return 0
 
-  avals = [None if j == use.operand else
-           jax.ShapeDtypeStruct((1, *use.steps, *a.shape), a.dtype)
-           for j, a in enumerate(use.eqn.in_avals)]
+  avals = [
+    None if j == use.operand else jax.ShapeDtypeStruct((1, *use.steps, *a.shape), a.dtype)
+    for j, a in enumerate(use.eqn.in_avals)
+  ]
   cot = jax.ShapeDtypeStruct((1, *use.steps, *use.out_aval.shape), use.out_aval.dtype)
   jax.eval_shape(shapes, avals, cot)
   (g,) = found
@@ -106,8 +109,7 @@ def plan_leaf(uses: list[Use], w: Any, b: int) -> LeafRoute:
   if not uses:
     return LeafRoute("unused", 0, 0)
   direct_flops = sum(u.rule.direct_flops(u) * math.prod(u.steps) for u in uses)
-  direct = LeafRoute("direct", b * (direct_flops + 2 * n),
-                     b * n * itemsize)
+  direct = LeafRoute("direct", b * (direct_flops + 2 * n), b * n * itemsize)
   statics = [_ghost_static(u, len(w.shape)) for u in uses]
   if any(s is None for s in statics) or len({s[0] for s in statics}) != 1:
     return direct
@@ -117,8 +119,11 @@ def plan_leaf(uses: list[Use], w: Any, b: int) -> LeafRoute:
   kp = max([s[3] for s in statics if not s[5]], default=1)
   kq = statics[0][4]
   acc = 8 if jnp.issubdtype(w.dtype, jnp.complexfloating) else 4
-  ghost = LeafRoute("ghost", b * h * (2 * t_dense * t_dense * kp + 2 * t * t * kq + 4 * t * t),
-                    b * h * t * t * 2 * acc)
+  ghost = LeafRoute(
+    "ghost",
+    b * h * (2 * t_dense * t_dense * kp + 2 * t * t * kq + 4 * t * t),
+    b * h * t * t * 2 * acc,
+  )
   return ghost if ghost.flops <= direct.flops else direct
 
 
@@ -132,30 +137,52 @@ def plan_streams(program: Program, routes: dict, params_flat: list) -> dict:
     path = program.eqns_on(skey)
     if any(e.kind != _jaxpr.CALL for e in path[:-1]):
       continue
-    inner = {k: u for k, u in perturbed.items() if k[:len(skey)] == skey}
+    inner = {k: u for k, u in perturbed.items() if k[: len(skey)] == skey}
     leaves = tuple(sorted(set(slots.values())))
-    if not inner or len(leaves) != len(slots) or any(
-        routes[leaf].route not in ("ghost", "direct", "unused") for leaf in leaves):
+    if (
+      not inner
+      or len(leaves) != len(slots)
+      or any(routes[leaf].route not in ("ghost", "direct", "unused") for leaf in leaves)
+    ):
       continue
     if any(u.leaf not in leaves for u in inner.values()):
       continue
-    if any(u.key[:len(skey)] != skey or u.chain[0] or u.scopes[0][0] != "xs"
-           for leaf in leaves for u in program.uses[leaf]):
+    if any(
+      u.key[: len(skey)] != skey or u.chain[0] or u.scopes[0][0] != "xs"
+      for leaf in leaves
+      for u in program.uses[leaf]
+    ):
       continue
-    if not any(e.kind == _jaxpr.REMAT for k in inner for e in program.eqns_on(k)[len(path):]):
+    if not any(e.kind == _jaxpr.REMAT for k in inner for e in program.eqns_on(k)[len(path) :]):
       continue
-    rerooted = {leaf: [dataclasses.replace(u, chain=u.chain[1:], scopes=u.scopes[1:])
-                       for u in program.uses[leaf]] for leaf in leaves}
+    rerooted = {
+      leaf: [
+        dataclasses.replace(u, chain=u.chain[1:], scopes=u.scopes[1:]) for u in program.uses[leaf]
+      ]
+      for leaf in leaves
+    }
     w = {leaf: params_flat[leaf] for leaf in leaves}
     streams[skey] = Stream(
-        skey, path[-1].scan.length, dict(slots), leaves, rerooted,
-        {leaf: routes[leaf].route for leaf in leaves},
-        {leaf: (w[leaf].shape[1:], w[leaf].dtype) for leaf in leaves})
+      skey,
+      path[-1].scan.length,
+      dict(slots),
+      leaves,
+      rerooted,
+      {leaf: routes[leaf].route for leaf in leaves},
+      {leaf: (w[leaf].shape[1:], w[leaf].dtype) for leaf in leaves},
+    )
   return streams
 
 
-def make_plan(program: Program, params_flat: list, batch_size: int, *, method: str,
-              uniform_weights: bool, num_passes: int = 1) -> Plan:
+def make_plan(
+  program: Program,
+  params_flat: list,
+  batch_size: int,
+  *,
+  method: str,
+  uniform_weights: bool,
+  num_passes: int = 1,
+) -> Plan:
   """The plan of one call.
 
   Args:
@@ -171,12 +198,14 @@ def make_plan(program: Program, params_flat: list, batch_size: int, *, method: s
   routes = {}
   for leaf, w in enumerate(params_flat):
     if leaf in program.fallback:
-      routes[leaf] = LeafRoute("materialized", None, batch_size * w.size * w.dtype.itemsize,
-                               program.fallback[leaf])
+      routes[leaf] = LeafRoute(
+        "materialized", None, batch_size * w.size * w.dtype.itemsize, program.fallback[leaf]
+      )
     else:
       routes[leaf] = plan_leaf(program.uses[leaf], w, batch_size)
   every_materialized = any(r.route == "materialized" for r in routes.values()) and all(
-      r.route in ("materialized", "unused") for r in routes.values())
+    r.route in ("materialized", "unused") for r in routes.values()
+  )
   if method == "vmap" or every_materialized:
     return Plan(program, routes, {}, "vmap", batch_size, num_passes)
   streams = plan_streams(program, routes, params_flat) if uniform_weights else {}

@@ -174,15 +174,22 @@ def _others_literal(eqn: Eqn, operand: int) -> bool:
 def _is_chain(eqn: Eqn, operand: int) -> bool:
   """Whether ``eqn`` is a unary function of input ``operand`` (others literal); ``split`` has
   several outputs, each a chain link :class:`Part`."""
-  return (eqn.kind == _jaxpr.OP and eqn.name in CHAIN_OPS
-          and (eqn.name == "split" or not eqn.multiple_results) and _others_literal(eqn, operand))
+  return (
+    eqn.kind == _jaxpr.OP
+    and eqn.name in CHAIN_OPS
+    and (eqn.name == "split" or not eqn.multiple_results)
+    and _others_literal(eqn, operand)
+  )
 
 
 def _is_custom_chain(eqn: Eqn, operand: int) -> bool:
   """A custom-derivative function of one parameter-derived value (``softplus(w)``): a chain
   link the direct route re-binds, so its gradient goes through the custom rule itself."""
-  return (eqn.kind in (_jaxpr.CUSTOM_JVP, _jaxpr.CUSTOM_VJP) and len(eqn.outputs) == 1
-          and _others_literal(eqn, operand))
+  return (
+    eqn.kind in (_jaxpr.CUSTOM_JVP, _jaxpr.CUSTOM_VJP)
+    and len(eqn.outputs) == 1
+    and _others_literal(eqn, operand)
+  )
 
 
 def _independent(eqn: Eqn, derived: list) -> bool:
@@ -288,8 +295,9 @@ def build(body: Body, param_positions: dict[int, int]) -> Program:
     for o in _parts(origin):
       bad.setdefault(o.leaf, why)
 
-  def walk(body: Body, origins: dict, path: tuple, passthrough: bool = False,
-           recipes: dict | None = None) -> None:
+  def walk(
+    body: Body, origins: dict, path: tuple, passthrough: bool = False, recipes: dict | None = None
+  ) -> None:
     """``origins``: variable -> its Origin(s); ``recipes``: variable -> its Recipe where it is
     parameter-only (followed into calls only: other bodies start without)."""
     recipes = {} if recipes is None else recipes
@@ -307,18 +315,27 @@ def build(body: Body, param_positions: dict[int, int]) -> Program:
       chain = len(derived) == 1 and _is_chain(eqn, derived[0])
       joined = name == "concatenate" and len(derived) == len(eqn.inputs)
       recipe_ins = None  # the inputs' recipes, where the equation computes a parameter-only value
-      if eqn.kind in (_jaxpr.OP, _jaxpr.CUSTOM_JVP, _jaxpr.CUSTOM_VJP) and not eqn.unread and all(
-          isinstance(a, Lit) or a in recipes for a in eqn.inputs):
+      if (
+        eqn.kind in (_jaxpr.OP, _jaxpr.CUSTOM_JVP, _jaxpr.CUSTOM_VJP)
+        and not eqn.unread
+        and all(isinstance(a, Lit) or a in recipes for a in eqn.inputs)
+      ):
         recipe_ins = tuple(a if isinstance(a, Lit) else recipes[a] for a in eqn.inputs)
       if eqn.unread:
         for j in derived:
-          unrecognized(ins[j], f"used by {name}, which this JAX version describes in a way"
-                       f" gnorm_jax cannot read ({eqn.unread})")
+          unrecognized(
+            ins[j],
+            f"used by {name}, which this JAX version describes in a way"
+            f" gnorm_jax cannot read ({eqn.unread})",
+          )
       elif eqn.kind in (_jaxpr.CALL, _jaxpr.REMAT):
         (inner_body,) = eqn.bodies
         inner = {v: o for v, o in zip(inner_body.invars, ins) if o is not None}
-        inner_recipes = {v: recipes[a] for v, a in zip(inner_body.invars, eqn.inputs)
-                         if not isinstance(a, Lit) and a in recipes}
+        inner_recipes = {
+          v: recipes[a]
+          for v, a in zip(inner_body.invars, eqn.inputs)
+          if not isinstance(a, Lit) and a in recipes
+        }
         walk(inner_body, inner, key, passthrough=True, recipes=inner_recipes)
         # A call returning a value derived from a leaf extends its chain.
         for out, v in zip(eqn.outputs, inner_body.outputs):
@@ -334,8 +351,9 @@ def build(body: Body, param_positions: dict[int, int]) -> Program:
           if nc <= j < nc + nk:
             unrecognized(ins[j], "enters a scan as its carry")
           else:
-            inner[inner_body.invars[j]] = _each(ins[j], lambda o, j=j: o.enter(
-                "const" if j < nc else "xs", eqn.scan.length))
+            inner[inner_body.invars[j]] = _each(
+              ins[j], lambda o, j=j: o.enter("const" if j < nc else "xs", eqn.scan.length)
+            )
             o = ins[j]
             if j >= nc + nk and isinstance(o, Origin) and not o.scopes and o.chain == ((),):
               scan_slices.setdefault(key, {})[j] = o.leaf
@@ -373,8 +391,7 @@ def build(body: Body, param_positions: dict[int, int]) -> Program:
         # Parameters concatenated (OptimizedLSTMCell's gate kernels): each is a
         # slice of the result; its chain re-binds the concatenation with zeros
         # in the other slots (exact for the direct route; no ghost layout).
-        origins[eqn.outputs[0]] = tuple(
-            x.then((eqn, j)) for j in derived for x in _parts(ins[j]))
+        origins[eqn.outputs[0]] = tuple(x.then((eqn, j)) for j in derived for x in _parts(ins[j]))
       elif len(eqn.outputs) == 1 and (len(derived) == 1 or _independent(eqn, derived)):
         for j in derived:
           rule, why = _rules.find_rule(eqn, j)
@@ -386,8 +403,12 @@ def build(body: Body, param_positions: dict[int, int]) -> Program:
       else:
         for o in ins:
           if o is not None:
-            unrecognized(o, f"used by {name} together with another parameter"
-                         if len(derived) > 1 else f"used by {name}")
+            unrecognized(
+              o,
+              f"used by {name} together with another parameter"
+              if len(derived) > 1
+              else f"used by {name}",
+            )
       if recipe_ins is not None:  # a parameter-only value, its chain kept
         for k, out in enumerate(eqn.outputs):
           if out is not None and out in origins and out not in recipes:
@@ -399,8 +420,9 @@ def build(body: Body, param_positions: dict[int, int]) -> Program:
         unrecognized(o, "returned by the loss" if not path else "returned from a nested body")
 
   origins = {body.invars[pos]: Origin(leaf) for pos, leaf in param_positions.items()}
-  recipes = {body.invars[pos]: Recipe(frozenset({leaf}), leaf)
-             for pos, leaf in param_positions.items()}
+  recipes = {
+    body.invars[pos]: Recipe(frozenset({leaf}), leaf) for pos, leaf in param_positions.items()
+  }
   walk(body, origins, (), recipes=recipes)
   recognized = {leaf: us for leaf, us in uses.items() if leaf not in bad}
   for leaf in param_positions.values():

@@ -22,11 +22,11 @@ from jax import lax
 
 from gnorm_jax._norms import tree_norm
 from gnorm_jax._per_example._direct import (
-    direct_grads,
-    exact_norms,
-    norm_dtype,
-    per_example_norms,
-    weighted_sum,
+  direct_grads,
+  exact_norms,
+  norm_dtype,
+  per_example_norms,
+  weighted_sum,
 )
 from gnorm_jax._per_example._ghost import factor_grads, ghost_norms, ghosts, keep_rows
 from gnorm_jax._per_example._interpret import PLAIN, batched_pass
@@ -56,8 +56,9 @@ class Traced:
   param_positions: dict
 
 
-def _loss_of(traced: Traced, batch_vals: list, leaves: dict | None = None,
-             params: list | None = None) -> jax.Array:
+def _loss_of(
+  traced: Traced, batch_vals: list, leaves: dict | None = None, params: list | None = None
+) -> jax.Array:
   """The single-example loss with some parameter leaves replaced."""
   vals = dict(enumerate(traced.params_flat if params is None else params))
   vals.update(leaves or {})
@@ -74,7 +75,8 @@ def exact_leaf_norms(traced: Traced, batch_flat: list, leaves: list, dtype) -> C
 
     def compute():
       gs = jax.grad(lambda ws: _loss_of(traced, batch_vals, dict(zip(leaves, ws))))(
-          [params_flat[i] for i in leaves])
+        [params_flat[i] for i in leaves]
+      )
       return jnp.stack([tree_norm(g).astype(dtype) for g in gs])
 
     return lax.cond(flag, compute, lambda: jnp.zeros((len(leaves),), dtype))
@@ -87,8 +89,7 @@ def weighted_grads(traced: Traced, batch_flat: list, weights, keep) -> list:
   kept (padding, or a non-finite gradient with ``nan_safe``) are replaced by a
   kept row before the pass (their weight is 0), so 0·inf cannot reach the sum."""
   first = jnp.argmax(keep)
-  kept = [jnp.where(keep.reshape((-1,) + (1,) * (x.ndim - 1)), x, x[first])
-          for x in batch_flat]
+  kept = [jnp.where(keep.reshape((-1,) + (1,) * (x.ndim - 1)), x, x[first]) for x in batch_flat]
 
   def total(ps):
     losses = jax.vmap(lambda bv: _loss_of(traced, bv, params=ps))(kept)
@@ -109,8 +110,14 @@ def _vmap_pass(traced: Traced, batch_flat: list):
 _observe: Callable[[Plan, dict], None] | None = None
 
 
-def run(plan: Plan, traced: Traced, batch_flat: list, weights_fn: Callable | None,
-        mask: jax.Array | None, nan_safe: bool):
+def run(
+  plan: Plan,
+  traced: Traced,
+  batch_flat: list,
+  weights_fn: Callable | None,
+  mask: jax.Array | None,
+  nan_safe: bool,
+):
   """Per-example norms [B], the clipped sums Σᵢ wᵢ gᵢ of every leaf (when
   ``weights_fn`` maps (per-leaf norms [B, L], norms [B]) to each leaf's weights
   [B]), and the loss's auxiliary outputs stacked over the batch.
@@ -127,8 +134,17 @@ def run(plan: Plan, traced: Traced, batch_flat: list, weights_fn: Callable | Non
     operands, cots = {}, {}
   else:
     fb_grads, operands, cots, aux = batched_pass(
-        program.body, program.perturbed, sorted(program.fallback), streams, program.tangents,
-        traced.assemble, params_flat, batch_flat, b, dtype)
+      program.body,
+      program.perturbed,
+      sorted(program.fallback),
+      streams,
+      program.tangents,
+      traced.assemble,
+      params_flat,
+      batch_flat,
+      b,
+      dtype,
+    )
   streamed = {}  # leaf -> its norms [B] and suspect flags [B]
   for skey, st in streams.items():
     for n, leaf in enumerate(st.leaves):
@@ -139,8 +155,9 @@ def run(plan: Plan, traced: Traced, batch_flat: list, weights_fn: Callable | Non
     suspect = jnp.stack([streamed[leaf][1] for leaf in order], axis=1)
     fast = jnp.stack([streamed[leaf][0] for leaf in order], axis=1)
     exact = exact_leaf_norms(traced, batch_flat, order, dtype)
-    fixed = lax.cond(jnp.any(suspect), lambda: jnp.where(suspect, exact(jnp.any(suspect, 1)), fast),
-                     lambda: fast)
+    fixed = lax.cond(
+      jnp.any(suspect), lambda: jnp.where(suspect, exact(jnp.any(suspect, 1)), fast), lambda: fast
+    )
     streamed = {leaf: fixed[:, n] for n, leaf in enumerate(order)}
   formed, factors, leaf_norms, taken = {}, {}, [], {}
   for leaf, w in enumerate(params_flat):

@@ -56,7 +56,7 @@ class Stream:
     s = eqn.scan
     nc, nk = s.num_consts, s.num_carry
     (body,) = eqn.bodies
-    consts, init, xs = invals[:nc], invals[nc:nc + nk], invals[nc + nk:]
+    consts, init, xs = invals[:nc], invals[nc : nc + nk], invals[nc + nk :]
     slots = set(self.slots)
     key = self.key
     run = make_run(self.inner, {}, tangents, remat=False)
@@ -71,8 +71,9 @@ class Stream:
 
     def bwd(res, ct):
       args, z = res
-      diff = [j for j, x in enumerate(args)
-              if j not in slots and jnp.issubdtype(x.dtype, jnp.inexact)]
+      diff = [
+        j for j, x in enumerate(args) if j not in slots and jnp.issubdtype(x.dtype, jnp.inexact)
+      ]
 
       def inst(dvals, ps):
         full = list(args)
@@ -82,8 +83,9 @@ class Stream:
         outs = run(body, full, key, ps, ops)
         return outs, ops
 
-      ps0 = {k: jnp.zeros((*u.steps, *u.out_aval.shape), u.out_aval.dtype)
-             for k, u in self.inner.items()}
+      ps0 = {
+        k: jnp.zeros((*u.steps, *u.out_aval.shape), u.out_aval.dtype) for k, u in self.inner.items()
+      }
       _, vjp_fn, ops = jax.vjp(inst, [args[j] for j in diff], ps0, has_aux=True)
       d_diff, d_ps = vjp_fn(list(ct))
       dargs = [_float0_zeros(x) for x in args]
@@ -98,8 +100,9 @@ class Stream:
       outs = step_fn([*consts, *carry, *x], zl)
       return outs[:nk], outs[nk:]
 
-    carry, ys = lax.scan(step, list(init), (list(xs), z), length=s.length,
-                         reverse=s.reverse, unroll=s.unroll)
+    carry, ys = lax.scan(
+      step, list(init), (list(xs), z), length=s.length, reverse=s.reverse, unroll=s.unroll
+    )
     return [*carry, *ys]
 
   def _step_norms(self, ops: dict, cts: dict, dtype) -> jax.Array:

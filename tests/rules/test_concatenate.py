@@ -52,13 +52,12 @@ def _feature_channel(p, x):
 
 
 MODELS = {
-    "concat_linen_vit_cls": lambda: sequence(linen(_LinenViTHead()), 40, out_shape=(D,)),
-    "concat_nnx_registers": lambda: sequence(nnx_model(_NnxRegisterTokens), 41,
-                                             out_shape=(T + 3, D)),
-    "concat_haiku_cls_twice": lambda: sequence(haiku(_haiku_cls_twice), 42,
-                                               out_shape=(T + 2, D)),
-    "concat_feature_channel": lambda: sequence(
-        plain(_feature_channel, {"channel": (2,), "w": (D + 2, D)}), 43),
+  "concat_linen_vit_cls": lambda: sequence(linen(_LinenViTHead()), 40, out_shape=(D,)),
+  "concat_nnx_registers": lambda: sequence(nnx_model(_NnxRegisterTokens), 41, out_shape=(T + 3, D)),
+  "concat_haiku_cls_twice": lambda: sequence(haiku(_haiku_cls_twice), 42, out_shape=(T + 2, D)),
+  "concat_feature_channel": lambda: sequence(
+    plain(_feature_channel, {"channel": (2,), "w": (D + 2, D)}), 43
+  ),
 }
 
 test_zoo_matches_vmap_of_grad, test_zoo_plan_materializes_nothing = zoo_tests(MODELS, RULES)

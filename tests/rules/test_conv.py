@@ -41,27 +41,27 @@ class _EqxConv(eqx.Module):
 # SAME padding is flax's and haiku's default (equinox's is explicit); the explicit padding below
 # is asymmetric (2, 2) and (1, 3).
 MODELS = {
-    "linen_conv1d": lambda: shaped(linen(nn.Conv(6, (3,))), 100, in_shape=(8, C)),
-    "linen_conv2d": lambda: shaped(linen(nn.Conv(6, (3, 3))), 101, IMAGE),
-    "linen_conv3d": lambda: shaped(linen(nn.Conv(6, (2, 2, 2))), 102, in_shape=(4, 4, 4, 3)),
-    "linen_conv2d_strided_valid": lambda: shaped(
-        linen(nn.Conv(6, (3, 3), strides=(2, 2), padding="VALID")), 103, IMAGE
-    ),
-    "linen_conv2d_dilated_explicit_padding": lambda: shaped(
-        linen(nn.Conv(6, (3, 3), kernel_dilation=(2, 2), padding=((2, 2), (1, 3)))), 104, IMAGE
-    ),
-    "linen_conv2d_depthwise_no_bias": lambda: shaped(
-        linen(nn.Conv(2 * C, (3, 3), feature_group_count=C, use_bias=False)), 105, IMAGE
-    ),
-    "linen_conv2d_grouped": lambda: shaped(
-        linen(nn.Conv(6, (3, 3), feature_group_count=2)), 106, IMAGE
-    ),
-    "linen_conv_transpose": lambda: shaped(
-        linen(nn.ConvTranspose(6, (3, 3), strides=(2, 2))), 110, IMAGE
-    ),
-    "linen_cnn": lambda: shaped(linen(_LinenCNN()), 111, IMAGE),
-    "eqx_conv2d": lambda: shaped(eqx_model(_EqxConv), 112, in_shape=(C, 8, 8)),
-    "haiku_conv2d": lambda: shaped(haiku(lambda x: hk.Conv2D(6, 3)(x)), 113, IMAGE),
+  "linen_conv1d": lambda: shaped(linen(nn.Conv(6, (3,))), 100, in_shape=(8, C)),
+  "linen_conv2d": lambda: shaped(linen(nn.Conv(6, (3, 3))), 101, IMAGE),
+  "linen_conv3d": lambda: shaped(linen(nn.Conv(6, (2, 2, 2))), 102, in_shape=(4, 4, 4, 3)),
+  "linen_conv2d_strided_valid": lambda: shaped(
+    linen(nn.Conv(6, (3, 3), strides=(2, 2), padding="VALID")), 103, IMAGE
+  ),
+  "linen_conv2d_dilated_explicit_padding": lambda: shaped(
+    linen(nn.Conv(6, (3, 3), kernel_dilation=(2, 2), padding=((2, 2), (1, 3)))), 104, IMAGE
+  ),
+  "linen_conv2d_depthwise_no_bias": lambda: shaped(
+    linen(nn.Conv(2 * C, (3, 3), feature_group_count=C, use_bias=False)), 105, IMAGE
+  ),
+  "linen_conv2d_grouped": lambda: shaped(
+    linen(nn.Conv(6, (3, 3), feature_group_count=2)), 106, IMAGE
+  ),
+  "linen_conv_transpose": lambda: shaped(
+    linen(nn.ConvTranspose(6, (3, 3), strides=(2, 2))), 110, IMAGE
+  ),
+  "linen_cnn": lambda: shaped(linen(_LinenCNN()), 111, IMAGE),
+  "eqx_conv2d": lambda: shaped(eqx_model(_EqxConv), 112, in_shape=(C, 8, 8)),
+  "haiku_conv2d": lambda: shaped(haiku(lambda x: hk.Conv2D(6, 3)(x)), 113, IMAGE),
 }
 
 test_zoo_matches_vmap_of_grad, test_zoo_plan_materializes_nothing = zoo_tests(MODELS, RULES)

@@ -26,17 +26,21 @@ def _strided_grouped(p, kernel):
   """NCHW, strides, a kernel dilation, two feature groups. The image's convolution with a learned
   kernel is a parameter-only value, added to the example's (the bias rule, through it)."""
   conv = lambda lhs, rhs: lax.conv_general_dilated(
-      lhs, rhs, (2, 1), ((1, 0), (2, 1)), rhs_dilation=(1, 2), feature_group_count=2)
+    lhs, rhs, (2, 1), ((1, 0), (2, 1)), rhs_dilation=(1, 2), feature_group_count=2
+  )
   image = p["image"]
   return jnp.tanh(conv(image, kernel)) + conv(image, p["kernel"]) + p["b"][:, None, None]
 
 
 MODELS = {
-    "conv_input_linen_hyper_kernel": lambda: sequence(linen(_LinenHyperConv()), 60,
-                                                      out_shape=(1, 6, 5, 4)),
-    "conv_input_strided_grouped": lambda: shaped(
-        plain(_strided_grouped, {"image": (1, 4, 7, 7), "kernel": (4, 2, 3, 3), "b": (4,)}), 61,
-        in_shape=(4, 2, 3, 3)),
+  "conv_input_linen_hyper_kernel": lambda: sequence(
+    linen(_LinenHyperConv()), 60, out_shape=(1, 6, 5, 4)
+  ),
+  "conv_input_strided_grouped": lambda: shaped(
+    plain(_strided_grouped, {"image": (1, 4, 7, 7), "kernel": (4, 2, 3, 3), "b": (4,)}),
+    61,
+    in_shape=(4, 2, 3, 3),
+  ),
 }
 
 test_zoo_matches_vmap_of_grad, test_zoo_plan_materializes_nothing = zoo_tests(MODELS, RULES)

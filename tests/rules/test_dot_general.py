@@ -47,17 +47,15 @@ class _LinenDenseGeneral(nn.Module):
 
 
 MODELS = {
-    "linen_dense": lambda: sequence(linen(nn.Dense(D)), 0),
-    "linen_dense_no_bias": lambda: sequence(linen(nn.Dense(D, use_bias=False)), 1),
-    "linen_dense_general": lambda: sequence(linen(_LinenDenseGeneral()), 2),
-    "linen_einsum": lambda: sequence(
-        linen(nn.Einsum((D, HEADS, D // HEADS), "td,dhk->thk")), 3, out_shape=(T, HEADS, D // HEADS)
-    ),
-    "nnx_linear": lambda: sequence(nnx_model(lambda r: nnx.Linear(D, D, rngs=r)), 11),
-    "eqx_linear": lambda: sequence(
-        eqx_model(lambda k: EqxSequence(eqx.nn.Linear(D, D, key=k))), 16
-    ),
-    "haiku_linear": lambda: sequence(haiku(lambda x: hk.Linear(D)(x)), 20),
+  "linen_dense": lambda: sequence(linen(nn.Dense(D)), 0),
+  "linen_dense_no_bias": lambda: sequence(linen(nn.Dense(D, use_bias=False)), 1),
+  "linen_dense_general": lambda: sequence(linen(_LinenDenseGeneral()), 2),
+  "linen_einsum": lambda: sequence(
+    linen(nn.Einsum((D, HEADS, D // HEADS), "td,dhk->thk")), 3, out_shape=(T, HEADS, D // HEADS)
+  ),
+  "nnx_linear": lambda: sequence(nnx_model(lambda r: nnx.Linear(D, D, rngs=r)), 11),
+  "eqx_linear": lambda: sequence(eqx_model(lambda k: EqxSequence(eqx.nn.Linear(D, D, key=k))), 16),
+  "haiku_linear": lambda: sequence(haiku(lambda x: hk.Linear(D)(x)), 20),
 }
 
 test_zoo_matches_vmap_of_grad, test_zoo_plan_materializes_nothing = zoo_tests(MODELS, RULES)
@@ -94,9 +92,9 @@ def test_relu_rnn_with_exploding_gradients():
   """A Python loop (not scan) reuses w at 10 steps: gradients near 1e22 square to inf in f32."""
   k = jax.random.split(jax.random.key(30), 4)
   params = {
-      "w": 32.0 * jnp.eye(4) + jax.random.uniform(k[0], (4, 4)),
-      "u": jax.random.uniform(k[1], (3, 4)),
-      "b": jax.random.uniform(k[2], (4,)),
+    "w": 32.0 * jnp.eye(4) + jax.random.uniform(k[0], (4, 4)),
+    "u": jax.random.uniform(k[1], (3, 4)),
+    "b": jax.random.uniform(k[2], (4,)),
   }
   xs = jax.random.uniform(k[3], (B, 10, 3)) * 100.0 ** jnp.arange(B)[:, None, None]
 
@@ -142,7 +140,7 @@ def test_cancelling_uses_are_exact(form, method):
     _assert_norms(norms2, want_norms, f"{m} clipped_grad norms")
     for got, div in ((mean, 12), (total, 1)):
       np.testing.assert_allclose(
-          got, want_sum / div, rtol=RTOL, atol=RTOL * np.max(terms) / div, err_msg=m
+        got, want_sum / div, rtol=RTOL, atol=RTOL * np.max(terms) / div, err_msg=m
       )
 
 
@@ -202,9 +200,7 @@ def _check_dense(x, c, method):
   _assert_norms(norms, _dense_norms(x, c), method)
 
 
-_exponents = st.lists(
-    st.tuples(st.integers(-30, 30), st.integers(-30, 30)), min_size=3, max_size=3
-)
+_exponents = st.lists(st.tuples(st.integers(-30, 30), st.integers(-30, 30)), min_size=3, max_size=3)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -225,10 +221,10 @@ def test_dense_at_positions_any_scale(method, t, exponents, seed):
 @pytest.mark.parametrize("method", METHODS)
 @settings(max_examples=25, deadline=None)
 @given(
-    pairs=st.integers(1, 3),
-    delta=st.integers(1, 3),
-    k=st.integers(-30, 30),
-    seed=st.integers(0, 2**16),
+  pairs=st.integers(1, 3),
+  delta=st.integers(1, 3),
+  k=st.integers(-30, 30),
+  seed=st.integers(0, 2**16),
 )
 def test_dense_at_cancelling_positions(method, pairs, delta, k, seed):
   """Positions in pairs x, x + 10^-δ·noise with cotangents c, −c: the gradient nearly cancels."""

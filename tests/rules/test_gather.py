@@ -56,11 +56,11 @@ def _haiku_tied_embed(tokens):
 
 
 MODELS = {
-    "linen_embed": lambda: language(linen(_LinenEmbedDense()), 4),
-    "linen_embed_tied": lambda: language(linen(_LinenTiedEmbed()), 5),
-    "nnx_embed_tied": lambda: language(nnx_model(_NnxTiedEmbed), 12),
-    "eqx_embedding": lambda: language(eqx_model(_EqxEmbedLinear), 17),
-    "haiku_embed_tied": lambda: language(haiku(_haiku_tied_embed), 21),
+  "linen_embed": lambda: language(linen(_LinenEmbedDense()), 4),
+  "linen_embed_tied": lambda: language(linen(_LinenTiedEmbed()), 5),
+  "nnx_embed_tied": lambda: language(nnx_model(_NnxTiedEmbed), 12),
+  "eqx_embedding": lambda: language(eqx_model(_EqxEmbedLinear), 17),
+  "haiku_embed_tied": lambda: language(haiku(_haiku_tied_embed), 21),
 }
 
 test_zoo_matches_vmap_of_grad, test_zoo_plan_materializes_nothing = zoo_tests(MODELS, RULES)

@@ -32,13 +32,16 @@ def _tied_transposed(p, tokens):
 
 
 MODELS = {
-    "gather_axis_transposed_table": lambda: language(
-        plain(_transposed_table, {"table": (D, VOCAB), "out": (D, VOCAB)}), 70),
-    "gather_axis_haiku_take": lambda: language(haiku(_haiku_take_axis_1), 71),
-    "gather_axis_middle": lambda: language(
-        plain(_middle_axis, {"table": (2, VOCAB, D // 2), "out": (D, VOCAB)}), 72),
-    "gather_axis_tied_transposed": lambda: language(
-        plain(_tied_transposed, {"table": (D, VOCAB)}), 73),
+  "gather_axis_transposed_table": lambda: language(
+    plain(_transposed_table, {"table": (D, VOCAB), "out": (D, VOCAB)}), 70
+  ),
+  "gather_axis_haiku_take": lambda: language(haiku(_haiku_take_axis_1), 71),
+  "gather_axis_middle": lambda: language(
+    plain(_middle_axis, {"table": (2, VOCAB, D // 2), "out": (D, VOCAB)}), 72
+  ),
+  "gather_axis_tied_transposed": lambda: language(
+    plain(_tied_transposed, {"table": (D, VOCAB)}), 73
+  ),
 }
 
 test_zoo_matches_vmap_of_grad, test_zoo_plan_materializes_nothing = zoo_tests(MODELS, RULES)
@@ -51,8 +54,9 @@ def test_a_wide_transposed_table_takes_the_ghost_route():
   rng = np.random.default_rng(74)
   tokens = jnp.asarray(rng.integers(0, vocab, (B, T)))
   tokens = tokens.at[:, 1].set(tokens[:, 3])
-  params = {name: jnp.asarray(0.3 * rng.normal(size=(D, vocab)), jnp.float32)
-            for name in ("table", "out")}
+  params = {
+    name: jnp.asarray(0.3 * rng.normal(size=(D, vocab)), jnp.float32) for name in ("table", "out")
+  }
 
   def loss(p, tokens):
     return next_token_loss(jnp.tanh(p["table"][:, tokens]).T @ p["out"], tokens)

@@ -56,13 +56,13 @@ def _haiku_self_attention(x):
 
 
 MODELS = {
-    "linen_self_attention": lambda: sequence(linen(_LinenSelfAttention()), 9),
-    "linen_gpt_tied": lambda: language(linen(_LinenGPT()), 10),
-    "nnx_self_attention": lambda: sequence(
-        nnx_model(lambda r: nnx.MultiHeadAttention(HEADS, D, decode=False, rngs=r)), 15
-    ),
-    "eqx_self_attention": lambda: sequence(eqx_model(_EqxSelfAttention), 19),
-    "haiku_self_attention": lambda: sequence(haiku(_haiku_self_attention), 24),
+  "linen_self_attention": lambda: sequence(linen(_LinenSelfAttention()), 9),
+  "linen_gpt_tied": lambda: language(linen(_LinenGPT()), 10),
+  "nnx_self_attention": lambda: sequence(
+    nnx_model(lambda r: nnx.MultiHeadAttention(HEADS, D, decode=False, rngs=r)), 15
+  ),
+  "eqx_self_attention": lambda: sequence(eqx_model(_EqxSelfAttention), 19),
+  "haiku_self_attention": lambda: sequence(haiku(_haiku_self_attention), 24),
 }
 
 test_zoo_matches_vmap_of_grad, test_zoo_plan_materializes_nothing = zoo_tests(MODELS, RULES)

@@ -44,7 +44,7 @@ def _fused_lstm(p, xs):
 def _overlapping_slices(p, x):
   """Three parts of one kernel, overlapping: W[:, :D], W[:, D/2:3D/2] and a dynamic slice."""
   w = p["w"]
-  y = x @ w[:, :D] + jnp.tanh(x @ w[:, D // 2:D // 2 + D])
+  y = x @ w[:, :D] + jnp.tanh(x @ w[:, D // 2 : D // 2 + D])
   return y + x @ lax.dynamic_slice(w, (0, 3), (D, D)) + (x @ w[:, 5])[:, None]
 
 
@@ -61,20 +61,25 @@ def _weightnorm_by_hand(p, x):
 
 
 MODELS = {
-    "param_only_fused_lstm": lambda: sequence(
-        plain(_fused_lstm, {"wx": (D, 4 * H), "wh": (H, 4 * H), "b": (4 * H,)}), 50,
-        out_shape=(T, H)),
-    "param_only_overlapping_slices": lambda: sequence(
-        plain(_overlapping_slices, {"w": (D, 2 * D)}), 51, out_shape=(T, D)),
-    "param_only_flipped_kernel": lambda: shaped(
-        plain(_flipped_kernel, {"k": (3, 3, 2, 3)}), 52, in_shape=(6, 5, 2)),
-    "param_only_weightnorm_by_hand": lambda: sequence(
-        plain(_weightnorm_by_hand, {"v": (D, D), "g": (D,)}), 53),
-    "param_only_linen_weightnorm": lambda: sequence(linen(nn.WeightNorm(nn.Dense(D))), 54),
-    "param_only_eqx_weightnorm": lambda: sequence(
-        eqx_model(lambda k: EqxSequence(eqx.nn.WeightNorm(eqx.nn.Linear(D, D, key=k)))), 56),
-    "param_only_scalar_scale": lambda: sequence(
-        plain(lambda p, x: jnp.tanh(x * p["s"]) @ p["w"], {"s": (), "w": (D, D)}), 57),
+  "param_only_fused_lstm": lambda: sequence(
+    plain(_fused_lstm, {"wx": (D, 4 * H), "wh": (H, 4 * H), "b": (4 * H,)}), 50, out_shape=(T, H)
+  ),
+  "param_only_overlapping_slices": lambda: sequence(
+    plain(_overlapping_slices, {"w": (D, 2 * D)}), 51, out_shape=(T, D)
+  ),
+  "param_only_flipped_kernel": lambda: shaped(
+    plain(_flipped_kernel, {"k": (3, 3, 2, 3)}), 52, in_shape=(6, 5, 2)
+  ),
+  "param_only_weightnorm_by_hand": lambda: sequence(
+    plain(_weightnorm_by_hand, {"v": (D, D), "g": (D,)}), 53
+  ),
+  "param_only_linen_weightnorm": lambda: sequence(linen(nn.WeightNorm(nn.Dense(D))), 54),
+  "param_only_eqx_weightnorm": lambda: sequence(
+    eqx_model(lambda k: EqxSequence(eqx.nn.WeightNorm(eqx.nn.Linear(D, D, key=k)))), 56
+  ),
+  "param_only_scalar_scale": lambda: sequence(
+    plain(lambda p, x: jnp.tanh(x * p["s"]) @ p["w"], {"s": (), "w": (D, D)}), 57
+  ),
 }
 
 test_zoo_matches_vmap_of_grad, test_zoo_plan_materializes_nothing = zoo_tests(MODELS, RULES)

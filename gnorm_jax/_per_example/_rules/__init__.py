@@ -48,12 +48,35 @@ from gnorm_jax._per_example._jaxpr import Eqn
 # sees through them. Others in CHAIN_OPS are exact for the direct route only.
 LAYOUT_OPS = frozenset({"transpose", "convert_element_type", "copy", "copy_p", "reduce_precision"})
 SCALAR_OPS = frozenset({"neg", "mul", "div"})  # with a literal scalar operand
-CHAIN_OPS = LAYOUT_OPS | SCALAR_OPS | frozenset({
-    "reshape", "squeeze", "expand_dims", "broadcast_in_dim", "add", "sub", "integer_pow",
-    "exp", "log", "tanh", "logistic", "sqrt", "rsqrt", "abs", "square",
-    # parts of the parameter (fused gate kernels split, W[:, :k], a flipped kernel)
-    "slice", "split", "dynamic_slice", "rev", "pad",
-})
+CHAIN_OPS = (
+  LAYOUT_OPS
+  | SCALAR_OPS
+  | frozenset(
+    {
+      "reshape",
+      "squeeze",
+      "expand_dims",
+      "broadcast_in_dim",
+      "add",
+      "sub",
+      "integer_pow",
+      "exp",
+      "log",
+      "tanh",
+      "logistic",
+      "sqrt",
+      "rsqrt",
+      "abs",
+      "square",
+      # parts of the parameter (fused gate kernels split, W[:, :k], a flipped kernel)
+      "slice",
+      "split",
+      "dynamic_slice",
+      "rev",
+      "pad",
+    }
+  )
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,8 +182,14 @@ class GhostFn(Protocol):
     coef: the chain's scalar factor (multiply the cotangent factor by it).
   """
 
-  def __call__(self, use: Use, operands: Sequence[jax.Array | None], cot: jax.Array,
-               perm: Sequence[int], coef: complex) -> Ghost | None: ...
+  def __call__(
+    self,
+    use: Use,
+    operands: Sequence[jax.Array | None],
+    cot: jax.Array,
+    perm: Sequence[int],
+    coef: complex,
+  ) -> Ghost | None: ...
 
 
 class FlopsFn(Protocol):
@@ -226,8 +255,9 @@ def layout_of(groups: dict[str, tuple]) -> tuple[tuple, bool]:
   return (tuple(sorted(groups["head"])), tuple(sorted(p)), tuple(sorted(q))), swapped
 
 
-def to_factor(x: jax.Array, head: list, pos: list, feat: list, feat_leaf_axes: list,
-              head_leaf_axes: list) -> jax.Array:
+def to_factor(
+  x: jax.Array, head: list, pos: list, feat: list, feat_leaf_axes: list, head_leaf_axes: list
+) -> jax.Array:
   """[B, H, T, K] from batched ``x`` [B, ...]: axes of x (single-example numbering)
   for heads, positions and features; heads and features in leaf-axis order."""
   head = [head[i] for i in sorted(range(len(head)), key=lambda i: head_leaf_axes[i])]
@@ -236,7 +266,7 @@ def to_factor(x: jax.Array, head: list, pos: list, feat: list, feat_leaf_axes: l
   x = jnp.transpose(x, order)
   shape = x.shape[1:]
   nh, nt = len(head), len(pos)
-  return x.reshape(x.shape[0], size(shape[:nh]), size(shape[nh:nh + nt]), size(shape[nh + nt:]))
+  return x.reshape(x.shape[0], size(shape[:nh]), size(shape[nh : nh + nt]), size(shape[nh + nt :]))
 
 
 _LOADED: list[str] = []

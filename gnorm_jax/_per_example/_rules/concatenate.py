@@ -21,5 +21,4 @@ def _direct_flops(use):
   return 2 * size(use.operand_aval(use.operand).shape)
 
 
-RULE = register(Rule("concatenate", ("concatenate",), _match, None, _direct_flops,
-                     records=False))
+RULE = register(Rule("concatenate", ("concatenate",), _match, None, _direct_flops, records=False))

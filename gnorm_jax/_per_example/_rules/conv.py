@@ -19,14 +19,14 @@ import jax.numpy as jnp
 from jax import lax
 
 from gnorm_jax._per_example._rules import (
-    ACCEPT,
-    Dense,
-    Ghost,
-    Rule,
-    layout_of,
-    refuse,
-    register,
-    size,
+  ACCEPT,
+  Dense,
+  Ghost,
+  Rule,
+  layout_of,
+  refuse,
+  register,
+  size,
 )
 
 
@@ -52,9 +52,18 @@ def _ghost(use, operands, cot, perm, coef):
   taps = [kernel[d] for d in rhs_spec[2:]]
   groups = p["feature_group_count"]
   x = operands[0]
-  patches = jax.vmap(lambda x: lax.conv_general_dilated_patches(
-      x, taps, p["window_strides"], p["padding"], p["lhs_dilation"], p["rhs_dilation"],
-      p["dimension_numbers"], precision=lax.Precision.HIGHEST))(x)
+  patches = jax.vmap(
+    lambda x: lax.conv_general_dilated_patches(
+      x,
+      taps,
+      p["window_strides"],
+      p["padding"],
+      p["lhs_dilation"],
+      p["rhs_dilation"],
+      p["dimension_numbers"],
+      precision=lax.Precision.HIGHEST,
+    )
+  )(x)
   b = x.shape[0]
   a = _positions_last(patches, out_spec)  # features: (input channel, taps…)
   t = a.shape[1]

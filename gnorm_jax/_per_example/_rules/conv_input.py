@@ -18,5 +18,4 @@ def _match(eqn, operand):
 
 
 # The input's vjp, a transposed convolution, costs what the kernel's does.
-RULE = register(Rule("conv_input", ("conv_general_dilated",), _match, None,
-                     conv.RULE.direct_flops))
+RULE = register(Rule("conv_input", ("conv_general_dilated",), _match, None, conv.RULE.direct_flops))

@@ -8,15 +8,15 @@ activation over O's contracted axes times the cotangent over O's free axes.
 from __future__ import annotations
 
 from gnorm_jax._per_example._rules import (
-    ACCEPT,
-    Dense,
-    Ghost,
-    Rule,
-    layout_of,
-    refuse,
-    register,
-    size,
-    to_factor,
+  ACCEPT,
+  Dense,
+  Ghost,
+  Rule,
+  layout_of,
+  refuse,
+  register,
+  size,
+  to_factor,
 )
 
 

@@ -29,6 +29,7 @@ def _elementwise_flops(use):
   return 2 * size(use.out_aval.shape)
 
 
-BIAS = register(Rule("bias", ("add", "sub", "add_any"), _binary, None, _elementwise_flops,
-                    records=False))
+BIAS = register(
+  Rule("bias", ("add", "sub", "add_any"), _binary, None, _elementwise_flops, records=False)
+)
 SCALE = register(Rule("scale", ("mul",), _binary, None, _elementwise_flops))

@@ -15,15 +15,15 @@ import jax.numpy as jnp
 from jax import lax
 
 from gnorm_jax._per_example._rules import (
-    ACCEPT,
-    Dense,
-    Ghost,
-    Index,
-    Rule,
-    refuse,
-    register,
-    size,
-    to_factor,
+  ACCEPT,
+  Dense,
+  Ghost,
+  Index,
+  Rule,
+  refuse,
+  register,
+  size,
+  to_factor,
 )
 
 
@@ -40,11 +40,15 @@ def _lookup_axis(eqn) -> int | None:
   starts, collapsed = tuple(dn.start_index_map), tuple(dn.collapsed_slice_dims)
   narrow = [d for d in starts if sizes[d] != shape[d]]
   axis = collapsed[0] if len(collapsed) == 1 else (narrow[0] if len(narrow) == 1 else None)
-  if (axis is None or axis not in starts or collapsed not in ((axis,), ())
-      or sizes != tuple(1 if d == axis else n for d, n in enumerate(shape))
-      or tuple(getattr(dn, "operand_batching_dims", ())) != ()
-      or eqn.in_avals[1].shape[-1:] != (len(starts),)
-      or (starts != (axis,) and eqn.params["mode"] == lax.GatherScatterMode.FILL_OR_DROP)):
+  if (
+    axis is None
+    or axis not in starts
+    or collapsed not in ((axis,), ())
+    or sizes != tuple(1 if d == axis else n for d, n in enumerate(shape))
+    or tuple(getattr(dn, "operand_batching_dims", ())) != ()
+    or eqn.in_avals[1].shape[-1:] != (len(starts),)
+    or (starts != (axis,) and eqn.params["mode"] == lax.GatherScatterMode.FILL_OR_DROP)
+  ):
     return None
   return axis
 
@@ -77,7 +81,8 @@ def _ghost(use, operands, cot, perm, coef):
   feat_axes = [d for d in range(len(perm)) if d != axis]
   feat = [offset[d] for d in feat_axes]
   pos = [d for d in range(out_nd) if d not in dn.offset_dims] + (
-      [offset[axis]] if axis in offset else [])
+    [offset[axis]] if axis in offset else []
+  )
   f_leaf = [perm[d] for d in feat_axes]
   g = to_factor(cot, [], pos, feat, f_leaf, [])
   if coef != 1:

@@ -19,6 +19,7 @@ should not pay.
 from __future__ import annotations
 
 import math
+import secrets
 import warnings
 from typing import Any, Callable, Iterator, NamedTuple
 
@@ -183,7 +184,7 @@ def dp_noise(
   noise_multiplier: float | jax.Array,
   *,
   batch_size: float | jax.Array,
-  seed: int | jax.Array = 0,
+  seed: int | jax.Array | None = None,
 ) -> optax.GradientTransformation:
   r"""Adds the Gaussian noise of DP-SGD to a clipped gradient sum (Abadi et al. 2016).
 
@@ -201,7 +202,19 @@ def dp_noise(
   that is the same std everywhere, from the whole tree's Δ.
 
   The PRNG key lives in the state and is split at every step: fresh noise each
-  step, the same sequence for the same ``seed``. The noise is drawn and added
+  step, the same sequence for the same ``seed``.
+
+  .. warning::
+    The noise is only private if nobody can regenerate it. With no ``seed``
+    (the default), the seed is drawn from the operating system's
+    cryptographic source (:func:`secrets.randbits`) when ``dp_noise`` is
+    called; keep it secret. A fixed, known seed (``seed=0`` in a published
+    script) lets anyone subtract the noise and voids the guarantee: pass one
+    only for tests and reproducible experiments. Also, float32 normals from a
+    PRNG take finitely many values, a gap floating-point attacks exploit
+    (Mironov 2012); the guarantee computed by :func:`dp_epsilon` assumes
+    ideal real-valued Gaussian noise.
+ The noise is drawn and added
   in the update's dtype, at least float32, and the result cast back, so
   bfloat16/float16 updates keep their dtype; under x64 the std σΔ is computed
   in float64. Python-number leaves are taken as arrays. ``noise_multiplier=0`` returns
@@ -218,8 +231,10 @@ def dp_noise(
       ``optax.inject_hyperparams`` it is kept as it is, not traced.
     noise_multiplier: σ ≥ 0, finite.
     batch_size: the expected batch size B = qN > 0 (a float is fine).
-    seed: an integer in [-2**63, 2**63) seeding the PRNG key of the state, or
-      a PRNG key (``jax.random.key``) to start from.
+    seed: None (the default: 63 bits from the operating system's
+      cryptographic source, different at every call), an integer in
+      [-2**63, 2**63) seeding the PRNG key of the state, or a PRNG key
+      (``jax.random.key``) to start from.
 
   Returns:
     An ``optax.GradientTransformation`` with state :class:`DPNoiseState`. It
@@ -277,7 +292,7 @@ def dp_noise(
     finite=True,
     fix="Pass the expected batch size q·N under Poisson sampling (e.g. 256).",
   )
-  seed = _check_seed(seed)
+  seed = secrets.randbits(63) if seed is None else _check_seed(seed)
 
   def init_fn(params):
     del params

@@ -488,3 +488,15 @@ def test_poisson_batches_size_error_has_no_optax_advice():
   with pytest.raises(TypeError, match=r"max_batch_size must be a Python int") as info:
     gnorm_jax.poisson_batches(10, 0.1, max_batch_size=2.0)
   assert "inject_hyperparams" not in str(info.value)
+
+
+def test_default_seed_is_drawn_from_the_os_not_fixed():
+  """With no seed, two transformations draw different noise (nobody can regenerate it);
+  an explicit seed reproduces its noise."""
+  grads = jnp.zeros(1000)
+  draw = lambda tx: np.asarray(tx.update(grads, tx.init(grads))[0])
+  a, b = (draw(gnorm_jax.dp_noise(1.0, 1.0, batch_size=1)) for _ in range(2))
+  assert not np.array_equal(a, b)
+  assert abs(np.std(a) - 1.0) < 0.1 and abs(np.std(b) - 1.0) < 0.1  # still N(0, σ²C²)
+  c, d = (draw(gnorm_jax.dp_noise(1.0, 1.0, batch_size=1, seed=3)) for _ in range(2))
+  np.testing.assert_array_equal(c, d)

@@ -158,7 +158,8 @@ def _zero_count() -> jax.Array:
 class AutoClipState(NamedTuple):
   """State of :func:`autoclip`."""
 
-  count: jax.Array  # () int32: steps taken
+  # The field name of optax's states; it shadows tuple.count, which mypy reports.
+  count: jax.Array  # type: ignore[assignment]  # () int32: steps taken
   grad_norm: jax.Array  # () float: global norm at the last step, before clipping
   max_norm: jax.Array  # () float: threshold of the last step (inf before any)
   history: jax.Array  # (history,) float: ring buffer of finite norms, inf = empty
@@ -259,7 +260,8 @@ def autoclip(quantile: Any = 0.1, *, history: int = 1000) -> optax.GradientTrans
 class ZClipState(NamedTuple):
   """State of :func:`zclip`."""
 
-  count: jax.Array  # () int32: steps taken
+  # The field name of optax's states; it shadows tuple.count, which mypy reports.
+  count: jax.Array  # type: ignore[assignment]  # () int32: steps taken
   grad_norm: jax.Array  # () float: global norm at the last step, before clipping
   max_norm: jax.Array  # () float: threshold of the last step (see zclip)
   mean: jax.Array  # () float: EMA mean of (clipped) norms; warm-up: plain mean
@@ -438,7 +440,8 @@ def zclip(
 class QuantileClipState(NamedTuple):
   """State of :func:`quantile_clip`."""
 
-  count: jax.Array  # () int32: steps taken
+  # The field name of optax's states; it shadows tuple.count, which mypy reports.
+  count: jax.Array  # type: ignore[assignment]  # () int32: steps taken
   grad_norm: jax.Array  # () float: global norm at the last step, before clipping
   max_norm: jax.Array  # () float: threshold C of the last step
   next_max_norm: jax.Array  # () float: threshold C for the next step
@@ -574,7 +577,8 @@ def quantile_clip(
 class SkipSpikesState(NamedTuple):
   """State of :func:`skip_spikes`."""
 
-  count: jax.Array  # () int32: steps taken, skipped ones included
+  # The field name of optax's states; it shadows tuple.count, which mypy reports.
+  count: jax.Array  # type: ignore[assignment]  # () int32: steps taken, skipped ones included
   grad_norm: jax.Array  # () float: global norm of the last incoming update
   max_norm: jax.Array  # () float: skip threshold of the last step (inf before warmup_steps)
   history: jax.Array  # (history,) float: finite norms (skipped ones at the threshold), inf = empty

@@ -23,7 +23,7 @@ import inspect
 import math
 import numbers
 import operator
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Literal, NoReturn, Sequence, cast, overload
 
 import jax
 import jax.numpy as jnp
@@ -41,7 +41,7 @@ def is_traced(value: Any) -> bool:
   return _is_traced(value)
 
 
-def _fail_type(name: str, value: Any, what: str, fix: str) -> None:
+def _fail_type(name: str, value: Any, what: str, fix: str) -> NoReturn:
   raise TypeError(
     f"{name} must be {what}, got {name}={value!r} ({type(value).__name__}). {fix}".rstrip()
   )
@@ -69,8 +69,12 @@ def concrete_number(name: str, value: Any, fix: str = "") -> int | float | None:
     if value.ndim != 0:
       _fail_type(name, value, f"a scalar, not an array of shape {tuple(value.shape)}", fix)
     return value.item()
-  if isinstance(value, numbers.Real):
+  if isinstance(value, (int, float)):
     return value
+  if isinstance(value, numbers.Real):
+    # Another Real (e.g. fractions.Fraction) is returned as it is: it supports the
+    # comparisons and float() that the checks apply to an int or float.
+    return cast(float, value)
   _fail_type(name, value, what, fix)
 
 
@@ -159,10 +163,11 @@ def check_argnums(name: str, argnums: Any, fix: str = "") -> tuple[int, ...]:
       are not ints); the message ends with ``fix``.
     ValueError: some entries are negative (the message names them).
   """
-  nums = argnums if isinstance(argnums, (tuple, list)) else (argnums,)
+  given = argnums if isinstance(argnums, (tuple, list)) else (argnums,)
+  nums: tuple[int, ...] = ()
   try:
-    ok = bool(nums) and not any(isinstance(a, (bool, np.bool_)) for a in nums)
-    nums = tuple(operator.index(a) for a in nums) if ok else ()
+    ok = bool(given) and not any(isinstance(a, (bool, np.bool_)) for a in given)
+    nums = tuple(operator.index(a) for a in given) if ok else ()
   except TypeError:
     ok = False
   if not ok:
@@ -227,6 +232,16 @@ def check_bool(name: str, value: Any, fix: str = "") -> bool:
   if not isinstance(value, (bool, np.bool_)):
     raise TypeError(f"{name} must be True or False, got {name}={value!r}. {fix}".rstrip())
   return bool(value)
+
+
+@overload
+def check_count(
+  name: str, value: Any, *, allow_none: Literal[False] = False, fix: str = ""
+) -> int: ...
+
+
+@overload
+def check_count(name: str, value: Any, *, allow_none: bool, fix: str = "") -> int | None: ...
 
 
 def check_count(name: str, value: Any, *, allow_none: bool = False, fix: str = "") -> int | None:

@@ -142,7 +142,7 @@ def _per_leaf_thresholds(max_norm: Any, norms: Any) -> Any:
 def _act_on_norm(
   norm_fn: Callable[[Any], Any],
   state_cls: type,
-  act: Callable[[Any, Any], Any],
+  act: Callable[[Any, Any, Any], Any],
   thresholds: Callable[[Any], Any] | None = None,
 ) -> optax.GradientTransformation:
   """The transformation ``updates ↦ act(updates, *norm_fn(updates))``.

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import secrets
 import warnings
-from typing import Any, Callable, Iterator, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple, Required, TypedDict
 
 import jax
 import jax.numpy as jnp
@@ -73,26 +73,38 @@ def _host_number(name: str, value: Any, fix: str, **requirements: Any) -> int | 
   return number
 
 
-_NOISE_MULTIPLIER = dict(
+class _Requirements(TypedDict, total=False):
+  """Keyword arguments of check_number: what a hyperparameter must be."""
+
+  low: float
+  high: float
+  low_open: bool
+  high_open: bool
+  finite: bool
+  integer: bool
+  fix: Required[str]
+
+
+_NOISE_MULTIPLIER = _Requirements(
   low=0,
   finite=True,
   fix="It is σ, the noise std in units of the sensitivity (e.g. 1.0; 0 adds no noise).",
 )
-_SAMPLING_RATE = dict(
+_SAMPLING_RATE = _Requirements(
   low=0,
   low_open=True,
   high=1,
   fix="It is q, each example's probability of being in a batch (e.g. 256 / N).",
 )
-_STEPS = dict(low=1, integer=True, fix="Pass the number of training steps (e.g. 1000).")
-_DELTA = dict(
+_STEPS = _Requirements(low=1, integer=True, fix="Pass the number of training steps (e.g. 1000).")
+_DELTA = _Requirements(
   low=0,
   high=1,
   low_open=True,
   high_open=True,
   fix="Pick δ well below 1/N for N examples (e.g. 1e-5).",
 )
-_NUM_EXAMPLES = dict(low=1, integer=True, fix="Pass the number of training examples N.")
+_NUM_EXAMPLES = _Requirements(low=1, integer=True, fix="Pass the number of training examples N.")
 
 
 def _check_accounting(sampling_rate: Any, steps: Any, delta: Any, accountant: Any):
@@ -169,7 +181,8 @@ def _check_updates(updates: Any, max_norm: Any) -> None:
   treedef = jax.tree.structure(max_norm)
   if not jax.tree_util.treedef_is_leaf(treedef):
     try:
-      treedef.flatten_up_to(updates)
+      # PyTreeDef comes from jaxlib's C extension, which has no type stubs.
+      treedef.flatten_up_to(updates)  # type: ignore[attr-defined]
     except (ValueError, TypeError) as error:
       raise ValueError(
         f"A per-layer max_norm must be a prefix of the update tree (one threshold per"

@@ -423,7 +423,10 @@ def leaf_norms_split(tree: Any, ord: Any = None) -> tuple[Any, Any]:
   leaves = _checked_leaves(tree)
   pairs = _norms([[x] for x in leaves], ord)
   treedef = jax.tree.structure(tree)
-  return treedef.unflatten([m for m, _ in pairs]), treedef.unflatten([r for _, r in pairs])
+  return (
+    jax.tree.unflatten(treedef, [m for m, _ in pairs]),
+    jax.tree.unflatten(treedef, [r for _, r in pairs]),
+  )
 
 
 def sum_of_squares(x: jax.Array) -> jax.Array:

@@ -63,7 +63,7 @@ def _squared_l2(tree: Any) -> jax.Array:
   leaves = jax.tree.leaves(tree)
   if not leaves:
     return jnp.zeros((), jnp.float32)
-  return sum(sum_of_squares(jnp.asarray(x)) for x in leaves)
+  return jnp.asarray(sum(sum_of_squares(jnp.asarray(x)) for x in leaves))
 
 
 def _penalty_fn(squared: bool, ord: Any) -> Callable[[Any], jax.Array]:
@@ -404,7 +404,7 @@ def _input_grads(critic: Callable[[Any], jax.Array], x: Any) -> Any:
 
 def _per_example_sq_norms(grads: Any) -> jax.Array:
   """‖gᵢ‖² over all leaves and non-batch axes: shape [B], at least float32."""
-  return sum(jax.vmap(sum_of_squares)(g) for g in jax.tree.leaves(grads))
+  return jnp.asarray(sum(jax.vmap(sum_of_squares)(g) for g in jax.tree.leaves(grads)))
 
 
 def _check_batch(x: Any, name: str) -> None:
@@ -571,7 +571,8 @@ def interpolate(key: jax.Array, real: Any, fake: Any) -> Any:
     https://arxiv.org/abs/1704.00028
   """
   _check_batch(real, "real")
-  if jax.tree.structure(real) != jax.tree.structure(fake) or any(
+  # PyTreeDef comes from jaxlib's C extension, which has no type stubs.
+  if jax.tree.structure(real) != jax.tree.structure(fake) or any(  # type: ignore[operator]
     jnp.shape(r) != jnp.shape(f) for r, f in zip(jax.tree.leaves(real), jax.tree.leaves(fake))
   ):
     raise ValueError(

@@ -30,7 +30,8 @@ _REDUCTIONS = ("mean", "sum")
 
 
 def _as_tuple(nums: int | Sequence[int]) -> tuple[int, ...]:
-  return tuple(nums) if isinstance(nums, (tuple, list)) else (nums,)
+  """Checked argnums (an int, or a tuple or list of ints) as a tuple."""
+  return tuple(nums) if isinstance(nums, Sequence) else (nums,)
 
 
 class _PerExample:
@@ -123,7 +124,10 @@ class _PerExample:
             f"parameters must be floating point to be differentiated; argument {i} has a"
             f" leaf {jax.tree_util.keystr(path)} of dtype {jnp.result_type(x)}."
           )
-    return distinct.pop()
+    size = distinct.pop()
+    if size is None:  # not reached: a scalar leaf was rejected above
+      raise AssertionError("a batched leaf has no batch axis")
+    return size
 
   def _params(self, args):
     params = tuple(args[i] for i in self.argnums)
@@ -180,7 +184,7 @@ class _PerExample:
     batch_positions = [
       offsets[i] + j for i in self.batch_argnums for j in range(len(arg_leaves[i]))
     ]
-    param_positions = {}
+    param_positions: dict[int, int] = {}  # flat position -> parameter leaf
     for i in self.argnums:
       for j in range(len(arg_leaves[i])):
         param_positions[offsets[i] + j] = len(param_positions)
@@ -698,9 +702,9 @@ def clipped_grad(
   return clipped_fn
 
 
-if per_example_grad_norms.__doc__:  # None under python -OO
-  per_example_grad_norms.__doc__ = per_example_grad_norms.__doc__.replace("{rules}", _RULES_DOC)
-  clipped_grad.__doc__ = clipped_grad.__doc__.replace("{rules}", _RULES_DOC)
+for _documented in (per_example_grad_norms, clipped_grad):
+  if _documented.__doc__:  # None under python -OO
+    _documented.__doc__ = _documented.__doc__.replace("{rules}", _RULES_DOC)
 
 
 def per_example_plan(

@@ -80,8 +80,9 @@ def direct_grads(
   it is the vjp of the uses' equations, vmapped over the batch.
   """
   gs = ghosts(uses, operands, cots, w.ndim)
-  if all(g is not None for g in gs) and len({g.layout for g in gs}) == 1:
-    return factor_grads(gs, w)
+  found = [g for g in gs if g is not None]
+  if len(found) == len(gs) and len({g.layout for g in found}) == 1:
+    return factor_grads(found, w)
   ops = [operands[u.key] for u in uses]
   cs = [cots[u.key] for u in uses]
   return jax.vmap(lambda o, c: one_grad(uses, o, c, w, params))(ops, cs)

@@ -103,8 +103,18 @@ def _amax(x: jax.Array, acc) -> jax.Array:
   return jnp.max(jnp.abs(x), axis=tuple(range(1, x.ndim)), initial=0).astype(acc)
 
 
-def ghosts(uses: list[Use], operands: dict, cots: dict, ndim: int) -> list[Ghost]:
+def ghosts(uses: list[Use], operands: dict, cots: dict, ndim: int) -> list[Ghost | None]:
   return [use_ghost(u, operands[u.key], cots[u.key], ndim) for u in uses]
+
+
+def planned_ghosts(uses: list[Use], operands: dict, cots: dict, ndim: int) -> list[Ghost]:
+  """:func:`ghosts` of a leaf the plan routed to "ghost": every use has factors (the
+  plan found them on the same shapes)."""
+  gs = ghosts(uses, operands, cots, ndim)
+  found = [g for g in gs if g is not None]
+  if len(found) != len(gs):
+    raise AssertionError("a use of a ghost-routed leaf has no ghost factors")
+  return found
 
 
 def ghost_norms(gs: list[Ghost], exact: Callable[[jax.Array], jax.Array]) -> jax.Array:
@@ -117,15 +127,16 @@ def ghost_norms(gs: list[Ghost], exact: Callable[[jax.Array], jax.Array]) -> jax
 
 def ghost_terms(gs: list[Ghost]) -> tuple[jax.Array, jax.Array]:
   """([B] ghost norms, [B] bool: the sum may have lost more than GHOST_RTOL)."""
-  dense = [g for g in gs if isinstance(g.p, Dense)]
-  index = [g for g in gs if isinstance(g.p, Index)]
+  # (P, Q) factors of the uses, those with dense P first.
+  dense = [(g.p, g.q) for g in gs if isinstance(g.p, Dense)]
+  index = [(g.p, g.q) for g in gs if isinstance(g.p, Index)]
   acc = acc_dtype(
-    jnp.result_type(*[g.q.value.dtype for g in gs], *[g.p.value.dtype for g in dense])
+    jnp.result_type(*[g.q.value.dtype for g in gs], *[p.value.dtype for p, _ in dense])
   )
   real = jnp.finfo(acc).dtype
   # Per-example powers of two: every term of the sum has two cotangent factors,
   # and (without index factors) two activation factors.
-  kinds = {"cot": [], "act": []}
+  kinds: dict[str, list[jax.Array]] = {"cot": [], "act": []}
   for g in gs:
     for f in (g.p, g.q):
       if isinstance(f, Dense):
@@ -135,20 +146,21 @@ def ghost_terms(gs: list[Ghost]) -> tuple[jax.Array, jax.Array]:
     for k, v in kinds.items()
   }
 
-  def scaled(f):
+  def scaled(f: Dense) -> jax.Array:
     x = f.value.astype(acc)
-    if e[f.kind] is None:
+    exponent = e[f.kind]
+    if exponent is None:
       return x
-    return x * jnp.ldexp(jnp.ones((), real), -e[f.kind])[:, None, None, None]
+    return x * jnp.ldexp(jnp.ones((), real), -exponent)[:, None, None, None]
 
-  q = jnp.concatenate([scaled(g.q) for g in dense + index], axis=2)
+  q = jnp.concatenate([scaled(qf) for _, qf in dense + index], axis=2)
   blocks, diag_p = [], []
   if dense:
-    pd = jnp.concatenate([scaled(g.p) for g in dense], axis=2)
+    pd = jnp.concatenate([scaled(p) for p, _ in dense], axis=2)
     diag_p.append(jnp.sum(jnp.abs(pd) ** 2, axis=-1))
   if index:
-    idx = jnp.concatenate([g.p.index for g in index], axis=2)
-    valid = jnp.concatenate([g.p.valid for g in index], axis=2)
+    idx = jnp.concatenate([p.index for p, _ in index], axis=2)
+    valid = jnp.concatenate([p.valid for p, _ in index], axis=2)
     diag_p.append(valid.astype(real))
     ii = (
       (idx[..., :, None] == idx[..., None, :]) & valid[..., :, None] & valid[..., None, :]
@@ -166,7 +178,7 @@ def ghost_terms(gs: list[Ghost]) -> tuple[jax.Array, jax.Array]:
   s = jnp.real(jnp.sum(pg * _gram(q, q), axis=(1, 2, 3)))
   bound = jnp.sum(jnp.concatenate(diag_p, axis=2) * jnp.sum(jnp.abs(q) ** 2, axis=-1), axis=(1, 2))
   t = q.shape[2]
-  k = q.shape[3] + max([g.p.value.shape[-1] for g in dense], default=1)
+  k = q.shape[3] + max([p.value.shape[-1] for p, _ in dense], default=1)
   tol = 4 * float(jnp.finfo(real).eps) * (math.sqrt(k) + t) / GHOST_RTOL
   suspect = ~jnp.isfinite(s) | (s < tol * bound)
   shift = sum(x for x in e.values() if x is not None)
@@ -182,7 +194,7 @@ def factor_grads(
   ``keep`` is False are zeroed first (a non-finite example cannot reach the
   sum through 0·inf)."""
   head, pa, qa = gs[0].layout
-  total = 0
+  total: jax.Array | int = 0
   for g in gs:
     q = g.q.value
     if keep is not None:
@@ -205,6 +217,8 @@ def factor_grads(
       spec = "bhtp,bhtq->bhpq" if weights is None else "bhtp,bhtq->hpq"
       out = jnp.einsum(spec, pv, q, precision=lax.Precision.HIGHEST)
       total = total + (out if weights is None else out[None])
+  if isinstance(total, int):  # not reached: gs[0] above fails for no ghosts
+    raise ValueError("factor_grads needs at least one ghost")
   b = total.shape[0]
   groups = [e for e in head if not isinstance(e, int)]
   if groups:  # ("split", axis, G): G groups of one axis (grouped convolutions)

@@ -100,7 +100,7 @@ PLAIN = make_run({}, {}, {})  # evaluates a body as it is
 def _remat(eqn, invals, key, perts, operands, inner, run):
   (body,) = eqn.bodies
 
-  def fn(args, ps):
+  def fn(args: list, ps: dict) -> tuple[list, dict]:
     ops: dict = {}
     outs = run(body, args, key, ps, ops)
     return outs, ops
@@ -112,15 +112,25 @@ def _remat(eqn, invals, key, perts, operands, inner, run):
   return outs
 
 
-def _scan(eqn, invals, key, perts, operands, inner, run):
+def _scan(
+  eqn: _jaxpr.Eqn,
+  invals: list,
+  key: tuple,
+  perts: dict,
+  operands: dict,
+  inner: dict,
+  run: Callable[..., list],
+) -> list:
   s = eqn.scan
+  if s is None:  # not reached: the caller checked eqn.kind == SCAN
+    raise AssertionError(f"the equation at {key} is not a scan")
   nc, nk = s.num_consts, s.num_carry
   (body,) = eqn.bodies
   consts, init, xs = invals[:nc], invals[nc : nc + nk], invals[nc + nk :]
 
   layout: list = []  # where each recorded operand sits among the distinct values
 
-  def step(carry, x):
+  def step(carry: list, x: tuple[list, dict]) -> tuple[list, tuple[list, list]]:
     x_vals, ps = x
     ops: dict = {}
     outs = run(body, [*consts, *carry, *x_vals], key, ps, ops)
@@ -130,7 +140,7 @@ def _scan(eqn, invals, key, perts, operands, inner, run):
     index: dict = {}
     layout.clear()
     for k, vals in ops.items():
-      row = []
+      row: list[int | None] = []
       for v in vals:
         if v is None:
           row.append(None)
@@ -161,7 +171,7 @@ def _switch(eqn, invals, key, perts, operands, inner, run):
   ps = {k: perts[k] for k in inner}
 
   def branch_fn(b):
-    def fn(args, ps):
+    def fn(args: list, ps: dict) -> tuple[list, dict]:
       ops: dict = {}
       outs = run(branches[b], args, key + (b,), ps, ops)
       return outs, ops
@@ -210,7 +220,7 @@ def batched_pass(
   uses = {k: u for k, u in uses.items() if k not in streamed}
   run = make_run(uses, streams, tangents)
 
-  def single(fb_vals, perts, batch_vals):
+  def single(fb_vals: list, perts: dict, batch_vals: list) -> tuple[jax.Array, tuple[dict, list]]:
     leaves = dict(enumerate(params_flat))
     leaves.update(zip(fallback, fb_vals))
     operands: dict = {}

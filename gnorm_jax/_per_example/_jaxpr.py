@@ -157,7 +157,7 @@ class Body:
 def read(closed: Any) -> Body:
   """The :class:`Body` of a jaxpr as ``jax.make_jaxpr`` returns it (any JAX version)."""
   body, why = _read(closed, {})
-  if why:
+  if body is None:  # _read gives a Body, or None and why not
     raise NotImplementedError(f"gnorm_jax cannot read this JAX version's jaxpr: {why}")
   return body
 

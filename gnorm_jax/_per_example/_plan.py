@@ -109,7 +109,8 @@ def plan_leaf(uses: list[Use], w: Any, b: int) -> LeafRoute:
   if not uses:
     return LeafRoute("unused", 0, 0)
   direct_flops = sum(u.rule.direct_flops(u) * math.prod(u.steps) for u in uses)
-  direct = LeafRoute("direct", b * (direct_flops + 2 * n), b * n * itemsize)
+  direct_total = b * (direct_flops + 2 * n)
+  direct = LeafRoute("direct", direct_total, b * n * itemsize)
   statics = [_ghost_static(u, len(w.shape)) for u in uses]
   if any(s is None for s in statics) or len({s[0] for s in statics}) != 1:
     return direct
@@ -119,12 +120,9 @@ def plan_leaf(uses: list[Use], w: Any, b: int) -> LeafRoute:
   kp = max([s[3] for s in statics if not s[5]], default=1)
   kq = statics[0][4]
   acc = 8 if jnp.issubdtype(w.dtype, jnp.complexfloating) else 4
-  ghost = LeafRoute(
-    "ghost",
-    b * h * (2 * t_dense * t_dense * kp + 2 * t * t * kq + 4 * t * t),
-    b * h * t * t * 2 * acc,
-  )
-  return ghost if ghost.flops <= direct.flops else direct
+  ghost_total = b * h * (2 * t_dense * t_dense * kp + 2 * t * t * kq + 4 * t * t)
+  ghost = LeafRoute("ghost", ghost_total, b * h * t * t * 2 * acc)
+  return ghost if ghost_total <= direct_total else direct
 
 
 def plan_streams(program: Program, routes: dict, params_flat: list) -> dict:
@@ -162,9 +160,12 @@ def plan_streams(program: Program, routes: dict, params_flat: list) -> dict:
       for leaf in leaves
     }
     w = {leaf: params_flat[leaf] for leaf in leaves}
+    scan = path[-1].scan
+    if scan is None:  # not reached: the keys of scan_slices are scans
+      raise AssertionError(f"the equation at {skey} is not a scan")
     streams[skey] = Stream(
       skey,
-      path[-1].scan.length,
+      scan.length,
       dict(slots),
       leaves,
       rerooted,

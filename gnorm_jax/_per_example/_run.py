@@ -28,7 +28,7 @@ from gnorm_jax._per_example._direct import (
   per_example_norms,
   weighted_sum,
 )
-from gnorm_jax._per_example._ghost import factor_grads, ghost_norms, ghosts, keep_rows
+from gnorm_jax._per_example._ghost import factor_grads, ghost_norms, keep_rows, planned_ghosts
 from gnorm_jax._per_example._interpret import PLAIN, batched_pass
 from gnorm_jax._per_example._jaxpr import Body
 from gnorm_jax._per_example._plan import Plan
@@ -145,21 +145,25 @@ def run(
       b,
       dtype,
     )
-  streamed = {}  # leaf -> its norms [B] and suspect flags [B]
+  stream_stats = {}  # leaf -> its norms [B] and suspect flags [B]
   for skey, st in streams.items():
-    for n, leaf in enumerate(st.leaves):
-      per_step = cots[skey][:, :, n]
-      streamed[leaf] = (jax.vmap(tree_norm)(per_step[..., 0]), jnp.any(per_step[..., 1] > 0, 1))
-  if streamed:
-    order = sorted(streamed)
-    suspect = jnp.stack([streamed[leaf][1] for leaf in order], axis=1)
-    fast = jnp.stack([streamed[leaf][0] for leaf in order], axis=1)
+    for i, leaf in enumerate(st.leaves):
+      per_step = cots[skey][:, :, i]
+      stream_stats[leaf] = (
+        jax.vmap(tree_norm)(per_step[..., 0]),
+        jnp.any(per_step[..., 1] > 0, 1),
+      )
+  streamed: dict[int, jax.Array] = {}  # leaf -> its norms [B], exact where suspect
+  if stream_stats:
+    order = sorted(stream_stats)
+    suspect = jnp.stack([stream_stats[leaf][1] for leaf in order], axis=1)
+    fast = jnp.stack([stream_stats[leaf][0] for leaf in order], axis=1)
     exact = exact_leaf_norms(traced, batch_flat, order, dtype)
     fixed = lax.cond(
       jnp.any(suspect), lambda: jnp.where(suspect, exact(jnp.any(suspect, 1)), fast), lambda: fast
     )
     streamed = {leaf: fixed[:, n] for n, leaf in enumerate(order)}
-  formed, factors, leaf_norms, taken = {}, {}, [], {}
+  formed, factors, leaf_norm_list, taken = {}, {}, [], {}
   for leaf, w in enumerate(params_flat):
     route = routes[leaf].route
     uses = program.uses.get(leaf, [])
@@ -172,14 +176,14 @@ def run(
       formed[leaf], taken[leaf] = direct_grads(uses, operands, cots, w, params_flat), "direct"
       n = per_example_norms(formed[leaf])
     elif route == "ghost":
-      factors[leaf] = ghosts(uses, operands, cots, w.ndim)  # reused for the clipped sum
+      factors[leaf] = planned_ghosts(uses, operands, cots, w.ndim)  # reused for the clipped sum
       n, taken[leaf] = ghost_norms(factors[leaf], exact_norms(uses, operands, cots, w)), "ghost"
     else:
       n, taken[leaf] = jnp.zeros((b,), dtype), "unused"
-    leaf_norms.append(n.astype(dtype))
+    leaf_norm_list.append(n.astype(dtype))
   if _observe is not None:
     _observe(plan, taken)
-  leaf_norms = jnp.stack(leaf_norms, axis=1) if leaf_norms else jnp.zeros((b, 0), dtype)
+  leaf_norms = jnp.stack(leaf_norm_list, axis=1) if leaf_norm_list else jnp.zeros((b, 0), dtype)
   norms = jax.vmap(tree_norm)(leaf_norms)
   keep = jnp.ones((b,), bool) if mask is None else mask
   if mask is not None:

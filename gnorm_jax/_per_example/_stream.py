@@ -20,7 +20,7 @@ import numpy as np
 from jax import lax
 
 from gnorm_jax._per_example._direct import direct_grads, per_example_norms
-from gnorm_jax._per_example._ghost import ghost_terms, ghosts
+from gnorm_jax._per_example._ghost import ghost_terms, planned_ghosts
 from gnorm_jax._per_example._interpret import PLAIN, make_run
 
 
@@ -75,7 +75,7 @@ class Stream:
         j for j, x in enumerate(args) if j not in slots and jnp.issubdtype(x.dtype, jnp.inexact)
       ]
 
-      def inst(dvals, ps):
+      def inst(dvals: list, ps: dict) -> tuple[list, dict]:
         full = list(args)
         for j, v in zip(diff, dvals):
           full[j] = v
@@ -118,7 +118,7 @@ class Stream:
       ob = {u.key: tuple(None if o is None else o[None] for o in ops[u.key]) for u in us}
       cb = {u.key: cts[u.key][None] for u in us}
       if self.routes[leaf] == "ghost":
-        n, suspect = ghost_terms(ghosts(us, ob, cb, len(shape)))
+        n, suspect = ghost_terms(planned_ghosts(us, ob, cb, len(shape)))
       else:
         n = per_example_norms(direct_grads(us, ob, cb, jnp.zeros(shape, wdtype)))
         suspect = jnp.zeros_like(n, bool)

@@ -116,7 +116,7 @@ def test_chains_with_sgd_under_jit_and_matches_eager():
   updates, _ = jax.jit(exact.update)(grad_sum, exact.init(params), params)
   chex.assert_trees_all_close(updates, jax.tree.map(lambda g: -0.1 * g / 4, grad_sum))
 
-  noisy = optax.chain(gnorm_jax.dp_noise(1.0, 1.0, batch_size=4), optax.sgd(0.1))
+  noisy = optax.chain(gnorm_jax.dp_noise(1.0, 1.0, batch_size=4, seed=0), optax.sgd(0.1))
   state = noisy.init(params)
   eager = noisy.update(grad_sum, state, params)
   jitted = jax.jit(noisy.update)(grad_sum, state, params)

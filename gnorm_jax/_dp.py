@@ -217,18 +217,17 @@ def dp_noise(
   The PRNG key lives in the state and is split at every step: fresh noise each
   step, the same sequence for the same ``seed``.
 
-  .. warning::
-    The noise is only private if nobody can regenerate it. With no ``seed``
-    (the default), the seed is drawn from the operating system's
-    cryptographic source (:func:`secrets.randbits`) when ``dp_noise`` is
-    called; keep it secret. A fixed, known seed (``seed=0`` in a published
-    script) lets anyone subtract the noise and voids the guarantee: pass one
-    only for tests and reproducible experiments. Also, float32 normals from a
-    PRNG take finitely many values, a gap floating-point attacks exploit
-    (Mironov 2012); the guarantee computed by :func:`dp_epsilon` assumes
-    ideal real-valued Gaussian noise.
- The noise is drawn and added
-  in the update's dtype, at least float32, and the result cast back, so
+  **Keep the seed secret.** The noise is only private if nobody can
+  regenerate it. With no ``seed`` (the default), the seed is drawn from the operating system's
+  cryptographic source (:func:`secrets.randbits`) when ``dp_noise`` is
+  called; keep it secret. A fixed, known seed (``seed=0`` in a published
+  script) lets anyone subtract the noise and voids the guarantee: pass one
+  only for tests and reproducible experiments. Also, float32 normals from a
+  PRNG take finitely many values, a gap floating-point attacks exploit
+  (Mironov 2012); the guarantee computed by :func:`dp_epsilon` assumes
+  ideal real-valued Gaussian noise.
+
+  The noise is drawn and added in the update's dtype, at least float32, and the result cast back, so
   bfloat16/float16 updates keep their dtype; under x64 the std σΔ is computed
   in float64. Python-number leaves are taken as arrays. ``noise_multiplier=0`` returns
   exactly ``sum / batch_size`` (under ``jit``, XLA may compute a division by

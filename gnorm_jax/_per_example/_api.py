@@ -518,52 +518,52 @@ def per_example_grad_norms(
 ) -> Callable[..., Any]:
   r"""Returns a function computing the Euclidean norm of every example's gradient.
 
-    .. math::
-      (\theta, x_{1..B}) \mapsto \big(\|\nabla_\theta \ell(\theta, x_i)\|\big)_{i=1}^{B}
+  .. math::
+    (\theta, x_{1..B}) \mapsto \big(\|\nabla_\theta \ell(\theta, x_i)\|\big)_{i=1}^{B}
 
-    ``fun(params, *example)`` is the loss of ONE example; the arguments at
-    ``batch_argnums`` carry a leading batch axis; other arguments (arrays,
-    Python flags) are passed to every example as they are.
+  ``fun(params, *example)`` is the loss of ONE example; the arguments at
+  ``batch_argnums`` carry a leading batch axis; other arguments (arrays,
+  Python flags) are passed to every example as they are.
   {rules}
 
-    Args:
-      fun: the single-example loss, returning a real scalar (``(scalar, aux)``
-        with ``has_aux``).
-      argnums: which argument(s) are the parameters (int or tuple).
-      has_aux: ``fun`` returns ``(value, aux)``; the function then returns
-        ``(norms, aux)`` with every example's aux stacked on a leading axis.
-      batch_argnums: which argument(s) carry the leading batch axis.
-      method: ``"auto"``; ``"ghost"`` (the same, but raise a ValueError naming
-        any leaf no rule recognizes, so nothing is materialized per example);
-        ``"vmap"`` (materialize all per-example gradients: the reference, memory
-        B×P).
+  Args:
+    fun: the single-example loss, returning a real scalar (``(scalar, aux)``
+      with ``has_aux``).
+    argnums: which argument(s) are the parameters (int or tuple).
+    has_aux: ``fun`` returns ``(value, aux)``; the function then returns
+      ``(norms, aux)`` with every example's aux stacked on a leading axis.
+    batch_argnums: which argument(s) carry the leading batch axis.
+    method: ``"auto"``; ``"ghost"`` (the same, but raise a ValueError naming
+      any leaf no rule recognizes, so nothing is materialized per example);
+      ``"vmap"`` (materialize all per-example gradients: the reference, memory
+      B×P).
 
-    Returns:
-      A function ``(*args, mask=None) -> norms`` with ``norms`` of shape ``[B]``,
-      float32 (float64 under x64). ``mask`` ([B] bool, optional): rows with False
-      are padding and get norm 0.
+  Returns:
+    A function ``(*args, mask=None) -> norms`` with ``norms`` of shape ``[B]``,
+    float32 (float64 under x64). ``mask`` ([B] bool, optional): rows with False
+    are padding and get norm 0.
 
-    Raises:
-      TypeError: ``fun`` is not callable, ``argnums`` or ``batch_argnums`` is
-        not an int or a non-empty tuple of ints, or ``has_aux`` is not a bool.
-      ValueError: ``argnums`` and ``batch_argnums`` share a position or have
-        negative entries, or ``method`` is not an accepted value.
+  Raises:
+    TypeError: ``fun`` is not callable, ``argnums`` or ``batch_argnums`` is
+      not an int or a non-empty tuple of ints, or ``has_aux`` is not a bool.
+    ValueError: ``argnums`` and ``batch_argnums`` share a position or have
+      negative entries, or ``method`` is not an accepted value.
 
-    Examples:
-      >>> import jax, jax.numpy as jnp
-      >>> import gnorm_jax
-      >>> def loss(w, x, y):  # one example: x [3], y []
-      ...   return (x @ w - y) ** 2
-      >>> w = jnp.array([1.0, 0.0, 0.0])
-      >>> x, y = jnp.eye(3), jnp.zeros(3)
-      >>> norms = jax.jit(gnorm_jax.per_example_grad_norms(loss, batch_argnums=(1, 2)))(w, x, y)
-      >>> [round(float(n), 4) for n in norms]
-      [2.0, 0.0, 0.0]
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> import gnorm_jax
+    >>> def loss(w, x, y):  # one example: x [3], y []
+    ...   return (x @ w - y) ** 2
+    >>> w = jnp.array([1.0, 0.0, 0.0])
+    >>> x, y = jnp.eye(3), jnp.zeros(3)
+    >>> norms = jax.jit(gnorm_jax.per_example_grad_norms(loss, batch_argnums=(1, 2)))(w, x, y)
+    >>> [round(float(n), 4) for n in norms]
+    [2.0, 0.0, 0.0]
 
-    References:
-      Goodfellow 2015, https://arxiv.org/abs/1510.01799; Li et al. 2021,
-      https://arxiv.org/abs/2110.05679; Bu et al. 2022,
-      https://arxiv.org/abs/2205.10683.
+  References:
+    Goodfellow 2015, https://arxiv.org/abs/1510.01799; Li et al. 2021,
+    https://arxiv.org/abs/2110.05679; Bu et al. 2022,
+    https://arxiv.org/abs/2205.10683.
   """
   spec = _PerExample(fun, argnums, batch_argnums, method, per_example_grad_norms, has_aux=has_aux)
 

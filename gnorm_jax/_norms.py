@@ -7,13 +7,19 @@ Policy, in one place:
 * Accumulation is in at least float32 (float16/bfloat16 leaves are upcast before
   squaring), float64 for float64 leaves; the result has that accumulation dtype.
 * Overflow- and underflow-safe: a one-pass sum of squares is used when it is
-  finite and far from the underflow range; otherwise (rarely) a second pass
-  rescales every entry by a power of two, as LAPACK's ``nrm2`` does, read off
-  the leaves' one-pass sums rather than from a pass for the largest entry.
-  All groups (leaves for :func:`leaf_norms`) share one branch,
-  and under ``vmap`` so do all examples: the batch takes the fast path unless
-  one example needs rescuing (a custom batching rule; a plain ``lax.cond``
-  would become a select that always pays for both paths).
+  finite and far from the underflow range; otherwise the entries are summed
+  rescaled by a power of two, as LAPACK's ``nrm2`` does. Two forms, chosen
+  when lowering (:func:`~gnorm_jax._numerics.by_platform`):
+
+  - CPU: the rescaled pass runs only when needed, behind one ``lax.cond`` for
+    all groups (leaves for :func:`leaf_norms`), and under ``vmap`` for all
+    examples (a custom batching rule; a plain ``lax.cond`` would become a
+    select that always pays for both paths). A CPU conditional costs nothing.
+  - GPU and TPU: no conditional (each would copy its predicate to the host
+    and wait). The same read of each leaf also forms its sum of squares scaled
+    down and scaled up by fixed powers of two (Blue's accumulators, without
+    the masks); XLA fuses the three sibling reductions into one kernel, and
+    the result selects the one that is accurate.
 * Derivatives are NaN-free: at a zero vector the derivative of every norm
   (Euclidean, 1, inf) is defined as 0 (a subgradient; for ord 1 and inf each
   zero entry contributes 0), and second derivatives are finite.
@@ -34,6 +40,7 @@ from gnorm_jax._checks import check_ord
 from gnorm_jax._numerics import (
   accumulation_dtype,
   binary_exponent,
+  by_platform,
   pow2,
   pow2_inverse,
   safe_divide,
@@ -250,12 +257,58 @@ def _l2_norms_vmap(axis_size, in_batched, groups):
   return norms, [(True, True)] * len(norms)
 
 
+def _scale_exponents(size: int, dtype: Any) -> tuple[int, int]:
+  """``(a, b)``: Σ(x·2^-a)² cannot overflow for ``size`` finite entries, and
+  Σ(x·2^b)² neither overflows nor loses a square when Σx² < tiny/eps³.
+
+  a = ⌈(maxexp + 1 + log2 n)/2⌉ as in :func:`_rescue_exponent`. For b: every
+  |x| < 2^((minexp − 3·nmant)/2), so Σ(x·2^b)² < 2^(2b + minexp − 3·nmant),
+  finite for b = nmant − minexp/2 (2^115 in float32), which also makes the
+  square of the smallest subnormal normal.
+  """
+  finfo = jnp.finfo(dtype)
+  a = math.ceil((finfo.maxexp + 1 + math.log2(max(size, 1))) / 2)
+  return a, finfo.nmant - finfo.minexp // 2
+
+
+def _l2_branchless(groups: list[list[jax.Array]]) -> list[tuple[jax.Array, jax.Array]]:
+  """The GPU/TPU form of :func:`_l2_norms_one`: no conditional.
+
+  Each leaf is read once for three sums of squares: plain, scaled by 2^-a
+  and by 2^b (:func:`_scale_exponents`). The plain sum is kept where
+  accurate (:func:`_fast_path_ok`), the scaled-down one where it overflowed
+  (or an entry is inf), the scaled-up one where it is small or NaN.
+  """
+  out = []
+  for g in groups:
+    acc = _group_dtype(g)
+    size = sum(x.size * (2 if jnp.iscomplexobj(x) else 1) for x in g)
+    a, b = _scale_exponents(size, acc)
+    # The barrier hides the scales' values: XLA would otherwise rewrite
+    # (x·c)·(x·c) as (x·x)·(c·c), where x·x overflows and c·c underflows.
+    sd, su = lax.optimization_barrier((jnp.asarray(2.0**-a, acc), jnp.asarray(2.0**b, acc)))
+    plain = _total([_sumsq(x, acc) for x in g])
+    down = _total([_sumsq(x, acc, sd) for x in g])
+    up = _total([_sumsq(x, acc, su) for x in g])
+    ok = _fast_path_ok(plain)
+    big = jnp.isinf(plain)
+    one = jnp.ones((), acc)
+    m = jnp.where(ok, plain, jnp.where(big, down, up))
+    r = jnp.where(ok, one, jnp.where(big, one * 2.0**a, one * 2.0**-b))
+    out.append((jnp.sqrt(m), r))
+  return out
+
+
+def _l2_by_platform(groups: list[list[jax.Array]]) -> list[tuple[jax.Array, jax.Array]]:
+  return by_platform(_l2_norms_batchable, _l2_branchless, groups)
+
+
 @jax.custom_jvp
 def _l2_norms(groups: list[list[jax.Array]]) -> list[tuple[jax.Array, jax.Array]]:
-  """:func:`_l2_norms_one` with a NaN-free derivative and a batch-wide branch."""
+  """The Euclidean norms as (m, r), with a NaN-free derivative; see :func:`by_platform`."""
   if not groups:
     return []
-  return _l2_norms_batchable(groups)
+  return _l2_by_platform(groups)
 
 
 @_l2_norms.defjvp
@@ -305,11 +358,20 @@ def _other_norm(leaves: list[jax.Array], ord: Any) -> tuple[jax.Array, jax.Array
 
   total = l1(1)
   one = jnp.ones((), acc)
-  return lax.cond(
-    jnp.isfinite(total),
-    lambda: (total, one),
-    lambda: (l1(jnp.asarray(2.0**-64, acc)), one * 2.0**64),
-  )
+
+  def cpu():
+    return lax.cond(
+      jnp.isfinite(total),
+      lambda: (total, one),
+      lambda: (l1(jnp.asarray(2.0**-64, acc)), one * 2.0**64),
+    )
+
+  def default():  # both sums from one read of each leaf; no conditional
+    small = l1(lax.optimization_barrier(jnp.asarray(2.0**-64, acc)))
+    ok = ~jnp.isinf(total)
+    return jnp.where(ok, total, small), jnp.where(ok, one, one * 2.0**64)
+
+  return by_platform(cpu, default)
 
 
 # Jitted so that eager calls compile once per tree structure and shapes instead

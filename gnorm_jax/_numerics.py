@@ -11,15 +11,39 @@
   underflows on the way (1/1.4e38 is subnormal in float32, and flushed to 0).
 * :func:`clip_factor` and :func:`clip_scales`: the clipping factor
   min(1, τ/‖g‖), whole or split the same way.
+* :func:`by_platform`: one form of a computation on CPU, another on GPU/TPU.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+# "cpu" or "default" traces that form of :func:`by_platform` on any backend (for
+# tests; set it before tracing, or clear JAX's caches: jitted functions keep
+# their trace). The environment variable sets it at import.
+_FORCE_FORM: str | None = os.environ.get("GNORM_JAX_PLATFORM_FORM") or None
+
+
+def by_platform(cpu: Callable[..., Any], default: Callable[..., Any], *args: Any) -> Any:
+  """``cpu(*args)`` where the computation is lowered for CPU, ``default(*args)`` elsewhere.
+
+  Both forms compute the same thing. On CPU a ``lax.cond`` costs nothing and
+  lets the rare path be skipped; on GPU a conditional copies its predicate to
+  the host and waits for it (XLA's ``ConditionalThunk``), and on TPU it
+  serializes the program, so the GPU/TPU forms hold no conditional or loop.
+  The choice is made when lowering (``lax.platform_dependent``): the compiled
+  program holds only the chosen form.
+  """
+  if _FORCE_FORM == "cpu":
+    return cpu(*args)
+  if _FORCE_FORM == "default":
+    return default(*args)
+  return lax.platform_dependent(*args, cpu=cpu, default=default)
 
 
 def accumulation_dtype(dtype: Any) -> jnp.dtype:

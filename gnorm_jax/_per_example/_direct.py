@@ -112,6 +112,20 @@ def exact_norms(uses, operands, cots, w):
   return fn
 
 
+def exact_norms_at(uses, operands, cots, w):
+  """A function of ``idx`` [K] giving those examples' exact norms [K] (vmapped)."""
+  ops = [operands[u.key] for u in uses]
+  cs = [cots[u.key] for u in uses]
+
+  def fn(idx):
+    def take(tree):
+      return jax.tree.map(lambda x: x[idx], tree)
+
+    return jax.vmap(lambda o, c: tree_norm(one_grad(uses, o, c, w)))(take(ops), take(cs))
+
+  return fn
+
+
 def weighted_sum(weights: jax.Array, per_example: jax.Array) -> jax.Array:
   """Σᵢ wᵢ·gᵢ over the leading axis, accumulated in at least float32 (complex kept)."""
   acc = acc_dtype(per_example.dtype)

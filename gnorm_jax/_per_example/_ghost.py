@@ -6,9 +6,14 @@ axes has the squared norm Σ_ts ⟨P_t,P_s⟩⟨Q_t,Q_s⟩ (Goodfellow 2015; Li 
 cross terms between uses are part of the norm. The sum is formed on factors
 rescaled per example by powers of two (no overflow, no underflow), with an
 error bound: an example whose sum may have lost more than ``GHOST_RTOL`` to
-cancellation (or is not finite) is flagged, and the caller recomputes it
-exactly. With clip weights wᵢ the clipped sum Σᵢ wᵢ Σ_t P_t ⊗ Q_t is one
-contraction of the same factors (book-keeping, Bu et al. 2023).
+cancellation (or is not finite) is flagged and recomputed exactly. On CPU
+every flagged example is recomputed, behind one ``lax.cond``; on GPU and TPU
+(no conditional: :func:`~gnorm_jax._numerics.by_platform`) the ``RESCUED``
+worst examples are recomputed on every call, and any further flagged one
+takes the bound's upper end, √(s + error bound) ≥ its norm, so that its clip
+weight never exceeds the exact one (:func:`rescue_worst`). With clip
+weights wᵢ the clipped sum Σᵢ wᵢ Σ_t P_t ⊗ Q_t is one contraction of the
+same factors (book-keeping, Bu et al. 2023).
 """
 
 from __future__ import annotations
@@ -21,12 +26,15 @@ import jax.numpy as jnp
 from jax import lax
 
 from gnorm_jax._norms import safe_sqrt
-from gnorm_jax._numerics import pow2_exponent
+from gnorm_jax._numerics import by_platform, pow2_exponent, safe_divide
 from gnorm_jax._per_example._program import chain_layout
 from gnorm_jax._per_example._rules import Dense, Ghost, Index, Use
 
 # Relative error above which a ghost sum is recomputed exactly.
 GHOST_RTOL = 1e-3
+# On GPU/TPU, the number of flagged examples recomputed per leaf (or per
+# streamed scan) on every call, whether or not any is flagged.
+RESCUED = 2
 
 
 def acc_dtype(dtype) -> jnp.dtype:
@@ -117,16 +125,82 @@ def planned_ghosts(uses: list[Use], operands: dict, cots: dict, ndim: int) -> li
   return found
 
 
-def ghost_norms(gs: list[Ghost], exact: Callable[[jax.Array], jax.Array]) -> jax.Array:
-  """[B] norms of Σ_uses Σ_t P_t ⊗ Q_t, exact where the ghost sum may not be."""
-  norms, suspect = ghost_terms(gs)
-  return lax.cond(
-    jnp.any(suspect), lambda: jnp.where(suspect, exact(suspect), norms), lambda: norms
-  )
+def ghost_norms(
+  gs: list[Ghost],
+  exact: Callable[[jax.Array], jax.Array],
+  exact_at: Callable[[jax.Array], jax.Array],
+) -> jax.Array:
+  """[B] norms of Σ_uses Σ_t P_t ⊗ Q_t, exact where the ghost sum may not be.
+
+  ``exact(which)`` gives exact norms where ``which`` [B] is True (CPU form);
+  ``exact_at(idx)`` exact norms of the examples ``idx`` [K] (GPU/TPU form).
+  """
+  norms, suspect, upper = ghost_terms(gs)
+  if sum(g.q.value.shape[2] for g in gs) == 1:
+    # One position: the sum is one product ‖P‖²‖Q‖², which cannot cancel; a
+    # non-finite one is what the exact gradient gives too.
+    return norms
+  return rescue(norms, suspect, upper, exact, exact_at)
 
 
-def ghost_terms(gs: list[Ghost]) -> tuple[jax.Array, jax.Array]:
-  """([B] ghost norms, [B] bool: the sum may have lost more than GHOST_RTOL)."""
+def rescue(
+  norms: jax.Array,
+  suspect: jax.Array,
+  upper: jax.Array,
+  exact: Callable[[jax.Array], jax.Array],
+  exact_at: Callable[[jax.Array], jax.Array],
+) -> jax.Array:
+  """``norms`` [B] or [B, L] with the ``suspect`` entries recomputed, by platform.
+
+  CPU: every example with a suspect entry, ``exact(which)``, behind one
+  ``lax.cond``. GPU/TPU: :func:`rescue_worst`.
+  """
+  rows = suspect if suspect.ndim == 1 else jnp.any(suspect, axis=1)
+
+  def cpu():
+    return lax.cond(jnp.any(rows), lambda: jnp.where(suspect, exact(rows), norms), lambda: norms)
+
+  def default():
+    return rescue_worst(norms, suspect, upper, exact_at)
+
+  return by_platform(cpu, default)
+
+
+def rescue_worst(
+  norms: jax.Array,
+  suspect: jax.Array,
+  upper: jax.Array,
+  exact_at: Callable[[jax.Array], jax.Array],
+) -> jax.Array:
+  """The ``RESCUED`` worst examples recomputed, any further suspect entry at ``upper``.
+
+  Examples are ranked by their largest ``upper/norm`` over suspect entries
+  (a non-finite or zero norm first); the work is the same whatever the data,
+  so there is no conditional. An example beyond the ``RESCUED`` worst keeps
+  the upper end of its error bound, which is never below its norm: its clip
+  weight is at most the exact one (a clipped example's contribution stays
+  within the threshold).
+  """
+  b = norms.shape[0]
+  finite = jnp.isfinite(upper) & (norms > 0)
+  ratio = jnp.where(finite, safe_divide(upper, jnp.where(finite, norms, 1)), jnp.inf)
+  priority = jnp.where(suspect, ratio, -jnp.inf)
+  if priority.ndim > 1:
+    priority = jnp.max(priority, axis=1)
+  idx = []
+  for _ in range(min(RESCUED, b)):  # a few argmaxes: no sort, no loop
+    i = jnp.argmax(priority)
+    idx.append(i)
+    priority = priority.at[i].set(-jnp.inf)
+  at = jnp.stack(idx)
+  fixed = exact_at(at).astype(norms.dtype)
+  out = jnp.where(suspect, upper.astype(norms.dtype), norms)
+  return out.at[at].set(jnp.where(suspect[at], fixed, norms[at]))
+
+
+def ghost_terms(gs: list[Ghost]) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """([B] ghost norms, [B] bool: the sum may have lost more than GHOST_RTOL,
+  [B] an upper bound of the exact norms, √(s + error bound))."""
   # (P, Q) factors of the uses, those with dense P first.
   dense = [(g.p, g.q) for g in gs if isinstance(g.p, Dense)]
   index = [(g.p, g.q) for g in gs if isinstance(g.p, Index)]
@@ -179,11 +253,12 @@ def ghost_terms(gs: list[Ghost]) -> tuple[jax.Array, jax.Array]:
   bound = jnp.sum(jnp.concatenate(diag_p, axis=2) * jnp.sum(jnp.abs(q) ** 2, axis=-1), axis=(1, 2))
   t = q.shape[2]
   k = q.shape[3] + max([p.value.shape[-1] for p, _ in dense], default=1)
-  tol = 4 * float(jnp.finfo(real).eps) * (math.sqrt(k) + t) / GHOST_RTOL
-  suspect = ~jnp.isfinite(s) | (s < tol * bound)
+  err = 4 * float(jnp.finfo(real).eps) * (math.sqrt(k) + t)  # |error of s| <= err·bound
+  suspect = ~jnp.isfinite(s) | (s < err / GHOST_RTOL * bound)
   shift = sum(x for x in e.values() if x is not None)
+  upper = jnp.ldexp(jnp.sqrt(jnp.maximum(s, 0) + err * bound), shift)
   # safe_sqrt: the derivative at s = 0 (an example whose gradient is 0) is 0, not NaN.
-  return jnp.ldexp(safe_sqrt(jnp.maximum(s, 0)), shift), suspect
+  return jnp.ldexp(safe_sqrt(jnp.maximum(s, 0)), shift), suspect, lax.stop_gradient(upper)
 
 
 def factor_grads(

@@ -232,7 +232,7 @@ def batched_pass(
     k: jnp.zeros((b, *u.steps, *u.out_aval.shape), u.out_aval.dtype) for k, u in uses.items()
   }
   perts.update(
-    {k: jnp.zeros((b, st.length, len(st.leaves), 2), norm_dtype) for k, st in streams.items()}
+    {k: jnp.zeros((b, st.length, len(st.leaves), 3), norm_dtype) for k, st in streams.items()}
   )
   (fb_grads, cots), (operands, aux) = jax.vmap(grad_fn, in_axes=(None, 0, 0))(
     [params_flat[i] for i in fallback], perts, batch_flat

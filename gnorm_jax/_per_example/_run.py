@@ -24,11 +24,18 @@ from gnorm_jax._norms import tree_norm
 from gnorm_jax._per_example._direct import (
   direct_grads,
   exact_norms,
+  exact_norms_at,
   norm_dtype,
   per_example_norms,
   weighted_sum,
 )
-from gnorm_jax._per_example._ghost import factor_grads, ghost_norms, keep_rows, planned_ghosts
+from gnorm_jax._per_example._ghost import (
+  factor_grads,
+  ghost_norms,
+  keep_rows,
+  planned_ghosts,
+  rescue,
+)
 from gnorm_jax._per_example._interpret import PLAIN, batched_pass
 from gnorm_jax._per_example._jaxpr import Body
 from gnorm_jax._per_example._plan import Plan
@@ -82,6 +89,20 @@ def exact_leaf_norms(traced: Traced, batch_flat: list, leaves: list, dtype) -> C
     return lax.cond(flag, compute, lambda: jnp.zeros((len(leaves),), dtype))
 
   return lambda which: lax.map(each, (which, batch_flat))
+
+
+def exact_leaf_norms_at(traced: Traced, batch_flat: list, leaves: list, dtype) -> Callable:
+  """A function of ``idx`` [K] giving [K, len(leaves)] exact norms of those
+  examples' gradients of those leaves (vmapped)."""
+  params_flat = traced.params_flat
+
+  def one(batch_vals):
+    gs = jax.grad(lambda ws: _loss_of(traced, batch_vals, dict(zip(leaves, ws))))(
+      [params_flat[i] for i in leaves]
+    )
+    return jnp.stack([tree_norm(g).astype(dtype) for g in gs])
+
+  return lambda idx: jax.vmap(one)([x[idx] for x in batch_flat])
 
 
 def weighted_grads(traced: Traced, batch_flat: list, weights, keep) -> list:
@@ -145,22 +166,28 @@ def run(
       b,
       dtype,
     )
-  stream_stats = {}  # leaf -> its norms [B] and suspect flags [B]
+  stream_stats = {}  # leaf -> its norms [B], suspect flags [B] and upper bounds [B]
   for skey, st in streams.items():
     for i, leaf in enumerate(st.leaves):
       per_step = cots[skey][:, :, i]
+      suspect_steps = per_step[..., 1] > 0
       stream_stats[leaf] = (
         jax.vmap(tree_norm)(per_step[..., 0]),
-        jnp.any(per_step[..., 1] > 0, 1),
+        jnp.any(suspect_steps, 1),
+        jax.vmap(tree_norm)(jnp.where(suspect_steps, per_step[..., 2], per_step[..., 0])),
       )
   streamed: dict[int, jax.Array] = {}  # leaf -> its norms [B], exact where suspect
   if stream_stats:
     order = sorted(stream_stats)
-    suspect = jnp.stack([stream_stats[leaf][1] for leaf in order], axis=1)
-    fast = jnp.stack([stream_stats[leaf][0] for leaf in order], axis=1)
-    exact = exact_leaf_norms(traced, batch_flat, order, dtype)
-    fixed = lax.cond(
-      jnp.any(suspect), lambda: jnp.where(suspect, exact(jnp.any(suspect, 1)), fast), lambda: fast
+    fast, suspect, upper = (
+      jnp.stack([stream_stats[leaf][j] for leaf in order], axis=1) for j in range(3)
+    )
+    fixed = rescue(
+      fast,
+      suspect,
+      upper,
+      exact_leaf_norms(traced, batch_flat, order, dtype),
+      exact_leaf_norms_at(traced, batch_flat, order, dtype),
     )
     streamed = {leaf: fixed[:, n] for n, leaf in enumerate(order)}
   formed, factors, leaf_norm_list, taken = {}, {}, [], {}
@@ -177,7 +204,9 @@ def run(
       n = per_example_norms(formed[leaf])
     elif route == "ghost":
       factors[leaf] = planned_ghosts(uses, operands, cots, w.ndim)  # reused for the clipped sum
-      n, taken[leaf] = ghost_norms(factors[leaf], exact_norms(uses, operands, cots, w)), "ghost"
+      exact = exact_norms(uses, operands, cots, w)
+      exact_at = exact_norms_at(uses, operands, cots, w)
+      n, taken[leaf] = ghost_norms(factors[leaf], exact, exact_at), "ghost"
     else:
       n, taken[leaf] = jnp.zeros((b,), dtype), "unused"
     leaf_norm_list.append(n.astype(dtype))

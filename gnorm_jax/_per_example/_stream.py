@@ -106,23 +106,24 @@ class Stream:
     return [*carry, *ys]
 
   def _step_norms(self, ops: dict, cts: dict, dtype) -> jax.Array:
-    """[leaves, 2]: each streamed leaf's slice norm for one example and step, and
-    1 where the ghost sum may have lost accuracy (0 otherwise)."""
+    """[leaves, 3]: each streamed leaf's slice norm for one example and step,
+    1 where the ghost sum may have lost accuracy (0 otherwise), and an upper
+    bound of the exact slice norm."""
     rows = []
     for leaf in self.leaves:
       us = self.uses[leaf]
       if not us:
-        rows.append(jnp.zeros((2,), dtype))
+        rows.append(jnp.zeros((3,), dtype))
         continue
       shape, wdtype = self.slices[leaf]
       ob = {u.key: tuple(None if o is None else o[None] for o in ops[u.key]) for u in us}
       cb = {u.key: cts[u.key][None] for u in us}
       if self.routes[leaf] == "ghost":
-        n, suspect = ghost_terms(planned_ghosts(us, ob, cb, len(shape)))
+        n, suspect, upper = ghost_terms(planned_ghosts(us, ob, cb, len(shape)))
       else:
-        n = per_example_norms(direct_grads(us, ob, cb, jnp.zeros(shape, wdtype)))
+        n = upper = per_example_norms(direct_grads(us, ob, cb, jnp.zeros(shape, wdtype)))
         suspect = jnp.zeros_like(n, bool)
-      rows.append(jnp.stack([n[0].astype(dtype), suspect[0].astype(dtype)]))
+      rows.append(jnp.stack([n[0].astype(dtype), suspect[0].astype(dtype), upper[0].astype(dtype)]))
     return jnp.stack(rows)
 
 

@@ -1,0 +1,83 @@
+"""HLO census: conditionals, while loops and kernels of a compiled function.
+
+A ``conditional`` or ``while`` whose predicate is computed on the device makes
+XLA:GPU copy the predicate to the host and wait before each branch or
+iteration; kernels (top-level fusions and unfused ops of the entry
+computation) each cost a launch. Both are read from the optimized HLO on this
+machine's backend, and ``case``/``while`` from the CUDA lowering, which needs
+no GPU (JAX's default PRNG lowers to while loops on CPU but not on CUDA).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Callable
+
+import jax
+
+# Entry-computation ops that launch nothing.
+_FREE = {
+  "parameter",
+  "constant",
+  "get-tuple-element",
+  "tuple",
+  "bitcast",
+  "after-all",
+  "opt-barrier",
+  "partition-id",
+  "replica-id",
+}
+_OP = re.compile(r"=\s*(?:\([^=]*?\)|\S+)\s+([a-z][a-z0-9-]*)\(")
+
+
+_CONST = re.compile(r"^\s*(%[\w.#]+)(?::\d+)? = stablehlo\.constant")
+_CASE = re.compile(r'^\s*(%[\w.#]+)(?::\d+)? = "stablehlo\.case"\((%[\w.#]+)\)')
+
+
+def dynamic_cases(stablehlo: str) -> int:
+  """``stablehlo.case`` ops whose index is computed, not a constant.
+
+  ``lax.platform_dependent`` lowers for one platform to cases on constant
+  indices (XLA removes them): those are not counted.
+  """
+  static, count = set(), 0
+  for line in stablehlo.splitlines():
+    if m := _CONST.match(line):
+      static.add(m.group(1))
+    elif m := _CASE.match(line):
+      if m.group(2) in static:
+        static.add(m.group(1))
+      else:
+        count += 1
+  return count
+
+
+def _entry(text: str) -> list[str]:
+  start = text.index("\nENTRY")
+  body = text[start:].split("\n")[1:]
+  return [line for line in body[: body.index("}")] if "=" in line]
+
+
+def census(fn: Callable[..., Any], *args: Any) -> dict[str, int]:
+  """Counts in ``jax.jit(fn)`` at ``args``.
+
+  Returns ``conditionals`` and ``whiles`` (anywhere in the optimized HLO of
+  this backend), ``kernels`` (entry-level ops that launch work), and
+  ``cuda_cases``/``cuda_whiles`` (``stablehlo.case``/``while`` in the CUDA
+  lowering; -1 where this JAX cannot lower for CUDA without a GPU).
+  """
+  jitted = jax.jit(fn)
+  text = jitted.lower(*args).compile().as_text()
+  ops = [m.group(1) for line in _entry(text) if (m := _OP.search(line))]
+  counts = {
+    "conditionals": len(re.findall(r"\sconditional\(", text)),
+    "whiles": len(re.findall(r"\swhile\(", text)),
+    "kernels": sum(op not in _FREE for op in ops),
+  }
+  try:
+    cuda = jitted.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    counts["cuda_cases"] = dynamic_cases(cuda)
+    counts["cuda_whiles"] = cuda.count("stablehlo.while")
+  except Exception:  # noqa: BLE001 - a JAX without CUDA lowering support
+    counts["cuda_cases"] = counts["cuda_whiles"] = -1
+  return counts

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import re
 import shutil
 import sys
 
@@ -65,9 +66,18 @@ napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 napoleon_use_ivar = True  # "Attributes:" as a field list, not duplicate attribute entries
 napoleon_use_rtype = False
+# A state's fields: the class signature gives their types, the descriptions their shapes.
+napoleon_attr_annotations = False
 
 autosummary_generate = True
 autodoc_typehints = "signature"
+# Signatures show these names, not the unions they stand for (ArrayLike is eight types).
+autodoc_type_aliases = {
+  "ArrayLike": "jax.typing.ArrayLike",
+  "jax.typing.ArrayLike": "jax.typing.ArrayLike",
+  "PyTree": "PyTree",
+  "optax.ScalarOrSchedule": "optax.ScalarOrSchedule",
+}
 autodoc_member_order = "bysource"
 autodoc_default_options = {"members": True}
 add_module_names = False
@@ -137,5 +147,31 @@ def _skip_namedtuple_fields(app, what, name, obj, skip, options):
   return None
 
 
+def _show_type_aliases(app, what, name, obj, options, signature, return_annotation):
+  """Writes an alias inside a union (``ArrayLike | None``) as its name.
+
+  Sphinx writes an ``autodoc_type_aliases`` name as ``TypeAliasForwardRef('name')`` where it
+  is one member of a union.
+  """
+  unwrap = lambda text: text and re.sub(r"TypeAliasForwardRef\('([^']*)'\)", r"\1", text)
+  return unwrap(signature), unwrap(return_annotation)
+
+
+def _title_attributes_section() -> None:
+  """Titles the field list of a docstring's "Attributes:" section "Attributes".
+
+  napoleon writes the section as ``:ivar name:`` fields (one list, no duplicate entries next to
+  the class signature), which the Python domain titles "Variables"; a state's fields are
+  attributes.
+  """
+  from sphinx.domains.python import PyObject
+
+  for field in PyObject.doc_field_types:
+    if field.name == "variable":
+      field.label = "Attributes"
+
+
 def setup(app):
   app.connect("autodoc-skip-member", _skip_namedtuple_fields)
+  app.connect("autodoc-process-signature", _show_type_aliases)
+  _title_attributes_section()

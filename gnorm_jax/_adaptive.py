@@ -36,13 +36,14 @@ an infinite one unchanged.
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
+from jax.typing import ArrayLike
 
-from gnorm_jax._checks import check_number, check_size
+from gnorm_jax._checks import PyTree, check_number, check_size
 from gnorm_jax._norms import tree_norm, tree_norm_split
 from gnorm_jax._numerics import clip_scales, pow2_split, safe_divide, scale_tree
 
@@ -58,7 +59,7 @@ _MAX_ADAPTATION_RATE = math.log(float(jnp.finfo(jnp.float32).max))
 # Shared helpers.
 
 
-def _norm_dtype(params: Any) -> jnp.dtype:
+def _norm_dtype(params: PyTree) -> jnp.dtype:
   """The dtype tree_norm returns for ``params`` (float32, or float64)."""
   return jax.eval_shape(tree_norm, params).dtype
 
@@ -80,7 +81,7 @@ def _filled(history: jax.Array, num_recorded: jax.Array) -> jax.Array:
   return jnp.minimum(num_recorded, history.shape[0])
 
 
-def _quantile(history: jax.Array, num_recorded: jax.Array, q: Any) -> jax.Array:
+def _quantile(history: jax.Array, num_recorded: jax.Array, q: ArrayLike) -> jax.Array:
   """numpy.quantile(filled entries, q) with linear interpolation; inf if none.
 
   Unfilled slots hold +inf, so after sorting the filled entries come first. A
@@ -114,7 +115,7 @@ def _mean_std(history: jax.Array, num_recorded: jax.Array):
   return mean, std
 
 
-def _measure(updates: Any, dtype: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
+def _measure(updates: PyTree, dtype: jnp.dtype) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(norm, m, r) in ``dtype``: the global norm, and as m·r (see ``tree_norm_split``).
 
   A finite update whose norm exceeds the largest float has norm inf but a
@@ -126,7 +127,7 @@ def _measure(updates: Any, dtype: Any) -> tuple[jax.Array, jax.Array, jax.Array]
   return m * r, m, r
 
 
-def _clip(updates: Any, m: jax.Array, r: jax.Array, max_norm: jax.Array) -> Any:
+def _clip(updates: PyTree, m: jax.Array, r: jax.Array, max_norm: jax.Array) -> PyTree:
   # An infinite threshold (empty history, warm-up) is capped at finfo.max for
   # an update with an infinite entry (m = inf), which is then handled as
   # clip_by_norm handles one: finite entries scaled to 0, infinite ones NaN
@@ -156,42 +157,46 @@ def _zero_count() -> jax.Array:
 
 
 class AutoClipState(NamedTuple):
-  """State of :func:`autoclip`."""
+  """State of :func:`autoclip`.
+
+  Scalars are 0-d arrays; "float" is the norm's dtype (float32, or float64 for float64 updates).
+
+  Attributes:
+    count: steps taken; int32 scalar.
+    grad_norm: the global norm at the last step, before clipping; float scalar.
+    max_norm: the threshold of the last step (inf before any); float scalar.
+    history: the ring buffer of finite norms, inf where empty; float, shape ``(history,)``.
+    num_recorded: finite norms recorded so far; int32 scalar.
+    num_clipped: steps with ``grad_norm > max_norm``; int32 scalar.
+  """
 
   # The field name of optax's states; it shadows tuple.count, which mypy reports.
-  count: jax.Array  # type: ignore[assignment]  # () int32: steps taken
-  grad_norm: jax.Array  # () float: global norm at the last step, before clipping
-  max_norm: jax.Array  # () float: threshold of the last step (inf before any)
-  history: jax.Array  # (history,) float: ring buffer of finite norms, inf = empty
-  num_recorded: jax.Array  # () int32: finite norms recorded so far
-  num_clipped: jax.Array  # () int32: steps with grad_norm > max_norm
+  count: jax.Array  # type: ignore[assignment]
+  grad_norm: jax.Array
+  max_norm: jax.Array
+  history: jax.Array
+  num_recorded: jax.Array
+  num_clipped: jax.Array
 
 
-def autoclip(quantile: Any = 0.1, *, history: int = 1000) -> optax.GradientTransformation:
+def autoclip(quantile: ArrayLike = 0.1, *, history: int = 1000) -> optax.GradientTransformation:
   r"""AutoClip: clip the global norm to a quantile of its own recent history.
 
-  At step :math:`t` the norm :math:`g_t = \|u_t\|` is appended to a ring buffer
-  :math:`H_t` of the last ``history`` norms, then
+  The norm :math:`g_t = \|u_t\|` joins a ring buffer :math:`H_t` of the last ``history`` norms
+  (non-finite norms are not recorded), then
 
   .. math::
     \tau_t = \operatorname{quantile}(H_t, q), \qquad
-    u_t \leftarrow u_t \cdot \min\!\Big(1, \frac{\tau_t}{g_t}\Big),
+    u_t \leftarrow u_t \cdot \min\!\Big(1, \frac{\tau_t}{g_t}\Big).
 
-  with numpy's default (linear) interpolation. Unclipped norms are recorded.
-  Until the buffer is full only the recorded entries count; on the first step
-  the buffer holds only :math:`g_1`, so :math:`\tau_1 = g_1` and the first
-  update passes unchanged. The quantile costs a sort of ``history`` numbers
-  per step, independent of the number of parameters.
-
-  Non-finite norms are not recorded (the history stays clean) and the update is
-  passed on non-finite; wrap the optimizer in :func:`skip_spikes` to drop it.
+  The first update passes unchanged; a non-finite one passes on non-finite. The rule in full,
+  its cost and its edge cases: :ref:`the guide <autoclip-rule>`.
 
   Args:
-    quantile: :math:`q \in (0, 1]`, a fraction as in :func:`numpy.quantile`;
-      the paper's 10th percentile is 0.1. May be traced
-      (``optax.inject_hyperparams``).
-    history: length of the ring buffer, a Python int >= 1. It fixes the state's
-      shape: with ``optax.inject_hyperparams`` pass ``static_args=("history",)``.
+    quantile: :math:`q \in (0, 1]`, a fraction as in :func:`numpy.quantile`; the paper's 10th
+      percentile is 0.1. May be traced (``optax.inject_hyperparams``).
+    history: length of the ring buffer, a Python int >= 1. It fixes the state's shape: with
+      ``optax.inject_hyperparams`` pass ``static_args=("history",)``.
 
   Returns:
     An ``optax.GradientTransformation`` with state :class:`AutoClipState`.
@@ -201,8 +206,8 @@ def autoclip(quantile: Any = 0.1, *, history: int = 1000) -> optax.GradientTrans
     TypeError: ``history`` is not an int, or ``quantile`` is not a number.
 
   References:
-    Seetharaman et al., 2020. `AutoClip: Adaptive Gradient Clipping for Source
-    Separation Networks <https://arxiv.org/abs/2007.14469>`_.
+    Seetharaman et al., 2020. `AutoClip: Adaptive Gradient Clipping for Source Separation
+    Networks <https://arxiv.org/abs/2007.14469>`_.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -258,69 +263,57 @@ def autoclip(quantile: Any = 0.1, *, history: int = 1000) -> optax.GradientTrans
 
 
 class ZClipState(NamedTuple):
-  """State of :func:`zclip`."""
+  """State of :func:`zclip`.
+
+  Scalars are 0-d arrays; "float" is the norm's dtype (float32, or float64 for float64 updates).
+
+  Attributes:
+    count: steps taken; int32 scalar.
+    grad_norm: the global norm at the last step, before clipping; float scalar.
+    max_norm: the threshold the last step was held to (see :func:`zclip`); float scalar.
+    mean: the EMA mean of the (clipped) norms; during warm-up their plain mean; float scalar.
+    var: the EMA variance; during warm-up the population variance; float scalar.
+    num_recorded: finite norms seen (warm-up ends at ``warmup_steps``); int32 scalar.
+    num_clipped: steps with ``grad_norm > max_norm``; int32 scalar.
+  """
 
   # The field name of optax's states; it shadows tuple.count, which mypy reports.
-  count: jax.Array  # type: ignore[assignment]  # () int32: steps taken
-  grad_norm: jax.Array  # () float: global norm at the last step, before clipping
-  max_norm: jax.Array  # () float: threshold of the last step (see zclip)
-  mean: jax.Array  # () float: EMA mean of (clipped) norms; warm-up: plain mean
-  var: jax.Array  # () float: EMA variance; warm-up: population variance
-  num_recorded: jax.Array  # () int32: finite norms seen (warm-up ends at warmup_steps)
-  num_clipped: jax.Array  # () int32: steps with grad_norm > max_norm
+  count: jax.Array  # type: ignore[assignment]
+  grad_norm: jax.Array
+  max_norm: jax.Array
+  mean: jax.Array
+  var: jax.Array
+  num_recorded: jax.Array
+  num_clipped: jax.Array
 
 
 def zclip(
   *,
-  decay: Any = 0.97,
-  z_threshold: Any = 2.5,
-  warmup_steps: Any = 25,
-  max_norm: Any = None,
+  decay: ArrayLike = 0.97,
+  z_threshold: ArrayLike = 2.5,
+  warmup_steps: ArrayLike = 25,
+  max_norm: ArrayLike | None = None,
 ) -> optax.GradientTransformation:
   r"""ZClip: clip norms that are outliers (z-score) of an EMA of past norms.
 
-  Warm-up: the first ``warmup_steps`` finite norms are collected and not
-  clipped (except by the optional fixed cap ``max_norm``); their mean and
-  population variance initialize :math:`\mu, \sigma^2`. After that, each norm
-  :math:`g_t` gets the z-score :math:`z_t = (g_t - \mu_{t-1})/\sigma_{t-1}` and
-  the reciprocal rule clips it to
+  After a warm-up of ``warmup_steps`` finite norms (not clipped; their mean and variance start
+  :math:`\mu, \sigma^2`), a norm with z-score :math:`z_t = (g_t - \mu_{t-1})/\sigma_{t-1}` above
+  :math:`z_\text{thres}` is clipped by the reciprocal rule, and the EMA (weight :math:`\alpha` =
+  ``decay`` on the old value) is updated with the clipped norm :math:`g_t^*`:
 
   .. math::
-    g_t^* = \begin{cases}
-      \mu_{t-1} + \dfrac{z_\text{thres}^2}{z_t}\,\sigma_{t-1} & z_t > z_\text{thres}\\
-      g_t & \text{otherwise,}\end{cases}
-
-  then the EMA is updated with the clipped norm (weight :math:`\alpha` =
-  ``decay`` on the old value, the variance around the new mean):
-
-  .. math::
+    g_t^* = \mu_{t-1} + \frac{z_\text{thres}^2}{z_t}\,\sigma_{t-1}, \qquad
     \mu_t = \alpha\mu_{t-1} + (1-\alpha)\,g_t^*, \qquad
     \sigma_t^2 = \alpha\sigma_{t-1}^2 + (1-\alpha)\,(g_t^* - \mu_t)^2 .
 
-  This is Algorithm 1 of the paper and its reference implementation, with one
-  difference: no ``eps`` is added to :math:`\sigma`; at :math:`\sigma = 0` a
-  norm above the mean has :math:`z = \infty` and is clipped to :math:`\mu`
-  (the limit of the rule), a norm at or below it is not clipped. As in the
-  reference, the fixed cap ``max_norm`` applies at every step and does not feed
-  the EMA.
-
-  State ``max_norm`` is the threshold the step was held to: during warm-up the
-  cap (inf without one); then :math:`g_t^*` on a spike, else the largest
-  unclipped norm :math:`\mu_{t-1} + z_\text{thres}\sigma_{t-1}`; at most the
-  cap. Non-finite norms are passed on non-finite and touch neither the
-  statistics nor the warm-up count. The statistics never overflow on the way
-  (the warm-up update is written without Welford's product of two
-  differences); a variance beyond the largest float (a norm of ≳1e20 in
-  float32) saturates there instead of becoming inf, which would switch
-  clipping off, and decays with the EMA like any other.
+  Algorithm 1 of the paper, without its ``eps``; that difference, the state's ``max_norm``, the
+  fixed cap and the handling of non-finite and huge norms: :ref:`the guide <zclip-rule>`.
 
   Args:
-    decay: :math:`\alpha`, the EMA weight of the old value, in (0, 1); 0.97
-      in the paper (its ``alpha``).
+    decay: :math:`\alpha`, the EMA weight of the old value, in (0, 1); 0.97 in the paper (its
+      ``alpha``).
     z_threshold: :math:`z_\text{thres} \ge 0`; 2.5 in the paper.
-    warmup_steps: finite norms collected before clipping starts, >= 1. With
-      very few, :math:`\sigma` can start at 0, which clips every norm above the
-      mean to the mean (the paper uses 25).
+    warmup_steps: finite norms collected before clipping starts, >= 1 (the paper uses 25).
     max_norm: optional fixed cap >= 0 on the norm at every step (None: none).
 
   Returns:
@@ -438,14 +431,24 @@ def zclip(
 
 
 class QuantileClipState(NamedTuple):
-  """State of :func:`quantile_clip`."""
+  """State of :func:`quantile_clip`.
+
+  Scalars are 0-d arrays; "float" is the norm's dtype (float32, or float64 for float64 updates).
+
+  Attributes:
+    count: steps taken; int32 scalar.
+    grad_norm: the global norm at the last step, before clipping; float scalar.
+    max_norm: the threshold :math:`C` the last step was clipped to; float scalar.
+    next_max_norm: the threshold :math:`C` the next step will use; float scalar.
+    num_clipped: steps with ``grad_norm > max_norm``; int32 scalar.
+  """
 
   # The field name of optax's states; it shadows tuple.count, which mypy reports.
-  count: jax.Array  # type: ignore[assignment]  # () int32: steps taken
-  grad_norm: jax.Array  # () float: global norm at the last step, before clipping
-  max_norm: jax.Array  # () float: threshold C of the last step
-  next_max_norm: jax.Array  # () float: threshold C for the next step
-  num_clipped: jax.Array  # () int32: steps with grad_norm > max_norm
+  count: jax.Array  # type: ignore[assignment]
+  grad_norm: jax.Array
+  max_norm: jax.Array
+  next_max_norm: jax.Array
+  num_clipped: jax.Array
 
 
 def _clamp_threshold(c: jax.Array) -> jax.Array:
@@ -455,56 +458,42 @@ def _clamp_threshold(c: jax.Array) -> jax.Array:
 
 
 def quantile_clip(
-  quantile: Any = 0.9,
+  quantile: ArrayLike = 0.9,
   *,
-  adaptation_rate: Any = 0.2,
-  initial_max_norm: Any = 1.0,
+  adaptation_rate: ArrayLike = 0.2,
+  initial_max_norm: ArrayLike = 1.0,
 ) -> optax.GradientTransformation:
   r"""Clip to a streaming estimate of a quantile of the global norm.
 
-  The threshold :math:`C` tracks the ``quantile`` :math:`\gamma` of the
-  norm with the geometric update of Andrew et al. (their Algorithm, with one
-  norm per step instead of a fraction of clients): the step is clipped to
-  :math:`C_t`, then
+  The step is clipped to the threshold :math:`C_t`, which then tracks the quantile
+  :math:`\gamma` of the norm :math:`g_t` by the geometric update of Andrew et al.:
 
   .. math::
     C_{t+1} = C_t \exp\!\big(-\eta\,(b_t - \gamma)\big), \qquad
-    b_t = \mathbb{1}[g_t \le C_t],
+    b_t = \mathbb{1}[g_t \le C_t].
 
-  so :math:`C` shrinks by :math:`e^{-\eta(1-\gamma)}` after a norm below it and
-  grows by :math:`e^{\eta\gamma}` after one above: at equilibrium a fraction
-  :math:`\gamma` of norms lies below :math:`C`. O(1) state, O(1) work besides
-  the norm. Zero norms shrink :math:`C` like any small norm, never to NaN.
-  Non-finite norms are passed on non-finite and leave :math:`C` unchanged.
-
-  :math:`C` is kept between the smallest normal and the largest finite number
-  of the norm's dtype (1.2e-38 and 3.4e38 in float32): a long run of zero
-  norms (~4400 at the default rate) or one step at a large rate brings it to
-  the floor, not to 0, from which a geometric update could never move; the
-  first norm above it grows it again by :math:`e^{\eta\gamma}` per step.
+  O(1) state and work besides the norm; non-finite norms leave :math:`C` unchanged, and
+  :math:`C` stays within the finite positive floats of its dtype. The equilibrium and the
+  bounds: :ref:`the guide <quantile-clip-rule>`.
 
   Args:
-    quantile: :math:`\gamma \in (0, 1]`, the fraction of norms to keep below
-      the threshold (the paper's target quantile).
-    adaptation_rate: :math:`\eta \in [0, 88.7]`, the paper's learning rate
-      :math:`\eta_C` of the threshold (0 keeps a fixed threshold); 0.2 in the
-      paper. One step changes :math:`C` by up to :math:`e^\eta`, which must be
-      a finite float32.
-    initial_max_norm: :math:`C_1 > 0`, finite (a geometric update cannot leave
-      0).
+    quantile: :math:`\gamma \in (0, 1]`, the fraction of norms to keep below the threshold (the
+      paper's target quantile).
+    adaptation_rate: :math:`\eta \in [0, 88.7]`, the paper's learning rate :math:`\eta_C` of the
+      threshold (0 keeps a fixed threshold); 0.2 in the paper.
+    initial_max_norm: :math:`C_1 > 0`, finite (a geometric update cannot leave 0).
 
   Returns:
-    An ``optax.GradientTransformation`` with state :class:`QuantileClipState`;
-    ``max_norm`` is the threshold the last step was clipped to,
-    ``next_max_norm`` the one the next step will use.
+    An ``optax.GradientTransformation`` with state :class:`QuantileClipState` (``max_norm``:
+    the last step's threshold; ``next_max_norm``: the next step's).
 
   Raises:
     ValueError: a hyperparameter outside the ranges above.
     TypeError: a hyperparameter is not a number (e.g. a bool).
 
   References:
-    Andrew et al., 2021. `Differentially Private Learning with Adaptive
-    Clipping <https://arxiv.org/abs/1905.03871>`_.
+    Andrew et al., 2021. `Differentially Private Learning with Adaptive Clipping
+    <https://arxiv.org/abs/1905.03871>`_.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -575,87 +564,72 @@ def quantile_clip(
 
 
 class SkipSpikesState(NamedTuple):
-  """State of :func:`skip_spikes`."""
+  """State of :func:`skip_spikes`.
+
+  Scalars are 0-d arrays; "float" is the norm's dtype (float32, or float64 for float64 updates).
+
+  Attributes:
+    count: steps taken, skipped ones included; int32 scalar.
+    grad_norm: the global norm of the last incoming update; float scalar.
+    max_norm: the skip threshold :math:`m_t + z s_t` of the last step (inf before
+      ``warmup_steps`` norms); float scalar.
+    history: the finite norms of the last steps (a skipped spike at the threshold it
+      exceeded), inf where empty; float, shape ``(history,)``.
+    num_recorded: finite norms recorded so far; int32 scalar.
+    num_skipped: steps skipped (spikes and non-finite norms); int32 scalar.
+    inner_state: the wrapped transformation's state, left as it was on skipped steps.
+  """
 
   # The field name of optax's states; it shadows tuple.count, which mypy reports.
-  count: jax.Array  # type: ignore[assignment]  # () int32: steps taken, skipped ones included
-  grad_norm: jax.Array  # () float: global norm of the last incoming update
-  max_norm: jax.Array  # () float: skip threshold of the last step (inf before warmup_steps)
-  history: jax.Array  # (history,) float: finite norms (skipped ones at the threshold), inf = empty
-  num_recorded: jax.Array  # () int32: finite norms recorded so far
-  num_skipped: jax.Array  # () int32: steps skipped (spikes and non-finite norms)
-  inner_state: Any  # the wrapped transformation's state, untouched on skipped steps
+  count: jax.Array  # type: ignore[assignment]
+  grad_norm: jax.Array
+  max_norm: jax.Array
+  history: jax.Array
+  num_recorded: jax.Array
+  num_skipped: jax.Array
+  inner_state: optax.OptState
 
 
 def skip_spikes(
   inner: optax.GradientTransformation,
   *,
   history: int = 128,
-  z_threshold: Any = 6.0,
-  warmup_steps: Any = 20,
+  z_threshold: ArrayLike = 6.0,
+  warmup_steps: ArrayLike = 20,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Skip optimizer steps whose gradient norm is a spike; otherwise run ``inner``.
 
-  With :math:`m_t, s_t` the mean and population standard deviation of the
-  finite norms among the last ``history`` steps (before step :math:`t`), step
-  :math:`t` is skipped when
+  With :math:`m_t, s_t` the mean and population standard deviation of the finite norms among
+  the last ``history`` steps and :math:`n_t` the number recorded so far, step :math:`t` is
+  skipped (zero updates, ``inner``'s state left exactly as it was) when
 
   .. math::
     n_t \ge n_\text{warm} \ \text{and}\ \|u_t\| > m_t + z\,s_t,
-    \qquad\text{or}\qquad \|u_t\| \notin \mathbb{R},
+    \qquad\text{or}\qquad \|u_t\| \notin \mathbb{R}.
 
-  where :math:`n_t` counts finite norms recorded so far. A skipped step returns
-  zero updates and leaves the inner state exactly as it was (so Adam's moments
-  and step count do not see the batch) and increments ``num_skipped``.
-
-  What is recorded: every finite norm of a step that is taken, and for a
-  skipped spike the threshold it exceeded (the norm winsorized at
-  :math:`m_t + z s_t`). So one spike cannot raise the bar for the rest of the
-  history (a recorded 1e20 would let the next 1e20 through), while a lasting
-  change of scale still ratchets the threshold up step by step until steps
-  are taken again (about 40 skipped steps for a 100-fold jump with ``history=16,
-  z_threshold=3``; watch ``num_skipped``) instead of freezing training.
-  Updates with an inf or NaN entry are always skipped (this subsumes
-  ``optax.apply_if_finite``) and never recorded; a finite update whose norm
-  exceeds the largest float (inf, not recorded) is taken during warm-up and
-  skipped as a spike after it. The mean and standard
-  deviation are computed without overflow (norms of 1e20 in float32, 1e160 in
-  float64 have squares beyond the largest float).
-
-  The inner update always runs and its result is selected with ``jnp.where``
-  (as ``optax.apply_if_finite`` does; a ``lax.cond`` measured no faster and
-  becomes a select under ``vmap``). ``where``, not a multiplication by 0, also
-  drops NaN from a skipped non-finite step. Cost: keeping the old inner state
-  selectable means XLA keeps a copy of the state's large leaves (Adam's
-  moments) during the step; with donated buffers on CPU this makes
-  ``skip_spikes(adam)`` several times slower than ``adam`` alone (see
-  ``benchmarks/optax_step.py``), about what ``optax.apply_if_finite`` costs.
+  A skipped spike is recorded at the threshold it exceeded. What is recorded, the overflow-safe
+  statistics and the cost of keeping the old state: :ref:`the guide <skip-spikes-rule>`.
 
   Args:
-    inner: the transformation to protect, e.g. ``optax.adamw(3e-4)``; extra
-      arguments (``params``, ``value``, ...) are passed on to it.
-    history: number of recent norms the statistics use, a Python int >= 1 (the
-      state's shape: with ``optax.inject_hyperparams`` pass
-      ``static_args=("history",)``).
-    z_threshold: :math:`z \ge 0`, the z-score above which a norm is a spike
-      (as in :func:`zclip`).
-    warmup_steps: :math:`n_\text{warm} \ge 1`: no spike is detected before
-      this many finite norms are recorded.
+    inner: the transformation to protect, e.g. ``optax.adamw(3e-4)``; extra arguments
+      (``params``, ``value``, ...) are passed on to it.
+    history: number of recent norms the statistics use, a Python int >= 1 (the state's shape:
+      with ``optax.inject_hyperparams`` pass ``static_args=("history",)``).
+    z_threshold: :math:`z \ge 0`, the z-score above which a norm is a spike (as in :func:`zclip`).
+    warmup_steps: :math:`n_\text{warm} \ge 1`: no spike is detected before this many finite
+      norms are recorded.
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs`` with state
-    :class:`SkipSpikesState`; ``max_norm`` is :math:`m_t + z s_t` (inf before
-    ``warmup_steps`` norms).
+    An ``optax.GradientTransformationExtraArgs`` with state :class:`SkipSpikesState`.
 
   Raises:
     ValueError: a hyperparameter outside the ranges above.
-    TypeError: ``inner`` is not an ``optax.GradientTransformation``,
-      ``history`` is not an int, or another hyperparameter is not a number.
+    TypeError: ``inner`` is not an ``optax.GradientTransformation``, ``history`` is not an int,
+      or another hyperparameter is not a number.
 
   References:
     Chowdhery et al., 2022. `PaLM: Scaling Language Modeling with Pathways
-    <https://arxiv.org/abs/2204.02311>`_ (skipping the batches around loss
-    spikes, section 5.1).
+    <https://arxiv.org/abs/2204.02311>`_ (skipping the batches around loss spikes, section 5.1).
 
   Examples:
     >>> import jax.numpy as jnp

@@ -23,13 +23,17 @@ import inspect
 import math
 import numbers
 import operator
-from typing import Any, Callable, Literal, NoReturn, Sequence, cast, overload
+from typing import Any, Callable, Literal, NoReturn, Sequence, TypeAlias, cast, overload
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 _ORDS = (None, 1, 2, math.inf)
+
+# A pytree of arrays (nested dicts, lists, tuples, NamedTuples, registered classes). JAX
+# annotates one as Any; the name says what is meant.
+PyTree: TypeAlias = Any
 
 
 def _is_traced(value: Any) -> bool:

@@ -26,8 +26,10 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from jax.typing import ArrayLike
 
 from gnorm_jax._checks import (
+  PyTree,
   canonical_ord,
   check_choice,
   check_number,
@@ -50,26 +52,32 @@ _PERS = ("global", "leaf")
 
 
 class ClipByNormState(NamedTuple):
-  """State of :func:`clip_by_norm`."""
+  """State of :func:`clip_by_norm`.
 
-  # The update's norm before clipping: a scalar (per="global") or a pytree of
-  # scalars with the update's structure (per="leaf"); float32, or float64 for
-  # float64 updates.
-  grad_norm: Any
-  # The threshold applied at the last step (before any: the one the next step
-  # applies), with grad_norm's structure and dtypes: per="leaf" gives every
-  # leaf its own, from a threshold tree. A traced negative or NaN max_norm
-  # acts as, and is recorded as, 0.
-  max_norm: Any
+  Attributes:
+    grad_norm: the update's norm before clipping: a scalar (``per="global"``) or a pytree of
+      scalars with the update's structure (``per="leaf"``); float32, or float64 for float64
+      updates.
+    max_norm: the threshold applied at the last step (before any: the one the next step
+      applies), with ``grad_norm``'s structure and dtypes; with ``per="leaf"`` each leaf's own,
+      from a threshold tree. A traced negative or NaN ``max_norm`` acts as, and is recorded
+      as, 0.
+  """
+
+  grad_norm: PyTree
+  max_norm: PyTree
 
 
 class NormalizeState(NamedTuple):
-  """State of :func:`normalize`."""
+  """State of :func:`normalize`.
 
-  # The update's norm before normalizing: a scalar (per="global") or a pytree
-  # of scalars with the update's structure (per="leaf"); float32, or float64
-  # for float64 updates.
-  grad_norm: Any
+  Attributes:
+    grad_norm: the update's norm before normalizing: a scalar (``per="global"``) or a pytree
+      of scalars with the update's structure (``per="leaf"``); float32, or float64 for float64
+      updates.
+  """
+
+  grad_norm: PyTree
 
 
 def _normalized(tree: Any, m: jax.Array, r: jax.Array, scale: jax.Array | float) -> Any:
@@ -168,9 +176,9 @@ def _act_on_norm(
 
 
 def clip_by_norm(
-  max_norm: float | jax.Array,
+  max_norm: ArrayLike | PyTree,
   *,
-  ord: int | float | None = None,
+  ord: ArrayLike | None = None,
   per: str = "global",
 ) -> optax.GradientTransformation:
   r"""Clips updates to norm at most ``max_norm`` (Pascanu et al. 2013).
@@ -179,39 +187,17 @@ def clip_by_norm(
     g \mapsto \begin{cases} g & \|g\| \le \tau \\
       \tau\, g / \|g\| & \|g\| > \tau \end{cases}
 
-  With ``per="global"`` the norm is over the whole update tree
-  (``optax.clip_by_global_norm``); with ``per="leaf"`` every leaf is clipped by
-  its own norm (Keras ``clipnorm``). Updates at or below the threshold pass
-  through bit-for-bit unchanged. Zero updates and ``max_norm=0`` give zeros,
-  never NaN, and derivatives through the update (meta-gradients) are finite
-  there. float16/bfloat16 updates are measured and scaled in float32, so they
-  are clipped correctly rather than zeroed by an overflowing norm; so is a
-  finite float32 update whose norm exceeds the largest float32 (``[3e38,
-  3e38]``: ``grad_norm`` records inf, the update is clipped to τ). The factor
-  τ/‖g‖ is applied as an exact power of two times a number near τ, so it is
-  not flushed to 0 where it is subnormal (``[1e38, 1e38]`` clipped to 1 gives
-  ``[0.707, 0.707]`` in float32).
-
-  The state's ``grad_norm`` is the norm measured before clipping (a scalar, or
-  a pytree of scalars for ``per="leaf"``) and ``max_norm`` the threshold it was
-  clipped to, with the same structure (for ``per="leaf"`` each leaf's own, from
-  a threshold tree); read them with ``optax.tree.get(state, "grad_norm")`` and
-  ``optax.tree.get(state, "max_norm")``, as for the adaptive clippers. NaN or
-  ``inf`` in the update: see the module docstring (the output stays
-  non-finite; wrap the chain in ``optax.apply_if_finite`` to skip such steps).
+  ``per="global"``: one norm over the whole update tree (``optax.clip_by_global_norm``);
+  ``per="leaf"``: each leaf by its own norm (Keras ``clipnorm``). Updates at or below τ pass
+  bit-for-bit; zero, float16, huge and non-finite updates: :ref:`the guide <clipping-edges>`.
 
   Args:
-    max_norm: the threshold τ ≥ 0. A Python or numpy number is checked here;
-      a jax array or traced value (``optax.inject_hyperparams`` passes both:
-      an array at init, a tracer under ``jit``) is used as it is, a negative
-      or NaN one acting as 0. With
-      ``per="leaf"`` it may also be a pytree of thresholds that is a prefix of
-      the update's tree (one per leaf, or one per subtree), e.g.
-      ``{"encoder": 1.0, "head": 0.1}``.
-    ord: None or 2 (Euclidean), 1 or ``inf`` (largest absolute entry); a 0-d
-      array of these values too. Under ``optax.inject_hyperparams`` a numeric
-      ``ord`` becomes a traced hyperparameter: then all three norms are
-      computed and one selected (1, ``inf``, else Euclidean); pass
+    max_norm: the threshold τ ≥ 0. A Python or numpy number is checked here; a jax array or
+      traced value (``optax.inject_hyperparams``) is used as it is, a negative or NaN one acting
+      as 0. With ``per="leaf"`` also a pytree of thresholds that is a prefix of the update's
+      tree (one per leaf, or one per subtree), e.g. ``{"encoder": 1.0, "head": 0.1}``.
+    ord: None or 2 (Euclidean), 1 or ``inf`` (largest absolute entry); a 0-d array of these
+      too. Traced (``optax.inject_hyperparams``), it selects among all three norms; pass
       ``static_args=("ord",)`` to compute only the one.
     per: ``"global"`` or ``"leaf"``.
 
@@ -219,13 +205,12 @@ def clip_by_norm(
     An ``optax.GradientTransformation`` with state :class:`ClipByNormState`.
 
   Raises:
-    ValueError: ``max_norm`` (or a leaf of a threshold tree) is a negative or
-      NaN Python or numpy number, or an empty tree; a threshold tree with
-      ``per="global"``, or whose structure
-      is not a prefix of the update's (at ``update``); ``ord`` or ``per`` is
-      not an accepted value.
-    TypeError: ``max_norm`` (or a leaf of a threshold tree) is None or not a
-      number (a bool, a string, an array of more than one element).
+    ValueError: ``max_norm`` (or a leaf of a threshold tree) is a negative or NaN Python or
+      numpy number, or an empty tree; a threshold tree with ``per="global"``, or whose
+      structure is not a prefix of the update's (at ``update``); ``ord`` or ``per`` is not an
+      accepted value.
+    TypeError: ``max_norm`` (or a leaf of a threshold tree) is None or not a number (a bool, a
+      string, an array of more than one element).
 
   Examples:
     >>> import jax.numpy as jnp, optax
@@ -239,8 +224,8 @@ def clip_by_norm(
     1.0
 
   References:
-    Pascanu, Mikolov & Bengio, `On the difficulty of training recurrent neural
-    networks <https://arxiv.org/abs/1211.5063>`_, 2013.
+    Pascanu, Mikolov & Bengio, `On the difficulty of training recurrent neural networks
+    <https://arxiv.org/abs/1211.5063>`_, 2013.
   """
   ord = canonical_ord(ord)
   _check_per(per)
@@ -268,9 +253,9 @@ def clip_by_norm(
 
 
 def normalize(
-  scale: float | jax.Array = 1.0,
+  scale: ArrayLike = 1.0,
   *,
-  ord: int | float | None = None,
+  ord: ArrayLike | None = None,
   per: str = "global",
 ) -> optax.GradientTransformation:
   r"""Normalizes updates to norm ``|scale|`` (normalized gradient descent).
@@ -278,19 +263,14 @@ def normalize(
   .. math::
     g \mapsto s\, \frac{g}{\|g\|}, \qquad 0 \mapsto 0
 
-  With ``per="global"`` the whole update tree gets norm ``|scale|`` (Hazan et
-  al. 2015); with ``per="leaf"`` every leaf does (block-normalized gradients,
-  Yu et al. 2017). The output norm is ``|scale|`` up to rounding — no ``eps``
-  is added to the norm as ``optax.normalize_by_update_norm`` does — and a
-  zero update (or, with ``per="leaf"``, a zero leaf) stays zero. A negative
-  ``scale`` flips the direction, as ``scale_factor=-1`` does in optax.
-
-  The state's ``grad_norm`` is the norm measured before normalizing. NaN or
-  ``inf`` in the update: see the module docstring.
+  With ``per="global"`` the whole update tree gets norm ``|scale|`` (Hazan et al. 2015); with
+  ``per="leaf"`` every leaf does (Yu et al. 2017). No ``eps`` is added to the norm, and a
+  negative ``scale`` flips the direction: :ref:`the guide <normalized-updates>`. The state
+  records the norm before normalizing (:class:`NormalizeState`).
 
   Args:
-    scale: the norm of the output (its sign sets the direction). A number
-      must be finite; a traced value is used as it is.
+    scale: the norm of the output (its sign sets the direction). A number must be finite; a
+      traced value is used as it is.
     ord: None or 2 (Euclidean), 1 or ``inf``.
     per: ``"global"`` or ``"leaf"``.
 
@@ -298,8 +278,8 @@ def normalize(
     An ``optax.GradientTransformation`` with state :class:`NormalizeState`.
 
   Raises:
-    ValueError: ``scale`` is a non-finite number, or ``ord`` or ``per`` is not
-      an accepted value.
+    ValueError: ``scale`` is a non-finite number, or ``ord`` or ``per`` is not an accepted
+      value.
     TypeError: ``scale`` is not a number.
 
   Examples:
@@ -312,10 +292,9 @@ def normalize(
     ([1.2, 1.6], 5.0)
 
   References:
-    Hazan, Levy & Shalev-Shwartz, `Beyond convexity: stochastic quasi-convex
-    optimization <https://arxiv.org/abs/1507.02030>`_, 2015. Yu et al.,
-    `Block-normalized gradient method <https://arxiv.org/abs/1707.04822>`_,
-    2017.
+    Hazan, Levy & Shalev-Shwartz, `Beyond convexity: stochastic quasi-convex optimization
+    <https://arxiv.org/abs/1507.02030>`_, 2015. Yu et al., `Block-normalized gradient method
+    <https://arxiv.org/abs/1707.04822>`_, 2017.
   """
   check_number(
     "scale", scale, finite=True, fix="It is the norm of the normalized update, e.g. scale=1.0."
@@ -334,9 +313,9 @@ def normalize(
 def normalized_sgd(
   learning_rate: optax.ScalarOrSchedule,
   *,
-  momentum: float | jax.Array = 0.0,
+  momentum: ArrayLike = 0.0,
   nesterov: bool = False,
-  ord: int | float | None = None,
+  ord: ArrayLike | None = None,
   per: str = "global",
 ) -> optax.GradientTransformation:
   r"""Normalized SGD, with momentum as in Cutkosky & Mehta (2020).
@@ -345,34 +324,26 @@ def normalized_sgd(
     m_t = \beta\, m_{t-1} + g_t, \qquad
     \theta_{t+1} = \theta_t - \eta_t\, \frac{m_t}{\|m_t\|}
 
-  The direction equals Cutkosky & Mehta's ``m_t = β m_{t-1} + (1-β) g_t``
-  (the two buffers differ by the factor ``1-β``, which normalization removes).
-  With ``momentum=0`` this is normalized gradient descent (Hazan et al. 2015):
-  every step has length exactly ``learning_rate`` (in the ``ord`` norm; per
-  leaf with ``per="leaf"``). A zero buffer gives a zero step. ``nesterov``
-  normalizes ``g_t + β m_t`` instead, as ``optax.sgd`` does.
-
-  It is ``optax.chain(optax.trace(momentum, nesterov), normalize(ord=ord,
-  per=per), optax.scale_by_learning_rate(learning_rate))``; the state's
-  ``grad_norm`` is the norm of the buffer that was normalized.
+  ``optax.chain(optax.trace(momentum, nesterov), normalize(ord=ord, per=per),
+  optax.scale_by_learning_rate(learning_rate))``: with ``momentum=0`` every step has length
+  exactly ``learning_rate``. Its relation to the paper's momentum:
+  :ref:`the guide <normalized-updates>`.
 
   Args:
     learning_rate: the step length η ≥ 0 (finite), or an optax schedule.
-    momentum: β in [0, 1). A number is checked here; a traced value is
-      used as it is.
-    nesterov: use Nesterov momentum.
+    momentum: β in [0, 1). A number is checked here; a traced value is used as it is.
+    nesterov: normalize ``g_t + β m_t`` instead, as ``optax.sgd`` does.
     ord: None or 2 (Euclidean), 1 or ``inf``.
     per: ``"global"`` or ``"leaf"``.
 
   Returns:
-    An ``optax.GradientTransformation``.
+    An ``optax.GradientTransformation``; its :class:`NormalizeState` records the norm of the
+    buffer that was normalized as ``grad_norm``.
 
   Raises:
-    ValueError: ``learning_rate`` is a negative or non-finite number,
-      ``momentum`` is a number outside [0, 1), or ``ord`` or ``per`` is not an
-      accepted value.
-    TypeError: ``learning_rate`` or ``momentum`` is not a number (``True`` is
-      not 1.0).
+    ValueError: ``learning_rate`` is a negative or non-finite number, ``momentum`` is a number
+      outside [0, 1), or ``ord`` or ``per`` is not an accepted value.
+    TypeError: ``learning_rate`` or ``momentum`` is not a number (``True`` is not 1.0).
 
   Examples:
     >>> import jax.numpy as jnp, optax
@@ -384,10 +355,9 @@ def normalized_sgd(
     [-0.06, -0.08]
 
   References:
-    Cutkosky & Mehta, `Momentum improves normalized SGD
-    <https://arxiv.org/abs/2002.03305>`_, 2020. Hazan, Levy & Shalev-Shwartz,
-    `Beyond convexity: stochastic quasi-convex optimization
-    <https://arxiv.org/abs/1507.02030>`_, 2015.
+    Cutkosky & Mehta, `Momentum improves normalized SGD <https://arxiv.org/abs/2002.03305>`_,
+    2020. Hazan, Levy & Shalev-Shwartz, `Beyond convexity: stochastic quasi-convex
+    optimization <https://arxiv.org/abs/1507.02030>`_, 2015.
   """
   if not callable(learning_rate):
     check_number(

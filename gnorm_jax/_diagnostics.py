@@ -21,8 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.typing import ArrayLike
 
-from gnorm_jax._checks import check_number, check_ord, concrete_number, is_traced
+from gnorm_jax._checks import PyTree, check_number, check_ord, concrete_number, is_traced
 from gnorm_jax._norms import leaf_norms, tree_norm
 from gnorm_jax._numerics import pow2_split, safe_divide
 
@@ -44,14 +45,23 @@ __all__ = [
 
 
 class NoiseScale(NamedTuple):
-  """Estimates of the simple gradient noise scale and of its two ingredients."""
+  r"""Estimates of the simple gradient noise scale and of its two ingredients.
 
-  b_simple: jax.Array  # [] float32/float64: trace_cov / grad_sq_norm (B_simple)
-  grad_sq_norm: jax.Array  # [] same dtype: unbiased estimate of ‖G‖² (can be < 0)
-  trace_cov: jax.Array  # [] same dtype: unbiased estimate of tr(Σ) (can be < 0)
+  Scalars (0-d arrays) of one dtype, float32 or float64.
+
+  Attributes:
+    b_simple: :math:`B_\text{simple}` = ``trace_cov / grad_sq_norm``.
+    grad_sq_norm: an unbiased estimate of :math:`\|G\|^2` (one step's can be < 0).
+    trace_cov: an unbiased estimate of :math:`\operatorname{tr}(\Sigma)` (one step's can
+      be < 0).
+  """
+
+  b_simple: jax.Array
+  grad_sq_norm: jax.Array
+  trace_cov: jax.Array
 
 
-def _check_batch_sizes(small_batch_size: Any, big_batch_size: Any) -> None:
+def _check_batch_sizes(small_batch_size: ArrayLike, big_batch_size: ArrayLike) -> None:
   """Validates batch sizes given as numbers; traced ones pass as they are."""
   names = ("small_batch_size", "big_batch_size")
   for value, name in zip((small_batch_size, big_batch_size), names):
@@ -75,17 +85,15 @@ def _safe_ratio(num: jax.Array, den: jax.Array) -> jax.Array:
 
 
 def noise_scale_from_two_batches(
-  small_sq_norm: jax.Array | float,
-  big_sq_norm: jax.Array | float,
-  small_batch_size: jax.Array | int,
-  big_batch_size: jax.Array | int,
+  small_sq_norm: ArrayLike,
+  big_sq_norm: ArrayLike,
+  small_batch_size: ArrayLike,
+  big_batch_size: ArrayLike,
 ) -> NoiseScale:
   r"""The simple noise scale from gradient norms measured at two batch sizes.
 
-  With :math:`|G_B|^2` the squared norm of a mean gradient over :math:`B`
-  examples, :math:`\mathbb{E}|G_B|^2 = \|G\|^2 + \operatorname{tr}(\Sigma)/B`.
-  Two batch sizes give the unbiased estimates of McCandlish et al. 2018,
-  appendix A:
+  With :math:`|G_B|^2` the squared norm of a mean gradient over :math:`B` examples, the unbiased
+  estimates of McCandlish et al. 2018, appendix A, are
 
   .. math::
     \|G\|^2 \approx \frac{B_\text{big}|G_{B_\text{big}}|^2
@@ -96,27 +104,24 @@ def noise_scale_from_two_batches(
     \qquad
     B_\text{simple} = \frac{\operatorname{tr}(\Sigma)}{\|G\|^2}.
 
-  The two estimates are unbiased, their ratio is not, and one step's estimates
-  are noisy (either can be negative): average them over steps with
-  :func:`noise_scale_tracker` (the ratio of averages, as the paper does).
+  One step's estimates are noisy: average them with :func:`noise_scale_tracker`. Their
+  derivation: :ref:`the guide <noise-scale-estimators>`.
 
   Args:
-    small_sq_norm: :math:`|G_{B_\text{small}}|^2`, the squared norm of the mean
-      gradient over ``small_batch_size`` examples (or the mean of several such).
-    big_sq_norm: :math:`|G_{B_\text{big}}|^2`, the squared norm of the mean
-      gradient over ``big_batch_size`` examples.
+    small_sq_norm: :math:`|G_{B_\text{small}}|^2`, the squared norm of the mean gradient over
+      ``small_batch_size`` examples (or the mean of several such).
+    big_sq_norm: :math:`|G_{B_\text{big}}|^2`, the same over ``big_batch_size`` examples.
     small_batch_size: :math:`B_\text{small}`, at least 1.
     big_batch_size: :math:`B_\text{big}`, larger than ``small_batch_size``.
 
   Returns:
-    A :class:`NoiseScale` of scalars in at least float32 (float64 for float64
-    inputs). ``b_simple`` is 0 when both estimates are 0 and ±inf when only
-    ``grad_sq_norm`` is 0; inf or NaN inputs give inf or NaN estimates.
+    A :class:`NoiseScale` of scalars in at least float32 (float64 for float64 inputs).
+    ``b_simple`` is 0 when both estimates are 0 and ±inf when only ``grad_sq_norm`` is 0; inf or
+    NaN inputs give inf or NaN estimates.
 
   Raises:
-    ValueError: ``small_batch_size < 1`` or ``big_batch_size <=
-      small_batch_size`` (given as numbers, concrete 0-d arrays included;
-      traced batch sizes are not checked).
+    ValueError: ``small_batch_size < 1`` or ``big_batch_size <= small_batch_size`` (given as
+      numbers, concrete 0-d arrays included; traced batch sizes are not checked).
     TypeError: a batch size is a bool or not a number.
 
   Examples:
@@ -127,8 +132,8 @@ def noise_scale_from_two_batches(
     (1.0, 128.0, 128.0)
 
   References:
-    McCandlish, Kaplan, Amodei et al. 2018, "An Empirical Model of Large-Batch
-    Training", appendix A. https://arxiv.org/abs/1812.06162
+    McCandlish, Kaplan, Amodei et al. 2018, "An Empirical Model of Large-Batch Training",
+    appendix A. https://arxiv.org/abs/1812.06162
   """
   _check_batch_sizes(small_batch_size, big_batch_size)
   small = jnp.asarray(small_sq_norm)
@@ -147,7 +152,9 @@ def noise_scale_from_two_batches(
   return NoiseScale(b_simple, grad_sq, trace_cov)
 
 
-def _size_factors(b_small: Any, b_big: Any, dtype: Any) -> tuple[jax.Array, jax.Array]:
+def _size_factors(
+  b_small: ArrayLike, b_big: ArrayLike, dtype: jnp.dtype
+) -> tuple[jax.Array, jax.Array]:
   """c = B_small/(B_big − B_small) and k = B_small·B_big/(B_big − B_small) in ``dtype``.
 
   From Python numbers they are computed in float64 (the difference of the
@@ -161,50 +168,44 @@ def _size_factors(b_small: Any, b_big: Any, dtype: Any) -> tuple[jax.Array, jax.
     diff = big - small  # exact for ints
     return jnp.asarray(small / diff, dtype), jnp.asarray(small * (big / diff), dtype)
   b_small, b_big = jnp.asarray(b_small), jnp.asarray(b_big)
-  diff = (b_big - b_small).astype(dtype)
+  gap = (b_big - b_small).astype(dtype)
   b_small, b_big = b_small.astype(dtype), b_big.astype(dtype)
-  return b_small / diff, b_small * (b_big / diff)
+  return b_small / gap, b_small * (b_big / gap)
 
 
 def gradient_noise_scale(
-  per_example_sq_norms: jax.Array,
-  batch_grad_sq_norm: jax.Array | float,
-  batch_size: jax.Array | int,
+  per_example_sq_norms: ArrayLike,
+  batch_grad_sq_norm: ArrayLike,
+  batch_size: ArrayLike,
 ) -> NoiseScale:
   r"""The simple gradient noise scale from per-example and batch gradient norms.
 
-  :func:`noise_scale_from_two_batches` with :math:`B_\text{small} = 1`: each
-  per-example gradient is a "batch" of one, so :math:`|G_{B_\text{small}}|^2`
-  is the mean of the per-example squared norms, and
-  :math:`B_\text{big}` is the batch whose mean gradient has squared norm
-  ``batch_grad_sq_norm``:
+  :func:`noise_scale_from_two_batches` with :math:`B_\text{small} = 1`: the small-batch squared
+  norm is the mean :math:`\overline{|g_i|^2}` of the per-example ones, and
 
   .. math::
-    \overline{|g_i|^2} = \tfrac{1}{n}\textstyle\sum_i |g_i|^2,\quad
     \|G\|^2 \approx \frac{B|G_B|^2 - \overline{|g_i|^2}}{B - 1},\quad
     \operatorname{tr}(\Sigma) \approx \frac{B\,(\overline{|g_i|^2} - |G_B|^2)}{B - 1},
     \quad B_\text{simple} = \frac{\operatorname{tr}(\Sigma)}{\|G\|^2}.
 
-  The per-example norms come for free from
-  :func:`gnorm_jax.per_example_grad_norms` (square them); they may be those of
-  the whole batch or of any subset of it. The batch gradient must be the *mean*
-  of the per-example gradients, as for a loss averaged over the batch. With
-  clipped per-example gradients the estimates are those of the clipped ones.
+  The per-example norms come from :func:`gnorm_jax.per_example_grad_norms` (square them); the
+  batch gradient must be the *mean* of the per-example gradients:
+  :ref:`the guide <noise-scale-estimators>`.
 
   Args:
-    per_example_sq_norms: ``[n]`` squared norms :math:`|g_i|^2` of per-example
-      gradients, ``n >= 1``.
-    batch_grad_sq_norm: :math:`|G_B|^2`, the squared norm of the mean gradient
-      over the batch of ``batch_size`` examples.
+    per_example_sq_norms: ``[n]`` squared norms :math:`|g_i|^2` of per-example gradients,
+      ``n >= 1``: of the whole batch or of any subset of it.
+    batch_grad_sq_norm: :math:`|G_B|^2`, the squared norm of the mean gradient over the batch of
+      ``batch_size`` examples.
     batch_size: :math:`B`, at least 2.
 
   Returns:
-    A :class:`NoiseScale` (``b_simple``, ``grad_sq_norm``, ``trace_cov``), with
-    the same conventions as :func:`noise_scale_from_two_batches`.
+    A :class:`NoiseScale` (``b_simple``, ``grad_sq_norm``, ``trace_cov``), with the same
+    conventions as :func:`noise_scale_from_two_batches`.
 
   Raises:
-    ValueError: ``per_example_sq_norms`` is not a non-empty 1-D array, or
-      ``batch_size`` (a number) is below 2.
+    ValueError: ``per_example_sq_norms`` is not a non-empty 1-D array, or ``batch_size`` (a
+      number) is below 2.
     TypeError: ``batch_size`` is not a number (e.g. a bool).
 
   Examples:
@@ -217,8 +218,8 @@ def gradient_noise_scale(
     (1.0, 1.0)
 
   References:
-    McCandlish, Kaplan, Amodei et al. 2018, "An Empirical Model of Large-Batch
-    Training", appendix A. https://arxiv.org/abs/1812.06162
+    McCandlish, Kaplan, Amodei et al. 2018, "An Empirical Model of Large-Batch Training",
+    appendix A. https://arxiv.org/abs/1812.06162
   """
   sq = jnp.asarray(per_example_sq_norms)
   if sq.ndim != 1 or sq.shape[0] == 0:
@@ -254,29 +255,38 @@ def gradient_noise_scale(
 
 
 class NoiseScaleTrackerState(NamedTuple):
-  """State of :func:`noise_scale_tracker`: moving averages, not yet debiased."""
+  r"""State of :func:`noise_scale_tracker`: moving averages, not yet debiased.
 
-  # Scalars, float32 (float64 under x64), zero-initialized:
-  grad_sq_norm: jax.Array  # EMA of the ‖G‖² estimates
-  trace_cov: jax.Array  # EMA of the tr(Σ) estimates
-  weight: jax.Array  # EMA of 1, i.e. 1 - decay^t; divides out the zero init
-  num_skipped: jax.Array  # [] int32: estimates skipped because they were inf or NaN
+  Scalars (0-d arrays), zero-initialized; the averages are float32 (float64 under x64).
+
+  Attributes:
+    grad_sq_norm: the EMA of the :math:`\|G\|^2` estimates.
+    trace_cov: the EMA of the :math:`\operatorname{tr}(\Sigma)` estimates.
+    weight: the EMA of 1, i.e. :math:`1 - \beta^t`; divides out the zero start.
+    num_skipped: estimates skipped because they were inf or NaN; int32.
+  """
+
+  grad_sq_norm: jax.Array
+  trace_cov: jax.Array
+  weight: jax.Array
+  num_skipped: jax.Array
 
 
 class NoiseScaleTracker(NamedTuple):
-  """A pair of pure functions, ``init()`` and ``update(estimate, state)``."""
+  """A pair of pure functions, ``init()`` and ``update(estimate, state)``.
+
+  Attributes:
+    init: ``init()`` returns the first :class:`NoiseScaleTrackerState`.
+    update: ``update(estimate, state)`` takes one step's :class:`NoiseScale` and returns the
+      smoothed :class:`NoiseScale` and the new state.
+  """
 
   init: Callable[[], NoiseScaleTrackerState]
   update: Callable[[NoiseScale, NoiseScaleTrackerState], tuple[NoiseScale, NoiseScaleTrackerState]]
 
 
-def noise_scale_tracker(decay: float | jax.Array = 0.99) -> NoiseScaleTracker:
+def noise_scale_tracker(decay: ArrayLike = 0.99) -> NoiseScaleTracker:
   r"""Exponential moving averages of the noise-scale estimates, and their ratio.
-
-  One step's :class:`NoiseScale` is noisy; McCandlish et al. average the two
-  unbiased estimates separately over steps and take the ratio of the averages
-  (not the average of ratios, which is biased and blows up when one step's
-  :math:`\|G\|^2` estimate is near 0):
 
   .. math::
     m_t = \beta m_{t-1} + (1-\beta)\,\|G\|^2_t,\quad
@@ -284,27 +294,20 @@ def noise_scale_tracker(decay: float | jax.Array = 0.99) -> NoiseScaleTracker:
     w_t = \beta w_{t-1} + (1-\beta),\quad
     B_\text{simple} = \frac{s_t}{m_t}.
 
-  Bias correction: the averages start at 0, so they are divided by
-  :math:`w_t = 1-\beta^t` (as in Adam) before they are returned. The ratio needs
-  no correction, since the factor cancels. Keeping :math:`w_t` as an average of
-  ones (rather than computing :math:`\beta^t`) keeps the correction exact when
-  ``decay`` is a traced value that changes between steps.
-
-  Estimates that are inf or NaN (e.g. from a step with a non-finite gradient)
-  are skipped: the state is left as it was and ``num_skipped`` counts them. Before
-  any finite estimate has been seen the returned estimates are NaN.
-
-  Everything is a pure function of arrays: call ``update`` inside the jitted
-  train step and keep the state next to the optimizer state.
+  The ratio of the averages, as McCandlish et al. take it; the averages are returned divided by
+  :math:`w_t = 1-\beta^t`. Inf or NaN estimates are skipped and counted in ``num_skipped``.
+  Pure functions of arrays: call ``update`` inside the jitted step. Why these averages:
+  :ref:`the guide <noise-scale-tracker>`.
 
   Args:
-    decay: :math:`\beta \in [0, 1)`; 0 returns each step's own estimate. A traced
-      value is accepted as it is (no retrace when it changes).
+    decay: :math:`\beta \in [0, 1)`; 0 returns each step's own estimate. A traced value is
+      accepted as it is (no retrace when it changes).
 
   Returns:
     A :class:`NoiseScaleTracker` ``(init, update)``: ``init()`` returns a
-    :class:`NoiseScaleTrackerState`; ``update(estimate, state)`` returns the
-    smoothed :class:`NoiseScale` (float32, or float64 under x64) and the new state.
+    :class:`NoiseScaleTrackerState`; ``update(estimate, state)`` returns the smoothed
+    :class:`NoiseScale` (float32, or float64 under x64; NaN before any finite estimate) and the
+    new state.
 
   Raises:
     ValueError: ``decay`` (a number) is not in [0, 1).
@@ -322,8 +325,8 @@ def noise_scale_tracker(decay: float | jax.Array = 0.99) -> NoiseScaleTracker:
     94.31...
 
   References:
-    McCandlish, Kaplan, Amodei et al. 2018, "An Empirical Model of Large-Batch
-    Training", appendix A. https://arxiv.org/abs/1812.06162
+    McCandlish, Kaplan, Amodei et al. 2018, "An Empirical Model of Large-Batch Training",
+    appendix A. https://arxiv.org/abs/1812.06162
   """
   check_number(
     "decay", decay, low=0, high=1, high_open=True, fix="E.g. 0.99 averages over ~100 steps."
@@ -397,7 +400,7 @@ def _flat_dict(tree: Any, *, prefix: str = "", sep: str = "/") -> dict[str, Any]
 
 
 def flat_leaf_norms(
-  tree: Any,
+  tree: PyTree,
   ord: int | float | None = None,
   *,
   prefix: str = "",
@@ -405,16 +408,13 @@ def flat_leaf_norms(
 ) -> dict[str, jax.Array]:
   r"""Per-leaf (per-layer) norms as a flat ``{path: norm}`` dict for logging.
 
-  :func:`gnorm_jax.leaf_norms` with each leaf's path as its key:
-
   .. math::
     \{\text{path}(\ell): \|x_\ell\|\ \text{for each leaf } \ell\}
 
-  Dict keys, attribute names (NamedTuples, dataclasses, equinox modules) and
-  sequence indices become path components joined with ``sep``:
-  ``{"params": {"dense": {"kernel": x}}}`` gives ``"params/dense/kernel"``.
-  Works under jit (the values are scalar arrays); outside it,
-  ``jax.device_get`` turns the whole dict into numpy floats in one transfer.
+  :func:`gnorm_jax.leaf_norms` with each leaf's path as its key: dict keys, attribute names
+  (NamedTuples, dataclasses, equinox modules) and sequence indices joined with ``sep``, so
+  ``{"params": {"dense": {"kernel": x}}}`` gives ``"params/dense/kernel"``. Works under jit;
+  outside it, ``jax.device_get`` fetches the whole dict in one transfer.
 
   Args:
     tree: a pytree of floating-point arrays, e.g. gradients or updates.
@@ -427,8 +427,8 @@ def flat_leaf_norms(
 
   Raises:
     TypeError: a leaf is an integer or bool array.
-    ValueError: ``ord`` is not accepted, or two leaves give the same path
-      (keys ``"a/b"`` and ``"a"`` → ``"b"``): choose another ``sep``.
+    ValueError: ``ord`` is not accepted, or two leaves give the same path (keys ``"a/b"`` and
+      ``"a"`` → ``"b"``): choose another ``sep``.
 
   Examples:
     >>> import jax, jax.numpy as jnp
@@ -450,29 +450,28 @@ def flat_leaf_norms(
 
 
 class RecordLeafNormsState(NamedTuple):
-  """State of :func:`record_leaf_norms`: the norms of the last updates it saw."""
+  """State of :func:`record_leaf_norms`: the norms of the last updates it saw.
 
-  leaf_norms: Any  # pytree like params; leaves [] float32 (float64 for float64 params)
-  global_norm: jax.Array  # [] float32 (or float64): norm of all updates as one vector
+  Attributes:
+    leaf_norms: one norm per leaf, a pytree with the params' structure; scalars, float32
+      (float64 for float64 params).
+    global_norm: the norm of all updates as one vector; a float32 (or float64) scalar.
+  """
+
+  leaf_norms: PyTree
+  global_norm: jax.Array
 
 
 def record_leaf_norms(ord: int | float | None = None) -> optax.GradientTransformation:
   r"""An Optax transformation that records per-leaf norms and passes updates on.
 
-  The updates are returned unchanged (the same arrays); the state keeps
-
   .. math::
     \text{leaf\_norms} = \{\|u_\ell\|\}_\ell,\qquad
     \text{global\_norm} = \|u\| = \big\|(\|u_\ell\|)_\ell\big\|
 
-  of the updates :math:`u` it received in the last step (zeros before the
-  first). What it measures depends on where it sits in an ``optax.chain``:
-  first, it records the gradient norms; last, the norms of the updates the
-  optimizer applies. Read the values with ``state.leaf_norms`` on its own state, or
-  ``optax.tree.get(opt_state, "leaf_norms")`` when there is one in the chain.
-  (To log the per-layer norms of a tree directly, :func:`flat_leaf_norms` gives
-  a flat ``{path: norm}`` dict.) The field is not called ``grad_norm``
-  so it never clashes with a clipping transformation's ``grad_norm``.
+  The updates :math:`u` are returned unchanged (the same arrays); the state keeps their norms
+  from the last step (zeros before the first). First in an ``optax.chain`` it records the
+  gradient norms; last, the norms of the applied updates: :ref:`the guide <per-layer-norms>`.
 
   Args:
     ord: None or 2 (Euclidean), 1 or ``inf``.

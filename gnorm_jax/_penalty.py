@@ -24,8 +24,10 @@ from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 from gnorm_jax._checks import (
+  PyTree,
   check_choice,
   check_fun,
   check_grad_args,
@@ -134,7 +136,7 @@ def penalized(
   argnums: int | Sequence[int] = 0,
   has_aux: bool = False,
   *,
-  weight: Any,
+  weight: ArrayLike,
   squared: bool = True,
   ord: int | float | None = None,
 ) -> Callable[..., Any]:
@@ -144,35 +146,31 @@ def penalized(
     P(\theta) = J(\theta) + \lambda\,\|\nabla J(\theta)\|^2
     \quad\text{(or } \lambda\|\nabla J(\theta)\| \text{ with squared=False)}
 
-  where ``J = fun`` and the gradient is taken with respect to ``argnums``.
-  ``jax.grad`` of the result is exact reverse-over-reverse double backprop;
-  :func:`penalized_value_and_grad` gives the same gradient faster. The squared
-  Euclidean penalty is a plain sum of squares (exact, no square root); the
-  others go through :func:`gnorm_jax.tree_norm`, whose derivative at ∇J = 0
-  is the zero subgradient, so P and its first and second derivatives are
-  NaN-free at a stationary point. A NaN or inf in ∇J makes the value NaN/inf.
+  where ``J = fun`` and the gradient is taken with respect to ``argnums``. ``jax.grad`` of the
+  result is exact double backprop; :func:`penalized_value_and_grad` gives the same gradient
+  faster. P and its first and second derivatives are NaN-free at a stationary point:
+  :ref:`the guide <penalty-numerics>`.
 
   Args:
-    fun: a function returning a real scalar J (or ``(J, aux)`` with
-      ``has_aux``).
-    argnums: the positional argument(s) θ; with a tuple the norm is over all of
-      their gradients together.
+    fun: a function returning a real scalar J (or ``(J, aux)`` with ``has_aux``).
+    argnums: the positional argument(s) θ; with a tuple the norm is over all of their gradients
+      together.
     has_aux: ``fun`` returns ``(J, aux)``; the result then returns ``(P, aux)``.
-    weight: λ ≥ 0, finite, keyword-only: a number (Python, numpy or a 0-d
-      array, checked here) or a traced value (accepted as it is).
-    squared: penalize ‖∇J‖² (default, as in the classic double-backprop
-      regularizer) or ‖∇J‖ (as in Zhao et al. 2022).
+    weight: λ ≥ 0, finite, keyword-only: a number (Python, numpy or a 0-d array, checked here)
+      or a traced value (accepted as it is).
+    squared: penalize ‖∇J‖² (default, as in the classic double-backprop regularizer) or ‖∇J‖
+      (as in Zhao et al. 2022).
     ord: the norm of ∇J: None or 2 (Euclidean), 1 or ``inf``.
 
   Returns:
     A function with ``fun``'s signature returning P (or ``(P, aux)``).
 
   Raises:
-    ValueError: ``weight`` is a negative or non-finite number, ``ord`` is not
-      accepted, or ``argnums`` has negative entries.
-    TypeError: ``fun`` is not callable, ``argnums`` is malformed (a float
-      there is the weight of an older call: pass ``weight=`` by keyword),
-      ``has_aux`` is not a bool or ``weight`` is not a number.
+    ValueError: ``weight`` is a negative or non-finite number, ``ord`` is not accepted, or
+      ``argnums`` has negative entries.
+    TypeError: ``fun`` is not callable, ``argnums`` is malformed (a float there is the weight
+      of an older call: pass ``weight=`` by keyword), ``has_aux`` is not a bool or ``weight``
+      is not a number.
 
   Examples:
     >>> import jax, jax.numpy as jnp
@@ -186,9 +184,8 @@ def penalized(
 
   References:
     Drucker & LeCun 1992, "Improving generalization performance using double
-    backpropagation"; Zhao, Zhang & Hu 2022, "Penalizing Gradient Norm for
-    Efficiently Improving Generalization in Deep Learning",
-    https://arxiv.org/abs/2202.03599
+    backpropagation"; Zhao, Zhang & Hu 2022, "Penalizing Gradient Norm for Efficiently
+    Improving Generalization in Deep Learning", https://arxiv.org/abs/2202.03599
   """
   check_fun(fun, "penalized")
   check_grad_args(penalized, argnums, has_aux)
@@ -250,11 +247,11 @@ def penalized_value_and_grad(
   argnums: int | Sequence[int] = 0,
   has_aux: bool = False,
   *,
-  weight: Any,
+  weight: ArrayLike,
   method: str = "hvp",
   squared: bool = True,
   ord: int | float | None = None,
-  radius: Any = 0.01,
+  radius: ArrayLike = 0.01,
 ) -> Callable[..., tuple[Any, Any]]:
   r"""Returns a function giving the penalized objective and its gradient.
 
@@ -265,65 +262,32 @@ def penalized_value_and_grad(
     \nabla P(\theta) = g + \lambda\,H(\theta)\,v, \qquad
     v = 2g \ \text{(squared)}, \quad v = g/\|g\| \ \text{(unsquared)}.
 
-  The value is exact in every method (φ(g) is known from the first gradient).
-  The gradient:
-
-  * ``"hvp"`` (default): exact; H·v forward-over-reverse (``jax.linearize`` of
-    ∇J, so J's forward and backward pass run once). About 3 backward passes.
-  * ``"double_backprop"``: exact; ``jax.value_and_grad(penalized(...))``,
-    reverse-over-reverse. The reference.
-  * ``"finite_difference"`` (Zhao, Zhang & Hu 2022): two gradients, the second
-    at the probe :math:`\theta + r\,v/\|v\|`, and
-
-    .. math::
-      \nabla P \approx g + \lambda\,\frac{\|v\|}{r}\,
-      \big(\nabla J(\theta + r\,v/\|v\|) - g\big).
-
-    For the unsquared Euclidean penalty :math:`v/\|v\| = g/\|g\|` and
-    :math:`\|v\| = 1`: this is the paper's
-    :math:`(1-\alpha)\,g + \alpha\,\nabla J(\theta + r g/\|g\|)` with
-    :math:`\alpha = \lambda/r`. For the squared penalty the probe is the same
-    and :math:`\alpha = 2\lambda\|g\|/r`. The error is
-    :math:`\lambda\|v\|\,O(r)` (zero when J is quadratic); ``radius`` r trades it
-    against float rounding, which grows like ε·‖g‖/r. The step actually taken
-    is :math:`\max(r,\ 8\,\|(\varepsilon_\ell \|\theta_\ell\|)_\ell\|)`,
-    with :math:`\varepsilon_\ell` the resolution of leaf ℓ's dtype: a smaller
-    offset would be rounded away when the probe is stored in θ's dtype
-    (``300 + 0.01 = 300`` in bfloat16), silently dropping the penalty. For
-    float32 parameters of ordinary size this is r itself.
-
-  ``"hvp"`` applies H to :math:`v/\|v\|` and multiplies by :math:`\|v\|` in at
-  least float32, so a float16 θ gets the gradient ``"double_backprop"`` gets
-  even where H·v alone would overflow float16.
-
-  At a stationary point (g = 0) v = 0 (the norm's zero subgradient), so every
-  method returns the gradient 0 and no NaN. A NaN or inf in g propagates to
-  the value and the gradient.
+  The value is exact; the gradient is exact for ``"hvp"`` (H·v forward-over-reverse, about 3
+  backward passes) and ``"double_backprop"`` (the reference), within :math:`\lambda\|v\|\,O(r)`
+  for ``"finite_difference"`` (two gradients, Zhao et al. 2022): :ref:`the guide <penalty-methods>`.
 
   Args:
     fun: a function returning a real scalar J (or ``(J, aux)``).
     argnums: the positional argument(s) θ, as in :func:`jax.value_and_grad`.
     has_aux: ``fun`` returns ``(J, aux)``; the value is then ``(P, aux)``.
-    weight: λ ≥ 0, keyword-only (Python number or array; traced values are
-      accepted, e.g. under ``optax.inject_hyperparams`` or a schedule, without
-      retracing).
+    weight: λ ≥ 0, keyword-only (Python number or array; traced values are accepted, e.g.
+      under ``optax.inject_hyperparams`` or a schedule, without retracing).
     method: ``"hvp"``, ``"double_backprop"`` or ``"finite_difference"``.
     squared: penalize ‖∇J‖² (default) or ‖∇J‖ (as in Zhao et al. 2022).
     ord: the norm of ∇J: None or 2 (Euclidean), 1 or ``inf``.
-    radius: r > 0, the finite-difference step in parameter space (only used by
-      ``"finite_difference"``; traced values are accepted). Raised to the
-      parameters' resolution where it is below it (see above).
+    radius: r > 0, the finite-difference step in parameter space (``"finite_difference"``
+      only; may be traced), raised to the parameters' resolution where it is below it.
 
   Returns:
-    A function with ``fun``'s signature returning ``(P, ∇P)`` (``((P, aux),
-    ∇P)`` with ``has_aux``); ∇P has θ's structure and dtypes.
+    A function with ``fun``'s signature returning ``(P, ∇P)`` (``((P, aux), ∇P)`` with
+    ``has_aux``); ∇P has θ's structure and dtypes.
 
   Raises:
-    ValueError: unknown ``method``; negative/non-finite ``weight``; ``radius``
-      not a finite number > 0; ``ord`` not accepted; negative ``argnums``.
-    TypeError: ``fun`` is not callable, ``argnums`` is malformed (a float
-      there is the weight of an older call: pass ``weight=`` by keyword),
-      ``has_aux`` is not a bool, or ``weight``/``radius`` is not a number.
+    ValueError: unknown ``method``; negative/non-finite ``weight``; ``radius`` not a finite
+      number > 0; ``ord`` not accepted; negative ``argnums``.
+    TypeError: ``fun`` is not callable, ``argnums`` is malformed (a float there is the weight
+      of an older call: pass ``weight=`` by keyword), ``has_aux`` is not a bool, or
+      ``weight``/``radius`` is not a number.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -341,8 +305,8 @@ def penalized_value_and_grad(
     True
 
   References:
-    Zhao, Zhang & Hu 2022, "Penalizing Gradient Norm for Efficiently Improving
-    Generalization in Deep Learning", https://arxiv.org/abs/2202.03599
+    Zhao, Zhang & Hu 2022, "Penalizing Gradient Norm for Efficiently Improving Generalization
+    in Deep Learning", https://arxiv.org/abs/2202.03599
   """
   check_fun(fun, "penalized_value_and_grad")
   check_grad_args(penalized_value_and_grad, argnums, has_aux)
@@ -440,38 +404,34 @@ def _mean(values: jax.Array) -> jax.Array:
   )
 
 
-def gradient_penalty(fun: Callable[[Any], jax.Array], x: Any, *, target: Any = 1.0) -> jax.Array:
+def gradient_penalty(
+  fun: Callable[[Any], jax.Array], x: PyTree, *, target: ArrayLike = 1.0
+) -> jax.Array:
   r"""WGAN-GP: the mean over examples of (‖∇ₓᵢ critic‖ − target)².
 
   .. math::
     \mathrm{GP} = \frac{1}{B}\sum_{i=1}^{B}
     \big(\|\nabla_{x_i} D(x)_i\| - t\big)^2
 
-  All B input gradients come from ONE reverse pass of :math:`\sum_i D(x)_i`
-  (no vmap, no per-example graph), which is exact only if the critic treats
-  examples independently: score i may depend on example i alone. Batch
-  normalization in training mode or minibatch discrimination break this (use
-  layer norm, as Gulrajani et al. do); dropout with one mask per example is
-  fine. The norm is Euclidean over every non-batch axis (and over all leaves
-  of a pytree x), accumulated in at least float32; at a vanishing input
-  gradient its derivative is the zero subgradient, so the penalty's gradient
-  with respect to the critic's parameters is finite. NaN or inf in the input
-  gradient gives NaN/inf.
+  All B input gradients come from ONE reverse pass of :math:`\sum_i D(x)_i`, which is exact only
+  if score i depends on example i alone (no batch norm in training mode). The norm is Euclidean
+  over every non-batch axis and every leaf, and the penalty's gradient is finite where an input
+  gradient vanishes: :ref:`the guide <gan-input-gradients>`.
 
   Args:
-    fun: the critic D, mapping x to scores of shape [B] (or [B, 1]); close
-      over its parameters, e.g. ``lambda x: model.apply(params, x)``.
-    x: the points, shape [B, ...] (usually :func:`interpolate` of real and
-      fake), or a pytree of such arrays.
-    target: t ≥ 0, the norm the critic's gradient is pulled towards (1 in
-      WGAN-GP; 0 gives a zero-centred penalty).
+    fun: the critic D, mapping x to scores of shape [B] (or [B, 1]); close over its
+      parameters, e.g. ``lambda x: model.apply(params, x)``.
+    x: the points, shape [B, ...] (usually :func:`interpolate` of real and fake), or a pytree
+      of such arrays.
+    target: t ≥ 0, the norm the critic's gradient is pulled towards (1 in WGAN-GP; 0 gives a
+      zero-centred penalty).
 
   Returns:
     A scalar, at least float32. Multiply by λ (10 in the paper) yourself.
 
   Raises:
-    ValueError: the critic's output is not one score per example, x has no
-      batch axis, or ``target`` is a negative or non-finite number.
+    ValueError: the critic's output is not one score per example, x has no batch axis, or
+      ``target`` is a negative or non-finite number.
     TypeError: ``target`` is not a number.
 
   Examples:
@@ -492,29 +452,26 @@ def gradient_penalty(fun: Callable[[Any], jax.Array], x: Any, *, target: Any = 1
   return _mean(jnp.square(norms - jnp.asarray(target, norms.dtype)))
 
 
-def r1_penalty(fun: Callable[[Any], jax.Array], x: Any) -> jax.Array:
+def r1_penalty(fun: Callable[[Any], jax.Array], x: PyTree) -> jax.Array:
   r"""R1: the mean over examples of ‖∇ₓᵢ critic‖², at real data x.
 
   .. math::
     R_1 = \frac{1}{B}\sum_{i=1}^{B} \|\nabla_{x_i} D(x)_i\|^2
 
-  Mescheder et al. add :math:`\frac{\gamma}{2} R_1` to the discriminator loss:
-  scale it yourself. One reverse pass of :math:`\sum_i D(x)_i` gives every
-  input gradient; this requires a critic that treats examples independently
-  (see :func:`gradient_penalty`). The squares are summed directly (no square
-  root), so it is smooth everywhere, including at zero gradients.
+  Mescheder et al. add :math:`\frac{\gamma}{2} R_1` to the discriminator loss: scale it
+  yourself. One reverse pass gives every input gradient, for a critic that treats examples
+  independently (see :func:`gradient_penalty`); the squares are summed directly, so it is
+  smooth everywhere, including at zero gradients.
 
   Args:
-    fun: the critic (discriminator) D, mapping x to scores of shape [B] (or
-      [B, 1]).
+    fun: the critic (discriminator) D, mapping x to scores of shape [B] (or [B, 1]).
     x: real samples, shape [B, ...], or a pytree of such arrays.
 
   Returns:
     A scalar, at least float32.
 
   Raises:
-    ValueError: the critic's output is not one score per example, or x has no
-      batch axis.
+    ValueError: the critic's output is not one score per example, or x has no batch axis.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -524,27 +481,24 @@ def r1_penalty(fun: Callable[[Any], jax.Array], x: Any) -> jax.Array:
     10.0
 
   References:
-    Mescheder, Geiger & Nowozin 2018, "Which Training Methods for GANs do
-    actually Converge?", https://arxiv.org/abs/1801.04406
+    Mescheder, Geiger & Nowozin 2018, "Which Training Methods for GANs do actually Converge?",
+    https://arxiv.org/abs/1801.04406
   """
   check_fun(fun, "r1_penalty")
   _check_batch(x, "x")
   return _mean(_per_example_sq_norms(_input_grads(fun, x)))
 
 
-def interpolate(key: jax.Array, real: Any, fake: Any) -> Any:
+def interpolate(key: jax.Array, real: PyTree, fake: PyTree) -> PyTree:
   r"""Random points on the segments between real and fake examples (WGAN-GP).
 
   .. math::
     \hat x_i = \epsilon_i\, x_i^{\text{real}} + (1 - \epsilon_i)\, x_i^{\text{fake}},
     \qquad \epsilon_i \sim U[0, 1]
 
-  One ε per example, shared by every entry (and every leaf of a pytree) of
-  that example. Mixed in at least float32 and cast back to each floating
-  leaf's dtype; integer leaves (uint8 images) give float32 points, as the
-  points between two integers are not integers (and the critic's gradient
-  needs floating inputs).
-  Gradients flow to both ``real`` and ``fake``; stop them yourself if needed.
+  One ε per example, shared by every entry (and every leaf of a pytree) of that example.
+  Gradients flow to both ``real`` and ``fake``; stop them yourself if needed. Dtypes:
+  :ref:`the guide <gan-input-gradients>`.
 
   Args:
     key: a PRNG key.
@@ -552,12 +506,11 @@ def interpolate(key: jax.Array, real: Any, fake: Any) -> Any:
     fake: generated examples with the same structure, shapes and dtypes.
 
   Returns:
-    The interpolates, with ``real``'s structure and shapes, and its dtypes
-    (float32 for integer leaves).
+    The interpolates, with ``real``'s structure and shapes, and its dtypes (float32 for integer
+    leaves).
 
   Raises:
-    ValueError: ``real`` and ``fake`` differ in structure or shape, or have no
-      batch axis.
+    ValueError: ``real`` and ``fake`` differ in structure or shape, or have no batch axis.
 
   Examples:
     >>> import jax, jax.numpy as jnp

@@ -22,30 +22,28 @@ def value_grad_and_norm(
 ) -> Callable[..., tuple[Any, Any, jax.Array]]:
   r"""Returns a function computing ``(value, grads, ‖grads‖)`` in one pass.
 
-  A thin layer over :func:`jax.value_and_grad`: the norm is taken of the
-  gradient it returns, with :func:`gnorm_jax.tree_norm`, so there is no second
-  backward pass, and the norm's derivative is NaN-free where ∇f = 0.
-
   .. math::
     x \mapsto \big(f(x),\ \nabla f(x),\ \|\nabla f(x)\|\big)
 
+  A thin layer over :func:`jax.value_and_grad`: the norm is :func:`gnorm_jax.tree_norm` of the
+  gradient it returns (no second backward pass; a NaN-free derivative where ∇f = 0).
+
   Args:
-    fun: a function returning a real scalar (or ``(scalar, aux)`` with
-      ``has_aux``).
-    argnums: which positional argument(s) to differentiate; with a tuple the
-      norm is over all of those gradients together.
+    fun: a function returning a real scalar (or ``(scalar, aux)`` with ``has_aux``).
+    argnums: which positional argument(s) to differentiate; with a tuple the norm is over all of
+      those gradients together.
     has_aux: as in :func:`jax.value_and_grad`.
     ord: None or 2 (Euclidean), 1 or ``inf``.
 
   Returns:
-    A function with ``fun``'s signature returning ``(value, grads, norm)``;
-    with ``has_aux``, ``value`` is ``(loss, aux)`` as in jax.value_and_grad.
+    A function with ``fun``'s signature returning ``(value, grads, norm)``; with ``has_aux``,
+    ``value`` is ``(loss, aux)`` as in jax.value_and_grad.
 
   Raises:
-    TypeError: ``fun`` is not callable, ``argnums`` is not an int or a
-      non-empty tuple of ints, or ``has_aux`` is not a bool.
-    ValueError: ``ord`` is not None, 1, 2 or inf, or ``argnums`` has negative
-      entries (count positions from 0).
+    TypeError: ``fun`` is not callable, ``argnums`` is not an int or a non-empty tuple of ints,
+      or ``has_aux`` is not a bool.
+    ValueError: ``ord`` is not None, 1, 2 or inf, or ``argnums`` has negative entries (count
+      positions from 0).
 
   Examples:
     >>> import jax.numpy as jnp
@@ -56,9 +54,8 @@ def value_grad_and_norm(
     (12.5, 5.0)
 
   References:
-    Pascanu, Mikolov & Bengio, "On the difficulty of training recurrent neural
-    networks", 2013 (https://arxiv.org/abs/1211.5063): the gradient norm that
-    clipping measures once per step.
+    Pascanu, Mikolov & Bengio, "On the difficulty of training recurrent neural networks", 2013
+    (https://arxiv.org/abs/1211.5063): the gradient norm that clipping measures once per step.
   """
   check_fun(fun, "value_grad_and_norm")
   check_grad_args(value_grad_and_norm, argnums, has_aux)
@@ -87,29 +84,26 @@ def grad_norm(
     \nabla_x \|\nabla f(x)\| = \frac{H(x)\,\nabla f(x)}{\|\nabla f(x)\|}
     \ (\text{and } 0 \text{ where } \nabla f(x) = 0).
 
-  Composes with :func:`jax.jit`, :func:`jax.vmap` (e.g. per-example
-  input-gradient norms) and :func:`jax.grad`: the gradient of ‖∇f‖ is
-  :math:`H\nabla f/\|\nabla f\|`, and 0 (not NaN) at a stationary point.
+  Composes with :func:`jax.jit`, :func:`jax.vmap` (per-example input-gradient norms) and
+  :func:`jax.grad` (0, not NaN, at a stationary point): :doc:`the guide </norms>`.
 
   Args:
     fun: a function returning a real scalar (or ``(scalar, aux)``).
-    argnums: which positional argument(s) to differentiate; with a tuple the
-      norm is over all of those gradients together.
+    argnums: which positional argument(s) to differentiate; with a tuple the norm is over all of
+      those gradients together.
     has_aux: if True the returned function gives ``(norm, aux)``.
     ord: None or 2 (Euclidean), 1 or ``inf``.
 
   Returns:
-    A function with ``fun``'s signature returning the norm (a scalar at least
-    float32), or ``(norm, aux)``. An infinite gradient entry gives ``inf``, a
-    NaN entry ``nan``.
+    A function with ``fun``'s signature returning the norm (a scalar at least float32), or
+    ``(norm, aux)``. An infinite gradient entry gives ``inf``, a NaN entry ``nan``.
 
   Raises:
-    TypeError: ``fun`` is not callable, ``argnums`` is not an int or a
-      non-empty tuple of ints, or ``has_aux`` is not a bool (at construction);
-      as in :func:`jax.grad`, at call time, for argnums beyond the arguments,
-      integer inputs or a non-scalar output.
-    ValueError: ``ord`` is not None, 1, 2 or inf, or ``argnums`` has negative
-      entries (count positions from 0).
+    TypeError: ``fun`` is not callable, ``argnums`` is not an int or a non-empty tuple of ints,
+      or ``has_aux`` is not a bool (at construction); as in :func:`jax.grad`, at call time, for
+      argnums beyond the arguments, integer inputs or a non-scalar output.
+    ValueError: ``ord`` is not None, 1, 2 or inf, or ``argnums`` has negative entries (count
+      positions from 0).
 
   Examples:
     >>> import jax, jax.numpy as jnp
@@ -123,10 +117,9 @@ def grad_norm(
 
   References:
     Gulrajani et al., "Improved Training of Wasserstein GANs", 2017
-    (https://arxiv.org/abs/1704.00028) and Zhao, Zhang & Hu, "Penalizing
-    Gradient Norm for Efficiently Improving Generalization in Deep Learning",
-    2022 (https://arxiv.org/abs/2202.03599): penalties that differentiate
-    ‖∇f‖, as this function allows.
+    (https://arxiv.org/abs/1704.00028); Zhao, Zhang & Hu, "Penalizing Gradient Norm for
+    Efficiently Improving Generalization in Deep Learning", 2022
+    (https://arxiv.org/abs/2202.03599): penalties that differentiate ‖∇f‖.
   """
   check_fun(fun, "grad_norm")
   check_grad_args(grad_norm, argnums, has_aux)

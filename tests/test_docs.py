@@ -64,6 +64,24 @@ def test_public_name_has_its_own_docstring(name):
       assert section in doc, f"gnorm_jax.{name}'s docstring has no {section!r}"
 
 
+STATES = [name for name in gnorm_jax.__all__ if hasattr(getattr(gnorm_jax, name), "_fields")]
+
+
+def attributes_section(doc: str) -> list[str]:
+  """The names an "Attributes:" section of a Google-style docstring lists, in order."""
+  section = doc.partition("\nAttributes:\n")[2]
+  section = re.split(r"\n(?=\S)", section)[0]  # up to the next section
+  return re.findall(r"^  (\w+):", section, re.M)
+
+
+@pytest.mark.parametrize("name", STATES)
+def test_namedtuple_docstring_lists_its_fields(name):
+  """The site shows a state's fields from its docstring's "Attributes:" section (napoleon),
+  one entry per field, in the field order."""
+  cls = getattr(gnorm_jax, name)
+  assert attributes_section(inspect.getdoc(cls)) == list(cls._fields), name
+
+
 def test_every_guide_page_is_in_the_index():
   index = (DOCS / "index.md").read_text()
   for page in PAGES:

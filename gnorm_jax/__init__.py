@@ -55,6 +55,7 @@ from gnorm_jax._per_example import (
   per_example_grad_norms,
   per_example_plan,
 )
+from gnorm_jax._per_example._api import ClippedGradFn
 from gnorm_jax._transforms import grad_norm, value_grad_and_norm
 
 __version__ = "0.1.0.dev0"
@@ -92,6 +93,7 @@ __all__ = [
   "PerExamplePlan",
   "LeafPlan",
   "clipped_grad",
+  "ClippedGradFn",
   # differential privacy (DP-SGD)
   "dp_noise",
   "DPNoiseState",

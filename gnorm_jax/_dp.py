@@ -18,7 +18,9 @@ should not pay.
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 import secrets
 import warnings
 from typing import Any, Callable, Iterator, NamedTuple, Required, TypedDict
@@ -27,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import io_callback
 
 from gnorm_jax._checks import (
   check_choice,
@@ -37,6 +40,7 @@ from gnorm_jax._checks import (
 )
 from gnorm_jax._extras import import_extra
 from gnorm_jax._norms import tree_norm
+from gnorm_jax._per_example._api import ClippedGradFn
 
 __all__ = [
   "DPNoiseState",
@@ -124,12 +128,38 @@ def _check_accounting(sampling_rate: Any, steps: Any, delta: Any, accountant: An
 
 # The transformation.
 
+# JAX's PRNG implementations, as ``jax.random.key(seed, impl=...)`` names them, less
+# philox2x32: its 32-bit key space can be searched exhaustively.
+_PRNG_IMPLS = ("threefry2x32", "threefry4x32", "philox4x32", "rbg", "unsafe_rbg")
+_RNGS = ("auto", *_PRNG_IMPLS, "secure")
+# rng="auto" by backend (jax.default_backend()); any other backend gets threefry2x32.
+# On CPU (benchmarks/dp_step.py) philox4x32 and threefry4x32 draw in 0.6-0.7x threefry2x32's
+# time, but philox4x32 fails to compile under multi-device jit (JAX 0.10.2 cannot
+# partition its mulhi) and threefry4x32 compiles 4-5x slower per leaf; rbg draws slower.
+# TPU: rbg, the hardware's RngBitGenerator, as JAX's documentation advises for speed
+# there (not measured here).
+_AUTO_IMPL = {"tpu": "rbg"}
+_RNG_FIX = (
+  "'auto' picks a JAX PRNG for the backend, a name picks that JAX PRNG, and"
+  " 'secure' draws on the host from the operating system's cryptographic source"
+  " (philox2x32 is left out: its 32-bit key space can be searched exhaustively)."
+)
+# Samples per os.urandom request of rng="secure": 32 bytes each, 32 MiB a request.
+_SECURE_CHUNK = 2**20
+
 
 class DPNoiseState(NamedTuple):
-  """State of :func:`dp_noise`."""
+  """State of :func:`dp_noise`.
 
-  key: jax.Array  # key data (uint32 [2] for the default threefry): split at every step
-  # () float32 (float64 under x64): σ·Δ, the std of the noise of the last step (0 before any)
+  Attributes:
+    key: uint32 key data of the noise PRNG, split at every step: shape [2] for
+      threefry2x32 and philox4x32, [4] for threefry4x32, rbg and unsafe_rbg; [0]
+      for ``rng="secure"``, which keeps no key.
+    noise_std: σΔ, the std of the noise added to the sum at the last step (0
+      before any): a () float32 scalar, float64 under x64.
+  """
+
+  key: jax.Array
   noise_std: jax.Array
 
 
@@ -140,6 +170,25 @@ def _sensitivity(max_norm: Any) -> jax.Array:
   """
   dtype = jnp.result_type(float)  # float64 under x64, else float32
   return tree_norm(jax.tree.map(lambda c: jnp.asarray(c).astype(dtype), max_norm))
+
+
+def _thresholds(max_norm: Any) -> Any:
+  """The thresholds ``max_norm`` gives: itself, or those its :class:`ClippedGradFn` carries."""
+  if isinstance(max_norm, ClippedGradFn):
+    if max_norm.reduce != "sum":
+      raise ValueError(
+        f"max_norm is a clipped_grad function with reduce={max_norm.reduce!r}, but dp_noise"
+        " adds the noise to the clipped sum and divides by batch_size itself. Build it with"
+        " clipped_grad(..., reduce='sum')."
+      )
+    return max_norm.max_norm
+  if callable(max_norm):
+    raise TypeError(
+      f"max_norm is a function that carries no clipping threshold, got max_norm={max_norm!r}."
+      " Pass the ClippedGradFn that clipped_grad(..., reduce='sum') returns (not a jax.jit or"
+      " other wrapper of it), or the threshold itself (e.g. max_norm=1.0)."
+    )
+  return max_norm
 
 
 def _is_key(seed: Any) -> bool:
@@ -160,13 +209,91 @@ def _check_seed(seed: Any) -> Any:
   return seed if value is None else int(value)
 
 
-def _add_noise(leaf: jax.Array, key: jax.Array, std: jax.Array, batch_size: Any) -> jax.Array:
-  """(leaf + std·N(0, 1)) / batch_size, in at least float32, cast back to the leaf's dtype."""
-  leaf = jnp.asarray(leaf)
-  dtype = jnp.promote_types(leaf.dtype, std.dtype)
-  noise = jax.random.normal(key, leaf.shape, dtype)
-  noisy = (leaf.astype(dtype) + std.astype(dtype) * noise) / jnp.asarray(batch_size, dtype)
-  return noisy.astype(leaf.dtype)
+def _os_key_data(impl: str) -> np.ndarray:
+  """Key data of ``impl`` with every bit from the operating system's cryptographic source."""
+  shape = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0, impl=impl))).shape
+  return np.frombuffer(secrets.token_bytes(4 * math.prod(shape)), np.uint32).reshape(shape)
+
+
+def _generator(rng: Any, seed: Any) -> Any:
+  """What draws the noise: "secure", a PRNG name, or the implementation of a key ``seed``."""
+  check_choice("rng", rng, _RNGS, _RNG_FIX)
+  if rng == "secure":
+    if seed is not None:
+      raise ValueError(
+        f"rng='secure' draws every sample from the operating system and takes no seed, got"
+        f" seed={seed!r}. Leave seed out, or pick a PRNG (e.g. rng='auto') for noise that a"
+        " seed reproduces."
+      )
+    return rng
+  if _is_key(seed):
+    own = jax.random.key_impl(seed)
+    if rng not in ("auto", str(own)):
+      raise ValueError(
+        f"rng must be 'auto' or the key's own implementation {str(own)!r} when seed is a"
+        f" PRNG key, got rng={rng!r}. Pass rng='auto' with this key, or an integer seed to"
+        f" draw with {rng!r}."
+      )
+    return own
+  return _AUTO_IMPL.get(jax.default_backend(), "threefry2x32") if rng == "auto" else rng
+
+
+def _secure_standard_normal(size: int) -> np.ndarray:
+  """``size`` float64 samples of N(0, 1), every bit from :func:`os.urandom`.
+
+  Each sample is (g₁ + g₂ + g₃ + g₄)/2 of four Box–Muller normals: the sum of 2n
+  Gaussians of Holohan & Braghin 2021 with n = 2, as Opacus' secure mode draws it.
+  The uniforms are 53-bit integers offset by half a step, in (0, 1), so a Box–Muller
+  normal is bounded by 8.6 and a sample by 17.2 (a tail of probability below 1e-17).
+  """
+  out = np.empty(size)
+  for start in range(0, size, _SECURE_CHUNK):
+    n = min(_SECURE_CHUNK, size - start)
+    bits = np.frombuffer(os.urandom(32 * n), np.uint64).reshape(2, 2, n)
+    uniform = ((bits >> np.uint64(11)) + 0.5) * 2.0**-53
+    radius = np.sqrt(-2.0 * np.log(uniform[0]))
+    angle = (2 * np.pi) * uniform[1]
+    out[start : start + n] = (radius * (np.cos(angle) + np.sin(angle))).sum(0) / 2
+  return out
+
+
+def _host_noise(specs: list[jax.ShapeDtypeStruct], std: np.ndarray) -> list[np.ndarray]:
+  """On the host: one N(0, std²) array per spec, from :func:`_secure_standard_normal`."""
+  sizes = [math.prod(spec.shape) for spec in specs]
+  scale = np.float64(std)
+  noise = scale * _secure_standard_normal(sum(sizes)) if scale != 0 else np.zeros(sum(sizes))
+  parts = np.split(noise, np.cumsum(sizes)[:-1])
+  return [part.reshape(spec.shape).astype(spec.dtype) for part, spec in zip(parts, specs)]
+
+
+def _secure_noise(std: jax.Array, specs: list[jax.ShapeDtypeStruct]) -> list[jax.Array]:
+  """The noise of rng="secure": drawn on the host by an ordered callback, once per call."""
+  if not specs:
+    return []
+  # ordered: every step calls the host once, in program order, never cached or elided.
+  return io_callback(functools.partial(_host_noise, specs), specs, std, ordered=True)
+
+
+def _prng_noise(
+  key: jax.Array, std: jax.Array, specs: list[jax.ShapeDtypeStruct]
+) -> tuple[jax.Array, list[jax.Array]]:
+  """The next key, and one N(0, std²) array per spec from a split of ``key``.
+
+  One draw per leaf in the leaf's shape (as optax.add_noise): under sharding each
+  device draws only its shard.
+  """
+  key, noise_key = jax.random.split(key)
+  keys = jax.random.split(noise_key, len(specs))
+  return key, [
+    std.astype(spec.dtype) * jax.random.normal(k, spec.shape, spec.dtype)
+    for k, spec in zip(keys, specs)
+  ]
+
+
+def _add_noise(leaf: jax.Array, noise: jax.Array, batch_size: Any) -> jax.Array:
+  """(leaf + noise) / batch_size in the noise's dtype, cast back to the leaf's dtype."""
+  dtype = noise.dtype
+  return ((leaf.astype(dtype) + noise) / jnp.asarray(batch_size, dtype)).astype(leaf.dtype)
 
 
 def _check_updates(updates: Any, max_norm: Any) -> None:
@@ -198,6 +325,7 @@ def dp_noise(
   *,
   batch_size: float | jax.Array,
   seed: int | jax.Array | None = None,
+  rng: str = "auto",
 ) -> optax.GradientTransformation:
   r"""Adds the Gaussian noise of DP-SGD to a clipped gradient sum (Abadi et al. 2016).
 
@@ -212,41 +340,75 @@ def dp_noise(
   and B the expected batch size qN under Poisson sampling (dividing by the
   expected size rather than the drawn one keeps the sensitivity Δ/B fixed).
   Every entry gets independent noise of std σΔ: with per-layer thresholds
-  that is the same std everywhere, from the whole tree's Δ.
+  that is the same std everywhere, from the whole tree's Δ. Pass the
+  :class:`ClippedGradFn` that ``clipped_grad`` returns as ``max_norm`` and Δ
+  is read from it, so the noise matches the clipping by construction.
 
-  The PRNG key lives in the state and is split at every step: fresh noise each
-  step, the same sequence for the same ``seed``.
+  **Warning: by default the noise comes from a PRNG that is not
+  cryptographically secure.** JAX's generators are statistical PRNGs, not
+  vetted against an adversary; and float32 normals take finitely many values,
+  a gap floating-point attacks exploit (Mironov 2012; Holohan & Braghin 2021).
+  The ε of :func:`dp_epsilon` assumes ideal Gaussian noise. jax_privacy and
+  Opacus (without ``secure_mode``) draw their noise the same way;
+  ``rng="secure"`` addresses both, at a cost (see
+  :doc:`the DP guide </differential_privacy>`).
 
-  **Keep the seed secret.** The noise is only private if nobody can
-  regenerate it. With no ``seed`` (the default), the seed is drawn from the operating system's
-  cryptographic source (:func:`secrets.randbits`) when ``dp_noise`` is
-  called; keep it secret. A fixed, known seed (``seed=0`` in a published
-  script) lets anyone subtract the noise and voids the guarantee: pass one
-  only for tests and reproducible experiments. Also, float32 normals from a
-  PRNG take finitely many values, a gap floating-point attacks exploit
-  (Mironov 2012); the guarantee computed by :func:`dp_epsilon` assumes
-  ideal real-valued Gaussian noise.
+  ``rng`` chooses the generator:
 
-  The noise is drawn and added in the update's dtype, at least float32, and the result cast back, so
-  bfloat16/float16 updates keep their dtype; under x64 the std σΔ is computed
-  in float64. Python-number leaves are taken as arrays. ``noise_multiplier=0`` returns
-  exactly ``sum / batch_size`` (under ``jit``, XLA may compute a division by
-  a constant ``batch_size`` as a multiplication by its reciprocal: 1 ulp).
-  The state's ``noise_std`` is σΔ of the last step (read it with
-  ``optax.tree.get(state, "noise_std")``); the noise in the returned update
-  has std σΔ/B.
+  * ``"auto"`` (the default): the fastest JAX PRNG that works everywhere
+    for the backend, chosen when ``dp_noise`` is called: ``"rbg"`` on TPU,
+    ``"threefry2x32"`` elsewhere (CPU and GPU). A PRNG key given as ``seed``
+    keeps its own implementation.
+  * ``"threefry2x32"`` (JAX's default), ``"threefry4x32"``, ``"philox4x32"``:
+    counter-based generators (Salmon et al. 2011) with 64-, 128- and 64-bit
+    keys, the same stream on every backend; the last two draw faster on CPU,
+    but threefry4x32 compiles slowly and philox4x32 does not compile under
+    multi-device ``jit`` (JAX 0.10.2).
+  * ``"rbg"``: XLA's ``RngBitGenerator``, whose algorithm and stream depend on
+    the backend; ``"unsafe_rbg"`` also derives each step's key with it, a
+    derivation JAX calls untested.
+  * ``"secure"``: drawn on the host from :func:`os.urandom`, each sample the
+    sum of four Gaussians halved (Holohan & Braghin 2021, as Opacus'
+    ``secure_mode``), through an ordered ``io_callback``: 0.2–0.35 s per
+    million parameters on a CPU, no ``seed``, no ``vmap``; under
+    ``shard_map`` each device would draw its own noise, so use it under
+    ``jit``.
+
+  **Keep the seed secret.** Noise that anyone can regenerate can be
+  subtracted. With no ``seed`` (the default), the whole PRNG key is drawn
+  from the operating system's cryptographic source
+  (:func:`secrets.token_bytes`) when ``dp_noise`` is called; pass a seed only
+  for tests and reproducible experiments. The key lives in the state and is
+  split at every step: fresh noise each step, the same sequence for the same
+  seed and generator.
+
+  The noise is drawn and added in the update's dtype, at least float32, and
+  the result cast back, so bfloat16/float16 updates keep their dtype; under
+  x64 the std σΔ is computed in float64. Python-number leaves are taken as
+  arrays. ``noise_multiplier=0`` returns exactly ``sum / batch_size`` (under
+  ``jit``, XLA may compute a division by a constant ``batch_size`` as a
+  multiplication by its reciprocal: 1 ulp). The state's ``noise_std`` is σΔ
+  of the last step (read it with ``optax.tree.get(state, "noise_std")``); the
+  noise in the returned update has std σΔ/B.
 
   Args:
     max_norm: the clipping threshold C ≥ 0 used to clip the per-example
-      gradients, or a tree of per-layer thresholds C_g (a prefix of the
-      parameter tree). A tree is a static argument: with
-      ``optax.inject_hyperparams`` it is kept as it is, not traced.
+      gradients, a tree of per-layer thresholds C_g (a prefix of the
+      parameter tree), or the :class:`ClippedGradFn` that
+      ``clipped_grad(..., reduce="sum")`` returns, whose ``max_norm`` is used.
+      A tree or a ``ClippedGradFn`` is a static argument: with
+      ``optax.inject_hyperparams``, name it in ``static_args=("max_norm",)``
+      (a function there would be taken for a schedule).
     noise_multiplier: σ ≥ 0, finite.
     batch_size: the expected batch size B = qN > 0 (a float is fine).
-    seed: None (the default: 63 bits from the operating system's
+    seed: None (the default: a key drawn from the operating system's
       cryptographic source, different at every call), an integer in
       [-2**63, 2**63) seeding the PRNG key of the state, or a PRNG key
-      (``jax.random.key``) to start from.
+      (``jax.random.key``) to start from. ``rng="secure"`` takes none.
+    rng: the noise generator, one of ``"auto"``, ``"threefry2x32"``,
+      ``"threefry4x32"``, ``"philox4x32"``, ``"rbg"``, ``"unsafe_rbg"`` or
+      ``"secure"`` (see above; ``"philox2x32"`` is left out, its 32-bit key
+      space can be searched exhaustively).
 
   Returns:
     An ``optax.GradientTransformation`` with state :class:`DPNoiseState`. It
@@ -256,13 +418,17 @@ def dp_noise(
 
   Raises:
     ValueError: at construction, a concrete ``max_norm`` leaf that is negative,
-      NaN or inf, an empty ``max_norm`` tree, a negative, NaN or infinite
-      ``noise_multiplier``, a ``batch_size`` that is not finite and positive,
-      or a non-integer ``seed`` or one outside [-2**63, 2**63); at the update,
-      a ``max_norm`` tree that is not a prefix of the update tree.
+      NaN or inf, an empty ``max_norm`` tree, a ``ClippedGradFn`` with
+      ``reduce="mean"``, a negative, NaN or infinite ``noise_multiplier``, a
+      ``batch_size`` that is not finite and positive, a non-integer ``seed``
+      or one outside [-2**63, 2**63), an ``rng`` not listed above, a ``seed``
+      with ``rng="secure"``, or a key ``seed`` whose implementation is not
+      ``rng``; at the update, a ``max_norm`` tree that is not a prefix of the
+      update tree.
     TypeError: at construction, a bool or a non-number (a string, an array of
-      shape other than ()) for any of them; at the update, an update leaf
-      that is not real floating-point.
+      shape other than ()) for any of them, or a function other than a
+      ``ClippedGradFn`` as ``max_norm``; at the update, an update leaf that is
+      not real floating-point.
 
   Examples:
     >>> import jax.numpy as jnp, optax
@@ -272,22 +438,32 @@ def dp_noise(
     >>> updates, _ = tx.update(grad_sum, tx.init(grad_sum))
     >>> [float(u) for u in updates]
     [0.5, 1.0]
-    >>> tx = gnorm_jax.dp_noise({"w": 3.0, "b": 4.0}, 1.1, batch_size=256)  # per layer
+    >>> loss = lambda p, x: jnp.sum(x @ p["w"]) + jnp.sum(p["b"])
+    >>> clipped_sum = gnorm_jax.clipped_grad(loss, max_norm={"w": 3.0, "b": 4.0}, reduce="sum")
+    >>> tx = gnorm_jax.dp_noise(clipped_sum, 1.1, batch_size=256)  # Δ from the clipping
     >>> grads = {"w": jnp.zeros((10, 10)), "b": jnp.zeros(10)}
     >>> updates, state = tx.update(grads, tx.init(grads))
     >>> round(float(optax.tree.get(state, "noise_std")), 4)  # σ·√(3² + 4²)
     5.5
+    >>> tx = gnorm_jax.dp_noise(1.0, 1.1, batch_size=256, rng="secure")  # from os.urandom
+    >>> updates, state = tx.update(grads, tx.init(grads))
 
   References:
     Abadi et al. 2016, "Deep Learning with Differential Privacy",
-    https://arxiv.org/abs/1607.00133.
+    https://arxiv.org/abs/1607.00133; Salmon et al. 2011, "Parallel Random
+    Numbers: As Easy as 1, 2, 3", https://doi.org/10.1145/2063384.2063405;
+    Mironov 2012, "On Significance of the Least Significant Bits for
+    Differential Privacy", https://doi.org/10.1145/2382196.2382264; Holohan &
+    Braghin 2021, "Secure Random Sampling in Differential Privacy",
+    https://arxiv.org/abs/2107.10138.
   """
-  if not jax.tree.leaves(max_norm):
+  thresholds = _thresholds(max_norm)
+  if not jax.tree.leaves(thresholds):
     raise ValueError(
-      f"max_norm has no leaves: got max_norm={max_norm!r}. Pass the clipping threshold"
+      f"max_norm has no leaves: got max_norm={thresholds!r}. Pass the clipping threshold"
       " C (e.g. 1.0) or a tree of per-layer thresholds."
     )
-  for path, c in jax.tree_util.tree_flatten_with_path(max_norm)[0]:
+  for path, c in jax.tree_util.tree_flatten_with_path(thresholds)[0]:
     check_number(
       f"max_norm{jax.tree_util.keystr(path)}",
       c,
@@ -304,27 +480,38 @@ def dp_noise(
     finite=True,
     fix="Pass the expected batch size q·N under Poisson sampling (e.g. 256).",
   )
-  seed = secrets.randbits(63) if seed is None else _check_seed(seed)
+  seed = seed if seed is None else _check_seed(seed)
+  generator = _generator(rng, seed)
+  os_key = _os_key_data(generator) if seed is None and generator != "secure" else None
 
   def init_fn(params):
     del params
     # Raw key data, not a typed key: numpy, chex and checkpointers read the state as it is.
-    key = jax.random.key_data(seed if _is_key(seed) else jax.random.key(seed))
+    if generator == "secure":
+      key = jnp.zeros([0], jnp.uint32)
+    elif os_key is not None:
+      key = jnp.asarray(os_key)
+    else:
+      key = jax.random.key_data(seed if _is_key(seed) else jax.random.key(seed, impl=generator))
     return DPNoiseState(key=key, noise_std=jnp.zeros([], jnp.result_type(float)))
 
   def update_fn(updates, state, params=None):
     del params
-    _check_updates(updates, max_norm)
-    delta = _sensitivity(max_norm)
+    _check_updates(updates, thresholds)
+    delta = _sensitivity(thresholds)
     std = jnp.asarray(noise_multiplier).astype(delta.dtype) * delta
-    key, noise_key = jax.random.split(jax.random.wrap_key_data(state.key))
-    # One draw per leaf in the leaf's shape (as optax.add_noise): under sharding each
-    # device draws only its shard. It costs one compiled threefry per leaf.
     leaves, treedef = jax.tree.flatten(updates)
-    keys = jax.random.split(noise_key, len(leaves))
-    noisy = [_add_noise(leaf, k, std, batch_size) for leaf, k in zip(leaves, keys)]
-    state = DPNoiseState(key=jax.random.key_data(key), noise_std=std)
-    return jax.tree.unflatten(treedef, noisy), state
+    leaves = [jnp.asarray(leaf) for leaf in leaves]
+    specs = [jax.ShapeDtypeStruct(x.shape, jnp.promote_types(x.dtype, std.dtype)) for x in leaves]
+    if generator == "secure":
+      key, noise = state.key, _secure_noise(std, specs)
+    else:
+      typed_key, noise = _prng_noise(
+        jax.random.wrap_key_data(state.key, impl=generator), std, specs
+      )
+      key = jax.random.key_data(typed_key)
+    noisy = [_add_noise(leaf, n, batch_size) for leaf, n in zip(leaves, noise)]
+    return jax.tree.unflatten(treedef, noisy), DPNoiseState(key=key, noise_std=std)
 
   return optax.GradientTransformation(init_fn, update_fn)
 

@@ -5,8 +5,11 @@ calls take about 0.5 s each and a PLD calibration several seconds, so there are
 few of them (one calibration, shared through a fixture).
 """
 
+import dataclasses
+import inspect
 import itertools
 import math
+import os
 import warnings
 
 import chex
@@ -16,6 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import scipy.stats
+from conftest import np_norm, np_values
 
 import gnorm_jax
 
@@ -458,7 +463,7 @@ def test_huge_step_counts_use_rdp_instead_of_exhausting_memory():
 def test_seed_may_be_a_key_and_bad_seeds_are_named():
   g = jnp.zeros(3)
   by_key = gnorm_jax.dp_noise(1.0, 1.0, batch_size=1, seed=jax.random.key(7))
-  by_int = gnorm_jax.dp_noise(1.0, 1.0, batch_size=1, seed=7)
+  by_int = gnorm_jax.dp_noise(1.0, 1.0, batch_size=1, seed=7, rng="threefry2x32")
   np.testing.assert_array_equal(
     by_key.update(g, by_key.init(g))[0], by_int.update(g, by_int.init(g))[0]
   )
@@ -500,3 +505,274 @@ def test_default_seed_is_drawn_from_the_os_not_fixed():
   assert abs(np.std(a) - 1.0) < 0.1 and abs(np.std(b) - 1.0) < 0.1  # still N(0, σ²C²)
   c, d = (draw(gnorm_jax.dp_noise(1.0, 1.0, batch_size=1, seed=3)) for _ in range(2))
   np.testing.assert_array_equal(c, d)
+
+
+# Noise generators (rng=): the right distribution, reproducible by seed, named errors.
+
+PRNGS = ["threefry2x32", "threefry4x32", "philox4x32", "rbg", "unsafe_rbg"]
+# The documented choice of rng="auto" by backend.
+AUTO = {"tpu": "rbg"}.get(jax.default_backend(), "threefry2x32")
+
+
+def noise_of(tx, grads, steps=1):
+  """The noise of each of ``steps`` updates of ``tx`` (jitted, batch_size=BATCH or grads 0)."""
+  state, update, draws = tx.init(grads), jax.jit(tx.update), []
+  for _ in range(steps):
+    noisy, state = update(grads, state)
+    draws.append(np_values(noisy) - np_values(grads) / BATCH)
+  return draws if steps > 1 else draws[0]
+
+
+SIGMA, C, BATCH = 1.3, 0.7, 10.0
+STD = SIGMA * C / BATCH  # of the noise in the update
+
+
+def assert_gaussian(noise, std):
+  """Mean within 5 standard errors of 0, std within 1 %, and a KS test against N(0, std²)."""
+  n = noise.size
+  assert abs(noise.mean()) < 5 * std / math.sqrt(n)
+  np.testing.assert_allclose(noise.std(), std, rtol=0.01)  # 1/sqrt(2n) = 0.16 % at n = 2e5
+  assert scipy.stats.kstest(noise, "norm", args=(0.0, std)).pvalue > 1e-4
+
+
+@pytest.mark.parametrize("rng", ["auto", *PRNGS, "secure"])
+def test_each_generator_draws_noise_of_std_sigma_c_over_b(rng):
+  grads = {"w": jnp.zeros((400, 400)), "b": jnp.full(40_000, 5.0)}
+  seed = None if rng == "secure" else 0
+  tx = gnorm_jax.dp_noise(C, SIGMA, batch_size=BATCH, seed=seed, rng=rng)
+  assert_gaussian(noise_of(tx, grads), STD)
+
+
+@pytest.mark.parametrize("rng", ["auto", *PRNGS])
+def test_each_prng_reproduces_its_noise_by_seed(rng):
+  grads = {"a": jnp.zeros(64), "b": jnp.zeros(64)}
+  run = lambda seed: noise_of(
+    gnorm_jax.dp_noise(1.0, 1.0, batch_size=1, seed=seed, rng=rng), grads, 2
+  )
+  first, second = run(5)
+  assert not np.array_equal(first, second)  # fresh noise each step
+  assert not np.array_equal(first[:64], first[64:])  # independent noise per leaf
+  chex.assert_trees_all_equal(run(5), [first, second])
+  assert not np.array_equal(run(6)[0], first)
+  key = gnorm_jax.dp_noise(1.0, 1.0, batch_size=1, seed=5, rng=rng).init(grads).key
+  impl = AUTO if rng == "auto" else rng
+  assert (
+    key.dtype == jnp.uint32 and key.shape == jax.random.key_data(jax.random.key(0, impl=impl)).shape
+  )
+
+
+def test_auto_is_the_documented_generator_of_the_backend():
+  grads = jnp.zeros(1000)
+  auto = noise_of(gnorm_jax.dp_noise(1.0, 1.0, batch_size=1, seed=3), grads)
+  named = noise_of(gnorm_jax.dp_noise(1.0, 1.0, batch_size=1, seed=3, rng=AUTO), grads)
+  np.testing.assert_array_equal(auto, named)
+
+
+def test_default_seed_fills_the_whole_key_from_the_os():
+  keys = {
+    tuple(np.asarray(gnorm_jax.dp_noise(1.0, 1.0, batch_size=1, rng=rng).init(0.0).key))
+    for rng in ["threefry4x32"] * 8
+  }
+  assert len(keys) == 8
+  assert any(word >= 2**31 for key in keys for word in key[2:])  # 128 bits, not a 63-bit seed
+
+
+def test_a_key_seed_keeps_its_own_implementation():
+  grads = jnp.zeros(1000)
+  key = jax.random.key(7, impl="rbg")
+  by_key = gnorm_jax.dp_noise(1.0, 1.0, batch_size=1, seed=key)
+  assert by_key.init(grads).key.shape == (4,)
+  by_int = gnorm_jax.dp_noise(1.0, 1.0, batch_size=1, seed=7, rng="rbg")
+  np.testing.assert_array_equal(noise_of(by_key, grads), noise_of(by_int, grads))
+  with pytest.raises(ValueError, match=r"implementation 'rbg' .* got rng='threefry2x32'\. Pass"):
+    gnorm_jax.dp_noise(1.0, 1.0, batch_size=1, seed=key, rng="threefry2x32")
+
+
+@pytest.mark.parametrize("rng", ["philox", "philox2x32", "Threefry2x32", "os", None, 1])
+def test_unknown_generators_are_named_with_the_choices(rng):
+  choices = (
+    r"\('auto', 'threefry2x32', 'threefry4x32', 'philox4x32', 'rbg', 'unsafe_rbg', 'secure'\)"
+  )
+  with pytest.raises(ValueError, match=rf"rng must be one of {choices}, got rng={rng!r}\. 'auto'"):
+    gnorm_jax.dp_noise(1.0, 1.0, batch_size=1, rng=rng)
+
+
+# rng="secure": noise from the operating system's cryptographic source.
+
+
+def test_secure_noise_is_gaussian_and_fresh_at_every_draw():
+  grads = jnp.zeros(100_000)
+  tx = gnorm_jax.dp_noise(C, SIGMA, batch_size=BATCH, rng="secure")
+  first, second = noise_of(tx, grads, steps=2)
+  for noise in (first, second):
+    assert_gaussian(noise, STD)
+  assert not np.array_equal(first, second)
+  again = noise_of(gnorm_jax.dp_noise(C, SIGMA, batch_size=BATCH, rng="secure"), grads)
+  assert not np.array_equal(first, again)  # no seed: nothing to reproduce it with
+
+
+def test_secure_noise_takes_every_bit_from_os_urandom(monkeypatch):
+  requests, real_urandom = [], os.urandom
+
+  def urandom(n):
+    requests.append(n)
+    return real_urandom(n)
+
+  monkeypatch.setattr(gnorm_jax._dp.os, "urandom", urandom)
+  tx = gnorm_jax.dp_noise(1.0, 1.0, batch_size=1, rng="secure")
+  grads = {"w": jnp.zeros((3, 5)), "b": jnp.zeros(7)}
+  noise_of(tx, grads)
+  assert requests == [32 * 22]  # four 64-bit uniforms per sample, 22 samples
+  assert tx.init(grads).key.shape == (0,)
+
+
+def test_secure_noise_works_in_a_jitted_chain_and_with_inject_hyperparams():
+  params = {"w": jnp.ones((50, 40)), "b": jnp.zeros(40)}
+  grad_sum = jax.tree.map(lambda p: 2.0 * jnp.ones_like(p), params)
+  tx = optax.chain(gnorm_jax.dp_noise(1.0, 1.0, batch_size=4, rng="secure"), optax.sgd(0.1))
+  step, state, seen = jax.jit(tx.update), tx.init(params), []
+  for _ in range(3):
+    updates, state = step(grad_sum, state, params)
+    seen.append(np.asarray(updates["w"]))
+  assert len({a.tobytes() for a in seen}) == 3  # the callback runs at every step
+
+  def body(carry, _):
+    updates, state = tx.update(grad_sum, carry, params)
+    return state, updates["b"]
+
+  _, in_scan = jax.jit(lambda s: jax.lax.scan(body, s, None, length=3))(tx.init(params))
+  assert len({np.asarray(a).tobytes() for a in in_scan}) == 3  # and at every step of a scan
+  injected = optax.inject_hyperparams(gnorm_jax.dp_noise)(
+    max_norm=1.0, noise_multiplier=1.0, batch_size=4.0, rng="secure"
+  )
+  state = injected.init(params)
+  state.hyperparams["noise_multiplier"] = jnp.asarray(0.0)
+  updates, _ = jax.jit(injected.update)(grad_sum, state, params)
+  chex.assert_trees_all_close(updates, jax.tree.map(lambda g: g / 4, grad_sum))  # σ = 0: exact
+
+
+def test_secure_noise_is_float64_under_x64():
+  with jax.enable_x64(True):
+    tx = gnorm_jax.dp_noise(1.0, 1.0, batch_size=1, rng="secure")
+    g = jnp.zeros(20_000, jnp.float64)
+    out, _ = jax.jit(tx.update)(g, tx.init(g))
+    assert out.dtype == jnp.float64 and len(np.unique(np.asarray(out))) == out.size
+    np.testing.assert_allclose(np.std(np.asarray(out)), 1.0, rtol=0.03)
+
+
+def test_secure_noise_takes_no_seed():
+  with pytest.raises(ValueError, match=r"rng='secure' .* takes no seed, got seed=0\. Leave"):
+    gnorm_jax.dp_noise(1.0, 1.0, batch_size=1, seed=0, rng="secure")
+
+
+# The DP contract carried by the objects: clipped_grad's ClippedGradFn in dp_noise.
+
+
+def linear_loss(w, x):
+  """A loss whose gradient at example x is x."""
+  return jnp.sum(x * w)
+
+
+def test_clipped_grad_returns_a_function_carrying_its_threshold():
+  fn = gnorm_jax.clipped_grad(linear_loss, max_norm=1.0, reduce="sum")
+  assert isinstance(fn, gnorm_jax.ClippedGradFn)
+  assert (fn.max_norm, fn.reduce, fn.has_aux, fn.return_norms) == (1.0, "sum", False, False)
+  assert fn.__name__ == "linear_loss" and fn.__doc__ == linear_loss.__doc__
+  assert inspect.signature(fn) == inspect.signature(linear_loss)
+  x = jnp.array([[3.0, 4.0], [0.3, 0.4]])
+  expected = [0.9, 1.2]  # 0.2·(3, 4) + (0.3, 0.4)
+  np.testing.assert_allclose(fn(jnp.zeros(2), x), expected, rtol=1e-6)
+  np.testing.assert_allclose(jax.jit(fn)(jnp.zeros(2), x), expected, rtol=1e-6)
+  np.testing.assert_allclose(jax.grad(lambda w: fn(w, x) @ w)(jnp.zeros(2)), expected, rtol=1e-6)
+  assert fn == fn and fn != gnorm_jax.clipped_grad(linear_loss, max_norm=1.0, reduce="sum")
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    fn.max_norm = 2.0
+
+
+THRESHOLDS = {"embed": 0.1, "blocks": [{"w": 3.0, "b": 1e-3}, {"w": 7.25, "b": 2.0**-20}]}
+
+
+def test_sensitivity_of_a_threshold_tree_is_the_float64_norm():
+  loss = lambda p, x: sum(jnp.sum(x * leaf) for leaf in jax.tree.leaves(p))
+  fn = gnorm_jax.clipped_grad(loss, max_norm=THRESHOLDS, reduce="sum")
+  expected = np_norm(THRESHOLDS)  # sqrt(sum C_l²) in float64
+  assert isinstance(fn.sensitivity(), float)
+  np.testing.assert_allclose(fn.sensitivity(), expected, rtol=1e-15)
+  assert fn.sensitivity() == fn.sensitivity(batch_size=7)  # the sum's is the same for any B
+  mean = gnorm_jax.clipped_grad(loss, max_norm=THRESHOLDS)
+  np.testing.assert_allclose(mean.sensitivity(batch_size=64), expected / 64, rtol=1e-15)
+  one = gnorm_jax.clipped_grad(loss, max_norm=np.float32(0.5), reduce="sum")
+  assert one.sensitivity() == 0.5
+  traced = jax.jit(
+    lambda c: gnorm_jax.clipped_grad(loss, max_norm={"a": c, "b": 4.0}, reduce="sum").sensitivity()
+  )
+  np.testing.assert_allclose(traced(3.0), 5.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+  "error, match, batch_size",
+  [
+    (ValueError, r"depends on it: got batch_size=None\. Pass the leading size", None),
+    (ValueError, r"batch_size must be a finite number > 0, got batch_size=0\. Pass", 0),
+    (TypeError, r"batch_size must be a number, not a bool, got batch_size=True", True),
+  ],
+)
+def test_the_sensitivity_of_a_mean_needs_its_batch_size(error, match, batch_size):
+  fn = gnorm_jax.clipped_grad(linear_loss, max_norm=1.0)
+  with pytest.raises(error, match=match):
+    fn.sensitivity(batch_size=batch_size)
+
+
+@pytest.mark.parametrize("max_norm", [1.5, THRESHOLDS], ids=["one", "tree"])
+def test_object_form_gives_the_same_noise_as_the_explicit_form(max_norm):
+  params = jax.tree.map(lambda _: jnp.zeros((20, 5)), THRESHOLDS)
+  loss = lambda p, x: sum(jnp.sum(x * leaf) for leaf in jax.tree.leaves(p))
+  fn = gnorm_jax.clipped_grad(loss, max_norm=max_norm, reduce="sum")
+  grad_sum = fn(params, jnp.ones((4, 20, 5)))
+  by_object = gnorm_jax.dp_noise(fn, 1.1, batch_size=8, seed=0)
+  explicit = gnorm_jax.dp_noise(max_norm, 1.1, batch_size=8, seed=0)
+  chex.assert_trees_all_equal(
+    by_object.update(grad_sum, by_object.init(params)),
+    explicit.update(grad_sum, explicit.init(params)),
+  )
+  np.testing.assert_allclose(
+    float(by_object.update(grad_sum, by_object.init(params))[1].noise_std),
+    1.1 * fn.sensitivity(),
+    rtol=1e-6,
+  )
+  injected = optax.inject_hyperparams(gnorm_jax.dp_noise, static_args=("max_norm",))(
+    max_norm=fn, noise_multiplier=1.1, batch_size=8.0, seed=0
+  )
+  updates, _ = jax.jit(injected.update)(grad_sum, injected.init(params))
+  expected = explicit.update(grad_sum, explicit.init(params))[0]  # eagerly: 1 ulp of the sum
+  chex.assert_trees_all_close(updates, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_dp_noise_refuses_a_mean_and_functions_without_a_threshold():
+  mean = gnorm_jax.clipped_grad(linear_loss, max_norm=1.0)
+  with pytest.raises(
+    ValueError, match=r"reduce='mean'.* Build it with clipped_grad\(\.\.\., reduce='sum'\)"
+  ):
+    gnorm_jax.dp_noise(mean, 1.0, batch_size=8)
+  clipped_sum = gnorm_jax.clipped_grad(linear_loss, max_norm=1.0, reduce="sum")
+  for fn in [jax.jit(clipped_sum), linear_loss]:
+    with pytest.raises(
+      TypeError, match=r"carries no clipping threshold, got max_norm=.* Pass the ClippedGradFn"
+    ):
+      gnorm_jax.dp_noise(fn, 1.0, batch_size=8)
+  with pytest.raises(ValueError, match=r"max_norm must be a finite number >= 0, got max_norm=inf"):
+    gnorm_jax.dp_noise(
+      gnorm_jax.clipped_grad(linear_loss, max_norm=math.inf, reduce="sum"), 1.0, batch_size=8
+    )
+
+
+def test_one_dp_sgd_step_with_the_noise_read_from_the_clipping():
+  x = jax.random.normal(jax.random.key(2), (50, 3)) * 2.0
+  idx, mask = next(gnorm_jax.poisson_batches(50, 0.2, max_batch_size=25, seed=1))
+  clipped_sum = gnorm_jax.clipped_grad(linear_loss, max_norm=0.5, reduce="sum")
+  tx = optax.chain(gnorm_jax.dp_noise(clipped_sum, 0.0, batch_size=10), optax.sgd(1.0))
+  w = jnp.zeros(3)
+  updates, _ = jax.jit(tx.update)(jax.jit(clipped_sum)(w, x[idx], mask=mask), tx.init(w), w)
+  chosen = np.asarray(x)[idx[mask]]
+  scale = np.minimum(1.0, 0.5 / np.linalg.norm(chosen, axis=1, keepdims=True))
+  np.testing.assert_allclose(updates, -(chosen * scale).sum(0) / 10, rtol=1e-5)

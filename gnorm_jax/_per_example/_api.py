@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any, Callable, Sequence
 
 import jax
@@ -16,7 +17,9 @@ from gnorm_jax._checks import (
   check_count,
   check_fun,
   check_grad_args,
+  check_number,
   check_threshold_tree,
+  concrete_number,
   is_tree,
   path_str,
   signature_fix,
@@ -575,6 +578,110 @@ def per_example_grad_norms(
   return norms_fn
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class ClippedGradFn:
+  r"""A clipped-gradient function that carries the threshold bounding its sensitivity.
+
+  :func:`clipped_grad` returns one: a call computes the clipped aggregate, and
+  the attributes say how much one example can move it.
+
+  .. math::
+    \Delta = \begin{cases} C & \text{one threshold} \\
+      \sqrt{\textstyle\sum_g C_g^2} & \text{per-group thresholds } C_g \end{cases}
+    \qquad (\Delta / B \text{ for } \texttt{reduce="mean"})
+
+  Calling it is calling the function it wraps, ``(*args, mask=None) -> grads``
+  (see :func:`clipped_grad`), under ``jit``, ``grad`` and ``vmap`` alike. It
+  keeps the loss's ``__name__``, ``__doc__`` and signature (``__wrapped__``),
+  as :func:`functools.wraps` would, and compares and hashes by identity, so
+  ``jax.jit`` caches it as it would a function. Pass it to
+  :func:`dp_noise` in place of ``max_norm``
+  (``dp_noise(clipped_sum, noise_multiplier, batch_size=B)``): the noise is
+  then calibrated to the threshold the gradients were clipped to, by
+  construction (the idea of ``jax_privacy``'s ``BoundedSensitivityCallable``).
+
+  Attributes:
+    fun: the function a call forwards to (what :func:`clipped_grad` built).
+    max_norm: the clipping threshold C, or the tree of per-group thresholds,
+      as given to :func:`clipped_grad`.
+    reduce: ``"sum"`` or ``"mean"``, as given.
+    has_aux: whether a call returns ``(result, aux)``, as given.
+    return_norms: whether the result is ``(grads, norms)``, as given.
+  """
+
+  fun: Callable[..., Any]
+  max_norm: Any
+  reduce: str
+  has_aux: bool = False
+  return_norms: bool = False
+
+  def __post_init__(self):
+    # functools.update_wrapper's attributes, set past the frozen __setattr__. Not
+    # fun's __dict__: it could hold names of the fields above.
+    for name in functools.WRAPPER_ASSIGNMENTS:
+      if hasattr(self.fun, name):
+        object.__setattr__(self, name, getattr(self.fun, name))
+    object.__setattr__(self, "__wrapped__", self.fun)
+
+  def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    return self.fun(*args, **kwargs)
+
+  def sensitivity(self, batch_size: float | None = None) -> float | jax.Array:
+    r"""The L2 sensitivity of a call's aggregate to adding or removing one example.
+
+    .. math::
+      \max_{D \simeq D'} \|F(D) - F(D')\|_2 \le \Delta = \|(C_g)_g\|_2
+      \quad (\texttt{reduce="sum"}), \qquad \frac{\Delta}{B}
+      \quad (\texttt{reduce="mean"})
+
+    Neighbouring batches D ≃ D' differ by one example (a real row against a
+    padding row of the same fixed shape, as :func:`poisson_batches` makes
+    them); each example's clipped gradient has norm at most Δ, the norm of
+    the thresholds. Replacing one example by another (replace-one
+    neighbours) moves the aggregate by up to 2Δ. The per-example norms and
+    ``aux`` a call may also return are per example and not covered.
+
+    Args:
+      batch_size: for ``reduce="mean"``, the leading size B of the batched
+        arguments (padding rows included), which the mean divides by; not
+        used for ``reduce="sum"``.
+
+    Returns:
+      Δ (or Δ/B) as a Python float, computed in float64; a JAX scalar when a
+      threshold is traced.
+
+    Raises:
+      ValueError: ``reduce="mean"`` and no ``batch_size``, or a
+        ``batch_size`` that is not finite and positive.
+      TypeError: a bool or a non-number ``batch_size``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import gnorm_jax
+      >>> loss = lambda p, x: jnp.sum(x @ p["w"]) + jnp.sum(p["b"])
+      >>> per_layer = gnorm_jax.clipped_grad(loss, max_norm={"w": 3.0, "b": 4.0}, reduce="sum")
+      >>> per_layer.sensitivity()
+      5.0
+      >>> mean = gnorm_jax.clipped_grad(loss, max_norm=1.0)  # reduce="mean"
+      >>> mean.sensitivity(batch_size=64)
+      0.015625
+    """
+    fix = "Pass the leading size of the batched arguments (padding rows included), e.g. 64."
+    if self.reduce == "mean":
+      if batch_size is None:
+        raise ValueError(
+          "reduce='mean' divides the clipped sum by the batch size, so the sensitivity"
+          f" depends on it: got batch_size=None. {fix}"
+        )
+      check_number("batch_size", batch_size, low=0, low_open=True, finite=True, fix=fix)
+    thresholds = [concrete_number("max_norm", c) for c in jax.tree.leaves(self.max_norm)]
+    if any(c is None for c in thresholds):  # traced: in the dtype of the thresholds
+      delta: float | jax.Array = tree_norm(self.max_norm)
+    else:
+      delta = math.hypot(*(float(c) for c in thresholds))  # type: ignore[arg-type]
+    return delta / batch_size if self.reduce == "mean" else delta  # type: ignore[operator]
+
+
 def clipped_grad(
   fun: Callable[..., jax.Array],
   argnums: int | Sequence[int] = 0,
@@ -587,7 +694,7 @@ def clipped_grad(
   return_norms: bool = False,
   nan_safe: bool = True,
   microbatch_size: int | None = None,
-) -> Callable[..., Any]:
+) -> ClippedGradFn:
   r"""Returns a function computing the aggregate of per-example clipped gradients.
 
   .. math::
@@ -637,11 +744,13 @@ def clipped_grad(
       ``lax.map``) to bound memory; the results equal the unchunked call.
 
   Returns:
-    A function ``(*args, mask=None) -> grads`` (``(grads, norms)`` with
-    ``return_norms``); ``grads`` has the structure of the parameters (a tuple
-    of trees when ``argnums`` is a tuple). ``mask`` ([B] bool, optional): rows
-    with False are padding (Poisson-sampled batches of fixed shape): weight 0,
-    norm 0.
+    A :class:`ClippedGradFn`, called as a function ``(*args, mask=None) ->
+    grads`` (``(grads, norms)`` with ``return_norms``); ``grads`` has the
+    structure of the parameters (a tuple of trees when ``argnums`` is a
+    tuple). ``mask`` ([B] bool, optional): rows with False are padding
+    (Poisson-sampled batches of fixed shape): weight 0, norm 0. It carries
+    ``max_norm`` and ``reduce``, and its ``sensitivity()`` is the aggregate's
+    L2 sensitivity; :func:`dp_noise` takes it in place of ``max_norm``.
 
   Raises:
     ValueError: ``max_norm`` is a negative or NaN number, ``reduce`` or
@@ -699,7 +808,7 @@ def clipped_grad(
     result = (grads, norms) if return_norms else grads
     return (result, aux) if has_aux else result
 
-  return clipped_fn
+  return ClippedGradFn(clipped_fn, max_norm, reduce, has_aux, return_norms)
 
 
 for _documented in (per_example_grad_norms, clipped_grad):

@@ -10,12 +10,14 @@ contraction instead (a convolution's patches times its output cotangents).
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 from gnorm_jax._norms import tree_norm
-from gnorm_jax._per_example._ghost import acc_dtype, factor_grads, ghosts
+from gnorm_jax._per_example._ghost import acc_dtype, factor_grads, ghosts, use_ghost
 from gnorm_jax._per_example._jaxpr import Lit
 from gnorm_jax._per_example._program import Part, Rebuild
 from gnorm_jax._per_example._rules import Use
@@ -83,9 +85,34 @@ def direct_grads(
   found = [g for g in gs if g is not None]
   if len(found) == len(gs) and len({g.layout for g in found}) == 1:
     return factor_grads(found, w)
+  pulled = _pulled_back(uses, operands, cots, w, params)
+  if pulled is not None:
+    return pulled
   ops = [operands[u.key] for u in uses]
   cs = [cots[u.key] for u in uses]
   return jax.vmap(lambda o, c: one_grad(uses, o, c, w, params))(ops, cs)
+
+
+def _pulled_back(uses: list[Use], operands: dict, cots: dict, w: jax.Array, params):
+  """Σ over uses of each use's per-example gradient with respect to its operand (the
+  value the chain makes of the leaf: a weight-normalized kernel, a slice), formed
+  from the use's factors as one batched contraction, then pulled back through the
+  chain to the leaf (a linear map, vmapped). None if a use sits in a scan or has no
+  factors: a vmapped vjp of a grouped convolution with a per-example kernel runs
+  as B·G groups, tens of times slower than the contraction."""
+  if any(u.scopes for u in uses):
+    return None
+  total: jax.Array | int = 0
+  for u in uses:
+    aval = u.operand_aval(u.operand)
+    bare = dataclasses.replace(u, chain=((),))
+    g = use_ghost(bare, operands[u.key], cots[u.key], len(aval.shape))
+    if g is None:
+      return None
+    value_grads = factor_grads([g], jnp.zeros(aval.shape, aval.dtype))
+    _, pull = jax.vjp(lambda w, u=u: _apply_chain(u.chain[0], w, params).astype(aval.dtype), w)
+    total = total + jax.vmap(lambda c, pull=pull: pull(c)[0])(value_grads)
+  return None if isinstance(total, int) else total
 
 
 def one_grad(uses: list[Use], ops: list, cs: list, w: jax.Array, params=None) -> jax.Array:

@@ -55,6 +55,18 @@ def _flipped_kernel(p, x):
   return jnp.tanh(conv(p["k"])) + conv(jnp.flip(p["k"], (0, 1)))
 
 
+def _grouped_conv_weightnorm(p, x):
+  """Wav2Vec2's positional convolution: a grouped 1-D convolution whose kernel is
+  weight-normalized (v·g/‖v‖ over all but the kernel axis)."""
+  v = p["v"]
+  k = v * (p["g"] / jnp.sqrt(jnp.sum(v * v, axis=(1, 2), keepdims=True)))
+  dn = ("NWC", "WIO", "NWC")
+  y = lax.conv_general_dilated(
+    x[None], k, (1,), [(1, 1)], dimension_numbers=dn, feature_group_count=2
+  )
+  return jax.nn.gelu(y[0])
+
+
 def _weightnorm_by_hand(p, x):
   w = p["v"] * (p["g"] / jnp.linalg.norm(p["v"], axis=0))
   return jnp.tanh(x @ w) @ p["v"].T  # v is also used directly
@@ -72,6 +84,9 @@ MODELS = {
   ),
   "param_only_weightnorm_by_hand": lambda: sequence(
     plain(_weightnorm_by_hand, {"v": (D, D), "g": (D,)}), 53
+  ),
+  "param_only_grouped_conv_weightnorm": lambda: sequence(
+    plain(_grouped_conv_weightnorm, {"v": (3, D // 2, D), "g": (3, 1, 1)}), 58
   ),
   "param_only_linen_weightnorm": lambda: sequence(linen(nn.WeightNorm(nn.Dense(D))), 54),
   "param_only_eqx_weightnorm": lambda: sequence(

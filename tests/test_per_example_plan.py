@@ -21,7 +21,7 @@ import pytest
 from per_example_harness import all_models
 
 import gnorm_jax
-from gnorm_jax._per_example import _api, _run
+from gnorm_jax._per_example import _api, _plan, _run
 
 ROUTES_FILE = pathlib.Path(__file__).with_name("per_example_routes.json")
 MODELS = all_models()
@@ -41,6 +41,7 @@ def _options(params, batch_size):
   return [
     ("norms", dict(), None),
     ("ghost norms", dict(method="ghost"), None),
+    ("engine", dict(method="engine", max_norm=1.0), dict(max_norm=1.0)),
     ("vmap", dict(method="vmap", max_norm=1.0), dict(max_norm=1.0)),
     ("global threshold", dict(max_norm=1.0), dict(max_norm=1.0)),
     ("threshold tree", dict(max_norm=tree), dict(max_norm=tree)),
@@ -137,6 +138,43 @@ def test_plan_object_reports_vmap_only_when_it_runs_vmap():
   assert gnorm_jax.per_example_plan(loss)(w, x).method == "engine"
   plan = gnorm_jax.per_example_plan(loss, method="vmap")(w, x)
   assert plan.method == "vmap" and {leaf.route for leaf in plan.leaves} == {"materialized"}
+
+
+def _tiny_and_large():
+  tiny = (lambda w, x: jnp.sum(jnp.tanh(x @ w)), jnp.ones((3, 2)), np.ones((4, 5, 3), np.float32))
+  big = (
+    lambda w, x: jnp.sum(jnp.tanh(x @ w)),
+    jnp.ones((1024, 1024)),
+    np.ones((256, 1, 1024), np.float32),
+  )
+  return tiny, big
+
+
+def test_auto_keeps_the_engine_on_cpu_and_shows_both_estimates():
+  for loss, w, x in _tiny_and_large():
+    plan = gnorm_jax.per_example_plan(loss)(w, x)
+    assert plan.method == "engine" and plan.platform == jax.default_backend() == "cpu"
+    e = plan.estimates
+    assert e["engine"] > 0 and e["vmap"] > 0 and e["vmap_bytes"] == 4 * w.size * x.shape[0]
+    assert "estimated on cpu" in str(plan)
+
+
+def test_auto_on_a_gpu_runs_vmap_where_estimated_faster_and_small(monkeypatch):
+  monkeypatch.setattr(_plan, "_PLATFORM", "gpu")
+  (loss, w, x), (big_loss, big_w, big_x) = _tiny_and_large()
+  plan = gnorm_jax.per_example_plan(loss, max_norm=1.0)(w, x)
+  # A few kernels dominate a tiny model: materializing 4 gradients of 6 numbers is cheaper.
+  assert plan.method == "vmap" and plan.estimates["vmap"] <= 0.8 * plan.estimates["engine"]
+  executed = _executed(loss, w, (x,), dict(max_norm=1.0), dict(max_norm=1.0))
+  assert [p.method for p, _ in executed] == ["vmap"]
+  got = gnorm_jax.clipped_grad(loss, max_norm=1.0)(w, x)
+  want = gnorm_jax.clipped_grad(loss, max_norm=1.0, method="engine")(w, x)
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  # 256 gradients of a 1024x1024 weight: 1 GiB, where the engine's ghost route needs none.
+  big = gnorm_jax.per_example_plan(big_loss)(big_w, big_x)
+  assert big.method == "engine" and big.estimates["vmap_bytes"] == 2**30
+  # method="engine" never switches.
+  assert gnorm_jax.per_example_plan(loss, method="engine")(w, x).method == "engine"
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from gnorm_jax._norms import tree_norm
 from gnorm_jax._numerics import clip_scales, pow2_split
 from gnorm_jax._per_example import _jaxpr, _plan, _program, _run
 
-_METHODS = ("auto", "ghost", "vmap")
+_METHODS = ("auto", "engine", "ghost", "vmap")
 _REDUCTIONS = ("mean", "sum")
 
 
@@ -391,11 +391,24 @@ def describe(plan: _plan.Plan, paths: list[str], shapes: list[tuple]) -> "PerExa
     rules = tuple(dict.fromkeys(u.rule.name for u in plan.program.uses.get(leaf, [])))
     leaves.append(
       LeafPlan(
-        paths[leaf], w, rules, r.route, r.flops, r.bytes, plan.why(leaf), leaf in plan.streamed
+        paths[leaf],
+        w,
+        rules,
+        r.route,
+        r.flops,
+        r.bytes,
+        plan.why(leaf),
+        leaf in plan.streamed,
+        r.options,
       )
     )
   return PerExamplePlan(
-    tuple(leaves), plan.batch_size * plan.num_passes, plan.method, plan.batch_size
+    tuple(leaves),
+    plan.batch_size * plan.num_passes,
+    plan.method,
+    plan.batch_size,
+    plan.estimates,
+    plan.platform,
   )
 
 
@@ -424,6 +437,8 @@ class LeafPlan:
     streamed: the leaf belongs to a rematerialized scan over layers whose norms
       are computed step by step in the scan's backward pass (memory stays that
       of the rematerialized gradient; ``route`` is the route of each step).
+    options: every route considered, as ``(route, flops, bytes)`` tuples (the
+      chosen one included): the cheaper by flops wins.
   """
 
   path: str
@@ -434,6 +449,7 @@ class LeafPlan:
   bytes: int
   why: str = ""
   streamed: bool = False
+  options: tuple = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -451,12 +467,20 @@ class PerExamplePlan:
       leaf has a rule).
     microbatch_size: examples per pass (``batch_size`` without microbatching);
       flops and bytes are per pass.
+    estimates: the cost model's estimated seconds per pass of ``"engine"`` and
+      ``"vmap"`` on ``platform``, and their extra memory in bytes
+      (``"engine_bytes"``, ``"vmap_bytes"``); ``method="auto"`` runs the faster,
+      vmap only where its memory is at most twice the engine's plus 64 MiB.
+    platform: the backend the estimates are for (JAX's default backend when
+      the call was traced).
   """
 
   leaves: tuple
   batch_size: int
   method: str
   microbatch_size: int | None = None
+  estimates: Any = None
+  platform: str = "cpu"
 
   def __str__(self) -> str:
     passes = (
@@ -464,16 +488,26 @@ class PerExamplePlan:
       if self.microbatch_size in (None, self.batch_size)
       else f", passes of {self.microbatch_size}"
     )
-    rows = [
-      f"per-example plan (batch {self.batch_size}{passes}, runs {self.method!r})",
-      "| leaf | shape | rules | route | GFLOP | MiB | note |",
-      "|---|---|---|---|---:|---:|---|",
+    rows = [f"per-example plan (batch {self.batch_size}{passes}, runs {self.method!r})"]
+    if self.estimates:
+      e = self.estimates
+      rows.append(
+        f"estimated on {self.platform}: engine {e['engine'] * 1e3:.3g} ms"
+        f" ({e['engine_bytes'] / 2**20:.3g} MiB extra), vmap {e['vmap'] * 1e3:.3g} ms"
+        f" ({e['vmap_bytes'] / 2**20:.3g} MiB extra)"
+      )
+    rows += [
+      "| leaf | shape | rules | route | GFLOP | MiB | other routes (GFLOP, MiB) | note |",
+      "|---|---|---|---|---:|---:|---|---|",
     ]
     for l in self.leaves:
       gflop = "—" if l.flops is None else f"{l.flops / 1e9:.3g}"
+      others = ", ".join(
+        f"{r} {f / 1e9:.3g}, {b / 2**20:.3g}" for r, f, b in l.options if r != l.route
+      )
       rows.append(
         f"| {l.path} | {l.shape} | {', '.join(l.rules) or '—'} | {l.route} |"
-        f" {gflop} | {l.bytes / 2**20:.3g} | {l.why} |"
+        f" {gflop} | {l.bytes / 2**20:.3g} | {others or '—'} | {l.why} |"
       )
     return "\n".join(rows)
 
@@ -536,10 +570,14 @@ def per_example_grad_norms(
     has_aux: ``fun`` returns ``(value, aux)``; the function then returns
       ``(norms, aux)`` with every example's aux stacked on a leading axis.
     batch_argnums: which argument(s) carry the leading batch axis.
-    method: ``"auto"``; ``"ghost"`` (the same, but raise a ValueError naming
-      any leaf no rule recognizes, so nothing is materialized per example);
-      ``"vmap"`` (materialize all per-example gradients: the reference, memory
-      B×P).
+    method: ``"auto"`` (the engine or ``"vmap"``, whichever the cost model
+      of the backend estimates faster, vmap only where its memory stays near
+      the engine's: :func:`per_example_plan` shows both estimates);
+      ``"engine"`` (every leaf on its cheaper route: ghost, direct, or
+      materialized where no rule applies); ``"ghost"`` (the engine, but raise
+      a ValueError naming any leaf no rule recognizes, so nothing is
+      materialized per example); ``"vmap"`` (materialize all per-example
+      gradients: the reference, memory B×P).
 
   Returns:
     A function ``(*args, mask=None) -> norms`` with ``norms`` of shape ``[B]``,
@@ -735,7 +773,7 @@ def clipped_grad(
       per-example gradient is clipped to its own threshold (per-layer
       clipping); the sensitivity of the sum is then √(Σ_g C_g²).
     batch_argnums: which argument(s) carry the leading batch axis.
-    method: ``"auto"``, ``"ghost"`` or ``"vmap"``, as in
+    method: ``"auto"``, ``"engine"``, ``"ghost"`` or ``"vmap"``, as in
       :func:`per_example_grad_norms`.
     reduce: ``"mean"`` (divide by B, padding rows included) or ``"sum"``.
     return_norms: also return the per-example norms (before clipping).
@@ -843,7 +881,8 @@ def per_example_plan(
     argnums: which argument(s) are the parameters (int or tuple).
     has_aux: ``fun`` returns ``(value, aux)`` (the aux is ignored).
     batch_argnums: which argument(s) carry the leading batch axis.
-    method: ``"auto"``, ``"ghost"`` or ``"vmap"``, as in :func:`clipped_grad`.
+    method: ``"auto"``, ``"engine"``, ``"ghost"`` or ``"vmap"``, as in
+      :func:`clipped_grad`.
     max_norm: the clipping threshold of the :func:`clipped_grad` call to plan
       (None: :func:`per_example_grad_norms`); only whether it is a number or a
       tree changes the plan.

@@ -13,8 +13,18 @@ prints and the run executes:
   *streamed* (:class:`~._stream.Stream`), when every leaf gets the same clip
   weights (norms only, or one global threshold);
 * the whole call runs ``vmap`` of ``jax.grad`` of the user's loss when asked
-  (``method="vmap"``) or when no leaf has a rule (it is then as cheap and
-  simpler); otherwise the ``engine``.
+  (``method="vmap"``), when no leaf has a rule (it is then as cheap and
+  simpler), or, for ``method="auto"`` on a GPU or TPU, when the cost model
+  (:class:`Machine`) estimates it at most ``VMAP_MARGIN`` of the engine's time
+  and its memory stays near the engine's; otherwise the ``engine``.
+
+The cost model prices each alternative as flops/F + bytes moved/BW + kernels·L
+with per-backend constants. On a GPU, where a step of a small model takes about
+a millisecond, the engine's extra kernels per leaf can cost more than
+materializing B gradients. On a CPU "auto" keeps the engine: measured on real
+models (docs/benchmarks.md), vmap is at most ~1.3x faster there (small dense
+transformers), up to 40x slower (grouped convolutions, whose per-example kernel
+gradients vmap runs as B·G groups) and takes 1.5-5x the engine's memory.
 """
 
 from __future__ import annotations
@@ -39,6 +49,45 @@ STREAMED = (
 
 
 @dataclasses.dataclass(frozen=True)
+class Machine:
+  """Constants of the cost model of one backend: time = flops/flops_per_s +
+  bytes/bytes_per_s + kernels·s_per_kernel."""
+
+  flops_per_s: float
+  bytes_per_s: float
+  s_per_kernel: float
+
+  def seconds(self, flops: float, nbytes: float, kernels: float) -> float:
+    return flops / self.flops_per_s + nbytes / self.bytes_per_s + kernels * self.s_per_kernel
+
+
+# Set from the benchmark models (docs/benchmarks.md): the CPU's from a 2-core
+# x86 machine, the GPU's from an H100 (float32 at HIGHEST precision, HBM3, a
+# launch of a small fusion), the TPU's from a v5e-class chip.
+MACHINES = {
+  "cpu": Machine(5e10, 1e10, 2e-6),
+  "gpu": Machine(2e13, 2e12, 5e-6),
+  "tpu": Machine(5e13, 8e11, 2e-6),
+}
+# Kernels a leaf adds to the plain gradient on each route (the HLO census of
+# the benchmark models), and a call's own (combining the leaves' norms).
+KERNELS = {"ghost": 10, "direct": 5, "materialized": 4, "unused": 0, "vmap": 4}
+CALL_KERNELS = {"engine": 8, "vmap": 4}
+# "auto" runs vmap only when estimated at most VMAP_MARGIN of the engine's time,
+# and when its extra memory is at most VMAP_MEMORY_FACTOR times the engine's
+# plus VMAP_SLACK_BYTES: the engine is often chosen for its memory.
+VMAP_MARGIN = 0.8
+VMAP_MEMORY_FACTOR = 2
+VMAP_SLACK_BYTES = 64 * 2**20
+# vmap(grad) forms a convolution's per-example kernel gradients as one grouped
+# convolution of B·G groups: its flops run this many times slower than a dense
+# contraction's (measured on CPU, 2026-12-06: 10-40x).
+VMAP_CONV_SLOWDOWN = 10
+# Tests set this to price and choose as on another backend.
+_PLATFORM: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class LeafRoute:
   """How one leaf's per-example norm is computed, with its estimated cost."""
 
@@ -46,6 +95,10 @@ class LeafRoute:
   flops: int | None  # per batch
   bytes: int  # extra memory per batch (beyond the batched pass)
   why: str = ""
+  # Every alternative considered: (route, flops, bytes), the chosen one included.
+  options: tuple = ()
+  # What vmap(grad) of the whole loss costs for this leaf: (flops, bytes).
+  vmap: tuple = (0, 0)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -59,6 +112,9 @@ class Plan:
     method: ``"engine"`` or ``"vmap"`` (vmap of ``jax.grad`` of the user's loss).
     batch_size: examples per pass (the microbatch size when microbatching).
     num_passes: passes over microbatches (1 without microbatching).
+    estimates: estimated seconds per pass of ``"engine"`` and ``"vmap"`` on
+      ``platform`` (what ``method="auto"`` compares).
+    platform: the backend the estimates are for.
   """
 
   program: Program
@@ -67,6 +123,8 @@ class Plan:
   method: str
   batch_size: int
   num_passes: int = 1
+  estimates: Any = None
+  platform: str = "cpu"
 
   @property
   def streamed(self) -> set:
@@ -110,10 +168,12 @@ def plan_leaf(uses: list[Use], w: Any, b: int) -> LeafRoute:
     return LeafRoute("unused", 0, 0)
   direct_flops = sum(u.rule.direct_flops(u) * math.prod(u.steps) for u in uses)
   direct_total = b * (direct_flops + 2 * n)
-  direct = LeafRoute("direct", direct_total, b * n * itemsize)
+  slow = VMAP_CONV_SLOWDOWN if any(u.eqn.name == "conv_general_dilated" for u in uses) else 1
+  vmap = (direct_total * slow, b * n * itemsize)
+  direct = LeafRoute("direct", direct_total, b * n * itemsize, vmap=vmap)
   statics = [_ghost_static(u, len(w.shape)) for u in uses]
   if any(s is None for s in statics) or len({s[0] for s in statics}) != 1:
-    return direct
+    return dataclasses.replace(direct, options=(("direct", direct.flops, direct.bytes),))
   h = statics[0][1]
   t = sum(s[2] for s in statics)
   t_dense = sum(s[2] for s in statics if not s[5])  # index factors' Grams are comparisons
@@ -121,8 +181,43 @@ def plan_leaf(uses: list[Use], w: Any, b: int) -> LeafRoute:
   kq = statics[0][4]
   acc = 8 if jnp.issubdtype(w.dtype, jnp.complexfloating) else 4
   ghost_total = b * h * (2 * t_dense * t_dense * kp + 2 * t * t * kq + 4 * t * t)
-  ghost = LeafRoute("ghost", ghost_total, b * h * t * t * 2 * acc)
-  return ghost if ghost_total <= direct_total else direct
+  ghost = LeafRoute("ghost", ghost_total, b * h * t * t * 2 * acc, vmap=vmap)
+  options = (("ghost", ghost.flops, ghost.bytes), ("direct", direct.flops, direct.bytes))
+  chosen = ghost if ghost_total <= direct_total else direct
+  return dataclasses.replace(chosen, options=options)
+
+
+def _route_seconds(machine: Machine, route: str, flops: int | None, nbytes: int) -> float:
+  """A route's estimated time: its bytes are written once and read about twice
+  (the norm; the clipped sum)."""
+  return machine.seconds(flops or 0, 3 * nbytes, KERNELS[route])
+
+
+def estimate(routes: dict, params_flat: list, b: int, platform: str) -> dict:
+  """Estimated seconds of the engine and of vmap(grad) for one pass, and their
+  extra memory: ``{"engine": s, "vmap": s, "engine_bytes": n, "vmap_bytes": n}``."""
+  machine = MACHINES.get(platform, MACHINES["gpu"])
+  engine = machine.seconds(0, 0, CALL_KERNELS["engine"])
+  vmap = machine.seconds(0, 0, CALL_KERNELS["vmap"])
+  engine_bytes = vmap_bytes = 0
+  for leaf, r in routes.items():
+    w = params_flat[leaf]
+    materialized = (2 * b * w.size, b * w.size * jnp.dtype(w.dtype).itemsize)
+    vf, vb = r.vmap if r.route in ("ghost", "direct") else materialized
+    if r.route == "unused":
+      vf, vb = materialized
+    engine += _route_seconds(machine, r.route, r.flops if r.flops is not None else vf, r.bytes)
+    vmap += _route_seconds(machine, "vmap", vf, vb)
+    engine_bytes += r.bytes
+    vmap_bytes += vb
+  return {"engine": engine, "vmap": vmap, "engine_bytes": engine_bytes, "vmap_bytes": vmap_bytes}
+
+
+def auto_prefers_vmap(est: dict, platform: str) -> bool:
+  """``method="auto"``: vmap on a GPU or TPU when estimated clearly faster and its
+  memory stays near the engine's; on CPU never (see the module's docstring)."""
+  near = est["vmap_bytes"] <= VMAP_MEMORY_FACTOR * est["engine_bytes"] + VMAP_SLACK_BYTES
+  return platform != "cpu" and est["vmap"] <= VMAP_MARGIN * est["engine"] and near
 
 
 def plan_streams(program: Program, routes: dict, params_flat: list) -> dict:
@@ -183,6 +278,7 @@ def make_plan(
   method: str,
   uniform_weights: bool,
   num_passes: int = 1,
+  platform: str | None = None,
 ) -> Plan:
   """The plan of one call.
 
@@ -191,11 +287,14 @@ def make_plan(
       fallback leaf).
     params_flat: the parameter leaves.
     batch_size: examples per pass.
-    method: the user's ``method`` ("auto", "ghost" or "vmap").
+    method: the user's ``method`` ("auto", "engine", "ghost" or "vmap").
     uniform_weights: every leaf gets the same clip weights (norms only, or one
       global threshold), which lets rematerialized scans stream.
     num_passes: microbatch passes.
+    platform: the backend the costs are estimated for (default: JAX's default
+      backend).
   """
+  platform = platform or _PLATFORM or jax.default_backend()
   routes = {}
   for leaf, w in enumerate(params_flat):
     if leaf in program.fallback:
@@ -207,7 +306,12 @@ def make_plan(
   every_materialized = any(r.route == "materialized" for r in routes.values()) and all(
     r.route in ("materialized", "unused") for r in routes.values()
   )
-  if method == "vmap" or every_materialized:
-    return Plan(program, routes, {}, "vmap", batch_size, num_passes)
+  est = estimate(routes, params_flat, batch_size, platform)
+  if (
+    method == "vmap"
+    or every_materialized
+    or (method == "auto" and auto_prefers_vmap(est, platform))
+  ):
+    return Plan(program, routes, {}, "vmap", batch_size, num_passes, est, platform)
   streams = plan_streams(program, routes, params_flat) if uniform_weights else {}
-  return Plan(program, routes, streams, "engine", batch_size, num_passes)
+  return Plan(program, routes, streams, "engine", batch_size, num_passes, est, platform)

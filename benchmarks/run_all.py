@@ -8,7 +8,15 @@ import subprocess
 import sys
 
 HERE = pathlib.Path(__file__).parent
-SCRIPTS = ["norms.py", "optax_step.py", "penalty.py", "per_example.py", "dp_step.py"]
+SCRIPTS = [
+  "norms.py",
+  "optax_step.py",
+  "penalty.py",
+  "per_example.py",
+  "dp_step.py",
+  "real_models.py",
+  "hot_paths.py",
+]
 
 
 def main() -> int:

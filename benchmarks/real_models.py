@@ -322,6 +322,14 @@ def run(name, builder, tf, key, rounds, quick):
       f" whiles {c['whiles']}, cuda cases {c['cuda_cases']}, cuda whiles {c['cuda_whiles']}"
     )
   print(f"- max relative difference gnorm_jax vs vmap clipped grad: {rel:.1e}")
+  est = plan.estimates
+  measured = "engine" if times[ours] <= times[vm] else "vmap"
+  print(
+    f"- cost model on {plan.platform}: engine {est['engine'] * 1e3:.3g} ms, vmap"
+    f" {est['vmap'] * 1e3:.3g} ms (estimated engine/vmap {est['engine'] / est['vmap']:.2f},"
+    f" measured {times[ours] / times[vm]:.2f}); auto runs {plan.method}, faster measured:"
+    f" {measured}"
+  )
   print(f"- row took {time.perf_counter() - t_start:.0f} s\n", flush=True)
   return {
     "name": name,

@@ -221,3 +221,16 @@ _GPU_CASE = case_runner({name: MODELS[name] for name in GPU_FORM_MODELS})
 def test_gpu_form_matches_vmap_of_grad(gpu_form, name, method):
   for scale in SCALES:
     check_case(_GPU_CASE, name, method, scale)
+
+
+def test_the_census_counts_real_control_flow_and_not_platform_selection():
+  x = jnp.ones(3)
+  cond = lambda x: jax.lax.cond(x.sum() > 0, jnp.sin, jnp.cos, x)
+  loop = lambda x: jax.lax.while_loop(lambda c: c[0] < 3, lambda c: (c[0] + 1, c[1] * 2), (0, x))
+  chosen = lambda x: jax.lax.platform_dependent(x, cpu=cond, default=jnp.sin)
+  assert census(cond, x)["cuda_cases"] == 1 and census(cond, x)["conditionals"] == 1
+  assert census(loop, x)["cuda_whiles"] == 1 and census(loop, x)["whiles"] == 1
+  counts = census(chosen, x)
+  assert (counts["cuda_cases"], counts["cuda_whiles"], counts["conditionals"]) == (0, 0, 1)
+  assert _gpu_control_flow(jax.make_jaxpr(chosen)(x).jaxpr) == []
+  assert _gpu_control_flow(jax.make_jaxpr(cond)(x).jaxpr) == ["cond"]

@@ -136,6 +136,20 @@ def _all_fast(totals: list[jax.Array]) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(_fast_path_ok(jnp.stack(t))) for t in by_dtype.values()]))
 
 
+def _scale_exponents(size: int, dtype: Any) -> tuple[int, int]:
+  """``(a, b)``: Σ(x·2^-a)² cannot overflow for ``size`` finite entries, and
+  Σ(x·2^b)² neither overflows nor loses a square when Σx² < tiny/eps³.
+
+  a = ⌈(maxexp + 1 + log2 n)/2⌉ (see :func:`_rescue_exponent`). For b: every
+  |x| < 2^((minexp − 3·nmant)/2), so Σ(x·2^b)² < 2^(2b + minexp − 3·nmant),
+  finite for b = nmant − minexp/2 (2^115 in float32), which also makes the
+  square of the smallest subnormal normal.
+  """
+  finfo = jnp.finfo(dtype)
+  a = math.ceil((finfo.maxexp + 1 + math.log2(max(size, 1))) / 2)
+  return a, finfo.nmant - finfo.minexp // 2
+
+
 def _rescue_exponent(sumsq: jax.Array, group_size: int) -> jax.Array:
   """k such that Σ(x·2^k)² over a leaf neither overflows nor loses underflowed squares.
 
@@ -158,11 +172,9 @@ def _rescue_exponent(sumsq: jax.Array, group_size: int) -> jax.Array:
   the smallest over its leaves, whose scaled sum is then not small, so what
   underflows elsewhere in the group is negligible next to it.
   """
-  finfo = jnp.finfo(sumsq.dtype)
   half = -(binary_exponent(sumsq) >> 1)  # s = 1.f·2^E: 2^2k·s in [1, 4); k = 64 if subnormal
-  zero = finfo.nmant - finfo.minexp // 2
-  big = -math.ceil((finfo.maxexp + 1 + math.log2(max(group_size, 1))) / 2)
-  return jnp.where(jnp.isfinite(sumsq), jnp.where(sumsq > 0, half, zero), big)
+  down, up = _scale_exponents(group_size, sumsq.dtype)
+  return jnp.where(jnp.isfinite(sumsq), jnp.where(sumsq > 0, half, up), -down)
 
 
 def _rescued(leaves: list[jax.Array], sums: list[jax.Array]) -> tuple[jax.Array, jax.Array]:
@@ -255,20 +267,6 @@ def _l2_norms_vmap(axis_size, in_batched, groups):
     _all_fast(totals), lambda: [_fast(t) for t in totals], lambda: rescue(groups, sums, totals)
   )
   return norms, [(True, True)] * len(norms)
-
-
-def _scale_exponents(size: int, dtype: Any) -> tuple[int, int]:
-  """``(a, b)``: Σ(x·2^-a)² cannot overflow for ``size`` finite entries, and
-  Σ(x·2^b)² neither overflows nor loses a square when Σx² < tiny/eps³.
-
-  a = ⌈(maxexp + 1 + log2 n)/2⌉ as in :func:`_rescue_exponent`. For b: every
-  |x| < 2^((minexp − 3·nmant)/2), so Σ(x·2^b)² < 2^(2b + minexp − 3·nmant),
-  finite for b = nmant − minexp/2 (2^115 in float32), which also makes the
-  square of the smallest subnormal normal.
-  """
-  finfo = jnp.finfo(dtype)
-  a = math.ceil((finfo.maxexp + 1 + math.log2(max(size, 1))) / 2)
-  return a, finfo.nmant - finfo.minexp // 2
 
 
 def _l2_branchless(groups: list[list[jax.Array]]) -> list[tuple[jax.Array, jax.Array]]:

@@ -204,8 +204,6 @@ def estimate(routes: dict, params_flat: list, b: int, platform: str) -> dict:
     w = params_flat[leaf]
     materialized = (2 * b * w.size, b * w.size * jnp.dtype(w.dtype).itemsize)
     vf, vb = r.vmap if r.route in ("ghost", "direct") else materialized
-    if r.route == "unused":
-      vf, vb = materialized
     engine += _route_seconds(machine, r.route, r.flops if r.flops is not None else vf, r.bytes)
     vmap += _route_seconds(machine, "vmap", vf, vb)
     engine_bytes += r.bytes

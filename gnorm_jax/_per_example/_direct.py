@@ -14,7 +14,6 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from gnorm_jax._norms import tree_norm
 from gnorm_jax._per_example._ghost import acc_dtype, factor_grads, ghosts, use_ghost
@@ -122,35 +121,12 @@ def one_grad(uses: list[Use], ops: list, cs: list, w: jax.Array, params=None) ->
   return g
 
 
-def exact_norms(uses, operands, cots, w):
-  """A function of ``which`` [B] giving exact norms, one example at a time."""
+def exact_norm(uses, operands, cots, w):
+  """``(one, examples)`` for :func:`~._ghost.rescue`: one example's exact norm of
+  ``w``'s gradient from its operands and cotangents, and those, batched."""
   ops = [operands[u.key] for u in uses]
   cs = [cots[u.key] for u in uses]
-
-  def fn(which):
-    def each(args):
-      flag, o, c = args
-      return lax.cond(
-        flag, lambda: tree_norm(one_grad(uses, o, c, w)), lambda: jnp.zeros((), norm_dtype(w))
-      )
-
-    return lax.map(each, (which, ops, cs))
-
-  return fn
-
-
-def exact_norms_at(uses, operands, cots, w):
-  """A function of ``idx`` [K] giving those examples' exact norms [K] (vmapped)."""
-  ops = [operands[u.key] for u in uses]
-  cs = [cots[u.key] for u in uses]
-
-  def fn(idx):
-    def take(tree):
-      return jax.tree.map(lambda x: x[idx], tree)
-
-    return jax.vmap(lambda o, c: tree_norm(one_grad(uses, o, c, w)))(take(ops), take(cs))
-
-  return fn
+  return (lambda example: tree_norm(one_grad(uses, *example, w))), (ops, cs)
 
 
 def weighted_sum(weights: jax.Array, per_example: jax.Array) -> jax.Array:

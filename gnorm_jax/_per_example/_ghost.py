@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from gnorm_jax._norms import safe_sqrt
-from gnorm_jax._numerics import by_platform, pow2_exponent, safe_divide
+from gnorm_jax._numerics import by_platform, pow2_exponent
 from gnorm_jax._per_example._program import chain_layout
 from gnorm_jax._per_example._rules import Dense, Ghost, Index, Use
 
@@ -125,42 +125,52 @@ def planned_ghosts(uses: list[Use], operands: dict, cots: dict, ndim: int) -> li
   return found
 
 
-def ghost_norms(
-  gs: list[Ghost],
-  exact: Callable[[jax.Array], jax.Array],
-  exact_at: Callable[[jax.Array], jax.Array],
-) -> jax.Array:
-  """[B] norms of Σ_uses Σ_t P_t ⊗ Q_t, exact where the ghost sum may not be.
-
-  ``exact(which)`` gives exact norms where ``which`` [B] is True (CPU form);
-  ``exact_at(idx)`` exact norms of the examples ``idx`` [K] (GPU/TPU form).
-  """
+def ghost_norms(gs: list[Ghost], one: Callable[[Any], jax.Array], examples: Any) -> jax.Array:
+  """[B] norms of Σ_uses Σ_t P_t ⊗ Q_t, exact where the ghost sum may not be
+  (``one`` and ``examples`` as in :func:`rescue`)."""
   norms, suspect, upper = ghost_terms(gs)
   if sum(g.q.value.shape[2] for g in gs) == 1:
     # One position: the sum is one product ‖P‖²‖Q‖², which cannot cancel; a
     # non-finite one is what the exact gradient gives too.
     return norms
-  return rescue(norms, suspect, upper, exact, exact_at)
+  return rescue(norms, suspect, upper, one, examples)
 
 
 def rescue(
   norms: jax.Array,
   suspect: jax.Array,
   upper: jax.Array,
-  exact: Callable[[jax.Array], jax.Array],
-  exact_at: Callable[[jax.Array], jax.Array],
+  one: Callable[[Any], jax.Array],
+  examples: Any,
 ) -> jax.Array:
   """``norms`` [B] or [B, L] with the ``suspect`` entries recomputed, by platform.
 
-  CPU: every example with a suspect entry, ``exact(which)``, behind one
-  ``lax.cond``. GPU/TPU: :func:`rescue_worst`.
+  ``one(example)`` gives one example's exact norms (a scalar, or [L]) from its
+  slice of ``examples`` (a pytree of arrays with a leading batch axis). CPU:
+  every example with a suspect entry, one at a time, behind one ``lax.cond``.
+  GPU/TPU: :func:`rescue_worst`.
   """
   rows = suspect if suspect.ndim == 1 else jnp.any(suspect, axis=1)
 
+  def exact_one(example):
+    return one(example).astype(norms.dtype)
+
   def cpu():
-    return lax.cond(jnp.any(rows), lambda: jnp.where(suspect, exact(rows), norms), lambda: norms)
+    zeros = jnp.zeros(norms.shape[1:], norms.dtype)
+
+    def each(args):
+      flag, example = args
+      return lax.cond(flag, lambda: exact_one(example), lambda: zeros)
+
+    def recomputed():
+      return jnp.where(suspect, lax.map(each, (rows, examples)), norms)
+
+    return lax.cond(jnp.any(rows), recomputed, lambda: norms)
 
   def default():
+    def exact_at(idx):
+      return jax.vmap(exact_one)(jax.tree.map(lambda x: x[idx], examples))
+
     return rescue_worst(norms, suspect, upper, exact_at)
 
   return by_platform(cpu, default)
@@ -183,7 +193,7 @@ def rescue_worst(
   """
   b = norms.shape[0]
   finite = jnp.isfinite(upper) & (norms > 0)
-  ratio = jnp.where(finite, safe_divide(upper, jnp.where(finite, norms, 1)), jnp.inf)
+  ratio = jnp.where(finite, upper / jnp.where(finite, norms, 1), jnp.inf)
   priority = jnp.where(suspect, ratio, -jnp.inf)
   if priority.ndim > 1:
     priority = jnp.max(priority, axis=1)
@@ -193,7 +203,7 @@ def rescue_worst(
     idx.append(i)
     priority = priority.at[i].set(-jnp.inf)
   at = jnp.stack(idx)
-  fixed = exact_at(at).astype(norms.dtype)
+  fixed = exact_at(at)
   out = jnp.where(suspect, upper.astype(norms.dtype), norms)
   return out.at[at].set(jnp.where(suspect[at], fixed, norms[at]))
 

@@ -18,13 +18,11 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from gnorm_jax._norms import tree_norm
 from gnorm_jax._per_example._direct import (
   direct_grads,
-  exact_norms,
-  exact_norms_at,
+  exact_norm,
   norm_dtype,
   per_example_norms,
   weighted_sum,
@@ -72,37 +70,18 @@ def _loss_of(
   return PLAIN(traced.body, traced.assemble(vals, batch_vals), (), {}, {})[0]
 
 
-def exact_leaf_norms(traced: Traced, batch_flat: list, leaves: list, dtype) -> Callable:
-  """A function of ``which`` [B] giving [B, len(leaves)] exact norms of those
-  leaves' per-example gradients (a full gradient of one example at a time)."""
-  params_flat = traced.params_flat
-
-  def each(args):
-    flag, batch_vals = args
-
-    def compute():
-      gs = jax.grad(lambda ws: _loss_of(traced, batch_vals, dict(zip(leaves, ws))))(
-        [params_flat[i] for i in leaves]
-      )
-      return jnp.stack([tree_norm(g).astype(dtype) for g in gs])
-
-    return lax.cond(flag, compute, lambda: jnp.zeros((len(leaves),), dtype))
-
-  return lambda which: lax.map(each, (which, batch_flat))
-
-
-def exact_leaf_norms_at(traced: Traced, batch_flat: list, leaves: list, dtype) -> Callable:
-  """A function of ``idx`` [K] giving [K, len(leaves)] exact norms of those
-  examples' gradients of those leaves (vmapped)."""
+def exact_leaf_norm(traced: Traced, leaves: list) -> Callable:
+  """One example's exact norms [len(leaves)] of those leaves' gradients (a full
+  gradient of the example), from its batch values: ``one`` of :func:`~._ghost.rescue`."""
   params_flat = traced.params_flat
 
   def one(batch_vals):
     gs = jax.grad(lambda ws: _loss_of(traced, batch_vals, dict(zip(leaves, ws))))(
       [params_flat[i] for i in leaves]
     )
-    return jnp.stack([tree_norm(g).astype(dtype) for g in gs])
+    return jnp.stack([tree_norm(g) for g in gs])
 
-  return lambda idx: jax.vmap(one)([x[idx] for x in batch_flat])
+  return one
 
 
 def weighted_grads(traced: Traced, batch_flat: list, weights, keep) -> list:
@@ -182,13 +161,7 @@ def run(
     fast, suspect, upper = (
       jnp.stack([stream_stats[leaf][j] for leaf in order], axis=1) for j in range(3)
     )
-    fixed = rescue(
-      fast,
-      suspect,
-      upper,
-      exact_leaf_norms(traced, batch_flat, order, dtype),
-      exact_leaf_norms_at(traced, batch_flat, order, dtype),
-    )
+    fixed = rescue(fast, suspect, upper, exact_leaf_norm(traced, order), batch_flat)
     streamed = {leaf: fixed[:, n] for n, leaf in enumerate(order)}
   formed, factors, leaf_norm_list, taken = {}, {}, [], {}
   for leaf, w in enumerate(params_flat):
@@ -204,9 +177,8 @@ def run(
       n = per_example_norms(formed[leaf])
     elif route == "ghost":
       factors[leaf] = planned_ghosts(uses, operands, cots, w.ndim)  # reused for the clipped sum
-      exact = exact_norms(uses, operands, cots, w)
-      exact_at = exact_norms_at(uses, operands, cots, w)
-      n, taken[leaf] = ghost_norms(factors[leaf], exact, exact_at), "ghost"
+      exact = exact_norm(uses, operands, cots, w)
+      n, taken[leaf] = ghost_norms(factors[leaf], *exact), "ghost"
     else:
       n, taken[leaf] = jnp.zeros((b,), dtype), "unused"
     leaf_norm_list.append(n.astype(dtype))

@@ -15,7 +15,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from gnorm_jax._norms import tree_norm
+from gnorm_jax._norms import leaf_norms, tree_norm
 from gnorm_jax._per_example._ghost import acc_dtype, factor_grads, ghosts, use_ghost
 from gnorm_jax._per_example._jaxpr import Lit
 from gnorm_jax._per_example._program import Part, Rebuild
@@ -30,6 +30,12 @@ def norm_dtype(w) -> jnp.dtype:
 def per_example_norms(g: jax.Array) -> jax.Array:
   """[B] norms of per-example values [B, ...], by the norm core."""
   return jax.vmap(tree_norm)(g)
+
+
+def per_example_leaf_norms(gs: list[jax.Array]) -> list[jax.Array]:
+  """[B] norms of each of ``gs`` (per-example values [B, ...]), by ONE call of
+  the norm core: one fast pass and one check for all of them."""
+  return jax.vmap(leaf_norms)(gs)
 
 
 def _apply_chain(segment: tuple, w: jax.Array, params) -> jax.Array:

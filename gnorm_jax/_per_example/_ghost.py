@@ -125,15 +125,11 @@ def planned_ghosts(uses: list[Use], operands: dict, cots: dict, ndim: int) -> li
   return found
 
 
-def ghost_norms(gs: list[Ghost], one: Callable[[Any], jax.Array], examples: Any) -> jax.Array:
-  """[B] norms of Σ_uses Σ_t P_t ⊗ Q_t, exact where the ghost sum may not be
-  (``one`` and ``examples`` as in :func:`rescue`)."""
-  norms, suspect, upper = ghost_terms(gs)
-  if sum(g.q.value.shape[2] for g in gs) == 1:
-    # One position: the sum is one product ‖P‖²‖Q‖², which cannot cancel; a
-    # non-finite one is what the exact gradient gives too.
-    return norms
-  return rescue(norms, suspect, upper, one, examples)
+def can_cancel(gs: list[Ghost]) -> bool:
+  """Whether the ghost sum has several positions, whose terms may cancel. At one
+  position the sum is one product ‖P‖²‖Q‖², which cannot cancel; a non-finite
+  one is what the exact gradient gives too."""
+  return sum(g.q.value.shape[2] for g in gs) > 1
 
 
 def rescue(

@@ -24,12 +24,13 @@ from gnorm_jax._per_example._direct import (
   direct_grads,
   exact_norm,
   norm_dtype,
-  per_example_norms,
+  per_example_leaf_norms,
   weighted_sum,
 )
 from gnorm_jax._per_example._ghost import (
+  can_cancel,
   factor_grads,
-  ghost_norms,
+  ghost_terms,
   keep_rows,
   planned_ghosts,
   rescue,
@@ -163,25 +164,44 @@ def run(
     )
     fixed = rescue(fast, suspect, upper, exact_leaf_norm(traced, order), batch_flat)
     streamed = {leaf: fixed[:, n] for n, leaf in enumerate(order)}
-  formed, factors, leaf_norm_list, taken = {}, {}, [], {}
+  formed, factors, taken = {}, {}, {}
+  per_leaf: dict[int, jax.Array] = {}  # leaf -> its norms [B]
+  cancel: dict[int, tuple] = {}  # ghost leaf -> (norms, suspect, upper, one, examples)
   for leaf, w in enumerate(params_flat):
     route = routes[leaf].route
     uses = program.uses.get(leaf, [])
     if leaf in streamed:
-      n, taken[leaf] = streamed[leaf], f"streamed {route}"
+      per_leaf[leaf], taken[leaf] = streamed[leaf], f"streamed {route}"
     elif route == "materialized" or plan.method == "vmap":
       formed[leaf], taken[leaf] = fb_grads[leaf], "materialized"
-      n = per_example_norms(formed[leaf])
     elif route == "direct":
       formed[leaf], taken[leaf] = direct_grads(uses, operands, cots, w, params_flat), "direct"
-      n = per_example_norms(formed[leaf])
     elif route == "ghost":
       factors[leaf] = planned_ghosts(uses, operands, cots, w.ndim)  # reused for the clipped sum
-      exact = exact_norm(uses, operands, cots, w)
-      n, taken[leaf] = ghost_norms(factors[leaf], *exact), "ghost"
+      terms = ghost_terms(factors[leaf])
+      if can_cancel(factors[leaf]):
+        cancel[leaf] = (*terms, *exact_norm(uses, operands, cots, w))
+      per_leaf[leaf], taken[leaf] = terms[0], "ghost"
     else:
-      n, taken[leaf] = jnp.zeros((b,), dtype), "unused"
-    leaf_norm_list.append(n.astype(dtype))
+      per_leaf[leaf], taken[leaf] = jnp.zeros((b,), dtype), "unused"
+  # The formed leaves' norms in one call of the norm core, the ghost sums that
+  # may cancel checked (and rescued) together: per call, not per leaf.
+  if formed:
+    order = sorted(formed)
+    per_leaf.update(zip(order, per_example_leaf_norms([formed[leaf] for leaf in order])))
+  if cancel:
+    order = sorted(cancel)
+    fast, suspect, upper = (jnp.stack([cancel[leaf][j] for leaf in order], 1) for j in range(3))
+    ones = [cancel[leaf][3] for leaf in order]
+    fixed = rescue(
+      fast,
+      suspect,
+      upper,
+      lambda examples: jnp.stack([one(ex) for one, ex in zip(ones, examples)]),
+      [cancel[leaf][4] for leaf in order],
+    )
+    per_leaf.update({leaf: fixed[:, n] for n, leaf in enumerate(order)})
+  leaf_norm_list = [per_leaf[leaf].astype(dtype) for leaf in range(len(params_flat))]
   if _observe is not None:
     _observe(plan, taken)
   leaf_norms = jnp.stack(leaf_norm_list, axis=1) if leaf_norm_list else jnp.zeros((b, 0), dtype)

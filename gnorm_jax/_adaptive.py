@@ -180,23 +180,13 @@ class AutoClipState(NamedTuple):
 
 
 def autoclip(quantile: ArrayLike = 0.1, *, history: int = 1000) -> optax.GradientTransformation:
-  r"""AutoClip: clip the global norm to a quantile of its own recent history.
+  """AutoClip: clip the global norm to a quantile of its own recent history.
 
-  The norm :math:`g_t = \|u_t\|` joins a ring buffer :math:`H_t` of the last ``history`` norms
-  (non-finite norms are not recorded), then
-
-  .. math::
-    \tau_t = \operatorname{quantile}(H_t, q), \qquad
-    u_t \leftarrow u_t \cdot \min\!\Big(1, \frac{\tau_t}{g_t}\Big).
-
-  The first update passes unchanged; a non-finite one passes on non-finite. The rule in full,
-  its cost and its edge cases: :ref:`the guide <autoclip-rule>`.
+  Clips to the ``quantile`` of the last ``history`` finite norms: :ref:`the guide <autoclip-rule>`.
 
   Args:
-    quantile: :math:`q \in (0, 1]`, a fraction as in :func:`numpy.quantile`; the paper's 10th
-      percentile is 0.1. May be traced (``optax.inject_hyperparams``).
-    history: length of the ring buffer, a Python int >= 1. It fixes the state's shape: with
-      ``optax.inject_hyperparams`` pass ``static_args=("history",)``.
+    quantile: q ∈ (0, 1], as in :func:`numpy.quantile` (the paper's 10th percentile: 0.1).
+    history: the buffer's length, a Python int ≥ 1; static, as it fixes the state's shape.
 
   Returns:
     An ``optax.GradientTransformation`` with state :class:`AutoClipState`.
@@ -205,19 +195,17 @@ def autoclip(quantile: ArrayLike = 0.1, *, history: int = 1000) -> optax.Gradien
     ValueError: ``quantile`` outside (0, 1] or ``history`` < 1.
     TypeError: ``history`` is not an int, or ``quantile`` is not a number.
 
-  References:
-    Seetharaman et al., 2020. `AutoClip: Adaptive Gradient Clipping for Source Separation
-    Networks <https://arxiv.org/abs/2007.14469>`_.
-
   Examples:
-    >>> import jax.numpy as jnp
-    >>> import gnorm_jax
+    >>> import jax.numpy as jnp, gnorm_jax
     >>> tx = gnorm_jax.autoclip(0.5, history=3)
     >>> state = tx.init(jnp.zeros(2))
     >>> for g in ([3.0, 4.0], [0.0, 1.0], [0.0, 9.0]):  # norms 5, 1, 9
     ...   updates, state = tx.update(jnp.array(g), state)
     >>> float(state.max_norm), updates  # the median of (5, 1, 9)
     (5.0, Array([0., 5.], dtype=float32))
+
+  References:
+    Seetharaman et al. 2020, https://arxiv.org/abs/2007.14469.
   """
   check_number(
     "quantile",
@@ -294,27 +282,16 @@ def zclip(
   warmup_steps: ArrayLike = 25,
   max_norm: ArrayLike | None = None,
 ) -> optax.GradientTransformation:
-  r"""ZClip: clip norms that are outliers (z-score) of an EMA of past norms.
+  """ZClip: clip norms that are outliers (z-score) of an EMA of past norms.
 
-  After a warm-up of ``warmup_steps`` finite norms (not clipped; their mean and variance start
-  :math:`\mu, \sigma^2`), a norm with z-score :math:`z_t = (g_t - \mu_{t-1})/\sigma_{t-1}` above
-  :math:`z_\text{thres}` is clipped by the reciprocal rule, and the EMA (weight :math:`\alpha` =
-  ``decay`` on the old value) is updated with the clipped norm :math:`g_t^*`:
-
-  .. math::
-    g_t^* = \mu_{t-1} + \frac{z_\text{thres}^2}{z_t}\,\sigma_{t-1}, \qquad
-    \mu_t = \alpha\mu_{t-1} + (1-\alpha)\,g_t^*, \qquad
-    \sigma_t^2 = \alpha\sigma_{t-1}^2 + (1-\alpha)\,(g_t^* - \mu_t)^2 .
-
-  Algorithm 1 of the paper, without its ``eps``; that difference, the state's ``max_norm``, the
-  fixed cap and the handling of non-finite and huge norms: :ref:`the guide <zclip-rule>`.
+  After ``warmup_steps`` finite norms, a norm whose z-score exceeds ``z_threshold`` is clipped by
+  the reciprocal rule, and the EMA is updated with the clipped norm: :ref:`the guide <zclip-rule>`.
 
   Args:
-    decay: :math:`\alpha`, the EMA weight of the old value, in (0, 1); 0.97 in the paper (its
-      ``alpha``).
-    z_threshold: :math:`z_\text{thres} \ge 0`; 2.5 in the paper.
-    warmup_steps: finite norms collected before clipping starts, >= 1 (the paper uses 25).
-    max_norm: optional fixed cap >= 0 on the norm at every step (None: none).
+    decay: α ∈ (0, 1), the EMA weight of the old value; 0.97 in the paper (its ``alpha``).
+    z_threshold: the z-score threshold, ≥ 0; 2.5 in the paper.
+    warmup_steps: finite norms collected before clipping starts, ≥ 1 (the paper uses 25).
+    max_norm: optional fixed cap ≥ 0 on the norm at every step (None: none).
 
   Returns:
     An ``optax.GradientTransformation`` with state :class:`ZClipState`.
@@ -323,20 +300,17 @@ def zclip(
     ValueError: a hyperparameter outside the ranges above.
     TypeError: a hyperparameter is not a number (e.g. a bool).
 
-  References:
-    Kumar et al., 2025. `ZClip: Adaptive Spike Mitigation for LLM Pre-Training
-    <https://arxiv.org/abs/2504.02507>`_.
-
   Examples:
-    >>> import jax.numpy as jnp
-    >>> import gnorm_jax
+    >>> import jax.numpy as jnp, gnorm_jax
     >>> tx = gnorm_jax.zclip(warmup_steps=2)
     >>> state = tx.init(jnp.zeros(1))
     >>> for g in (1.0, 3.0):  # warm-up: mean 2, std 1
     ...   _, state = tx.update(jnp.array([g]), state)
-    >>> updates, state = tx.update(jnp.array([7.0]), state)  # z = 5
-    >>> updates  # clipped to 2 + 2.5**2 / 5 * 1
+    >>> tx.update(jnp.array([7.0]), state)[0]  # z = 5: clipped to 2 + 2.5**2 / 5 * 1
     Array([3.25], dtype=float32)
+
+  References:
+    Kumar et al. 2025, https://arxiv.org/abs/2504.02507.
   """
   check_number(
     "decay",
@@ -463,46 +437,32 @@ def quantile_clip(
   adaptation_rate: ArrayLike = 0.2,
   initial_max_norm: ArrayLike = 1.0,
 ) -> optax.GradientTransformation:
-  r"""Clip to a streaming estimate of a quantile of the global norm.
+  """Clip to a streaming estimate of a quantile of the global norm.
 
-  The step is clipped to the threshold :math:`C_t`, which then tracks the quantile
-  :math:`\gamma` of the norm :math:`g_t` by the geometric update of Andrew et al.:
-
-  .. math::
-    C_{t+1} = C_t \exp\!\big(-\eta\,(b_t - \gamma)\big), \qquad
-    b_t = \mathbb{1}[g_t \le C_t].
-
-  O(1) state and work besides the norm; non-finite norms leave :math:`C` unchanged, and
-  :math:`C` stays within the finite positive floats of its dtype. The equilibrium and the
-  bounds: :ref:`the guide <quantile-clip-rule>`.
+  The step is clipped to the threshold C, which then tracks the ``quantile`` of the norm by the
+  geometric update of Andrew et al. (O(1) state): :ref:`the guide <quantile-clip-rule>`.
 
   Args:
-    quantile: :math:`\gamma \in (0, 1]`, the fraction of norms to keep below the threshold (the
-      paper's target quantile).
-    adaptation_rate: :math:`\eta \in [0, 88.7]`, the paper's learning rate :math:`\eta_C` of the
-      threshold (0 keeps a fixed threshold); 0.2 in the paper.
-    initial_max_norm: :math:`C_1 > 0`, finite (a geometric update cannot leave 0).
+    quantile: γ ∈ (0, 1], the fraction of norms to keep below the threshold.
+    adaptation_rate: η ∈ [0, 88.7], the rate at which C moves (0 keeps it); 0.2 in the paper.
+    initial_max_norm: C₁ > 0, finite (a geometric update cannot leave 0).
 
   Returns:
-    An ``optax.GradientTransformation`` with state :class:`QuantileClipState` (``max_norm``:
-    the last step's threshold; ``next_max_norm``: the next step's).
+    An ``optax.GradientTransformation`` with state :class:`QuantileClipState`.
 
   Raises:
     ValueError: a hyperparameter outside the ranges above.
     TypeError: a hyperparameter is not a number (e.g. a bool).
 
-  References:
-    Andrew et al., 2021. `Differentially Private Learning with Adaptive Clipping
-    <https://arxiv.org/abs/1905.03871>`_.
-
   Examples:
-    >>> import jax.numpy as jnp
-    >>> import gnorm_jax
+    >>> import jax.numpy as jnp, gnorm_jax
     >>> tx = gnorm_jax.quantile_clip(0.5, adaptation_rate=0.5, initial_max_norm=1.0)
-    >>> state = tx.init(jnp.zeros(2))
-    >>> updates, state = tx.update(jnp.array([3.0, 4.0]), state)  # norm 5 > C = 1
+    >>> updates, state = tx.update(jnp.array([3.0, 4.0]), tx.init(jnp.zeros(2)))  # 5 > C = 1
     >>> updates, float(state.next_max_norm)  # clipped to 1; C grows by e^0.25
     (Array([0.6, 0.8], dtype=float32), 1.2840...)
+
+  References:
+    Andrew et al. 2021, https://arxiv.org/abs/1905.03871.
   """
   check_number(
     "quantile",
@@ -597,27 +557,20 @@ def skip_spikes(
   z_threshold: ArrayLike = 6.0,
   warmup_steps: ArrayLike = 20,
 ) -> optax.GradientTransformationExtraArgs:
-  r"""Skip optimizer steps whose gradient norm is a spike; otherwise run ``inner``.
+  """Skip optimizer steps whose gradient norm is a spike; otherwise run ``inner``.
 
-  With :math:`m_t, s_t` the mean and population standard deviation of the finite norms among
-  the last ``history`` steps and :math:`n_t` the number recorded so far, step :math:`t` is
-  skipped (zero updates, ``inner``'s state left exactly as it was) when
-
-  .. math::
-    n_t \ge n_\text{warm} \ \text{and}\ \|u_t\| > m_t + z\,s_t,
-    \qquad\text{or}\qquad \|u_t\| \notin \mathbb{R}.
-
-  A skipped spike is recorded at the threshold it exceeded. What is recorded, the overflow-safe
-  statistics and the cost of keeping the old state: :ref:`the guide <skip-spikes-rule>`.
+  After ``warmup_steps`` norms, a step whose norm is above the mean plus ``z_threshold``
+  standard deviations of the last ``history`` finite norms, or not finite, is skipped: zero
+  updates, ``inner``'s state left untouched. :ref:`The guide <skip-spikes-rule>` has the
+  rule, what is recorded and the cost.
 
   Args:
     inner: the transformation to protect, e.g. ``optax.adamw(3e-4)``; extra arguments
       (``params``, ``value``, ...) are passed on to it.
-    history: number of recent norms the statistics use, a Python int >= 1 (the state's shape:
-      with ``optax.inject_hyperparams`` pass ``static_args=("history",)``).
-    z_threshold: :math:`z \ge 0`, the z-score above which a norm is a spike (as in :func:`zclip`).
-    warmup_steps: :math:`n_\text{warm} \ge 1`: no spike is detected before this many finite
-      norms are recorded.
+    history: how many recent norms the statistics use, a Python int ≥ 1 (static: the state's
+      shape).
+    z_threshold: z ≥ 0, the z-score above which a norm is a spike (as in :func:`zclip`).
+    warmup_steps: ≥ 1: no spike is detected before this many finite norms are recorded.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state :class:`SkipSpikesState`.
@@ -627,21 +580,17 @@ def skip_spikes(
     TypeError: ``inner`` is not an ``optax.GradientTransformation``, ``history`` is not an int,
       or another hyperparameter is not a number.
 
-  References:
-    Chowdhery et al., 2022. `PaLM: Scaling Language Modeling with Pathways
-    <https://arxiv.org/abs/2204.02311>`_ (skipping the batches around loss spikes, section 5.1).
-
   Examples:
-    >>> import jax.numpy as jnp
-    >>> import optax
-    >>> import gnorm_jax
+    >>> import jax.numpy as jnp, optax, gnorm_jax
     >>> tx = gnorm_jax.skip_spikes(optax.sgd(1.0), history=4, z_threshold=3.0, warmup_steps=2)
     >>> state = tx.init(jnp.zeros(1))
-    >>> for g in (1.0, 1.2, 0.8):
-    ...   _, state = tx.update(jnp.array([g]), state)
-    >>> updates, state = tx.update(jnp.array([50.0]), state)
-    >>> updates, int(state.num_skipped)  # 50 > 1.0 + 3 * 0.163
+    >>> for g in (1.0, 1.2, 0.8, 50.0):  # 50 > 1.0 + 3 * 0.163: skipped
+    ...   updates, state = tx.update(jnp.array([g]), state)
+    >>> updates, int(state.num_skipped)
     (Array([0.], dtype=float32), 1)
+
+  References:
+    Chowdhery et al. 2022 (PaLM, section 5.1), https://arxiv.org/abs/2204.02311.
   """
   if not isinstance(inner, optax.GradientTransformation):
     raise TypeError(

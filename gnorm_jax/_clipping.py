@@ -181,51 +181,33 @@ def clip_by_norm(
   ord: ArrayLike | None = None,
   per: str = "global",
 ) -> optax.GradientTransformation:
-  r"""Clips updates to norm at most ``max_norm`` (Pascanu et al. 2013).
+  """Clips updates to norm at most ``max_norm`` (Pascanu et al. 2013).
 
-  .. math::
-    g \mapsto \begin{cases} g & \|g\| \le \tau \\
-      \tau\, g / \|g\| & \|g\| > \tau \end{cases}
-
-  ``per="global"``: one norm over the whole update tree (``optax.clip_by_global_norm``);
-  ``per="leaf"``: each leaf by its own norm (Keras ``clipnorm``). Updates at or below τ pass
-  bit-for-bit; zero, float16, huge and non-finite updates: :ref:`the guide <clipping-edges>`.
+  One norm over the whole update tree with ``per="global"`` (``optax.clip_by_global_norm``), one
+  per leaf with ``per="leaf"`` (Keras ``clipnorm``): :ref:`the guide <clipping-edges>`.
 
   Args:
-    max_norm: the threshold τ ≥ 0. A Python or numpy number is checked here; a jax array or
-      traced value (``optax.inject_hyperparams``) is used as it is, a negative or NaN one acting
-      as 0. With ``per="leaf"`` also a pytree of thresholds that is a prefix of the update's
-      tree (one per leaf, or one per subtree), e.g. ``{"encoder": 1.0, "head": 0.1}``.
-    ord: None or 2 (Euclidean), 1 or ``inf`` (largest absolute entry); a 0-d array of these
-      too. Traced (``optax.inject_hyperparams``), it selects among all three norms; pass
-      ``static_args=("ord",)`` to compute only the one.
+    max_norm: the threshold τ ≥ 0: a number (checked here), or a jax array or traced value (a
+      negative or NaN one acts as 0); with ``per="leaf"`` also a pytree prefix of the updates.
+    ord: None or 2 (Euclidean), 1 or ``inf``, or a 0-d array of these.
     per: ``"global"`` or ``"leaf"``.
 
   Returns:
     An ``optax.GradientTransformation`` with state :class:`ClipByNormState`.
 
   Raises:
-    ValueError: ``max_norm`` (or a leaf of a threshold tree) is a negative or NaN Python or
-      numpy number, or an empty tree; a threshold tree with ``per="global"``, or whose
-      structure is not a prefix of the update's (at ``update``); ``ord`` or ``per`` is not an
-      accepted value.
-    TypeError: ``max_norm`` (or a leaf of a threshold tree) is None or not a number (a bool, a
-      string, an array of more than one element).
+    ValueError: a negative or NaN ``max_norm``, a bad threshold tree, or an unknown ``ord``/``per``.
+    TypeError: ``max_norm`` (or a leaf of its tree) is None or not a number.
 
   Examples:
-    >>> import jax.numpy as jnp, optax
-    >>> import gnorm_jax
+    >>> import jax.numpy as jnp, optax, gnorm_jax
     >>> tx = gnorm_jax.clip_by_norm(1.0)
-    >>> g = {"w": jnp.array([3.0, 0.0]), "b": jnp.array(4.0)}
-    >>> clipped, state = tx.update(g, tx.init(g))
-    >>> float(gnorm_jax.tree_norm(clipped)), float(optax.tree.get(state, "grad_norm"))
-    (1.0, 5.0)
-    >>> float(optax.tree.get(state, "max_norm"))
-    1.0
+    >>> clipped, state = tx.update(jnp.array([3.0, 4.0]), tx.init(jnp.zeros(2)))
+    >>> clipped, float(optax.tree.get(state, "grad_norm"))
+    (Array([0.6, 0.8], dtype=float32), 5.0)
 
   References:
-    Pascanu, Mikolov & Bengio, `On the difficulty of training recurrent neural networks
-    <https://arxiv.org/abs/1211.5063>`_, 2013.
+    Pascanu, Mikolov & Bengio 2013, https://arxiv.org/abs/1211.5063.
   """
   ord = canonical_ord(ord)
   _check_per(per)
@@ -258,43 +240,32 @@ def normalize(
   ord: ArrayLike | None = None,
   per: str = "global",
 ) -> optax.GradientTransformation:
-  r"""Normalizes updates to norm ``|scale|`` (normalized gradient descent).
+  """Normalizes updates to norm ``|scale|`` (normalized gradient descent).
 
-  .. math::
-    g \mapsto s\, \frac{g}{\|g\|}, \qquad 0 \mapsto 0
-
-  With ``per="global"`` the whole update tree gets norm ``|scale|`` (Hazan et al. 2015); with
-  ``per="leaf"`` every leaf does (Yu et al. 2017). No ``eps`` is added to the norm, and a
-  negative ``scale`` flips the direction: :ref:`the guide <normalized-updates>`. The state
-  records the norm before normalizing (:class:`NormalizeState`).
+  ``per="global"`` gives the whole update tree norm ``|scale|``, ``per="leaf"`` every leaf; a
+  zero update stays zero (no ``eps``): :ref:`the guide <normalized-updates>`.
 
   Args:
-    scale: the norm of the output (its sign sets the direction). A number must be finite; a
-      traced value is used as it is.
+    scale: the norm of the output, its sign the direction; a finite number, or a traced value.
     ord: None or 2 (Euclidean), 1 or ``inf``.
     per: ``"global"`` or ``"leaf"``.
 
   Returns:
-    An ``optax.GradientTransformation`` with state :class:`NormalizeState`.
+    An ``optax.GradientTransformation`` with state :class:`NormalizeState` (the norm before).
 
   Raises:
-    ValueError: ``scale`` is a non-finite number, or ``ord`` or ``per`` is not an accepted
-      value.
+    ValueError: ``scale`` is a non-finite number, or ``ord`` or ``per`` is not accepted.
     TypeError: ``scale`` is not a number.
 
   Examples:
-    >>> import jax.numpy as jnp
-    >>> import gnorm_jax
+    >>> import jax.numpy as jnp, gnorm_jax
     >>> tx = gnorm_jax.normalize(2.0)
-    >>> g = jnp.array([3.0, 4.0])
-    >>> out, state = tx.update(g, tx.init(g))
+    >>> out, state = tx.update(jnp.array([3.0, 4.0]), tx.init(jnp.zeros(2)))
     >>> [round(u, 6) for u in out.tolist()], float(state.grad_norm)
     ([1.2, 1.6], 5.0)
 
   References:
-    Hazan, Levy & Shalev-Shwartz, `Beyond convexity: stochastic quasi-convex optimization
-    <https://arxiv.org/abs/1507.02030>`_, 2015. Yu et al., `Block-normalized gradient method
-    <https://arxiv.org/abs/1707.04822>`_, 2017.
+    Hazan, Levy & Shalev-Shwartz 2015, https://arxiv.org/abs/1507.02030.
   """
   check_number(
     "scale", scale, finite=True, fix="It is the norm of the normalized update, e.g. scale=1.0."
@@ -318,46 +289,37 @@ def normalized_sgd(
   ord: ArrayLike | None = None,
   per: str = "global",
 ) -> optax.GradientTransformation:
-  r"""Normalized SGD, with momentum as in Cutkosky & Mehta (2020).
-
-  .. math::
-    m_t = \beta\, m_{t-1} + g_t, \qquad
-    \theta_{t+1} = \theta_t - \eta_t\, \frac{m_t}{\|m_t\|}
+  """Normalized SGD, with momentum as in Cutkosky & Mehta (2020).
 
   ``optax.chain(optax.trace(momentum, nesterov), normalize(ord=ord, per=per),
   optax.scale_by_learning_rate(learning_rate))``: with ``momentum=0`` every step has length
-  exactly ``learning_rate``. Its relation to the paper's momentum:
-  :ref:`the guide <normalized-updates>`.
+  exactly ``learning_rate``. :ref:`The guide <normalized-updates>` relates it to the paper.
 
   Args:
     learning_rate: the step length η ≥ 0 (finite), or an optax schedule.
-    momentum: β in [0, 1). A number is checked here; a traced value is used as it is.
+    momentum: β in [0, 1); a number is checked here, a traced value used as it is.
     nesterov: normalize ``g_t + β m_t`` instead, as ``optax.sgd`` does.
     ord: None or 2 (Euclidean), 1 or ``inf``.
     per: ``"global"`` or ``"leaf"``.
 
   Returns:
     An ``optax.GradientTransformation``; its :class:`NormalizeState` records the norm of the
-    buffer that was normalized as ``grad_norm``.
+    normalized buffer as ``grad_norm``.
 
   Raises:
-    ValueError: ``learning_rate`` is a negative or non-finite number, ``momentum`` is a number
-      outside [0, 1), or ``ord`` or ``per`` is not an accepted value.
+    ValueError: ``learning_rate`` is a negative or non-finite number, ``momentum`` a number
+      outside [0, 1), or ``ord`` or ``per`` is not accepted.
     TypeError: ``learning_rate`` or ``momentum`` is not a number (``True`` is not 1.0).
 
   Examples:
-    >>> import jax.numpy as jnp, optax
-    >>> import gnorm_jax
-    >>> tx = gnorm_jax.normalized_sgd(0.1)
-    >>> params = jnp.array([30.0, 40.0])
-    >>> updates, _ = tx.update(2 * params, tx.init(params))  # gradient of ‖θ‖²
-    >>> [round(u, 6) for u in updates.tolist()]  # a step of length 0.1
+    >>> import jax.numpy as jnp, gnorm_jax
+    >>> tx, params = gnorm_jax.normalized_sgd(0.1), jnp.array([30.0, 40.0])
+    >>> updates, _ = tx.update(2 * params, tx.init(params))  # gradient of ‖θ‖²: a step of 0.1
+    >>> [round(u, 6) for u in updates.tolist()]
     [-0.06, -0.08]
 
   References:
-    Cutkosky & Mehta, `Momentum improves normalized SGD <https://arxiv.org/abs/2002.03305>`_,
-    2020. Hazan, Levy & Shalev-Shwartz, `Beyond convexity: stochastic quasi-convex
-    optimization <https://arxiv.org/abs/1507.02030>`_, 2015.
+    Cutkosky & Mehta 2020, https://arxiv.org/abs/2002.03305.
   """
   if not callable(learning_rate):
     check_number(

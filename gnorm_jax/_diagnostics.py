@@ -90,29 +90,16 @@ def noise_scale_from_two_batches(
   small_batch_size: ArrayLike,
   big_batch_size: ArrayLike,
 ) -> NoiseScale:
-  r"""The simple noise scale from gradient norms measured at two batch sizes.
+  """The simple noise scale from gradient norms measured at two batch sizes.
 
-  With :math:`|G_B|^2` the squared norm of a mean gradient over :math:`B` examples, the unbiased
-  estimates of McCandlish et al. 2018, appendix A, are
-
-  .. math::
-    \|G\|^2 \approx \frac{B_\text{big}|G_{B_\text{big}}|^2
-      - B_\text{small}|G_{B_\text{small}}|^2}{B_\text{big} - B_\text{small}},
-    \qquad
-    \operatorname{tr}(\Sigma) \approx \frac{|G_{B_\text{small}}|^2
-      - |G_{B_\text{big}}|^2}{1/B_\text{small} - 1/B_\text{big}},
-    \qquad
-    B_\text{simple} = \frac{\operatorname{tr}(\Sigma)}{\|G\|^2}.
-
-  One step's estimates are noisy: average them with :func:`noise_scale_tracker`. Their
-  derivation: :ref:`the guide <noise-scale-estimators>`.
+  B_simple = tr(Σ)/‖G‖², from unbiased estimates (McCandlish et al. 2018, appendix A); average
+  them over steps with :func:`noise_scale_tracker`: :ref:`the guide <noise-scale-estimators>`.
 
   Args:
-    small_sq_norm: :math:`|G_{B_\text{small}}|^2`, the squared norm of the mean gradient over
-      ``small_batch_size`` examples (or the mean of several such).
-    big_sq_norm: :math:`|G_{B_\text{big}}|^2`, the same over ``big_batch_size`` examples.
-    small_batch_size: :math:`B_\text{small}`, at least 1.
-    big_batch_size: :math:`B_\text{big}`, larger than ``small_batch_size``.
+    small_sq_norm: ‖mean gradient‖² over ``small_batch_size`` examples (or a mean of several).
+    big_sq_norm: the same over ``big_batch_size`` examples.
+    small_batch_size: B_small, at least 1.
+    big_batch_size: B_big, larger than ``small_batch_size``.
 
   Returns:
     A :class:`NoiseScale` of scalars in at least float32 (float64 for float64 inputs).
@@ -120,20 +107,15 @@ def noise_scale_from_two_batches(
     NaN inputs give inf or NaN estimates.
 
   Raises:
-    ValueError: ``small_batch_size < 1`` or ``big_batch_size <= small_batch_size`` (given as
-      numbers, concrete 0-d arrays included; traced batch sizes are not checked).
+    ValueError: ``small_batch_size < 1`` or ``big_batch_size <= small_batch_size`` (numbers or
+      concrete 0-d arrays; traced batch sizes are not checked).
     TypeError: a batch size is a bool or not a number.
 
   Examples:
     >>> import gnorm_jax
-    >>> est = gnorm_jax.noise_scale_from_two_batches(
-    ...     5.0, 2.0, small_batch_size=32, big_batch_size=128)
+    >>> est = gnorm_jax.noise_scale_from_two_batches(5.0, 2.0, 32, 128)
     >>> float(est.grad_sq_norm), float(est.trace_cov), float(est.b_simple)
     (1.0, 128.0, 128.0)
-
-  References:
-    McCandlish, Kaplan, Amodei et al. 2018, "An Empirical Model of Large-Batch Training",
-    appendix A. https://arxiv.org/abs/1812.06162
   """
   _check_batch_sizes(small_batch_size, big_batch_size)
   small = jnp.asarray(small_sq_norm)
@@ -178,30 +160,20 @@ def gradient_noise_scale(
   batch_grad_sq_norm: ArrayLike,
   batch_size: ArrayLike,
 ) -> NoiseScale:
-  r"""The simple gradient noise scale from per-example and batch gradient norms.
+  """The simple gradient noise scale from per-example and batch gradient norms.
 
-  :func:`noise_scale_from_two_batches` with :math:`B_\text{small} = 1`: the small-batch squared
-  norm is the mean :math:`\overline{|g_i|^2}` of the per-example ones, and
-
-  .. math::
-    \|G\|^2 \approx \frac{B|G_B|^2 - \overline{|g_i|^2}}{B - 1},\quad
-    \operatorname{tr}(\Sigma) \approx \frac{B\,(\overline{|g_i|^2} - |G_B|^2)}{B - 1},
-    \quad B_\text{simple} = \frac{\operatorname{tr}(\Sigma)}{\|G\|^2}.
-
-  The per-example norms come from :func:`gnorm_jax.per_example_grad_norms` (square them); the
-  batch gradient must be the *mean* of the per-example gradients:
+  :func:`noise_scale_from_two_batches` with B_small = 1: the small-batch squared norm is the mean
+  of the per-example ones. The batch gradient must be the *mean* of the per-example gradients:
   :ref:`the guide <noise-scale-estimators>`.
 
   Args:
-    per_example_sq_norms: ``[n]`` squared norms :math:`|g_i|^2` of per-example gradients,
-      ``n >= 1``: of the whole batch or of any subset of it.
-    batch_grad_sq_norm: :math:`|G_B|^2`, the squared norm of the mean gradient over the batch of
-      ``batch_size`` examples.
-    batch_size: :math:`B`, at least 2.
+    per_example_sq_norms: ``[n]`` squared per-example gradient norms (``n >= 1``), as
+      :func:`per_example_grad_norms` gives them squared, of the batch or any subset of it.
+    batch_grad_sq_norm: the squared norm of the mean gradient over the ``batch_size`` examples.
+    batch_size: B, at least 2.
 
   Returns:
-    A :class:`NoiseScale` (``b_simple``, ``grad_sq_norm``, ``trace_cov``), with the same
-    conventions as :func:`noise_scale_from_two_batches`.
+    A :class:`NoiseScale`, as :func:`noise_scale_from_two_batches` returns.
 
   Raises:
     ValueError: ``per_example_sq_norms`` is not a non-empty 1-D array, or ``batch_size`` (a
@@ -209,17 +181,14 @@ def gradient_noise_scale(
     TypeError: ``batch_size`` is not a number (e.g. a bool).
 
   Examples:
-    >>> import jax.numpy as jnp
-    >>> import gnorm_jax
+    >>> import jax.numpy as jnp, gnorm_jax
     >>> g = jnp.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [2.0, 0.0]])  # per-example
-    >>> est = gnorm_jax.gradient_noise_scale(
-    ...     jnp.sum(g ** 2, axis=1), jnp.sum(g.mean(0) ** 2), batch_size=4)
+    >>> est = gnorm_jax.gradient_noise_scale(jnp.sum(g**2, 1), jnp.sum(g.mean(0)**2), 4)
     >>> round(float(est.grad_sq_norm), 4), round(float(est.trace_cov), 4)
     (1.0, 1.0)
 
   References:
-    McCandlish, Kaplan, Amodei et al. 2018, "An Empirical Model of Large-Batch Training",
-    appendix A. https://arxiv.org/abs/1812.06162
+    McCandlish et al. 2018, https://arxiv.org/abs/1812.06162.
   """
   sq = jnp.asarray(per_example_sq_norms)
   if sq.ndim != 1 or sq.shape[0] == 0:
@@ -286,35 +255,26 @@ class NoiseScaleTracker(NamedTuple):
 
 
 def noise_scale_tracker(decay: ArrayLike = 0.99) -> NoiseScaleTracker:
-  r"""Exponential moving averages of the noise-scale estimates, and their ratio.
+  """Exponential moving averages of the noise-scale estimates, and their ratio.
 
-  .. math::
-    m_t = \beta m_{t-1} + (1-\beta)\,\|G\|^2_t,\quad
-    s_t = \beta s_{t-1} + (1-\beta)\operatorname{tr}(\Sigma)_t,\quad
-    w_t = \beta w_{t-1} + (1-\beta),\quad
-    B_\text{simple} = \frac{s_t}{m_t}.
-
-  The ratio of the averages, as McCandlish et al. take it; the averages are returned divided by
-  :math:`w_t = 1-\beta^t`. Inf or NaN estimates are skipped and counted in ``num_skipped``.
-  Pure functions of arrays: call ``update`` inside the jitted step. Why these averages:
-  :ref:`the guide <noise-scale-tracker>`.
+  Averages ‖G‖² and tr(Σ) separately and returns the ratio of the averages, bias-corrected as in
+  Adam; inf or NaN estimates are skipped and counted in ``num_skipped``. Call ``update`` inside
+  the jitted step. Why these averages: :ref:`the guide <noise-scale-tracker>`.
 
   Args:
-    decay: :math:`\beta \in [0, 1)`; 0 returns each step's own estimate. A traced value is
-      accepted as it is (no retrace when it changes).
+    decay: β ∈ [0, 1); 0 returns each step's own estimate. A traced value is accepted as it is
+      (no retrace when it changes).
 
   Returns:
-    A :class:`NoiseScaleTracker` ``(init, update)``: ``init()`` returns a
-    :class:`NoiseScaleTrackerState`; ``update(estimate, state)`` returns the smoothed
-    :class:`NoiseScale` (float32, or float64 under x64; NaN before any finite estimate) and the
-    new state.
+    A :class:`NoiseScaleTracker` ``(init, update)``: ``init()`` gives a
+    :class:`NoiseScaleTrackerState`, ``update(estimate, state)`` the smoothed :class:`NoiseScale`
+    (float32, or float64 under x64; NaN before any finite estimate) and the new state.
 
   Raises:
     ValueError: ``decay`` (a number) is not in [0, 1).
     TypeError: ``decay`` is not a number (e.g. a bool).
 
   Examples:
-    >>> import jax.numpy as jnp
     >>> import gnorm_jax
     >>> tracker = gnorm_jax.noise_scale_tracker(decay=0.9)
     >>> state = tracker.init()
@@ -325,8 +285,7 @@ def noise_scale_tracker(decay: ArrayLike = 0.99) -> NoiseScaleTracker:
     94.31...
 
   References:
-    McCandlish, Kaplan, Amodei et al. 2018, "An Empirical Model of Large-Batch Training",
-    appendix A. https://arxiv.org/abs/1812.06162
+    McCandlish et al. 2018, https://arxiv.org/abs/1812.06162.
   """
   check_number(
     "decay", decay, low=0, high=1, high_open=True, fix="E.g. 0.99 averages over ~100 steps."
@@ -406,14 +365,10 @@ def flat_leaf_norms(
   prefix: str = "",
   sep: str = "/",
 ) -> dict[str, jax.Array]:
-  r"""Per-leaf (per-layer) norms as a flat ``{path: norm}`` dict for logging.
+  """Per-leaf (per-layer) norms as a flat ``{path: norm}`` dict for logging.
 
-  .. math::
-    \{\text{path}(\ell): \|x_\ell\|\ \text{for each leaf } \ell\}
-
-  :func:`gnorm_jax.leaf_norms` with each leaf's path as its key: dict keys, attribute names
-  (NamedTuples, dataclasses, equinox modules) and sequence indices joined with ``sep``, so
-  ``{"params": {"dense": {"kernel": x}}}`` gives ``"params/dense/kernel"``. Works under jit;
+  :func:`leaf_norms` keyed by each leaf's path: dict keys, attribute names (NamedTuples,
+  dataclasses, equinox modules) and sequence indices joined with ``sep``. Works under jit;
   outside it, ``jax.device_get`` fetches the whole dict in one transfer.
 
   Args:
@@ -431,12 +386,10 @@ def flat_leaf_norms(
       ``"a"`` → ``"b"``): choose another ``sep``.
 
   Examples:
-    >>> import jax, jax.numpy as jnp
-    >>> import gnorm_jax
-    >>> grads = {"params": {"dense": {"kernel": jnp.array([[3.0, 4.0]]),
-    ...                               "bias": jnp.zeros(2)}}}
+    >>> import jax, jax.numpy as jnp, gnorm_jax
+    >>> grads = {"dense": {"kernel": jnp.array([[3.0, 4.0]]), "bias": jnp.zeros(2)}}
     >>> {k: float(v) for k, v in jax.device_get(gnorm_jax.flat_leaf_norms(grads)).items()}
-    {'params/dense/bias': 0.0, 'params/dense/kernel': 5.0}
+    {'dense/bias': 0.0, 'dense/kernel': 5.0}
   """
   for name, value in (("prefix", prefix), ("sep", sep)):
     if not isinstance(value, str):
@@ -463,15 +416,12 @@ class RecordLeafNormsState(NamedTuple):
 
 
 def record_leaf_norms(ord: int | float | None = None) -> optax.GradientTransformation:
-  r"""An Optax transformation that records per-leaf norms and passes updates on.
+  """An Optax transformation that records per-leaf norms and passes updates on.
 
-  .. math::
-    \text{leaf\_norms} = \{\|u_\ell\|\}_\ell,\qquad
-    \text{global\_norm} = \|u\| = \big\|(\|u_\ell\|)_\ell\big\|
-
-  The updates :math:`u` are returned unchanged (the same arrays); the state keeps their norms
-  from the last step (zeros before the first). First in an ``optax.chain`` it records the
-  gradient norms; last, the norms of the applied updates: :ref:`the guide <per-layer-norms>`.
+  The updates are returned unchanged (the same arrays); the state keeps their per-leaf norms and
+  global norm from the last step (zeros before the first). First in an ``optax.chain`` it
+  records the gradient norms; last, the norms of the applied updates:
+  :ref:`the guide <per-layer-norms>`.
 
   Args:
     ord: None or 2 (Euclidean), 1 or ``inf``.
@@ -483,13 +433,11 @@ def record_leaf_norms(ord: int | float | None = None) -> optax.GradientTransform
     ValueError: ``ord`` is not accepted.
 
   Examples:
-    >>> import jax.numpy as jnp, optax
-    >>> import gnorm_jax
-    >>> params = {"w": jnp.ones(2), "b": jnp.zeros(())}
+    >>> import jax.numpy as jnp, optax, gnorm_jax
     >>> opt = optax.chain(gnorm_jax.record_leaf_norms(), optax.sgd(0.1))
-    >>> state = opt.init(params)
+    >>> params = {"w": jnp.ones(2), "b": jnp.zeros(())}
     >>> grads = {"w": jnp.array([3.0, 4.0]), "b": jnp.array(1.0)}
-    >>> updates, state = opt.update(grads, state, params)
+    >>> _, state = opt.update(grads, opt.init(params), params)
     >>> optax.tree.get(state, "leaf_norms")
     {'b': Array(1., dtype=float32), 'w': Array(5., dtype=float32)}
   """

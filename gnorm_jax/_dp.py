@@ -327,134 +327,61 @@ def dp_noise(
   seed: int | jax.Array | None = None,
   rng: str = "auto",
 ) -> optax.GradientTransformation:
-  r"""Adds the Gaussian noise of DP-SGD to a clipped gradient sum (Abadi et al. 2016).
+  """Adds the Gaussian noise of DP-SGD to a clipped gradient sum (Abadi et al. 2016).
 
-  .. math::
-    \tilde g = \frac{1}{B}\Big(\sum_{i} \bar g_i + \mathcal N(0, \sigma^2\Delta^2 I)\Big),
-    \qquad \Delta = \begin{cases} C & \text{one threshold} \\
-      \sqrt{\textstyle\sum_g C_g^2} & \text{per-layer thresholds } C_g \end{cases}
+  Returns (Σᵢ ḡᵢ + 𝒩(0, σ²Δ²I)) / B for the sum Σᵢ ḡᵢ of clipped per-example gradients
+  (``clipped_grad(..., reduce="sum")``), with Δ its sensitivity (C, or √(Σ_g C_g²) for per-layer
+  thresholds C_g), σ the noise multiplier and B the expected batch size qN. Pass the
+  :class:`ClippedGradFn` as ``max_norm`` and Δ is read from it: the noise matches the clipping.
 
-  The input is the sum of the clipped per-example gradients
-  :math:`\sum_i \bar g_i` (``gnorm_jax.clipped_grad(..., reduce="sum")``); Δ is
-  its sensitivity to adding or removing one example, σ the noise multiplier
-  and B the expected batch size qN under Poisson sampling (dividing by the
-  expected size rather than the drawn one keeps the sensitivity Δ/B fixed).
-  Every entry gets independent noise of std σΔ: with per-layer thresholds
-  that is the same std everywhere, from the whole tree's Δ. Pass the
-  :class:`ClippedGradFn` that ``clipped_grad`` returns as ``max_norm`` and Δ
-  is read from it, so the noise matches the clipping by construction.
-
-  **Warning: by default the noise comes from a PRNG that is not
-  cryptographically secure.** JAX's generators are statistical PRNGs, not
-  vetted against an adversary; and float32 normals take finitely many values,
-  a gap floating-point attacks exploit (Mironov 2012; Holohan & Braghin 2021).
-  The ε of :func:`dp_epsilon` assumes ideal Gaussian noise. jax_privacy and
-  Opacus (without ``secure_mode``) draw their noise the same way;
-  ``rng="secure"`` addresses both, at a cost (see
-  :doc:`the DP guide </differential_privacy>`).
-
-  ``rng`` chooses the generator:
-
-  * ``"auto"`` (the default): the fastest JAX PRNG that works everywhere
-    for the backend, chosen when ``dp_noise`` is called: ``"rbg"`` on TPU,
-    ``"threefry2x32"`` elsewhere (CPU and GPU). A PRNG key given as ``seed``
-    keeps its own implementation.
-  * ``"threefry2x32"`` (JAX's default), ``"threefry4x32"``, ``"philox4x32"``:
-    counter-based generators (Salmon et al. 2011) with 64-, 128- and 64-bit
-    keys, the same stream on every backend; the last two draw faster on CPU,
-    but threefry4x32 compiles slowly and philox4x32 does not compile under
-    multi-device ``jit`` (JAX 0.10.2).
-  * ``"rbg"``: XLA's ``RngBitGenerator``, whose algorithm and stream depend on
-    the backend; ``"unsafe_rbg"`` also derives each step's key with it, a
-    derivation JAX calls untested.
-  * ``"secure"``: drawn on the host from :func:`os.urandom`, each sample the
-    sum of four Gaussians halved (Holohan & Braghin 2021, as Opacus'
-    ``secure_mode``), through an ordered ``io_callback``: 0.2–0.35 s per
-    million parameters on a CPU, no ``seed``, no ``vmap``; under
-    ``shard_map`` each device would draw its own noise, so use it under
-    ``jit``.
-
-  **Keep the seed secret.** Noise that anyone can regenerate can be
-  subtracted. With no ``seed`` (the default), the whole PRNG key is drawn
-  from the operating system's cryptographic source
-  (:func:`secrets.token_bytes`) when ``dp_noise`` is called; pass a seed only
-  for tests and reproducible experiments. The key lives in the state and is
-  split at every step: fresh noise each step, the same sequence for the same
-  seed and generator.
-
-  The noise is drawn and added in the update's dtype, at least float32, and
-  the result cast back, so bfloat16/float16 updates keep their dtype; under
-  x64 the std σΔ is computed in float64. Python-number leaves are taken as
-  arrays. ``noise_multiplier=0`` returns exactly ``sum / batch_size`` (under
-  ``jit``, XLA may compute a division by a constant ``batch_size`` as a
-  multiplication by its reciprocal: 1 ulp). The state's ``noise_std`` is σΔ
-  of the last step (read it with ``optax.tree.get(state, "noise_std")``); the
-  noise in the returned update has std σΔ/B.
+  **Warning:** by default the noise comes from a JAX PRNG, which is not cryptographically
+  secure; ``rng="secure"`` draws it from :func:`os.urandom` instead, at a cost. **Keep the seed
+  secret:** noise that anyone can regenerate can be subtracted, so with no ``seed`` the key is
+  drawn from the operating system's cryptographic source; pass a seed only for tests and
+  reproducible experiments. Generators, dtypes and costs: :doc:`/differential_privacy`.
 
   Args:
-    max_norm: the clipping threshold C ≥ 0 used to clip the per-example
-      gradients, a tree of per-layer thresholds C_g (a prefix of the
-      parameter tree), or the :class:`ClippedGradFn` that
-      ``clipped_grad(..., reduce="sum")`` returns, whose ``max_norm`` is used.
-      A tree or a ``ClippedGradFn`` is a static argument: with
-      ``optax.inject_hyperparams``, name it in ``static_args=("max_norm",)``
-      (a function there would be taken for a schedule).
+    max_norm: the threshold C ≥ 0 the per-example gradients were clipped to, a tree of
+      per-layer thresholds C_g (a prefix of the parameters), or the :class:`ClippedGradFn` that
+      ``clipped_grad(..., reduce="sum")`` returns. A tree or a ``ClippedGradFn`` is static: with
+      ``optax.inject_hyperparams`` name it in ``static_args=("max_norm",)``.
     noise_multiplier: σ ≥ 0, finite.
     batch_size: the expected batch size B = qN > 0 (a float is fine).
-    seed: None (the default: a key drawn from the operating system's
-      cryptographic source, different at every call), an integer in
-      [-2**63, 2**63) seeding the PRNG key of the state, or a PRNG key
-      (``jax.random.key``) to start from. ``rng="secure"`` takes none.
-    rng: the noise generator, one of ``"auto"``, ``"threefry2x32"``,
-      ``"threefry4x32"``, ``"philox4x32"``, ``"rbg"``, ``"unsafe_rbg"`` or
-      ``"secure"`` (see above; ``"philox2x32"`` is left out, its 32-bit key
-      space can be searched exhaustively).
+    seed: None (a key from the operating system's cryptographic source, different at every
+      call), an integer in [-2**63, 2**63), or a PRNG key; ``rng="secure"`` takes none.
+    rng: ``"auto"`` (``"rbg"`` on TPU, ``"threefry2x32"`` elsewhere), ``"threefry2x32"``,
+      ``"threefry4x32"``, ``"philox4x32"``, ``"rbg"``, ``"unsafe_rbg"`` or ``"secure"``.
 
   Returns:
-    An ``optax.GradientTransformation`` with state :class:`DPNoiseState`. It
-    chains with any optimizer (``optax.chain(dp_noise(...), optax.sgd(0.1))``)
-    and works under ``jax.jit`` and ``optax.inject_hyperparams`` (traced
-    hyperparameters do not cause retracing).
+    An ``optax.GradientTransformation`` with state :class:`DPNoiseState`, whose ``noise_std``
+    is σΔ of the last step.
 
   Raises:
-    ValueError: at construction, a concrete ``max_norm`` leaf that is negative,
-      NaN or inf, an empty ``max_norm`` tree, a ``ClippedGradFn`` with
-      ``reduce="mean"``, a negative, NaN or infinite ``noise_multiplier``, a
-      ``batch_size`` that is not finite and positive, a non-integer ``seed``
-      or one outside [-2**63, 2**63), an ``rng`` not listed above, a ``seed``
-      with ``rng="secure"``, or a key ``seed`` whose implementation is not
-      ``rng``; at the update, a ``max_norm`` tree that is not a prefix of the
-      update tree.
-    TypeError: at construction, a bool or a non-number (a string, an array of
-      shape other than ()) for any of them, or a function other than a
-      ``ClippedGradFn`` as ``max_norm``; at the update, an update leaf that is
-      not real floating-point.
+    ValueError: at construction, a negative, NaN or infinite ``max_norm`` leaf or
+      ``noise_multiplier``, an empty ``max_norm`` tree, a ``reduce="mean"`` ``ClippedGradFn``, a
+      ``batch_size`` not finite and positive, or a ``seed`` or ``rng`` outside the choices above
+      (or not matching each other); at the update, a ``max_norm`` tree that is not a prefix of
+      the update tree.
+    TypeError: at construction, a bool or a non-number, or a function other than a
+      ``ClippedGradFn`` as ``max_norm``; at the update, a leaf that is not real floating-point.
 
   Examples:
-    >>> import jax.numpy as jnp, optax
-    >>> import gnorm_jax
+    >>> import jax.numpy as jnp, optax, gnorm_jax
     >>> grad_sum = jnp.array([2.0, 4.0])  # from clipped_grad(..., reduce="sum")
     >>> tx = gnorm_jax.dp_noise(1.0, 0.0, batch_size=4)  # σ = 0: just the mean
-    >>> updates, _ = tx.update(grad_sum, tx.init(grad_sum))
-    >>> [float(u) for u in updates]
+    >>> [float(u) for u in tx.update(grad_sum, tx.init(grad_sum))[0]]
     [0.5, 1.0]
     >>> loss = lambda p, x: jnp.sum(x @ p["w"]) + jnp.sum(p["b"])
     >>> clipped_sum = gnorm_jax.clipped_grad(loss, max_norm={"w": 3.0, "b": 4.0}, reduce="sum")
     >>> tx = gnorm_jax.dp_noise(clipped_sum, 1.1, batch_size=256)  # Δ from the clipping
     >>> grads = {"w": jnp.zeros((10, 10)), "b": jnp.zeros(10)}
-    >>> updates, state = tx.update(grads, tx.init(grads))
+    >>> _, state = tx.update(grads, tx.init(grads))
     >>> round(float(optax.tree.get(state, "noise_std")), 4)  # σ·√(3² + 4²)
     5.5
-    >>> tx = gnorm_jax.dp_noise(1.0, 1.1, batch_size=256, rng="secure")  # from os.urandom
-    >>> updates, state = tx.update(grads, tx.init(grads))
 
   References:
-    Abadi et al. 2016, "Deep Learning with Differential Privacy",
-    https://arxiv.org/abs/1607.00133; Salmon et al. 2011, "Parallel Random
-    Numbers: As Easy as 1, 2, 3", https://doi.org/10.1145/2063384.2063405;
-    Mironov 2012, "On Significance of the Least Significant Bits for
-    Differential Privacy", https://doi.org/10.1145/2382196.2382264; Holohan &
-    Braghin 2021, "Secure Random Sampling in Differential Privacy",
+    Abadi et al. 2016, https://arxiv.org/abs/1607.00133; Mironov 2012,
+    https://doi.org/10.1145/2382196.2382264; Holohan & Braghin 2021,
     https://arxiv.org/abs/2107.10138.
   """
   thresholds = _thresholds(max_norm)
@@ -559,57 +486,35 @@ def dp_epsilon(
   *,
   accountant: str = "auto",
 ) -> float:
-  r"""The ε of DP-SGD at a given δ: (ε, δ)-DP after ``steps`` steps.
+  """The ε of DP-SGD at a given δ: (ε, δ)-DP after ``steps`` steps.
 
-  .. math::
-    M = \underbrace{S_q \circ \mathcal N(\cdot, \sigma^2) \;\circ \cdots \circ\;
-      S_q \circ \mathcal N(\cdot, \sigma^2)}_{T \text{ steps}}
-
-  The mechanism is the Gaussian mechanism with noise multiplier σ (noise std
-  σΔ for sensitivity Δ), subsampled by Poisson sampling with rate q
-  (:func:`poisson_batches`) and composed over T steps, under add-or-remove-one
-  neighbouring datasets. ε comes from ``dp_accounting``, whose two
-  accountants both give valid upper bounds on ε: ``PLDAccountant`` (privacy
-  loss distributions, Doroshenko et al. 2022; pessimistic estimate, usually
-  the tighter, about 0.5 s, several seconds when σ is small) and
-  ``RdpAccountant`` (Rényi DP, Mironov 2017; milliseconds). Neither is always
-  the tighter: at very small δ (≲ 1e-14) PLD's discretization and tail
-  truncation make it the looser (even ``inf``), so ``accountant="auto"``
-  computes both and returns the smaller. PLD's cost grows with ε (memory)
-  and with the steps (time), so "auto" uses RDP alone beyond ``steps`` = 1e6
-  or an RDP ε of 100 (where PLD took gigabytes or minutes), and
-  ``accountant="pld"`` raises there instead.
+  The Gaussian mechanism with noise multiplier σ, Poisson-subsampled at rate q and composed over
+  T steps, under add-or-remove-one neighbours. ε comes from ``dp_accounting``, whose PLD and RDP
+  accountants both give valid upper bounds: :ref:`the DP guide <dp-accountants>`.
 
   Args:
     noise_multiplier: σ ≥ 0 (0 gives ε = inf).
     sampling_rate: q in (0, 1], each example's probability of being in a batch.
     steps: T ≥ 1, the number of noisy steps.
     delta: δ in (0, 1).
-    accountant: ``"auto"`` (the smaller of the PLD and RDP bounds), ``"pld"``
-      or ``"rdp"``.
+    accountant: ``"auto"`` (the smaller of the PLD and RDP bounds), ``"pld"`` or ``"rdp"``.
 
   Returns:
     ε as a Python float (``inf`` when σ = 0).
 
   Raises:
-    ValueError: a number out of its range above (NaN included), a
-      non-integer ``steps``, an unknown ``accountant``, or ``"pld"`` beyond
-      its limits above.
+    ValueError: a number out of its range above (NaN included), a non-integer ``steps``, an
+      unknown ``accountant``, or ``"pld"`` beyond its limits (``steps`` > 1e6, RDP ε > 100).
     TypeError: a bool, a non-number or a traced value where a number is meant.
 
   Examples:
     >>> import gnorm_jax
-    >>> eps = gnorm_jax.dp_epsilon(1.0, 0.01, steps=100, delta=1e-5)
-    >>> round(eps, 1)
+    >>> round(gnorm_jax.dp_epsilon(1.0, 0.01, steps=100, delta=1e-5), 1)
     0.7
-    >>> round(gnorm_jax.dp_epsilon(1.0, 0.01, steps=100, delta=1e-5, accountant="rdp"), 1)
-    1.2
 
   References:
-    Abadi et al. 2016, https://arxiv.org/abs/1607.00133; Mironov 2017, "Rényi
-    Differential Privacy", https://arxiv.org/abs/1702.07476; Doroshenko et al.
-    2022, "Connect the Dots: Tighter Discrete Approximations of Privacy Loss
-    Distributions", https://arxiv.org/abs/2207.04380.
+    Abadi et al. 2016, https://arxiv.org/abs/1607.00133; Mironov 2017,
+    https://arxiv.org/abs/1702.07476; Doroshenko et al. 2022, https://arxiv.org/abs/2207.04380.
   """
   sigma = float(_host_number("noise_multiplier", noise_multiplier, **_NOISE_MULTIPLIER))
   q, t, d = _check_accounting(sampling_rate, steps, delta, accountant)
@@ -634,52 +539,32 @@ def dp_noise_multiplier(
   *,
   accountant: str = "auto",
 ) -> float:
-  r"""The smallest noise multiplier σ for which DP-SGD is (ε, δ)-DP after ``steps`` steps.
+  """The smallest noise multiplier σ for which DP-SGD is (ε, δ)-DP after ``steps`` steps.
 
-  .. math::
-    \sigma^\ast = \min\{\sigma \ge 0 : \varepsilon(\sigma, q, T, \delta) \le \varepsilon\}
-
-  The inverse of :func:`dp_epsilon`, by ``dp_accounting.calibrate_dp_mechanism``
-  (Brent's method on the accountant's ε, to 1e-6 in σ). The returned σ never
-  spends more than ``epsilon`` under the accountant it comes from, so
-  ``dp_epsilon(σ, ...) <= epsilon`` with the same ``accountant``. ``"auto"``
-  calibrates with RDP (milliseconds) and then with PLD (a few seconds, more
-  for large ε, where σ is small), searching below RDP's σ, and returns the
-  smaller σ: usually PLD's, RDP's at very small δ where PLD's bound is the
-  looser (δ = 1e-300: PLD asks for thousands of times the noise). PLD is
-  skipped, or with ``"pld"`` refused, beyond the limits given in
-  :func:`dp_epsilon`.
+  The inverse of :func:`dp_epsilon` (same ``accountant``): :ref:`the DP guide <dp-accountants>`.
 
   Args:
     epsilon: the target ε > 0, finite.
     sampling_rate: q in (0, 1].
     steps: T ≥ 1.
     delta: δ in (0, 1).
-    accountant: ``"auto"`` (the smaller σ of PLD and RDP), ``"pld"`` or
-      ``"rdp"``.
+    accountant: ``"auto"`` (the smaller σ of PLD and RDP), ``"pld"`` or ``"rdp"``.
 
   Returns:
     σ as a Python float.
 
   Raises:
-    ValueError: a number out of its range above (NaN included), a
-      non-integer ``steps``, an unknown ``accountant``, or ``"pld"`` beyond
-      the limits of :func:`dp_epsilon`.
+    ValueError: as for :func:`dp_epsilon`, or ``epsilon`` is not a finite number > 0.
     TypeError: a bool, a non-number or a traced value where a number is meant.
 
   Examples:
     >>> import gnorm_jax
-    >>> sigma = gnorm_jax.dp_noise_multiplier(2.0, 0.01, steps=100, delta=1e-5,
-    ...                                       accountant="rdp")
-    >>> round(sigma, 2)
-    0.83
-    >>> gnorm_jax.dp_epsilon(sigma, 0.01, steps=100, delta=1e-5, accountant="rdp") <= 2.0
-    True
+    >>> sigma = gnorm_jax.dp_noise_multiplier(2.0, 0.01, 100, 1e-5, accountant="rdp")
+    >>> round(sigma, 2), gnorm_jax.dp_epsilon(sigma, 0.01, 100, 1e-5, accountant="rdp") <= 2.0
+    (0.83, True)
 
   References:
-    Abadi et al. 2016, https://arxiv.org/abs/1607.00133; Mironov 2017,
-    https://arxiv.org/abs/1702.07476; Doroshenko et al. 2022,
-    https://arxiv.org/abs/2207.04380.
+    Doroshenko et al. 2022, https://arxiv.org/abs/2207.04380.
   """
   eps = float(
     _host_number(
@@ -784,29 +669,17 @@ def poisson_batches(
   seed: int = 0,
   steps: int | None = None,
 ) -> PoissonBatches:
-  r"""Batches of Poisson sampling, padded to a fixed shape for ``jit``.
+  """Batches of Poisson sampling, padded to a fixed shape for ``jit``.
 
-  .. math::
-    \Pr[i \in \text{batch}] = q \text{ independently for every example } i,
-    \qquad |\text{batch}| \sim \mathrm{Binomial}(N, q)
-
-  This is the sampling the accounting of :func:`dp_epsilon` assumes (Abadi et
-  al. 2016). Each batch is ``(indices, mask)``, two numpy arrays of shape
-  ``[max_batch_size]``: the sampled indices (sorted) followed by padding, where
-  ``mask`` is False and the index 0. Pass the mask on to the function
-  :func:`gnorm_jax.clipped_grad` returns (``mask=mask``): padding rows then
-  add nothing to the clipped sum.
-
-  Truncation: a draw of more than ``max_batch_size`` examples is cut down to a
-  uniformly random subset of ``max_batch_size`` of them. That changes the
-  mechanism, so it is counted (``.num_truncated`` of ``.num_batches``) and
-  warned about once; choose ``max_batch_size`` with
-  :func:`poisson_max_batch_size` so it happens with negligible probability.
+  Every example is in a batch independently with probability q, as :func:`dp_epsilon` assumes.
+  Each batch is ``(indices, mask)``, numpy arrays of shape ``[max_batch_size]``: the sampled
+  indices, then padding (``mask`` False); pass ``mask=mask`` to the :func:`clipped_grad`
+  function. A larger draw is truncated, counted and warned about: see the DP guide.
 
   Args:
     num_examples: N ≥ 1, the size of the dataset.
     sampling_rate: q in (0, 1].
-    max_batch_size: the fixed batch shape, ≥ 1.
+    max_batch_size: the fixed batch shape, ≥ 1 (see :func:`poisson_max_batch_size`).
     seed: a non-negative integer seeding a ``numpy.random.Generator``.
     steps: the number of batches, or None for an infinite iterator.
 
@@ -814,19 +687,16 @@ def poisson_batches(
     A :class:`PoissonBatches` iterator of ``(indices, mask)``.
 
   Raises:
-    ValueError: a non-integer or non-positive ``num_examples``,
-      ``max_batch_size`` or ``steps``, a ``sampling_rate`` outside (0, 1], or a
-      negative or non-integer ``seed``.
-    TypeError: a bool, a non-number or a traced value where a number is meant,
-      or a ``max_batch_size`` that is not a Python int (it fixes the shapes).
+    ValueError: a non-integer or non-positive ``num_examples``, ``max_batch_size`` or
+      ``steps``, a ``sampling_rate`` outside (0, 1], or a negative or non-integer ``seed``.
+    TypeError: a bool, a non-number or a traced value where a number is meant, or a
+      ``max_batch_size`` that is not a Python int (it fixes the shapes).
 
   Examples:
     >>> import gnorm_jax
     >>> batches = gnorm_jax.poisson_batches(1000, 0.01, max_batch_size=30, steps=3)
     >>> [(indices.shape, int(mask.sum()) <= 30) for indices, mask in batches]
     [((30,), True), ((30,), True), ((30,), True)]
-    >>> batches.num_batches, batches.num_truncated
-    (3, 0)
 
   References:
     Abadi et al. 2016, https://arxiv.org/abs/1607.00133.
@@ -848,14 +718,11 @@ def poisson_batches(
 def poisson_max_batch_size(
   num_examples: int, sampling_rate: float, *, failure_probability: float = 1e-9
 ) -> int:
-  r"""The smallest size a Poisson batch exceeds with probability at most ``failure_probability``.
+  """The smallest size a Poisson batch exceeds with probability at most ``failure_probability``.
 
-  .. math::
-    m = \min\{m \ge 1 : \Pr[\mathrm{Binomial}(N, q) > m] \le p\}
-
-  The tail comes from ``scipy.stats.binom``. Use it as ``max_batch_size`` of
-  :func:`poisson_batches`: per step, truncation happens with probability at
-  most p (at most T·p over T steps, by the union bound).
+  m = min{m ≥ 1 : P[Binomial(N, q) > m] ≤ p}, from ``scipy.stats.binom``. As ``max_batch_size``
+  of :func:`poisson_batches` it makes truncation happen with probability at most p per step (at
+  most T·p over T steps, by the union bound).
 
   Args:
     num_examples: N ≥ 1.
@@ -866,9 +733,8 @@ def poisson_max_batch_size(
     m as a Python int (at least 1).
 
   Raises:
-    ValueError: a non-integer or non-positive ``num_examples``, a
-      ``sampling_rate`` outside (0, 1], or a ``failure_probability`` outside
-      (0, 1).
+    ValueError: a non-integer or non-positive ``num_examples``, a ``sampling_rate`` outside
+      (0, 1], or a ``failure_probability`` outside (0, 1).
     TypeError: a bool, a non-number or a traced value where a number is meant.
 
   Examples:

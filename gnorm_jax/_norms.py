@@ -383,44 +383,32 @@ def _norms(groups: list[list[jax.Array]], ord: Any) -> list[tuple[jax.Array, jax
 
 
 def tree_norm(tree: Any, ord: int | float | None = None) -> jax.Array:
-  r"""The norm of all leaves of a pytree taken as one vector.
+  """The norm of all leaves of a pytree taken as one vector.
 
-  .. math::
-    \|x\|_2 = \Big(\sum_{\text{leaves}} \sum_i |x_i|^2\Big)^{1/2},\quad
-    \|x\|_1 = \sum |x_i|,\quad \|x\|_\infty = \max |x_i|.
-
-  Unlike a plain ``sqrt(sum(x**2))`` it neither overflows nor underflows in
-  float32 (``[1e20, 1e20]`` gives ``1.414e20``), accumulates float16 and bfloat16
-  leaves in float32, and its derivative at zero is 0 rather than NaN.
+  Unlike ``sqrt(sum(x**2))`` it neither overflows nor underflows, accumulates float16 and
+  bfloat16 in float32, and has derivative 0, not NaN, at zero: see the norms guide.
 
   Args:
-    tree: a pytree of floating-point or complex arrays. None leaves are skipped;
-      an empty tree has norm 0.0.
+    tree: a pytree of floating-point or complex arrays (None leaves skipped; empty: norm 0.0).
     ord: None or 2 (Euclidean), 1 or ``inf``.
 
   Returns:
-    A scalar array in the accumulation dtype (float32, or float64 for float64
-    leaves). ``inf`` if an entry is infinite, ``nan`` if an entry is NaN.
+    A scalar in the accumulation dtype (at least float32); ``inf`` or ``nan`` if an entry is.
 
   Raises:
     TypeError: a leaf is an integer or bool array (the message names its path).
     ValueError: ``ord`` is not one of the accepted values.
 
   Examples:
-    >>> import jax.numpy as jnp
-    >>> import gnorm_jax
+    >>> import jax.numpy as jnp, gnorm_jax
     >>> float(gnorm_jax.tree_norm({"w": jnp.array([3.0, 0.0]), "b": jnp.array(4.0)}))
     5.0
-    >>> float(gnorm_jax.tree_norm(jnp.array([1e20, 1e20])))
+    >>> float(gnorm_jax.tree_norm(jnp.array([1e20, 1e20])))  # no overflow in float32
     1.4142135...e+20
-    >>> float(gnorm_jax.tree_norm({"w": jnp.array([3.0, -4.0])}, ord=1))
-    7.0
 
   References:
-    Blue, "A portable Fortran program to find the Euclidean norm of a vector",
-    ACM TOMS 4(1), 1978 (https://doi.org/10.1145/355769.355771); Anderson,
-    "Algorithm 978: Safe scaling in the Level 1 BLAS", ACM TOMS 44(1), 2017
-    (https://doi.org/10.1145/3061665). No arXiv versions exist.
+    Blue 1978, https://doi.org/10.1145/355769.355771; Anderson 2017,
+    https://doi.org/10.1145/3061665.
   """
   m, r = tree_norm_split(tree, ord)
   return m * r
@@ -442,33 +430,25 @@ def tree_norm_split(tree: Any, ord: Any = None) -> tuple[jax.Array, jax.Array]:
 
 
 def leaf_norms(tree: Any, ord: int | float | None = None) -> Any:
-  r"""One norm per leaf: a pytree of scalars with the structure of ``tree``.
+  """One norm per leaf: a pytree of scalars with the structure of ``tree``.
 
-  .. math::
-    \text{leaf\_norms}(x)_\ell = \|x_\ell\|\ \text{for every leaf } x_\ell,
-    \qquad \|x\|_2 = \Big(\sum_\ell \text{leaf\_norms}(x)_\ell^2\Big)^{1/2}.
-
-  Each leaf's norm follows the same policy as :func:`tree_norm` (dtype,
-  overflow safety, NaN-free derivatives). None leaves stay None. Useful for
-  per-layer logging and per-layer clipping.
+  Each leaf's norm follows :func:`tree_norm`'s numerical contract (dtype, overflow safety,
+  NaN-free derivatives); None leaves stay None. Useful for per-layer logging and clipping.
 
   Args:
     tree: a pytree of floating-point or complex arrays.
     ord: None or 2 (Euclidean), 1 or ``inf``.
 
   Returns:
-    A pytree with the structure of ``tree`` whose leaves are scalar norms in
-    the leaf's accumulation dtype (``inf``/``nan`` as in :func:`tree_norm`).
-    All leaves share one fast pass and one branch; only leaves whose sum of
-    squares overflowed or underflowed take the rescaled second pass.
+    A pytree with the structure of ``tree`` of scalar norms, each in its leaf's accumulation
+    dtype (``inf``/``nan`` as in :func:`tree_norm`).
 
   Raises:
     TypeError: a leaf is an integer or bool array (the message names its path).
     ValueError: ``ord`` is not one of the accepted values.
 
   Examples:
-    >>> import jax.numpy as jnp
-    >>> import gnorm_jax
+    >>> import jax.numpy as jnp, gnorm_jax
     >>> norms = gnorm_jax.leaf_norms({"w": jnp.array([3.0, 4.0]), "b": jnp.zeros(2)})
     >>> {k: float(v) for k, v in norms.items()}
     {'b': 0.0, 'w': 5.0}

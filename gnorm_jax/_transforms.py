@@ -20,42 +20,32 @@ def value_grad_and_norm(
   *,
   ord: int | float | None = None,
 ) -> Callable[..., tuple[Any, Any, jax.Array]]:
-  r"""Returns a function computing ``(value, grads, ‖grads‖)`` in one pass.
+  """Returns a function computing ``(value, grads, ‖grads‖)`` in one pass.
 
-  .. math::
-    x \mapsto \big(f(x),\ \nabla f(x),\ \|\nabla f(x)\|\big)
-
-  A thin layer over :func:`jax.value_and_grad`: the norm is :func:`gnorm_jax.tree_norm` of the
-  gradient it returns (no second backward pass; a NaN-free derivative where ∇f = 0).
+  A thin layer over :func:`jax.value_and_grad`: the norm is :func:`tree_norm` of its gradient.
 
   Args:
     fun: a function returning a real scalar (or ``(scalar, aux)`` with ``has_aux``).
-    argnums: which positional argument(s) to differentiate; with a tuple the norm is over all of
-      those gradients together.
+    argnums: which argument(s) to differentiate; with a tuple, one norm over all their gradients.
     has_aux: as in :func:`jax.value_and_grad`.
     ord: None or 2 (Euclidean), 1 or ``inf``.
 
   Returns:
     A function with ``fun``'s signature returning ``(value, grads, norm)``; with ``has_aux``,
-    ``value`` is ``(loss, aux)`` as in jax.value_and_grad.
+    ``value`` is ``(loss, aux)``.
 
   Raises:
-    TypeError: ``fun`` is not callable, ``argnums`` is not an int or a non-empty tuple of ints,
-      or ``has_aux`` is not a bool.
-    ValueError: ``ord`` is not None, 1, 2 or inf, or ``argnums`` has negative entries (count
-      positions from 0).
+    TypeError: ``fun`` is not callable, or ``argnums`` or ``has_aux`` has the wrong type.
+    ValueError: ``ord`` is not None, 1, 2 or inf, or ``argnums`` has negative entries.
 
   Examples:
-    >>> import jax.numpy as jnp
-    >>> import gnorm_jax
-    >>> f = lambda w: 0.5 * jnp.sum(w ** 2)
-    >>> value, grads, norm = gnorm_jax.value_grad_and_norm(f)(jnp.array([3.0, 4.0]))
+    >>> import jax.numpy as jnp, gnorm_jax
+    >>> value, _, norm = gnorm_jax.value_grad_and_norm(lambda w: 0.5 * w @ w)(jnp.array([3.0, 4.0]))
     >>> float(value), float(norm)
     (12.5, 5.0)
 
   References:
-    Pascanu, Mikolov & Bengio, "On the difficulty of training recurrent neural networks", 2013
-    (https://arxiv.org/abs/1211.5063): the gradient norm that clipping measures once per step.
+    Pascanu, Mikolov & Bengio 2013, https://arxiv.org/abs/1211.5063.
   """
   check_fun(fun, "value_grad_and_norm")
   check_grad_args(value_grad_and_norm, argnums, has_aux)
@@ -77,49 +67,32 @@ def grad_norm(
   *,
   ord: int | float | None = None,
 ) -> Callable[..., Any]:
-  r"""Returns a function computing the gradient norm ‖∇f‖ at its arguments.
-
-  .. math::
-    x \mapsto \|\nabla f(x)\|, \qquad
-    \nabla_x \|\nabla f(x)\| = \frac{H(x)\,\nabla f(x)}{\|\nabla f(x)\|}
-    \ (\text{and } 0 \text{ where } \nabla f(x) = 0).
+  """Returns a function computing the gradient norm ‖∇f‖ at its arguments.
 
   Composes with :func:`jax.jit`, :func:`jax.vmap` (per-example input-gradient norms) and
-  :func:`jax.grad` (0, not NaN, at a stationary point): :doc:`the guide </norms>`.
+  :func:`jax.grad` (H∇f/‖∇f‖, and 0 rather than NaN at a stationary point): :doc:`/norms`.
 
   Args:
     fun: a function returning a real scalar (or ``(scalar, aux)``).
-    argnums: which positional argument(s) to differentiate; with a tuple the norm is over all of
-      those gradients together.
+    argnums: which argument(s) to differentiate; with a tuple, one norm over all their gradients.
     has_aux: if True the returned function gives ``(norm, aux)``.
     ord: None or 2 (Euclidean), 1 or ``inf``.
 
   Returns:
-    A function with ``fun``'s signature returning the norm (a scalar at least float32), or
-    ``(norm, aux)``. An infinite gradient entry gives ``inf``, a NaN entry ``nan``.
+    A function with ``fun``'s signature returning the norm (a scalar, at least float32), or
+    ``(norm, aux)``; ``inf`` for an infinite gradient entry, ``nan`` for a NaN one.
 
   Raises:
-    TypeError: ``fun`` is not callable, ``argnums`` is not an int or a non-empty tuple of ints,
-      or ``has_aux`` is not a bool (at construction); as in :func:`jax.grad`, at call time, for
-      argnums beyond the arguments, integer inputs or a non-scalar output.
-    ValueError: ``ord`` is not None, 1, 2 or inf, or ``argnums`` has negative entries (count
-      positions from 0).
+    TypeError: as for :func:`value_grad_and_norm`, and at call time as :func:`jax.grad` does.
+    ValueError: ``ord`` is not None, 1, 2 or inf, or ``argnums`` has negative entries.
 
   Examples:
-    >>> import jax, jax.numpy as jnp
-    >>> import gnorm_jax
-    >>> f = lambda x: jnp.sum(jnp.sin(x))
-    >>> float(gnorm_jax.grad_norm(f)(jnp.zeros(4)))  # ‖cos(0)‖ = ‖(1,1,1,1)‖
+    >>> import jax, jax.numpy as jnp, gnorm_jax
+    >>> float(gnorm_jax.grad_norm(lambda x: jnp.sum(jnp.sin(x)))(jnp.zeros(4)))  # ‖cos(0)‖
     2.0
-    >>> xs = jnp.arange(6.0).reshape(3, 2)
-    >>> jax.vmap(gnorm_jax.grad_norm(lambda x: jnp.sum(x ** 2)))(xs).shape
-    (3,)
 
   References:
-    Gulrajani et al., "Improved Training of Wasserstein GANs", 2017
-    (https://arxiv.org/abs/1704.00028); Zhao, Zhang & Hu, "Penalizing Gradient Norm for
-    Efficiently Improving Generalization in Deep Learning", 2022
-    (https://arxiv.org/abs/2202.03599): penalties that differentiate ‖∇f‖.
+    Gulrajani et al. 2017, https://arxiv.org/abs/1704.00028.
   """
   check_fun(fun, "grad_norm")
   check_grad_args(grad_norm, argnums, has_aux)

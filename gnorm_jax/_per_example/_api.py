@@ -553,58 +553,48 @@ def per_example_grad_norms(
   batch_argnums: int | Sequence[int] = 1,
   method: str = "auto",
 ) -> Callable[..., Any]:
-  r"""Returns a function computing the Euclidean norm of every example's gradient.
+  """Returns a function computing the Euclidean norm of every example's gradient.
 
-  .. math::
-    (\theta, x_{1..B}) \mapsto \big(\|\nabla_\theta \ell(\theta, x_i)\|\big)_{i=1}^{B}
-
-  ``fun(params, *example)`` is the loss of ONE example; the arguments at
-  ``batch_argnums`` carry a leading batch axis; other arguments (arrays,
-  Python flags) are passed to every example as they are.
-  {rules}
+  ``fun(params, *example)`` is the loss of ONE example; the arguments at ``batch_argnums`` carry
+  a leading batch axis, the others (arrays, Python flags) are passed to every example as they
+  are. Each use of a parameter leaf is matched by a rule (dense layers, biases, scales,
+  embeddings, convolutions, also inside ``scan``, ``remat`` and ``cond``) that gives its
+  per-example norm by the cheaper exact route, without forming per-example gradients where it
+  can; other leaves get exact per-example gradients. Results equal ``vmap`` of ``jax.grad`` up to
+  float rounding, with :func:`tree_norm`'s overflow safety. How routes are chosen:
+  :doc:`the per-example guide </per_example>`; :func:`per_example_plan` shows them.
 
   Args:
-    fun: the single-example loss, returning a real scalar (``(scalar, aux)``
-      with ``has_aux``).
+    fun: the single-example loss, returning a real scalar (``(scalar, aux)`` with ``has_aux``).
     argnums: which argument(s) are the parameters (int or tuple).
-    has_aux: ``fun`` returns ``(value, aux)``; the function then returns
-      ``(norms, aux)`` with every example's aux stacked on a leading axis.
+    has_aux: ``fun`` returns ``(value, aux)``; the function then returns ``(norms, aux)`` with
+      every example's aux stacked on a leading axis.
     batch_argnums: which argument(s) carry the leading batch axis.
-    method: ``"auto"`` (the engine or ``"vmap"``, whichever the cost model
-      of the backend estimates faster, vmap only where its memory stays near
-      the engine's: :func:`per_example_plan` shows both estimates);
-      ``"engine"`` (every leaf on its cheaper route: ghost, direct, or
-      materialized where no rule applies); ``"ghost"`` (the engine, but raise
-      a ValueError naming any leaf no rule recognizes, so nothing is
-      materialized per example); ``"vmap"`` (materialize all per-example
-      gradients: the reference, memory B×P).
+    method: ``"auto"`` (the engine or ``"vmap"``, whichever the cost model estimates faster),
+      ``"engine"`` (every leaf on its cheaper route), ``"ghost"`` (the engine, raising a
+      ValueError for any leaf no rule recognizes) or ``"vmap"`` (the reference).
 
   Returns:
-    A function ``(*args, mask=None) -> norms`` with ``norms`` of shape ``[B]``,
-    float32 (float64 under x64). ``mask`` ([B] bool, optional): rows with False
-    are padding and get norm 0.
+    A function ``(*args, mask=None) -> norms`` with ``norms`` of shape ``[B]``, float32 (float64
+    under x64). ``mask`` ([B] bool, optional): rows with False are padding and get norm 0.
 
   Raises:
-    TypeError: ``fun`` is not callable, ``argnums`` or ``batch_argnums`` is
-      not an int or a non-empty tuple of ints, or ``has_aux`` is not a bool.
-    ValueError: ``argnums`` and ``batch_argnums`` share a position or have
-      negative entries, or ``method`` is not an accepted value.
+    TypeError: ``fun`` is not callable, ``argnums`` or ``batch_argnums`` is not an int or a
+      non-empty tuple of ints, or ``has_aux`` is not a bool.
+    ValueError: ``argnums`` and ``batch_argnums`` share a position or have negative entries, or
+      ``method`` is not an accepted value.
 
   Examples:
-    >>> import jax, jax.numpy as jnp
-    >>> import gnorm_jax
-    >>> def loss(w, x, y):  # one example: x [3], y []
-    ...   return (x @ w - y) ** 2
-    >>> w = jnp.array([1.0, 0.0, 0.0])
-    >>> x, y = jnp.eye(3), jnp.zeros(3)
+    >>> import jax, jax.numpy as jnp, gnorm_jax
+    >>> loss = lambda w, x, y: (x @ w - y) ** 2  # one example: x [3], y []
+    >>> w, x, y = jnp.array([1.0, 0.0, 0.0]), jnp.eye(3), jnp.zeros(3)
     >>> norms = jax.jit(gnorm_jax.per_example_grad_norms(loss, batch_argnums=(1, 2)))(w, x, y)
     >>> [round(float(n), 4) for n in norms]
     [2.0, 0.0, 0.0]
 
   References:
     Goodfellow 2015, https://arxiv.org/abs/1510.01799; Li et al. 2021,
-    https://arxiv.org/abs/2110.05679; Bu et al. 2022,
-    https://arxiv.org/abs/2205.10683.
+    https://arxiv.org/abs/2110.05679; Bu et al. 2022, https://arxiv.org/abs/2205.10683.
   """
   spec = _PerExample(fun, argnums, batch_argnums, method, per_example_grad_norms, has_aux=has_aux)
 
@@ -618,25 +608,13 @@ def per_example_grad_norms(
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class ClippedGradFn:
-  r"""A clipped-gradient function that carries the threshold bounding its sensitivity.
+  """A clipped-gradient function that carries the threshold bounding its sensitivity.
 
-  :func:`clipped_grad` returns one: a call computes the clipped aggregate, and
-  the attributes say how much one example can move it.
-
-  .. math::
-    \Delta = \begin{cases} C & \text{one threshold} \\
-      \sqrt{\textstyle\sum_g C_g^2} & \text{per-group thresholds } C_g \end{cases}
-    \qquad (\Delta / B \text{ for } \texttt{reduce="mean"})
-
-  Calling it is calling the function it wraps, ``(*args, mask=None) -> grads``
-  (see :func:`clipped_grad`), under ``jit``, ``grad`` and ``vmap`` alike. It
-  keeps the loss's ``__name__``, ``__doc__`` and signature (``__wrapped__``),
-  as :func:`functools.wraps` would, and compares and hashes by identity, so
-  ``jax.jit`` caches it as it would a function. Pass it to
-  :func:`dp_noise` in place of ``max_norm``
-  (``dp_noise(clipped_sum, noise_multiplier, batch_size=B)``): the noise is
-  then calibrated to the threshold the gradients were clipped to, by
-  construction (the idea of ``jax_privacy``'s ``BoundedSensitivityCallable``).
+  :func:`clipped_grad` returns one. Calling it calls the function it wraps,
+  ``(*args, mask=None) -> grads``, under ``jit``, ``grad`` and ``vmap`` alike; it keeps the
+  loss's name, docstring and signature, and hashes by identity, so ``jax.jit`` caches it as a
+  function. Its ``sensitivity()`` is the aggregate's L2 sensitivity; pass it to :func:`dp_noise`
+  in place of ``max_norm`` and the noise matches the clipping by construction (see the DP guide).
 
   Attributes:
     fun: the function a call forwards to (what :func:`clipped_grad` built).
@@ -739,78 +717,48 @@ def clipped_grad(
     \bar g = \frac{1}{B}\sum_{i=1}^{B} \min\!\Big(1, \frac{C}{\|g_i\|}\Big)\, g_i,
     \qquad g_i = \nabla_\theta \ell(\theta, x_i)
 
-  (``reduce="sum"`` drops the 1/B). This is the core of DP-SGD (Abadi et al.
-  2016); :func:`dp_noise` adds the noise. For a ghost leaf the clipped sum is
-  one contraction of the layer's recorded inputs and weighted cotangents
-  (book-keeping, Bu et al. 2023): no second backward pass, no per-example
-  gradient.
-  {rules}
-
-  Edge cases: an example with ‖gᵢ‖ = 0 has weight 1 (nothing to clip), never
-  NaN; C = 0 gives zeros; C = inf gives the plain sum. With ``nan_safe`` an
-  example whose gradient is not finite gets weight 0 (its norm is reported as
-  computed, inf or NaN) and cannot poison the sum; so does an example whose
-  norm exceeds the largest float (3.4e38 in float32: reported inf). A norm
-  far above C is clipped, not dropped: the weights are formed scaled by a
-  power of two (C/‖gᵢ‖ alone is flushed to 0 past 8.5e37·C). Padding rows
-  (``mask`` False) are computed from a kept example, so NaN or inf held in
-  padding reaches neither the result nor its derivatives. An empty batch is
-  an error.
-
-  The signature is that of :func:`jax.grad` (and of ``jax_privacy``'s
-  ``clipped_grad``): ``fun, argnums, has_aux``, then keyword-only settings.
+  (``reduce="sum"`` drops the 1/B). This is the core of DP-SGD (Abadi et al. 2016);
+  :func:`dp_noise` adds the noise. The norms are those of :func:`per_example_grad_norms`; for a
+  ghost leaf the clipped sum is one contraction of the layer's recorded inputs and weighted
+  cotangents (book-keeping, Bu et al. 2023): no second backward pass. A zero gradient has weight
+  1, never NaN; the other edge cases: :ref:`the guide <clipping-edge-cases>`.
 
   Args:
-    fun: the single-example loss, returning a real scalar (``(scalar, aux)``
-      with ``has_aux``).
+    fun: the single-example loss, returning a real scalar (``(scalar, aux)`` with ``has_aux``).
     argnums: which argument(s) are the parameters (int or tuple).
-    has_aux: ``fun`` returns ``(value, aux)``; the function then returns
-      ``(result, aux)``, as ``jax.grad(..., has_aux=True)`` would, with every
-      example's aux stacked on a leading axis.
-    max_norm: the clipping threshold C ≥ 0, keyword-only (a Python number is
-      checked here; a traced value is used as it is), or a pytree prefix of
-      the parameters with one threshold per group: each group's part of every
-      per-example gradient is clipped to its own threshold (per-layer
-      clipping); the sensitivity of the sum is then √(Σ_g C_g²).
+    has_aux: ``fun`` returns ``(value, aux)``; the function then returns ``(result, aux)``, with
+      every example's aux stacked on a leading axis.
+    max_norm: the threshold C ≥ 0, keyword-only (a number is checked here, a traced value used
+      as it is), or a pytree prefix of the parameters with one threshold per group (per-layer
+      clipping; the sum's sensitivity is then √(Σ_g C_g²)).
     batch_argnums: which argument(s) carry the leading batch axis.
     method: ``"auto"``, ``"engine"``, ``"ghost"`` or ``"vmap"``, as in
       :func:`per_example_grad_norms`.
     reduce: ``"mean"`` (divide by B, padding rows included) or ``"sum"``.
     return_norms: also return the per-example norms (before clipping).
     nan_safe: give examples with a non-finite gradient weight 0.
-    microbatch_size: process the batch in chunks of this many examples (a
-      ``lax.map``) to bound memory; the results equal the unchunked call.
+    microbatch_size: process the batch in chunks of this many examples to bound memory; the
+      results equal the unchunked call.
 
   Returns:
-    A :class:`ClippedGradFn`, called as a function ``(*args, mask=None) ->
-    grads`` (``(grads, norms)`` with ``return_norms``); ``grads`` has the
-    structure of the parameters (a tuple of trees when ``argnums`` is a
-    tuple). ``mask`` ([B] bool, optional): rows with False are padding
-    (Poisson-sampled batches of fixed shape): weight 0, norm 0. It carries
-    ``max_norm`` and ``reduce``, and its ``sensitivity()`` is the aggregate's
-    L2 sensitivity; :func:`dp_noise` takes it in place of ``max_norm``.
+    A :class:`ClippedGradFn`, called as ``(*args, mask=None) -> grads`` (``(grads, norms)``
+    with ``return_norms``), ``grads`` with the parameters' structure; rows where the optional
+    [B] bool ``mask`` is False are padding (weight 0, norm 0).
 
   Raises:
-    ValueError: ``max_norm`` is a negative or NaN number, ``reduce`` or
-      ``method`` is not one of the accepted values, or ``argnums`` and
-      ``batch_argnums`` share a position or have negative entries.
-    TypeError: ``fun`` is not callable, ``max_norm`` is missing or not a
-      number, ``argnums`` or ``batch_argnums`` is not an int or a non-empty
-      tuple of ints (a float there is the threshold of an older call: pass
-      ``max_norm=`` by keyword), or ``has_aux`` is not a bool.
+    ValueError: ``max_norm`` is a negative or NaN number, ``reduce`` or ``method`` is not
+      accepted, or ``argnums`` and ``batch_argnums`` share a position or have negative entries.
+    TypeError: ``fun`` is not callable, ``max_norm`` is missing or not a number, ``argnums`` or
+      ``batch_argnums`` is not an int or a non-empty tuple of ints (pass ``max_norm=`` by
+      keyword), or ``has_aux`` is not a bool.
 
   Examples:
-    >>> import jax, jax.numpy as jnp
-    >>> import gnorm_jax
+    >>> import jax.numpy as jnp, gnorm_jax
     >>> loss = lambda w, x: jnp.sum(x * w)  # gradient of example i is x_i
     >>> x = jnp.array([[3.0, 4.0], [0.3, 0.4]])  # norms 5 and 0.5
     >>> g = gnorm_jax.clipped_grad(loss, max_norm=1.0, reduce="sum")(jnp.zeros(2), x)
     >>> [round(float(v), 4) for v in g]  # 0.2·(3,4) + 1·(0.3,0.4)
     [0.9, 1.2]
-    >>> mask = jnp.array([True, False])  # the second row is padding
-    >>> g = gnorm_jax.clipped_grad(loss, max_norm=1.0, reduce="sum")(jnp.zeros(2), x, mask=mask)
-    >>> [round(float(v), 4) for v in g]
-    [0.6, 0.8]
 
   References:
     Abadi et al. 2016, https://arxiv.org/abs/1607.00133; Bu et al. 2023,
@@ -866,35 +814,27 @@ def per_example_plan(
 ) -> Callable[..., PerExamplePlan]:
   """Returns a function showing how each parameter leaf's per-example norm is computed.
 
-  The loss is traced (nothing is computed); for every parameter leaf the plan
-  names the rules that recognized its uses, the route chosen by the cost model
-  (``"ghost"``, ``"direct"``, ``"materialized"`` or ``"unused"``), whether it is
-  streamed, and its estimated flops and extra memory for the batch given.
-  ``print(plan)`` shows a table: a slow model's materialized leaves, and why,
-  are in it. It is the very plan that :func:`per_example_grad_norms` and
-  :func:`clipped_grad` execute when given the same options (``method``,
-  ``max_norm``: a threshold tree stops streaming; ``microbatch_size``);
-  ``mask`` and ``nan_safe`` change no route.
+  The loss is traced (nothing is computed); for every parameter leaf the plan names the rules
+  that recognized its uses, the route the cost model chose, whether it is streamed, and its
+  estimated flops and extra memory; ``print(plan)`` shows a table. It is the very plan that
+  :func:`per_example_grad_norms` and :func:`clipped_grad` execute given the same options.
 
   Args:
     fun: the single-example loss, as for :func:`per_example_grad_norms`.
     argnums: which argument(s) are the parameters (int or tuple).
     has_aux: ``fun`` returns ``(value, aux)`` (the aux is ignored).
     batch_argnums: which argument(s) carry the leading batch axis.
-    method: ``"auto"``, ``"engine"``, ``"ghost"`` or ``"vmap"``, as in
-      :func:`clipped_grad`.
-    max_norm: the clipping threshold of the :func:`clipped_grad` call to plan
-      (None: :func:`per_example_grad_norms`); only whether it is a number or a
-      tree changes the plan.
+    method: ``"auto"``, ``"engine"``, ``"ghost"`` or ``"vmap"``, as in :func:`clipped_grad`.
+    max_norm: the threshold of the :func:`clipped_grad` call to plan (None:
+      :func:`per_example_grad_norms`); only whether it is a number or a tree matters.
     microbatch_size: as in :func:`clipped_grad`.
 
   Returns:
-    A function ``(*args) -> PerExamplePlan`` taking the same arguments as the
-    function :func:`per_example_grad_norms` returns.
+    A function ``(*args) -> PerExamplePlan`` taking the same arguments as the function
+    :func:`per_example_grad_norms` returns.
 
   Examples:
-    >>> import jax.numpy as jnp
-    >>> import gnorm_jax
+    >>> import jax.numpy as jnp, gnorm_jax
     >>> def loss(p, x):  # a dense layer with a bias, used at 3 positions
     ...   return jnp.sum(jnp.tanh(x @ p["w"] + p["b"]))
     >>> p = {"w": jnp.ones((64, 32)), "b": jnp.zeros(32)}

@@ -246,10 +246,11 @@ def ghost_terms(gs: list[Ghost]) -> tuple[jax.Array, jax.Array, jax.Array]:
       (idx[..., :, None] == idx[..., None, :]) & valid[..., :, None] & valid[..., None, :]
     ).astype(acc)
   if dense and index:
-    # ⟨onehot(i_t), d_s⟩ = conj(d_s[i_t]): a gather of the dense factor.
-    di = jnp.take_along_axis(jnp.swapaxes(pd, 2, 3), idx[..., None], axis=2)  # [B,H,Ti,Td]
-    di = di * valid[..., None]
-    blocks = [[_gram(pd, pd), jnp.swapaxes(di, 2, 3)], [_conj(di), ii]]
+    # ⟨d_s, onehot(i_t)⟩ = d_s[i_t]: a gather along the dense factor's last
+    # axis (no transposed copy of the factor, which can be the logits' size).
+    at = jnp.broadcast_to(idx[..., None, :], (*pd.shape[:3], idx.shape[-1]))  # [B,H,Td,Ti]
+    dt = jnp.take_along_axis(pd, at, axis=3) * valid[..., None, :]
+    blocks = [[_gram(pd, pd), dt], [_conj(jnp.swapaxes(dt, 2, 3)), ii]]
   elif dense:
     blocks = [[_gram(pd, pd)]]
   else:

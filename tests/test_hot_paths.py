@@ -150,14 +150,15 @@ def gpu_form(monkeypatch):
   jax.clear_caches()
 
 
-def _cancelling(n, b=12):
-  """A 16×16 weight at two positions with opposite cotangents, x₁ = x₀ + δ·noise, δ = 1e-4
-  for the first ``n`` examples (their gradients nearly cancel) and 1 for the others."""
+def _cancelling(n, b=12, d=64):
+  """A d×d weight at two positions with opposite cotangents, x₁ = x₀ + δ·noise, δ = 1e-4
+  for the first ``n`` examples (their gradients nearly cancel) and 1 for the others. At two
+  positions the ghost route is the cheaper one."""
   k = jax.random.split(jax.random.key(31), 4)
-  w = jax.random.normal(k[0], (16, 16))
-  x0, c = jax.random.normal(k[1], (b, 16)), jax.random.normal(k[2], (b, 16))
+  w = jax.random.normal(k[0], (d, d)) / np.sqrt(d)
+  x0, c = jax.random.normal(k[1], (b, d)), jax.random.normal(k[2], (b, d))
   delta = jnp.where(jnp.arange(b) < n, 1e-4, 1.0)[:, None]
-  x1 = x0 + delta * jax.random.normal(k[3], (b, 16))
+  x1 = x0 + delta * jax.random.normal(k[3], (b, d))
   x, cc = jnp.stack([x0, x1], 1), jnp.stack([c, -c], 1)
   x0, x1, c = (np.asarray(a, np.float64) for a in (x0, x1, c))
   want = np.linalg.norm(x0 - x1, axis=1) * np.linalg.norm(c, axis=1)

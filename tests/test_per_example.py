@@ -275,8 +275,8 @@ def test_every_layout_in_both_plans(monkeypatch, spec, act_shape, w_shape, plan,
   forced = []
   planned = _plan.plan_leaf
 
-  def forced_plan(uses, w, b):
-    route = planned(uses, w, b)
+  def forced_plan(*args):
+    route = planned(*args)
     forced.append(route.route)
     return dataclasses.replace(route, route=plan)
 

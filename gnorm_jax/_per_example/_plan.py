@@ -4,9 +4,10 @@ The plan is made once per traced call from the :class:`~._program.Program` and
 the call's options, and it is the one object both :func:`per_example_plan`
 prints and the run executes:
 
-* each recognized leaf takes the cheaper exact route by estimated flops (the
-  mixed rule, Bu et al. 2022): ``ghost`` (Gram matrices of its factors) or
-  ``direct`` (its per-example gradient formed from recorded operands);
+* each recognized leaf takes the exact route estimated faster on the backend
+  (the mixed rule, Bu et al. 2022, priced in flops, bytes and kernels):
+  ``ghost`` (Gram matrices of its factors) or ``direct`` (its per-example
+  gradient formed from recorded operands);
   a leaf no rule recognizes is ``materialized`` (exact per-example gradients
   of that leaf alone, in the batched pass);
 * a rematerialized scan over stacked layers whose leaves all have routes is
@@ -160,8 +161,20 @@ def _ghost_static(use: Use, ndim: int):
   return g.layout, h, t, kp, g.q.value.shape[-1], index
 
 
-def plan_leaf(uses: list[Use], w: Any, b: int) -> LeafRoute:
-  """The cheaper exact route for a recognized leaf (the mixed rule)."""
+def plan_leaf(
+  uses: list[Use], w: Any, b: int, platform: str = "cpu", streamed: bool = False
+) -> LeafRoute:
+  """The cheaper exact route for a recognized leaf on ``platform`` (the mixed rule).
+
+  Both routes contract each example's factors over its positions once: the
+  direct route to form the per-example gradients, which its weighted sum then
+  reads, the ghost route for the clipped sum. What differs is the ghost Grams
+  against the direct route's B per-example gradients, written and read twice
+  (the norms, the weighted sum): the choice weighs those alone, in the
+  backend's time. A ``streamed`` leaf's clipped sum comes from a second
+  backward pass instead, so there its routes compare by their flops. The flops
+  reported are each route's own.
+  """
   itemsize = jnp.dtype(w.dtype).itemsize
   n = math.prod(w.shape)
   if not uses:
@@ -183,7 +196,10 @@ def plan_leaf(uses: list[Use], w: Any, b: int) -> LeafRoute:
   ghost_total = b * h * (2 * t_dense * t_dense * kp + 2 * t * t * kq + 4 * t * t)
   ghost = LeafRoute("ghost", ghost_total, b * h * t * t * 2 * acc, vmap=vmap)
   options = (("ghost", ghost.flops, ghost.bytes), ("direct", direct.flops, direct.bytes))
-  chosen = ghost if ghost_total <= direct_total else direct
+  machine = MACHINES.get(platform, MACHINES["gpu"])
+  ghost_s = _route_seconds(machine, "ghost", ghost_total, ghost.bytes)
+  direct_s = _route_seconds(machine, "direct", 4 * b * n, direct.bytes)
+  chosen = ghost if (ghost_total <= direct_total if streamed else ghost_s <= direct_s) else direct
   return dataclasses.replace(chosen, options=options)
 
 
@@ -300,10 +316,15 @@ def make_plan(
         "materialized", None, batch_size * w.size * w.dtype.itemsize, program.fallback[leaf]
       )
     else:
-      routes[leaf] = plan_leaf(program.uses[leaf], w, batch_size)
+      routes[leaf] = plan_leaf(program.uses[leaf], w, batch_size, platform)
   every_materialized = any(r.route == "materialized" for r in routes.values()) and all(
     r.route in ("materialized", "unused") for r in routes.values()
   )
+  streams = plan_streams(program, routes, params_flat) if uniform_weights else {}
+  if streams:  # their leaves' routes compare by flops (see plan_leaf)
+    for leaf in {leaf for st in streams.values() for leaf in st.leaves}:
+      routes[leaf] = plan_leaf(program.uses[leaf], params_flat[leaf], batch_size, streamed=True)
+    streams = plan_streams(program, routes, params_flat)
   est = estimate(routes, params_flat, batch_size, platform)
   if (
     method == "vmap"
@@ -311,5 +332,4 @@ def make_plan(
     or (method == "auto" and auto_prefers_vmap(est, platform))
   ):
     return Plan(program, routes, {}, "vmap", batch_size, num_passes, est, platform)
-  streams = plan_streams(program, routes, params_flat) if uniform_weights else {}
   return Plan(program, routes, streams, "engine", batch_size, num_passes, est, platform)

@@ -23,8 +23,8 @@ The cost model prices each alternative as flops/F + bytes moved/BW + kernels·L
 with per-backend constants. On a GPU, where a step of a small model takes about
 a millisecond, the engine's extra kernels per leaf can cost more than
 materializing B gradients. On a CPU "auto" keeps the engine: measured on real
-models (docs/benchmarks.md), vmap is at most ~1.3x faster there (small dense
-transformers), up to 40x slower (grouped convolutions, whose per-example kernel
+models (docs/benchmarks.md), vmap is at most a few percent faster there (small
+dense transformers), up to 40x slower (grouped convolutions, whose per-example kernel
 gradients vmap runs as B·G groups) and takes 1.5-5x the engine's memory.
 """
 

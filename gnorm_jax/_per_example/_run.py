@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from gnorm_jax._norms import tree_norm
+from gnorm_jax._numerics import by_platform
 from gnorm_jax._per_example._direct import (
   direct_grads,
   exact_norm,
@@ -218,14 +219,50 @@ def run(
   if streams:  # one weight per example: a second, weighted backward pass
     weights = jnp.where(keep, weights_fn(leaf_norms, norms)[0], 0)
     return norms, weighted_grads(traced, batch_flat, weights, keep), aux
-  sums = []
+  sums: list[Any] = []
+  ghost_weights = {}
   for leaf, (w, weights) in enumerate(zip(params_flat, weights_fn(leaf_norms, norms))):
     weights = jnp.where(keep, weights, 0)
     if leaf in formed:
       g = formed[leaf] if zero_rows is None else keep_rows(zero_rows, formed[leaf])
       sums.append(weighted_sum(weights, g))
     elif leaf in factors:  # Σᵢ wᵢ Σ_t P_t ⊗ Q_t from the norm's own factors
-      sums.append(factor_grads(factors[leaf], w, weights, zero_rows))
+      ghost_weights[leaf] = weights
+      sums.append(None)
     else:
       sums.append(jnp.zeros_like(w))
+  if ghost_weights:
+    order = sorted(ghost_weights)
+    done = ghost_sums(
+      [factors[leaf] for leaf in order],
+      [params_flat[leaf] for leaf in order],
+      [ghost_weights[leaf] for leaf in order],
+      zero_rows,
+    )
+    for leaf, g in zip(order, done):
+      sums[leaf] = g
   return norms, sums, aux
+
+
+def ghost_sums(factors: list, ws: list, weights: list, keep: jax.Array | None) -> list:
+  """Each ghost leaf's clipped sum Σᵢ wᵢ Σ_t P_t ⊗ Q_t, rows where ``keep`` is
+  False left out.
+
+  A row left out has weight 0, so it can change the sums only through 0·inf:
+  on CPU they are formed without zeroing those rows (a copy of every factor,
+  the logits' size for an output layer) and formed again with it, in one
+  branch for all leaves, only if some sum is not finite. Elsewhere the rows
+  are zeroed first (no conditional)."""
+
+  def zeroed(weights, keep):
+    return [factor_grads(gs, w, wt, keep) for gs, w, wt in zip(factors, ws, weights)]
+
+  if keep is None:
+    return zeroed(weights, None)
+
+  def cpu(weights, keep):
+    fast = [factor_grads(gs, w, wt) for gs, w, wt in zip(factors, ws, weights)]
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in fast]))
+    return jax.lax.cond(finite, lambda: fast, lambda: zeroed(weights, keep))
+
+  return by_platform(cpu, zeroed, weights, keep)

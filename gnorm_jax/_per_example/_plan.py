@@ -161,9 +161,7 @@ def _ghost_static(use: Use, ndim: int):
   return g.layout, h, t, kp, g.q.value.shape[-1], index
 
 
-def plan_leaf(
-  uses: list[Use], w: Any, b: int, platform: str = "cpu", streamed: bool = False
-) -> LeafRoute:
+def plan_leaf(uses: list[Use], w: Any, b: int, platform: str = "cpu") -> LeafRoute:
   """The cheaper exact route for a recognized leaf on ``platform`` (the mixed rule).
 
   Both routes contract each example's factors over its positions once: the
@@ -171,8 +169,7 @@ def plan_leaf(
   reads, the ghost route for the clipped sum. What differs is the ghost Grams
   against the direct route's B per-example gradients, written and read twice
   (the norms, the weighted sum): the choice weighs those alone, in the
-  backend's time. A ``streamed`` leaf's clipped sum comes from a second
-  backward pass instead, so there its routes compare by their flops. The flops
+  backend's time (a streamed leaf chooses again: :func:`by_flops`). The flops
   reported are each route's own.
   """
   itemsize = jnp.dtype(w.dtype).itemsize
@@ -199,8 +196,22 @@ def plan_leaf(
   machine = MACHINES.get(platform, MACHINES["gpu"])
   ghost_s = _route_seconds(machine, "ghost", ghost_total, ghost.bytes)
   direct_s = _route_seconds(machine, "direct", 4 * b * n, direct.bytes)
-  chosen = ghost if (ghost_total <= direct_total if streamed else ghost_s <= direct_s) else direct
+  chosen = ghost if ghost_s <= direct_s else direct
   return dataclasses.replace(chosen, options=options)
+
+
+def by_flops(r: LeafRoute) -> LeafRoute:
+  """``r`` with the route of fewer flops among its options (ghost on a tie).
+
+  For a streamed leaf, whose clipped sum comes from a second backward pass:
+  there the direct route's per-example gradients serve the norms alone, so
+  the routes compare by their own flops."""
+  options = {name: (flops, nbytes) for name, flops, nbytes in r.options}
+  if "ghost" not in options:
+    return r
+  route = "ghost" if options["ghost"][0] <= options["direct"][0] else "direct"
+  flops, nbytes = options[route]
+  return dataclasses.replace(r, route=route, flops=flops, bytes=nbytes)
 
 
 def _route_seconds(machine: Machine, route: str, flops: int | None, nbytes: int) -> float:
@@ -321,10 +332,9 @@ def make_plan(
     r.route in ("materialized", "unused") for r in routes.values()
   )
   streams = plan_streams(program, routes, params_flat) if uniform_weights else {}
-  if streams:  # their leaves' routes compare by flops (see plan_leaf)
-    for leaf in {leaf for st in streams.values() for leaf in st.leaves}:
-      routes[leaf] = plan_leaf(program.uses[leaf], params_flat[leaf], batch_size, streamed=True)
-    streams = plan_streams(program, routes, params_flat)
+  for key, st in streams.items():  # their leaves' routes compare by flops
+    routes.update({leaf: by_flops(routes[leaf]) for leaf in st.leaves})
+    streams[key] = dataclasses.replace(st, routes={leaf: routes[leaf].route for leaf in st.leaves})
   est = estimate(routes, params_flat, batch_size, platform)
   if (
     method == "vmap"

@@ -3,9 +3,11 @@
 A ``conditional`` or ``while`` whose predicate is computed on the device makes
 XLA:GPU copy the predicate to the host and wait before each branch or
 iteration; kernels (top-level fusions and unfused ops of the entry
-computation) each cost a launch. Both are read from the optimized HLO on this
-machine's backend, and ``case``/``while`` from the CUDA lowering, which needs
-no GPU (JAX's default PRNG lowers to while loops on CPU but not on CUDA).
+computation, and of each conditional's smaller branch: every conditional here
+guards a rare path, so that is the common one) each cost a launch.
+Both are read from the optimized HLO on this machine's backend, and
+``case``/``while`` from the CUDA lowering, which needs no GPU (JAX's default
+PRNG lowers to while loops on CPU but not on CUDA).
 """
 
 from __future__ import annotations
@@ -52,27 +54,50 @@ def dynamic_cases(stablehlo: str) -> int:
   return count
 
 
-def _entry(text: str) -> list[str]:
-  start = text.index("\nENTRY")
+def _body(text: str, start: int) -> list[str]:
   body = text[start:].split("\n")[1:]
   return [line for line in body[: body.index("}")] if "=" in line]
+
+
+def _entry(text: str) -> list[str]:
+  return _body(text, text.index("\nENTRY"))
+
+
+_BRANCHES = re.compile(
+  r"branch_computations=\{([^}]*)\}|true_computation=(%[\w.]+), false_computation=(%[\w.]+)"
+)
+
+
+def _kernels(text: str, lines: list[str]) -> int:
+  """Ops that launch work among ``lines``; a conditional counts as itself plus its
+  smaller branch (the common path: the other one is rare), a while loop as one."""
+  count = 0
+  for line in lines:
+    m = _OP.search(line)
+    if not m or m.group(1) in _FREE:
+      continue
+    count += 1
+    if m.group(1) == "conditional" and (b := _BRANCHES.search(line)):
+      names = b.group(1).split(", ") if b.group(1) else [b.group(2), b.group(3)]
+      count += min(_kernels(text, _body(text, text.index(f"\n{n.strip()} ("))) for n in names)
+  return count
 
 
 def census(fn: Callable[..., Any], *args: Any) -> dict[str, int]:
   """Counts in ``jax.jit(fn)`` at ``args``.
 
   Returns ``conditionals`` and ``whiles`` (anywhere in the optimized HLO of
-  this backend), ``kernels`` (entry-level ops that launch work), and
+  this backend), ``kernels`` (entry-level ops that launch work, a conditional's
+  smaller branch included), and
   ``cuda_cases``/``cuda_whiles`` (``stablehlo.case``/``while`` in the CUDA
   lowering; -1 where this JAX cannot lower for CUDA without a GPU).
   """
   jitted = jax.jit(fn)
   text = jitted.lower(*args).compile().as_text()
-  ops = [m.group(1) for line in _entry(text) if (m := _OP.search(line))]
   counts = {
     "conditionals": len(re.findall(r"\sconditional\(", text)),
     "whiles": len(re.findall(r"\swhile\(", text)),
-    "kernels": sum(op not in _FREE for op in ops),
+    "kernels": _kernels(text, _entry(text)),
   }
   try:
     cuda = jitted.trace(*args).lower(lowering_platforms=("cuda",)).as_text()

@@ -235,3 +235,18 @@ def test_the_census_counts_real_control_flow_and_not_platform_selection():
   assert (counts["cuda_cases"], counts["cuda_whiles"], counts["conditionals"]) == (0, 0, 1)
   assert _gpu_control_flow(jax.make_jaxpr(chosen)(x).jaxpr) == []
   assert _gpu_control_flow(jax.make_jaxpr(cond)(x).jaxpr) == ["cond"]
+
+
+def test_the_census_counts_the_kernels_of_a_conditionals_branches():
+  x = jnp.ones((8, 8))
+
+  def three_dots(x):
+    return jnp.tanh(jnp.tanh(x @ x) @ x) @ x
+
+  both = lambda x: jax.lax.cond(x.sum() > 0, three_dots, lambda x: three_dots(x.T), x)
+  rare = lambda x: jax.lax.cond(x.sum() > 0, three_dots, lambda x: x, x)
+  plain = census(three_dots, x)["kernels"]
+  assert plain >= 3
+  # The conditional itself, its predicate, and the smaller branch's kernels.
+  assert census(both, x)["kernels"] >= plain + 1
+  assert census(rare, x)["kernels"] < plain

@@ -18,8 +18,8 @@ Policy, in one place:
   - GPU and TPU: no conditional (each would copy its predicate to the host
     and wait). The same read of each leaf also forms its sum of squares scaled
     down and scaled up by fixed powers of two (Blue's accumulators, without
-    the masks); XLA fuses the three sibling reductions into one kernel, and
-    the result selects the one that is accurate.
+    the masks), in one variadic reduction (one kernel per leaf), and the
+    result selects the one that is accurate.
 * Derivatives are NaN-free: at a zero vector the derivative of every norm
   (Euclidean, 1, inf) is defined as 0 (a subgradient; for ord 1 and inf each
   zero entry contributes 0), and second derivatives are finite.
@@ -269,11 +269,31 @@ def _l2_norms_vmap(axis_size, in_batched, groups):
   return norms, [(True, True)] * len(norms)
 
 
+def _add3(a: tuple, b: tuple) -> tuple:
+  return a[0] + b[0], a[1] + b[1], a[2] + b[2]
+
+
+def _three_sums(x: jax.Array, acc: Any, sd: jax.Array, su: jax.Array) -> tuple:
+  """Σx², Σ(x·sd)² and Σ(x·su)² of a leaf by ONE variadic reduction: one read, one
+  kernel, whatever the backend's fusion heuristics."""
+  zero = jnp.zeros((), acc)
+  found = [
+    lax.reduce(
+      (part * part, (part * sd) ** 2, (part * su) ** 2),
+      (zero, zero, zero),
+      _add3,
+      tuple(range(part.ndim)),
+    )
+    for part in _real_parts(x, acc)
+  ]
+  return functools.reduce(_add3, found)
+
+
 def _l2_branchless(groups: list[list[jax.Array]]) -> list[tuple[jax.Array, jax.Array]]:
   """The GPU/TPU form of :func:`_l2_norms_one`: no conditional.
 
-  Each leaf is read once for three sums of squares: plain, scaled by 2^-a
-  and by 2^b (:func:`_scale_exponents`). The plain sum is kept where
+  Each leaf is read once, by one variadic reduction, for three sums of
+  squares: plain, scaled by 2^-a and by 2^b (:func:`_scale_exponents`). The plain sum is kept where
   accurate (:func:`_fast_path_ok`), the scaled-down one where it overflowed
   (or an entry is inf), the scaled-up one where it is small or NaN.
   """
@@ -285,9 +305,8 @@ def _l2_branchless(groups: list[list[jax.Array]]) -> list[tuple[jax.Array, jax.A
     # The barrier hides the scales' values: XLA would otherwise rewrite
     # (x·c)·(x·c) as (x·x)·(c·c), where x·x overflows and c·c underflows.
     sd, su = lax.optimization_barrier((jnp.asarray(2.0**-a, acc), jnp.asarray(2.0**b, acc)))
-    plain = _total([_sumsq(x, acc) for x in g])
-    down = _total([_sumsq(x, acc, sd) for x in g])
-    up = _total([_sumsq(x, acc, su) for x in g])
+    three = [_three_sums(x, acc, sd, su) for x in g]
+    plain, down, up = (_total([t[j] for t in three]) for j in range(3))
     ok = _fast_path_ok(plain)
     big = jnp.isinf(plain)
     one = jnp.ones((), acc)

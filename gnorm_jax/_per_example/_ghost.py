@@ -125,6 +125,16 @@ def planned_ghosts(uses: list[Use], operands: dict, cots: dict, ndim: int) -> li
   return found
 
 
+def outer_factors(gs: list[Ghost]) -> tuple[jax.Array, jax.Array] | None:
+  """``(P, Q)`` [B, 1, 1, K] when each example's gradient of the leaf is one outer
+  product P ⊗ Q (one use, at one position, with one head and dense factors), or
+  None. Its norm is then ‖P‖·‖Q‖: two reductions of the norm core, shared with
+  the other leaves, instead of a Gram with its own scaling."""
+  if len(gs) != 1 or not isinstance(gs[0].p, Dense) or gs[0].q.value.shape[1:3] != (1, 1):
+    return None
+  return gs[0].p.value, gs[0].q.value
+
+
 def can_cancel(gs: list[Ghost]) -> bool:
   """Whether the ghost sum has several positions, whose terms may cancel. At one
   position the sum is one product ‖P‖²‖Q‖², which cannot cancel; a non-finite

@@ -33,6 +33,7 @@ from gnorm_jax._per_example._ghost import (
   factor_grads,
   ghost_terms,
   keep_rows,
+  outer_factors,
   planned_ghosts,
   rescue,
 )
@@ -166,6 +167,7 @@ def run(
     fixed = rescue(fast, suspect, upper, exact_leaf_norm(traced, order), batch_flat)
     streamed = {leaf: fixed[:, n] for n, leaf in enumerate(order)}
   formed, factors, taken = {}, {}, {}
+  outer: dict[int, tuple] = {}  # ghost leaf -> (P, Q): its gradient is one outer product
   per_leaf: dict[int, jax.Array] = {}  # leaf -> its norms [B]
   cancel: dict[int, tuple] = {}  # ghost leaf -> (norms, suspect, upper, one, examples)
   for leaf, w in enumerate(params_flat):
@@ -179,17 +181,27 @@ def run(
       formed[leaf], taken[leaf] = direct_grads(uses, operands, cots, w, params_flat), "direct"
     elif route == "ghost":
       factors[leaf] = planned_ghosts(uses, operands, cots, w.ndim)  # reused for the clipped sum
+      taken[leaf] = "ghost"
+      if (pq := outer_factors(factors[leaf])) is not None:
+        outer[leaf] = pq
+        continue
       terms = ghost_terms(factors[leaf])
       if can_cancel(factors[leaf]):
         cancel[leaf] = (*terms, *exact_norm(uses, operands, cots, w))
-      per_leaf[leaf], taken[leaf] = terms[0], "ghost"
+      per_leaf[leaf] = terms[0]
     else:
       per_leaf[leaf], taken[leaf] = jnp.zeros((b,), dtype), "unused"
-  # The formed leaves' norms in one call of the norm core, the ghost sums that
-  # may cancel checked (and rescued) together: per call, not per leaf.
-  if formed:
+  # The formed leaves' norms and the outer-product factors' in one call of the
+  # norm core, the ghost sums that may cancel checked (and rescued) together:
+  # per call, not per leaf.
+  if formed or outer:
     order = sorted(formed)
-    per_leaf.update(zip(order, per_example_leaf_norms([formed[leaf] for leaf in order])))
+    pairs = sorted(outer)
+    arrays = [formed[leaf] for leaf in order] + [x for leaf in pairs for x in outer[leaf]]
+    found = per_example_leaf_norms(arrays)
+    per_leaf.update(zip(order, found))
+    rest = found[len(order) :]
+    per_leaf.update({leaf: rest[2 * n] * rest[2 * n + 1] for n, leaf in enumerate(pairs)})
   if cancel:
     order = sorted(cancel)
     fast, suspect, upper = (jnp.stack([cancel[leaf][j] for leaf in order], 1) for j in range(3))
@@ -207,6 +219,8 @@ def run(
     _observe(plan, taken)
   leaf_norms = jnp.stack(leaf_norm_list, axis=1) if leaf_norm_list else jnp.zeros((b, 0), dtype)
   norms = jax.vmap(tree_norm)(leaf_norms)
+  # A row's factors or per-example gradients hold inf/NaN only if its norm does.
+  all_finite = jnp.all(jnp.isfinite(norms))
   keep = jnp.ones((b,), bool) if mask is None else mask
   if mask is not None:
     norms = jnp.where(keep, norms, 0)
@@ -217,52 +231,49 @@ def run(
     keep = keep & jnp.isfinite(norms)
   zero_rows = keep if (nan_safe or mask is not None) else None
   if streams:  # one weight per example: a second, weighted backward pass
-    weights = jnp.where(keep, weights_fn(leaf_norms, norms)[0], 0)
-    return norms, weighted_grads(traced, batch_flat, weights, keep), aux
-  sums: list[Any] = []
-  ghost_weights = {}
-  for leaf, (w, weights) in enumerate(zip(params_flat, weights_fn(leaf_norms, norms))):
-    weights = jnp.where(keep, weights, 0)
-    if leaf in formed:
-      g = formed[leaf] if zero_rows is None else keep_rows(zero_rows, formed[leaf])
-      sums.append(weighted_sum(weights, g))
-    elif leaf in factors:  # Σᵢ wᵢ Σ_t P_t ⊗ Q_t from the norm's own factors
-      ghost_weights[leaf] = weights
-      sums.append(None)
-    else:
-      sums.append(jnp.zeros_like(w))
-  if ghost_weights:
-    order = sorted(ghost_weights)
-    done = ghost_sums(
-      [factors[leaf] for leaf in order],
-      [params_flat[leaf] for leaf in order],
-      [ghost_weights[leaf] for leaf in order],
-      zero_rows,
-    )
-    for leaf, g in zip(order, done):
-      sums[leaf] = g
+    one = jnp.where(keep, weights_fn(leaf_norms, norms)[0], 0)
+    return norms, weighted_grads(traced, batch_flat, one, keep), aux
+  weights = [jnp.where(keep, wt, 0) for wt in weights_fn(leaf_norms, norms)]
+  sums = clipped_sums(formed, factors, params_flat, weights, zero_rows, all_finite)
   return norms, sums, aux
 
 
-def ghost_sums(factors: list, ws: list, weights: list, keep: jax.Array | None) -> list:
-  """Each ghost leaf's clipped sum Σᵢ wᵢ Σ_t P_t ⊗ Q_t, rows where ``keep`` is
-  False left out.
+def clipped_sums(
+  formed: dict,
+  factors: dict,
+  ws: list,
+  weights: list,
+  keep: jax.Array | None,
+  all_finite: jax.Array,
+) -> list:
+  """Every leaf's clipped sum Σᵢ wᵢ gᵢ: from its per-example gradients (``formed``),
+  from its ghost factors (Σᵢ wᵢ Σ_t P_t ⊗ Q_t), or zeros (unused); rows where
+  ``keep`` is False left out.
 
-  A row left out has weight 0, so it can change the sums only through 0·inf:
-  on CPU they are formed without zeroing those rows (a copy of every factor,
-  the logits' size for an output layer) and formed again with it, in one
-  branch for all leaves, only if some sum is not finite. Elsewhere the rows
-  are zeroed first (no conditional)."""
+  A row left out has weight 0, so it can change the sums only through 0·inf,
+  and only if it holds inf or NaN, which its norm then shows (``all_finite``
+  is False). On CPU the rows are zeroed (a copy of every factor and
+  per-example gradient) only then, behind one ``lax.cond`` for all leaves;
+  elsewhere they are always zeroed (no conditional)."""
+  order = sorted(formed) + sorted(factors)
 
-  def zeroed(weights, keep):
-    return [factor_grads(gs, w, wt, keep) for gs, w, wt in zip(factors, ws, weights)]
+  def sums(keep):
+    out = [
+      weighted_sum(weights[leaf], formed[leaf] if keep is None else keep_rows(keep, formed[leaf]))
+      for leaf in sorted(formed)
+    ]
+    out += [factor_grads(factors[leaf], ws[leaf], weights[leaf], keep) for leaf in sorted(factors)]
+    return out
 
-  if keep is None:
-    return zeroed(weights, None)
-
-  def cpu(weights, keep):
-    fast = zeroed(weights, None)
-    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in fast]))
-    return jax.lax.cond(finite, lambda: fast, lambda: zeroed(weights, keep))
-
-  return by_platform(cpu, zeroed, weights, keep)
+  if not order:
+    done: list = []
+  elif keep is None:
+    done = sums(None)
+  else:
+    done = by_platform(
+      lambda keep: jax.lax.cond(all_finite, lambda: sums(None), lambda: sums(keep)), sums, keep
+    )
+  out = [jnp.zeros_like(w) for w in ws]
+  for leaf, g in zip(order, done):
+    out[leaf] = g
+  return out

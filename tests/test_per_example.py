@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import gnorm_jax
+from gnorm_jax import _numerics
 from gnorm_jax._per_example import _jaxpr, _plan, _program
 
 
@@ -446,6 +447,46 @@ def test_nan_safe_drops_non_finite_examples(method, bad):
     loss, max_norm=1.0, batch_argnums=(1, 2), nan_safe=False, method=method
   )
   assert all(bool(jnp.any(~jnp.isfinite(g))) for g in jax.tree.leaves(unsafe(params, x, y)))
+
+
+def _three_routes():
+  """A loss whose leaves take all three engine routes at B=4: a bias (direct), a dense
+  layer over 4 positions (ghost, may cancel) and one on their mean (ghost, one position)."""
+  k = jax.random.split(jax.random.key(3), 4)
+  params = {
+    "w1": jax.random.normal(k[0], (64, 64)) / 8,
+    "b1": jnp.zeros(64),
+    "w2": jax.random.normal(k[1], (64, 64)) / 8,
+  }
+
+  def loss(p, x, y):
+    h = jnp.tanh(x @ p["w1"] + p["b1"])
+    return jnp.sum((jnp.mean(h, 0) @ p["w2"] - y) ** 2)
+
+  return loss, params, (jax.random.normal(k[2], (4, 4, 64)), jax.random.normal(k[3], (4, 64)))
+
+
+@pytest.mark.parametrize("form", ["cpu", "default"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_example_leaves_every_route_finite(bad, form, monkeypatch):
+  """A NaN/inf example on the direct, ghost and one-position ghost routes, in the CPU form
+  (rows zeroed only when some norm is not finite) and the GPU/TPU form (always zeroed)."""
+  loss, params, (x, y) = _three_routes()
+  plan = gnorm_jax.per_example_plan(loss, batch_argnums=(1, 2), method="engine")(params, x, y)
+  assert [leaf.route for leaf in plan.leaves] == ["direct", "ghost", "ghost"]
+  monkeypatch.setattr(_numerics, "_FORCE_FORM", form)
+  jax.clear_caches()
+  x = x.at[2, 1].set(bad)
+  fn = gnorm_jax.clipped_grad(
+    loss, max_norm=0.5, batch_argnums=(1, 2), reduce="sum", return_norms=True, method="engine"
+  )
+  grads, norms = jax.jit(fn)(params, x, y)
+  jax.clear_caches()
+  keep = np.arange(4) != 2
+  want_norms, want = _reference(loss, params, (x[keep], y[keep]), 0.5, reduce="sum")
+  assert not np.isfinite(norms[2])
+  np.testing.assert_allclose(np.asarray(norms)[keep], want_norms, rtol=RTOL)
+  _assert_tree_close(grads, want)
 
 
 @pytest.mark.parametrize("name", ["mlp", "transformer", "cnn"])

@@ -489,6 +489,53 @@ def test_non_finite_example_leaves_every_route_finite(bad, form, monkeypatch):
   _assert_tree_close(grads, want)
 
 
+@pytest.mark.parametrize("form", ["cpu", "default"])
+@pytest.mark.parametrize(
+  "method, nan_safe, per_layer, microbatch",
+  [
+    ("engine", True, False, None),
+    ("engine", False, False, None),
+    ("engine", True, True, None),
+    ("engine", True, False, 2),
+    ("vmap", True, False, None),
+  ],
+)
+def test_example_whose_norm_overflows_is_clipped_not_dropped(
+  method, nan_safe, per_layer, microbatch, form, monkeypatch
+):
+  """An example whose gradient is finite but whose norm (2.4e39) exceeds float32's largest:
+  its norm is reported inf, and it is clipped into the sum like any other example."""
+  loss, params, (x, y) = _three_routes()
+  y = y.at[1].multiply(4e37)
+  per_ex = jax.vmap(jax.grad(loss), in_axes=(None, 0, 0))(params, x, y)
+  flat = {k: np.asarray(per_ex[k], np.float64).reshape(4, -1) for k in params}
+  assert all(np.all(np.isfinite(g)) for g in flat.values())
+  total = np.sqrt(sum(np.sum(g**2, 1) for g in flat.values()))
+  assert total[1] > 1e39
+  max_norm = {"w1": 0.5, "b1": 0.25, "w2": 2.0} if per_layer else 0.5
+  monkeypatch.setattr(_numerics, "_FORCE_FORM", form)
+  jax.clear_caches()
+  fn = gnorm_jax.clipped_grad(
+    loss,
+    max_norm=max_norm,
+    batch_argnums=(1, 2),
+    reduce="sum",
+    return_norms=True,
+    method=method,
+    nan_safe=nan_safe,
+    microbatch_size=microbatch,
+  )
+  grads, norms = jax.jit(fn)(params, x, y)
+  jax.clear_caches()
+  assert np.isinf(norms[1])
+  np.testing.assert_allclose(np.delete(np.asarray(norms), 1), np.delete(total, 1), rtol=RTOL)
+  for k in params:
+    n = np.linalg.norm(flat[k], axis=1) if per_layer else total
+    c = max_norm[k] if per_layer else max_norm
+    want = np.tensordot(np.minimum(1.0, c / n), flat[k], 1).reshape(params[k].shape)
+    np.testing.assert_allclose(grads[k], want, rtol=0, atol=RTOL * np.abs(want).max())
+
+
 @pytest.mark.parametrize("name", ["mlp", "transformer", "cnn"])
 def test_mask_rows_are_padding(name):
   loss, params, batch = ZOO[name]()

@@ -242,13 +242,14 @@ class _PerExample:
     )
 
   def _clip_weights(self, args, max_norm):
-    """A function of per-leaf norms [B, L] giving each leaf's clip weights [B],
-    and each leaf's boost (the weights are B·min(1, C/‖gᵢ‖); see _weight)."""
+    """A function of per-leaf norms [B, L], norms [B] (both scaled by 1/r) and r [B]
+    giving each leaf's clip weights and scales [B] (see _weight), and each leaf's
+    boost (the weights are B·min(1, C/‖gᵢ‖))."""
     params = self._params(args)
     dtypes = [jnp.result_type(w) for w in jax.tree.leaves(params)]
     if not is_tree(max_norm):  # one weight per example (streams use the first leaf's)
       boosts = [_boost(max_norm, dtypes)] * len(dtypes)
-      return (lambda leaf_norms, norms: [_weight(norms, max_norm, b) for b in boosts]), boosts
+      return (lambda leaf_norms, norms, r: [_weight(norms, r, max_norm, b) for b in boosts]), boosts
     thresholds = jax.tree.leaves(max_norm)
     ids = jax.tree.unflatten(jax.tree.structure(max_norm), range(len(thresholds)))
     try:
@@ -262,7 +263,7 @@ class _PerExample:
         f" of the parameters' {jax.tree.structure(params)}."
       ) from e
 
-    def weights(leaf_norms, norms):
+    def weights(leaf_norms, norms, r):
       per_group = []
       for g in range(len(thresholds)):
         cols = [i for i, gi in enumerate(group_of) if gi == g]
@@ -270,7 +271,7 @@ class _PerExample:
           jax.vmap(tree_norm)(leaf_norms[:, cols]) if cols else jnp.zeros(norms.shape, norms.dtype)
         )
         per_group.append(gn)
-      return [_weight(per_group[g], thresholds[g], b) for g, b in zip(group_of, boosts)]
+      return [_weight(per_group[g], r, thresholds[g], b) for g, b in zip(group_of, boosts)]
 
     boosts = [_boost(thresholds[g], [d]) for g, d in zip(group_of, dtypes)]
     return weights, boosts
@@ -336,11 +337,14 @@ def _boost(max_norm: Any, dtypes: list) -> jax.Array:
   return jnp.where(jnp.isfinite(c) & (c > 0), boost, 1)
 
 
-def _weight(norms: jax.Array, max_norm: Any, boost: jax.Array) -> jax.Array:
-  """B·min(1, C/‖gᵢ‖) formed as ((f·B)·s) with s·f = the clip factor (clip_scales):
-  f·B is in (4, 16] where clipping, so nothing underflows or overflows on the way."""
-  s, f = clip_scales(norms, max_norm)
-  return (f * boost.astype(f.dtype)) * s
+def _weight(norms: jax.Array, r: jax.Array, max_norm: Any, boost: jax.Array) -> tuple:
+  """``(w, u)`` with w·u = B·min(1, C/‖gᵢ‖), for ‖gᵢ‖ = ``norms``·r (r [B] powers of
+  two, 1 unless the norm is near or beyond float32's largest): u = 1/r where
+  clipping (else 1) scales the gradient, and w = (f·B)·s with u·s·f the clip factor
+  (clip_scales): f·B is in (4, 16] where clipping, so nothing underflows or
+  overflows on the way."""
+  u, s, f = clip_scales(norms, max_norm, r)
+  return (f * boost.astype(f.dtype)) * s, u
 
 
 def _fill_padding(batch_flat: list, mask: jax.Array) -> list:

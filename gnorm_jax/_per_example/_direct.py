@@ -15,7 +15,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from gnorm_jax._norms import leaf_norms, tree_norm
+from gnorm_jax._norms import leaf_norms_split, tree_norm, tree_norm_split
+from gnorm_jax._numerics import binary_exponent
 from gnorm_jax._per_example._ghost import acc_dtype, factor_grads, ghosts, use_ghost
 from gnorm_jax._per_example._jaxpr import Lit
 from gnorm_jax._per_example._program import Part, Rebuild
@@ -32,10 +33,12 @@ def per_example_norms(g: jax.Array) -> jax.Array:
   return jax.vmap(tree_norm)(g)
 
 
-def per_example_leaf_norms(gs: list[jax.Array]) -> list[jax.Array]:
-  """[B] norms of each of ``gs`` (per-example values [B, ...]), by ONE call of
-  the norm core: one fast pass and one check for all of them."""
-  return jax.vmap(leaf_norms)(gs)
+def per_example_leaf_norms(gs: list[jax.Array]) -> tuple[list[jax.Array], list[jax.Array]]:
+  """``(m, e)``: each of ``gs`` (per-example values [B, ...]) has the norms m·2^e
+  ([B] floats, [B] int32; m finite where the norm overflows), by ONE call of the
+  norm core: one fast pass and one check for all of them."""
+  ms, rs = jax.vmap(leaf_norms_split)(gs)
+  return ms, [binary_exponent(r) for r in rs]
 
 
 def _apply_chain(segment: tuple, w: jax.Array, params) -> jax.Array:
@@ -127,12 +130,19 @@ def one_grad(uses: list[Use], ops: list, cs: list, w: jax.Array, params=None) ->
   return g
 
 
-def exact_norm(uses, operands, cots, w):
+def exact_norm(uses, operands, cots, w, shift):
   """``(one, examples)`` for :func:`~._ghost.rescue`: one example's exact norm of
-  ``w``'s gradient from its operands and cotangents, and those, batched."""
+  ``w``'s gradient from its operands and cotangents, times 2^-shift (``shift`` [B]
+  int32, the exponent of :func:`~._ghost.ghost_terms`), and those, batched."""
   ops = [operands[u.key] for u in uses]
   cs = [cots[u.key] for u in uses]
-  return (lambda example: tree_norm(one_grad(uses, *example, w))), (ops, cs)
+
+  def one(example):
+    ops, cs, k = example
+    m, r = tree_norm_split(one_grad(uses, ops, cs, w))
+    return jnp.ldexp(m, binary_exponent(r) - k)
+
+  return one, (ops, cs, shift)
 
 
 def weighted_sum(weights: jax.Array, per_example: jax.Array) -> jax.Array:

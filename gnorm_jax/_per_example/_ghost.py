@@ -214,9 +214,12 @@ def rescue_worst(
   return out.at[at].set(jnp.where(suspect[at], fixed, norms[at]))
 
 
-def ghost_terms(gs: list[Ghost]) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """([B] ghost norms, [B] bool: the sum may have lost more than GHOST_RTOL,
-  [B] an upper bound of the exact norms, √(s + error bound))."""
+def ghost_terms(gs: list[Ghost]) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """([B] ghost norms m, [B] int32 exponents e: the norm is m·2^e; [B] bool: the sum
+  may have lost more than GHOST_RTOL; [B] an upper bound of m, √(s + error bound)).
+
+  m is formed from the factors scaled per example, so it neither overflows nor
+  underflows; m·2^e may (a norm beyond float32's largest is still known)."""
   # (P, Q) factors of the uses, those with dense P first.
   dense = [(g.p, g.q) for g in gs if isinstance(g.p, Dense)]
   index = [(g.p, g.q) for g in gs if isinstance(g.p, Index)]
@@ -273,22 +276,30 @@ def ghost_terms(gs: list[Ghost]) -> tuple[jax.Array, jax.Array, jax.Array]:
   err = 4 * float(jnp.finfo(real).eps) * (math.sqrt(k) + t)  # |error of s| <= err·bound
   suspect = ~jnp.isfinite(s) | (s < err / GHOST_RTOL * bound)
   shift = sum(x for x in e.values() if x is not None)
-  upper = jnp.ldexp(jnp.sqrt(jnp.maximum(s, 0) + err * bound), shift)
+  shift = jnp.zeros(s.shape, jnp.int32) if isinstance(shift, int) else shift.astype(jnp.int32)
+  upper = jnp.sqrt(jnp.maximum(s, 0) + err * bound)
   # safe_sqrt: the derivative at s = 0 (an example whose gradient is 0) is 0, not NaN.
-  return jnp.ldexp(safe_sqrt(jnp.maximum(s, 0)), shift), suspect, lax.stop_gradient(upper)
+  return safe_sqrt(jnp.maximum(s, 0)), shift, suspect, lax.stop_gradient(upper)
 
 
 def factor_grads(
-  gs: list[Ghost], w: jax.Array, weights: jax.Array | None = None, keep: jax.Array | None = None
+  gs: list[Ghost],
+  w: jax.Array,
+  weights: jax.Array | None = None,
+  keep: jax.Array | None = None,
+  scale: jax.Array | None = None,
 ) -> jax.Array:
   """Σ_t P_t ⊗ Q_t in the leaf's layout: [B, *w.shape] per example, or with
-  ``weights`` the book-keeping sum Σᵢ wᵢ Σ_t P_t ⊗ Q_t, [*w.shape]. Rows where
-  ``keep`` is False are zeroed first (a non-finite example cannot reach the
-  sum through 0·inf)."""
+  ``weights`` the book-keeping sum Σᵢ wᵢ Σ_t P_t ⊗ Q_t, [*w.shape]. Each example's
+  cotangent factor is multiplied by its ``scale`` (a power of two) before its
+  weight; rows where ``keep`` is False are zeroed first (a non-finite example
+  cannot reach the sum through 0·inf)."""
   head, pa, qa = gs[0].layout
   total: jax.Array | int = 0
   for g in gs:
     q = g.q.value
+    if scale is not None:
+      q = q * scale.astype(q.dtype)[:, None, None, None]
     if keep is not None:
       q = keep_rows(keep, q)
     if weights is not None:

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from gnorm_jax._norms import tree_norm
-from gnorm_jax._numerics import by_platform
+from gnorm_jax._numerics import binary_exponent, by_platform, pow2_split
 from gnorm_jax._per_example._direct import (
   direct_grads,
   exact_norm,
@@ -121,9 +121,12 @@ def run(
   mask: jax.Array | None,
   nan_safe: bool,
 ):
-  """Per-example norms [B], the clipped sums Σᵢ wᵢ gᵢ of every leaf (when
-  ``weights_fn`` maps (per-leaf norms [B, L], norms [B]) to each leaf's weights
-  [B]), and the loss's auxiliary outputs stacked over the batch.
+  """Per-example norms [B], the clipped sums Σᵢ wᵢ·(uᵢ·gᵢ) of every leaf (when
+  ``weights_fn`` maps (per-leaf norms [B, L] and norms [B], both divided by r,
+  and r [B]) to each leaf's weights and scales (w, u) [B]), and the loss's
+  auxiliary outputs stacked over the batch. r is a power of two, 1 unless some
+  leaf norm of the example is beyond 2^SCALE_ABOVE: a norm beyond float32's
+  largest is reported inf and its example still clipped.
 
   ``mask`` [B] (False: padding) zeroes an example's norm and weight; with
   ``nan_safe`` an example whose gradient is not finite gets weight 0 (its norm
@@ -168,13 +171,15 @@ def run(
     streamed = {leaf: fixed[:, n] for n, leaf in enumerate(order)}
   formed, factors, taken = {}, {}, {}
   outer: dict[int, tuple] = {}  # ghost leaf -> (P, Q): its gradient is one outer product
-  per_leaf: dict[int, jax.Array] = {}  # leaf -> its norms [B]
-  cancel: dict[int, tuple] = {}  # ghost leaf -> (norms, suspect, upper, one, examples)
+  # leaf -> its norms as (m [B], e [B] int32): m·2^e, m finite where the norm overflows
+  per_leaf: dict[int, tuple] = {}
+  cancel: dict[int, tuple] = {}  # ghost leaf -> (m, e, suspect, upper, one, examples)
+  zero_exp = jnp.zeros((b,), jnp.int32)
   for leaf, w in enumerate(params_flat):
     route = routes[leaf].route
     uses = program.uses.get(leaf, [])
     if leaf in streamed:
-      per_leaf[leaf], taken[leaf] = streamed[leaf], f"streamed {route}"
+      per_leaf[leaf], taken[leaf] = (streamed[leaf], zero_exp), f"streamed {route}"
     elif route == "materialized" or plan.method == "vmap":
       formed[leaf], taken[leaf] = fb_grads[leaf], "materialized"
     elif route == "direct":
@@ -185,12 +190,12 @@ def run(
       if (pq := outer_factors(factors[leaf])) is not None:
         outer[leaf] = pq
         continue
-      terms = ghost_terms(factors[leaf])
+      m, e, suspect, upper = ghost_terms(factors[leaf])
       if can_cancel(factors[leaf]):
-        cancel[leaf] = (*terms, *exact_norm(uses, operands, cots, w))
-      per_leaf[leaf] = terms[0]
+        cancel[leaf] = (m, e, suspect, upper, *exact_norm(uses, operands, cots, w, e))
+      per_leaf[leaf] = (m, e)
     else:
-      per_leaf[leaf], taken[leaf] = jnp.zeros((b,), dtype), "unused"
+      per_leaf[leaf], taken[leaf] = (jnp.zeros((b,), dtype), zero_exp), "unused"
   # The formed leaves' norms and the outer-product factors' in one call of the
   # norm core, the ghost sums that may cancel checked (and rescued) together:
   # per call, not per leaf.
@@ -198,44 +203,72 @@ def run(
     order = sorted(formed)
     pairs = sorted(outer)
     arrays = [formed[leaf] for leaf in order] + [x for leaf in pairs for x in outer[leaf]]
-    found = per_example_leaf_norms(arrays)
-    per_leaf.update(zip(order, found))
-    rest = found[len(order) :]
-    per_leaf.update({leaf: rest[2 * n] * rest[2 * n + 1] for n, leaf in enumerate(pairs)})
+    ms, es = per_example_leaf_norms(arrays)
+    per_leaf.update({leaf: (ms[n], es[n]) for n, leaf in enumerate(order)})
+    for n, leaf in enumerate(pairs):  # ‖P ⊗ Q‖ = ‖P‖·‖Q‖, each as m·2^e
+      p, q = len(order) + 2 * n, len(order) + 2 * n + 1
+      (sp, mp), (sq, mq) = pow2_split(ms[p]), pow2_split(ms[q])  # m·s in [0.5, 1)
+      per_leaf[leaf] = (mp * mq, es[p] + es[q] - binary_exponent(sp) - binary_exponent(sq))
   if cancel:
     order = sorted(cancel)
-    fast, suspect, upper = (jnp.stack([cancel[leaf][j] for leaf in order], 1) for j in range(3))
-    ones = [cancel[leaf][3] for leaf in order]
+    fast, suspect, upper = (jnp.stack([cancel[leaf][j] for leaf in order], 1) for j in (0, 2, 3))
+    ones = [cancel[leaf][4] for leaf in order]
     fixed = rescue(
       fast,
       suspect,
       upper,
       lambda examples: jnp.stack([one(ex) for one, ex in zip(ones, examples)]),
-      [cancel[leaf][4] for leaf in order],
+      [cancel[leaf][5] for leaf in order],
     )
-    per_leaf.update({leaf: fixed[:, n] for n, leaf in enumerate(order)})
-  leaf_norm_list = [per_leaf[leaf].astype(dtype) for leaf in range(len(params_flat))]
+    per_leaf.update({leaf: (fixed[:, n], cancel[leaf][1]) for n, leaf in enumerate(order)})
   if _observe is not None:
     _observe(plan, taken)
-  leaf_norms = jnp.stack(leaf_norm_list, axis=1) if leaf_norm_list else jnp.zeros((b, 0), dtype)
-  norms = jax.vmap(tree_norm)(leaf_norms)
+  leaves = range(len(params_flat))
+  leaf_m = jnp.stack([per_leaf[leaf][0].astype(dtype) for leaf in leaves], 1) if leaves else None
+  leaf_e = jnp.stack([per_leaf[leaf][1] for leaf in leaves], 1) if leaves else None
+  leaf_norms, norms, scale = _scaled_norms(leaf_m, leaf_e, b, dtype)
   # A row's factors or per-example gradients hold inf/NaN only if its norm does.
   all_finite = jnp.all(jnp.isfinite(norms))
+  found = jnp.ldexp(norms, scale)  # the norms themselves (inf beyond float32's largest)
   keep = jnp.ones((b,), bool) if mask is None else mask
   if mask is not None:
+    found = jnp.where(keep, found, 0)
     norms = jnp.where(keep, norms, 0)
     leaf_norms = jnp.where(keep[:, None], leaf_norms, 0)
   if weights_fn is None:
-    return norms, None, aux
+    return found, None, aux
   if nan_safe:
     keep = keep & jnp.isfinite(norms)
   zero_rows = keep if (nan_safe or mask is not None) else None
+  r = jnp.ldexp(jnp.ones((), dtype), scale)
+  pairs_w = weights_fn(leaf_norms, norms, r)  # each leaf's (weights, scales)
   if streams:  # one weight per example: a second, weighted backward pass
-    one = jnp.where(keep, weights_fn(leaf_norms, norms)[0], 0)
-    return norms, weighted_grads(traced, batch_flat, one, keep), aux
-  weights = [jnp.where(keep, wt, 0) for wt in weights_fn(leaf_norms, norms)]
-  sums = clipped_sums(formed, factors, params_flat, weights, zero_rows, all_finite)
-  return norms, sums, aux
+    one = jnp.where(keep, pairs_w[0][0] * pairs_w[0][1], 0)
+    return found, weighted_grads(traced, batch_flat, one, keep), aux
+  weights = [jnp.where(keep, wt, 0) for wt, _ in pairs_w]
+  scales = [u for _, u in pairs_w]
+  fast = all_finite & jnp.all(scale == 0)
+  sums = clipped_sums(formed, factors, params_flat, weights, scales, zero_rows, fast)
+  return found, sums, aux
+
+
+# Per-leaf norms up to 2^SCALE_ABOVE are combined as they are; an example with a
+# larger one has all its leaf norms scaled down by one power of two first.
+SCALE_ABOVE = 100
+
+
+def _scaled_norms(ms, es, b: int, dtype) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """From per-leaf norms m·2^e [B, L]: ``(leaf norms, norms, k)`` with every
+  example's leaf norms and norm scaled by 2^-k (k [B] int32, 0 unless some leaf
+  norm exceeds 2^SCALE_ABOVE), so that both stay finite where the norm itself
+  overflows float32. Non-finite norms stay non-finite."""
+  if ms is None:
+    return jnp.zeros((b, 0), dtype), jnp.zeros((b,), dtype), jnp.zeros((b,), jnp.int32)
+  finite = jnp.isfinite(ms) & (ms > 0)
+  mag = jnp.where(finite, binary_exponent(ms) + es, 0)
+  k = jnp.clip(jnp.max(mag, axis=1) - SCALE_ABOVE, 0, SCALE_ABOVE)
+  leaf_norms = jnp.ldexp(ms, es - k[:, None])
+  return leaf_norms, jax.vmap(tree_norm)(leaf_norms), k
 
 
 def clipped_sums(
@@ -243,35 +276,49 @@ def clipped_sums(
   factors: dict,
   ws: list,
   weights: list,
+  scales: list,
   keep: jax.Array | None,
-  all_finite: jax.Array,
+  fast: jax.Array,
 ) -> list:
-  """Every leaf's clipped sum Σᵢ wᵢ gᵢ: from its per-example gradients (``formed``),
-  from its ghost factors (Σᵢ wᵢ Σ_t P_t ⊗ Q_t), or zeros (unused); rows where
-  ``keep`` is False left out.
+  """Every leaf's clipped sum Σᵢ wᵢ·(uᵢ·gᵢ): from its per-example gradients
+  (``formed``), from its ghost factors (Σᵢ wᵢ Σ_t P_t ⊗ uᵢQ_t), or zeros (unused);
+  rows where ``keep`` is False left out. uᵢ (``scales``, powers of two) is 1 unless
+  the example's norm is beyond 2^SCALE_ABOVE: its gradient is scaled down first,
+  so that its weight does not underflow.
 
   A row left out has weight 0, so it can change the sums only through 0·inf,
-  and only if it holds inf or NaN, which its norm then shows (``all_finite``
-  is False). On CPU the rows are zeroed (a copy of every factor and
-  per-example gradient) only then, behind one ``lax.cond`` for all leaves;
-  elsewhere they are always zeroed (no conditional)."""
+  and only if it holds inf or NaN, which its norm then shows. Per-example
+  gradients are zeroed and scaled in one elementwise pass. Ghost factors are
+  too on GPU/TPU; on CPU (a copy of every factor, the logits' size for an
+  output layer) only when ``fast`` is False (some norm not finite, or some uᵢ
+  not 1), behind one ``lax.cond`` for all ghost leaves."""
   order = sorted(formed) + sorted(factors)
 
-  def sums(keep):
-    out = [
-      weighted_sum(weights[leaf], formed[leaf] if keep is None else keep_rows(keep, formed[leaf]))
-      for leaf in sorted(formed)
-    ]
-    out += [factor_grads(factors[leaf], ws[leaf], weights[leaf], keep) for leaf in sorted(factors)]
-    return out
+  def fixed(leaf):
+    g, u = formed[leaf], scales[leaf]
+    g = g * u.astype(g.dtype).reshape((-1,) + (1,) * (g.ndim - 1))
+    return g if keep is None else keep_rows(keep, g)
 
-  if not order:
-    done: list = []
-  elif keep is None:
-    done = sums(None)
-  else:
-    done = by_platform(
-      lambda keep: jax.lax.cond(all_finite, lambda: sums(None), lambda: sums(keep)), sums, keep
+  def ghost_sums(rows):
+    return [
+      factor_grads(
+        factors[leaf],
+        ws[leaf],
+        weights[leaf],
+        None if rows is None or rows is True else rows,
+        None if rows is None else scales[leaf],
+      )
+      for leaf in sorted(factors)
+    ]
+
+  # Formed leaves: their rows are zeroed and scaled in any case (one elementwise
+  # pass; inside a branch, XLA would keep every per-example gradient and its copy).
+  done = [weighted_sum(weights[leaf], fixed(leaf)) for leaf in sorted(formed)]
+  rows = True if keep is None else keep
+  if factors:
+    done += by_platform(
+      lambda: jax.lax.cond(fast, lambda: ghost_sums(None), lambda: ghost_sums(rows)),
+      lambda: ghost_sums(rows),
     )
   out = [jnp.zeros_like(w) for w in ws]
   for leaf, g in zip(order, done):

@@ -119,7 +119,8 @@ class Stream:
       ob = {u.key: tuple(None if o is None else o[None] for o in ops[u.key]) for u in us}
       cb = {u.key: cts[u.key][None] for u in us}
       if self.routes[leaf] == "ghost":
-        n, suspect, upper = ghost_terms(planned_ghosts(us, ob, cb, len(shape)))
+        m, e, suspect, upper = ghost_terms(planned_ghosts(us, ob, cb, len(shape)))
+        n, upper = jnp.ldexp(m, e), jnp.ldexp(upper, e)
       else:
         n = upper = per_example_norms(direct_grads(us, ob, cb, jnp.zeros(shape, wdtype)))
         suspect = jnp.zeros_like(n, bool)

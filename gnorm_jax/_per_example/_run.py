@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from gnorm_jax._norms import tree_norm
-from gnorm_jax._numerics import binary_exponent, by_platform, pow2_split
+from gnorm_jax._numerics import binary_exponent, by_platform
 from gnorm_jax._per_example._direct import (
   direct_grads,
   exact_norm,
@@ -207,8 +207,16 @@ def run(
     per_leaf.update({leaf: (ms[n], es[n]) for n, leaf in enumerate(order)})
     for n, leaf in enumerate(pairs):  # ‖P ⊗ Q‖ = ‖P‖·‖Q‖, each as m·2^e
       p, q = len(order) + 2 * n, len(order) + 2 * n + 1
-      (sp, mp), (sq, mq) = pow2_split(ms[p]), pow2_split(ms[q])  # m·s in [0.5, 1)
-      per_leaf[leaf] = (mp * mq, es[p] + es[q] - binary_exponent(sp) - binary_exponent(sq))
+      mp, mq = ms[p], ms[q]
+      # m·m overflows only at the edge (a plain sum of squares below float32's
+      # largest, twice): then one factor is taken down by 2^64 first.
+      m = mp * mq
+      edge = jnp.isinf(m) & jnp.isfinite(mp) & jnp.isfinite(mq)
+      down = jnp.asarray(2.0**-64, mp.dtype)
+      per_leaf[leaf] = (
+        jnp.where(edge, (mp * down) * mq, m),
+        es[p] + es[q] + jnp.where(edge, 64, 0),
+      )
   if cancel:
     order = sorted(cancel)
     fast, suspect, upper = (jnp.stack([cancel[leaf][j] for leaf in order], 1) for j in (0, 2, 3))

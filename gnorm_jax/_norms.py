@@ -293,9 +293,10 @@ def _l2_branchless(groups: list[list[jax.Array]]) -> list[tuple[jax.Array, jax.A
   """The GPU/TPU form of :func:`_l2_norms_one`: no conditional.
 
   Each leaf is read once, by one variadic reduction, for three sums of
-  squares: plain, scaled by 2^-a and by 2^b (:func:`_scale_exponents`). The plain sum is kept where
-  accurate (:func:`_fast_path_ok`), the scaled-down one where it overflowed
-  (or an entry is inf), the scaled-up one where it is small or NaN.
+  squares: plain, scaled by 2^-a and by 2^b (:func:`_scale_exponents`). The
+  plain sum is kept where accurate (:func:`_fast_path_ok`), the scaled-down one
+  where it overflowed (or an entry is inf), the scaled-up one where it is small
+  or NaN.
   """
   out = []
   for g in groups:

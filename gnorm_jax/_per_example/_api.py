@@ -248,8 +248,8 @@ class _PerExample:
     params = self._params(args)
     dtypes = [jnp.result_type(w) for w in jax.tree.leaves(params)]
     if not is_tree(max_norm):  # one weight per example (streams use the first leaf's)
-      boosts = [_boost(max_norm, dtypes)] * len(dtypes)
-      return (lambda leaf_norms, norms, r: [_weight(norms, r, max_norm, b) for b in boosts]), boosts
+      boost, n = _boost(max_norm, dtypes), len(dtypes)
+      return (lambda leaf_norms, norms, r: [_weight(norms, r, max_norm, boost)] * n), [boost] * n
     thresholds = jax.tree.leaves(max_norm)
     ids = jax.tree.unflatten(jax.tree.structure(max_norm), range(len(thresholds)))
     try:

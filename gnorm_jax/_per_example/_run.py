@@ -307,14 +307,16 @@ def clipped_sums(
     g = g * u.astype(g.dtype).reshape((-1,) + (1,) * (g.ndim - 1))
     return g if keep is None else keep_rows(keep, g)
 
-  def ghost_sums(rows):
+  def ghost_sums(fixing: bool):
+    """The ghost leaves' sums, with the rows zeroed and scaled or (``fixing`` False) as
+    they are."""
     return [
       factor_grads(
         factors[leaf],
         ws[leaf],
         weights[leaf],
-        None if rows is None or rows is True else rows,
-        None if rows is None else scales[leaf],
+        keep if fixing else None,
+        scales[leaf] if fixing else None,
       )
       for leaf in sorted(factors)
     ]
@@ -322,11 +324,10 @@ def clipped_sums(
   # Formed leaves: their rows are zeroed and scaled in any case (one elementwise
   # pass; inside a branch, XLA would keep every per-example gradient and its copy).
   done = [weighted_sum(weights[leaf], fixed(leaf)) for leaf in sorted(formed)]
-  rows = True if keep is None else keep
   if factors:
     done += by_platform(
-      lambda: jax.lax.cond(fast, lambda: ghost_sums(None), lambda: ghost_sums(rows)),
-      lambda: ghost_sums(rows),
+      lambda: jax.lax.cond(fast, lambda: ghost_sums(False), lambda: ghost_sums(True)),
+      lambda: ghost_sums(True),
     )
   out = [jnp.zeros_like(w) for w in ws]
   for leaf, g in zip(order, done):

@@ -471,8 +471,9 @@ class PerExamplePlan:
       leaf has a rule).
     microbatch_size: examples per pass (``batch_size`` without microbatching);
       flops and bytes are per pass.
-    estimates: the cost model's estimated seconds per pass of ``"engine"`` and
-      ``"vmap"`` on ``platform``, and their extra memory in bytes
+    estimates: the cost model's estimate of the seconds that ``"engine"`` and
+      ``"vmap"`` add to the plain gradient per pass on ``platform``, and of their
+      extra memory in bytes
       (``"engine_bytes"``, ``"vmap_bytes"``); ``method="auto"`` runs the faster,
       vmap only where its memory is at most twice the engine's plus 64 MiB.
     platform: the backend the estimates are for (JAX's default backend when
@@ -496,7 +497,8 @@ class PerExamplePlan:
     if self.estimates:
       e = self.estimates
       rows.append(
-        f"estimated on {self.platform}: engine {e['engine'] * 1e3:.3g} ms"
+        f"estimated on {self.platform}, beyond the plain gradient: engine"
+        f" {e['engine'] * 1e3:.3g} ms"
         f" ({e['engine_bytes'] / 2**20:.3g} MiB extra), vmap {e['vmap'] * 1e3:.3g} ms"
         f" ({e['vmap_bytes'] / 2**20:.3g} MiB extra)"
       )

@@ -98,8 +98,10 @@ class LeafRoute:
   why: str = ""
   # Every alternative considered: (route, flops, bytes), the chosen one included.
   options: tuple = ()
-  # What vmap(grad) of the whole loss costs for this leaf: (flops, bytes).
+  # What vmap(grad) of the whole loss adds for this leaf: (flops, bytes).
   vmap: tuple = (0, 0)
+  # Bytes the ghost route reads beyond its Grams: its factors, once more.
+  factor_bytes: int = 0
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -179,7 +181,7 @@ def plan_leaf(uses: list[Use], w: Any, b: int, platform: str = "cpu") -> LeafRou
   direct_flops = sum(u.rule.direct_flops(u) * math.prod(u.steps) for u in uses)
   direct_total = b * (direct_flops + 2 * n)
   slow = VMAP_CONV_SLOWDOWN if any(u.eqn.name == "conv_general_dilated" for u in uses) else 1
-  vmap = (direct_total * slow, b * n * itemsize)
+  vmap = (4 * b * n + (slow - 1) * direct_total, b * n * itemsize)
   direct = LeafRoute("direct", direct_total, b * n * itemsize, vmap=vmap)
   statics = [_ghost_static(u, len(w.shape)) for u in uses]
   if any(s is None for s in statics) or len({s[0] for s in statics}) != 1:
@@ -191,12 +193,15 @@ def plan_leaf(uses: list[Use], w: Any, b: int, platform: str = "cpu") -> LeafRou
   kq = statics[0][4]
   acc = 8 if jnp.issubdtype(w.dtype, jnp.complexfloating) else 4
   ghost_total = b * h * (2 * t_dense * t_dense * kp + 2 * t * t * kq + 4 * t * t)
-  ghost = LeafRoute("ghost", ghost_total, b * h * t * t * 2 * acc, vmap=vmap)
+  factor_bytes = b * h * (t * kp + t * kq) * itemsize
+  ghost = LeafRoute(
+    "ghost", ghost_total, b * h * t * t * 2 * acc, vmap=vmap, factor_bytes=factor_bytes
+  )
   options = (("ghost", ghost.flops, ghost.bytes), ("direct", direct.flops, direct.bytes))
   machine = MACHINES.get(platform, MACHINES["gpu"])
-  ghost_s = _route_seconds(machine, "ghost", ghost_total, ghost.bytes)
-  direct_s = _route_seconds(machine, "direct", 4 * b * n, direct.bytes)
-  chosen = ghost if ghost_s <= direct_s else direct
+  chosen = (
+    ghost if route_seconds(machine, ghost, n, b) <= route_seconds(machine, direct, n, b) else direct
+  )
   return dataclasses.replace(chosen, options=options)
 
 
@@ -214,25 +219,36 @@ def by_flops(r: LeafRoute) -> LeafRoute:
   return dataclasses.replace(r, route=route, flops=flops, bytes=nbytes)
 
 
-def _route_seconds(machine: Machine, route: str, flops: int | None, nbytes: int) -> float:
-  """A route's estimated time: its bytes are written once and read about twice
-  (the norm; the clipped sum)."""
-  return machine.seconds(flops or 0, 3 * nbytes, KERNELS[route])
+def route_seconds(machine: Machine, r: LeafRoute, n: int, b: int) -> float:
+  """What a leaf's route adds to the plain gradient's time (``n`` its size, ``b``
+  the batch). Every route forms the weight gradient's contraction once (the
+  ghost route as its clipped sum, the others per example), so what a route adds
+  is: the ghost route's Grams (their flops; their bytes, written once and read
+  about twice; its factors read once more); the B per-example gradients of a
+  direct or materialized leaf, written once and read twice (the norms, the
+  weighted sum), about four flops per entry."""
+  if r.route == "unused":
+    return 0.0
+  if r.route == "ghost":
+    return machine.seconds(r.flops or 0, 3 * r.bytes + r.factor_bytes, KERNELS["ghost"])
+  return machine.seconds(4 * b * n, 3 * r.bytes, KERNELS[r.route])
 
 
 def estimate(routes: dict, params_flat: list, b: int, platform: str) -> dict:
-  """Estimated seconds of the engine and of vmap(grad) for one pass, and their
-  extra memory: ``{"engine": s, "vmap": s, "engine_bytes": n, "vmap_bytes": n}``."""
+  """Estimated seconds that the engine and vmap(grad) add to the plain gradient
+  in one pass, and their extra memory: ``{"engine": s, "vmap": s, "engine_bytes":
+  n, "vmap_bytes": n}``. vmap's B per-example gradients of a leaf cost as the
+  direct route's (a convolution's formed VMAP_CONV_SLOWDOWN times slower)."""
   machine = MACHINES.get(platform, MACHINES["gpu"])
   engine = machine.seconds(0, 0, CALL_KERNELS["engine"])
   vmap = machine.seconds(0, 0, CALL_KERNELS["vmap"])
   engine_bytes = vmap_bytes = 0
   for leaf, r in routes.items():
     w = params_flat[leaf]
-    materialized = (2 * b * w.size, b * w.size * jnp.dtype(w.dtype).itemsize)
+    materialized = (4 * b * w.size, b * w.size * jnp.dtype(w.dtype).itemsize)
     vf, vb = r.vmap if r.route in ("ghost", "direct") else materialized
-    engine += _route_seconds(machine, r.route, r.flops if r.flops is not None else vf, r.bytes)
-    vmap += _route_seconds(machine, "vmap", vf, vb)
+    engine += route_seconds(machine, r, w.size, b)
+    vmap += machine.seconds(vf, 3 * vb, KERNELS["vmap"])
     engine_bytes += r.bytes
     vmap_bytes += vb
   return {"engine": engine, "vmap": vmap, "engine_bytes": engine_bytes, "vmap_bytes": vmap_bytes}

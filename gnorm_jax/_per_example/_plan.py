@@ -19,13 +19,14 @@ prints and the run executes:
   (:class:`Machine`) estimates it at most ``VMAP_MARGIN`` of the engine's time
   and its memory stays near the engine's; otherwise the ``engine``.
 
-The cost model prices each alternative as flops/F + bytes moved/BW + kernels·L
-with per-backend constants. On a GPU, where a step of a small model takes about
-a millisecond, the engine's extra kernels per leaf can cost more than
-materializing B gradients. On a CPU "auto" keeps the engine: measured on real
-models (docs/benchmarks.md), vmap is at most a few percent faster there (small
-dense transformers), up to 40x slower (grouped convolutions, whose per-example kernel
-gradients vmap runs as B·G groups) and takes 1.5-5x the engine's memory.
+The cost model prices what each alternative adds to the plain gradient as
+flops/F + bytes moved/BW + kernels·L with per-backend constants. On a GPU, where
+a step of a small model takes about a millisecond, the engine's extra kernels
+per leaf can cost more than materializing B gradients. On a CPU "auto" keeps
+the engine: measured on real models (docs/benchmarks.md), vmap is at most about
+10% faster there (small dense transformers, within run-to-run noise), up to 20x
+slower (grouped convolutions, whose per-example kernel gradients vmap runs as
+B·G groups) and takes 1.5-5x the engine's memory.
 """
 
 from __future__ import annotations
@@ -80,10 +81,13 @@ CALL_KERNELS = {"engine": 8, "vmap": 4}
 VMAP_MARGIN = 0.8
 VMAP_MEMORY_FACTOR = 2
 VMAP_SLACK_BYTES = 64 * 2**20
-# vmap(grad) forms a convolution's per-example kernel gradients as one grouped
-# convolution of B·G groups: its flops run this many times slower than a dense
-# contraction's (measured on CPU, 2026-12-06: 10-40x).
-VMAP_CONV_SLOWDOWN = 10
+# vmap(grad) forms a convolution's per-example kernel gradients as a convolution
+# of B·G groups. Measured on CPU (2026-12-07, B=32, each against the batched
+# gradient of the same convolution): an ungrouped one costs 1.0-2.7x (the more
+# for strided and large kernels), a grouped or depthwise one 10-27x. Their flops
+# are priced this many times a dense contraction's.
+VMAP_CONV_SLOWDOWN = 2
+VMAP_GROUPED_CONV_SLOWDOWN = 10
 # Tests set this to price and choose as on another backend.
 _PLATFORM: str | None = None
 
@@ -163,6 +167,15 @@ def _ghost_static(use: Use, ndim: int):
   return g.layout, h, t, kp, g.q.value.shape[-1], index
 
 
+def _vmap_slowdown(use: Use) -> int:
+  """How many times slower vmap(grad) forms the use's per-example gradients than
+  a dense contraction of the same flops."""
+  if use.eqn.name != "conv_general_dilated":
+    return 1
+  grouped = use.eqn.params.get("feature_group_count", 1) > 1
+  return VMAP_GROUPED_CONV_SLOWDOWN if grouped else VMAP_CONV_SLOWDOWN
+
+
 def plan_leaf(uses: list[Use], w: Any, b: int, platform: str = "cpu") -> LeafRoute:
   """The cheaper exact route for a recognized leaf on ``platform`` (the mixed rule).
 
@@ -180,7 +193,7 @@ def plan_leaf(uses: list[Use], w: Any, b: int, platform: str = "cpu") -> LeafRou
     return LeafRoute("unused", 0, 0)
   direct_flops = sum(u.rule.direct_flops(u) * math.prod(u.steps) for u in uses)
   direct_total = b * (direct_flops + 2 * n)
-  slow = VMAP_CONV_SLOWDOWN if any(u.eqn.name == "conv_general_dilated" for u in uses) else 1
+  slow = max([_vmap_slowdown(u) for u in uses])
   vmap = (4 * b * n + (slow - 1) * direct_total, b * n * itemsize)
   direct = LeafRoute("direct", direct_total, b * n * itemsize, vmap=vmap)
   statics = [_ghost_static(u, len(w.shape)) for u in uses]

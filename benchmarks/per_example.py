@@ -99,8 +99,12 @@ def transformer(key, batch, seq, d=256, heads=4, vocab=512):
   return loss, params, (tokens, targets)
 
 
-def variants(loss, params, batch):
-  """name -> (jittable function of (params, *batch))."""
+KEEP = "gnorm_jax clipped_grad, keep_scan_factors"
+
+
+def variants(loss, params, batch, scanned=False):
+  """name -> (jittable function of (params, *batch)); for a rematerialized scan
+  (``scanned``), also clipped_grad on its one-pass route."""
 
   def batch_mean_grad(p, *b):
     return jax.grad(lambda p: jnp.mean(jax.vmap(loss, in_axes=(None, 0, 0))(p, *b)))(p)
@@ -118,6 +122,10 @@ def variants(loss, params, batch):
     ),
     "gnorm_jax clipped_grad": gnorm_jax.clipped_grad(loss, max_norm=CLIP, batch_argnums=(1, 2)),
   }
+  if scanned:
+    out[KEEP] = gnorm_jax.clipped_grad(
+      loss, max_norm=CLIP, batch_argnums=(1, 2), keep_scan_factors=True
+    )
   try:
     from jax_privacy import clipping
   except ImportError:
@@ -130,8 +138,8 @@ def variants(loss, params, batch):
   return out
 
 
-def run(title, loss, params, batch, rounds, goal_time=1.3, goal_memory=1.5):
-  fns = variants(loss, params, batch)
+def run(title, loss, params, batch, rounds, goal_time=1.3, goal_memory=1.5, scanned=False):
+  fns = variants(loss, params, batch, scanned)
   jitted = {name: jax.jit(fn) for name, fn in fns.items()}
   # Agreement check before timing: the fast paths must equal the reference.
   ref = jitted["vmap per-example norms"](params, *batch)
@@ -145,6 +153,7 @@ def run(title, loss, params, batch, rounds, goal_time=1.3, goal_memory=1.5):
   # reclaims and re-faults memory, whichever variant it is: so the cost of
   # gnorm_jax against the plain gradient is timed without them in the rounds.
   cheap = ["plain batch-mean grad", "gnorm_jax per_example_grad_norms", "gnorm_jax clipped_grad"]
+  cheap += [KEEP] if scanned else []
   calls = {name: (lambda f=f: f(params, *batch)) for name, f in jitted.items()}
   mem = {name: memory(fn, params, *batch) for name, fn in fns.items()}
   times = time_variants({n: calls[n] for n in cheap}, rounds=max(rounds, 5), reps=5, warmup=2)
@@ -164,6 +173,12 @@ def run(title, loss, params, batch, rounds, goal_time=1.3, goal_memory=1.5):
     f" {mem[cheap[2]]['temp'] / max(mem[cheap[0]]['temp'], 1):.2f}x (goal <= {goal_memory}x);"
     f" vmap clipped grad {mem['vmap clipped grad']['temp'] / max(mem[cheap[0]]['temp'], 1):.2f}x",
   ]
+  if scanned:
+    lines.append(
+      f"clipped_grad(keep_scan_factors=True) / batch-mean grad:"
+      f" {times[KEEP] / times[cheap[0]]:.2f}x, XLA temp"
+      f" {mem[KEEP]['temp'] / max(mem[cheap[0]]['temp'], 1):.2f}x"
+    )
   if "jax_privacy clipped_grad" in vs:
     jp = "jax_privacy clipped_grad"
     lines.append(
@@ -258,6 +273,7 @@ def main():
       rounds,
       goal_time=1.3,
       goal_memory=2.0,
+      scanned=True,
     ),
     "gpt2_memory": lambda: memory_only(
       "GPT-2-small-shaped block (vocab 50257, d=768, 12 heads, T=128, B=32, tied)"

@@ -3,7 +3,9 @@
 A leaf scanned over by a scan whose body is rematerialized (``nn.scan(nn.remat(Block))``, or
 ``lax.scan`` over stacked weights with ``jax.checkpoint``) has its per-example norm formed step by
 step in the scan's backward pass; the clipped sum then comes from a second, weighted backward
-pass. Everything is checked against vmap of jax.grad, with the float64 clipped sum from numpy.
+pass, or (``keep_scan_factors=True``, and always with per-layer thresholds) from each step's
+factors kept in the same pass. Everything is checked against vmap of jax.grad, with the float64
+clipped sum from numpy, on both routes.
 """
 
 from __future__ import annotations
@@ -100,19 +102,30 @@ def _assert_tree_close(got, want, rtol=2e-4):
     np.testing.assert_allclose(np.asarray(a, np.float64) / scale, b / scale, atol=rtol)
 
 
-def _streamed_leaves(loss, params, batch):
-  plan = gnorm_jax.per_example_plan(loss, batch_argnums=(1, 2))(params, *batch)
+def _streamed_leaves(loss, params, batch, **kw):
+  plan = gnorm_jax.per_example_plan(loss, batch_argnums=(1, 2), **kw)(params, *batch)
   return {leaf.path for leaf in plan.leaves if leaf.streamed}
+
+
+def _one_pass_leaves(loss, params, batch, **kw):
+  plan = gnorm_jax.per_example_plan(loss, batch_argnums=(1, 2), **kw)(params, *batch)
+  return {leaf.path for leaf in plan.leaves if leaf.streamed and "one pass" in leaf.why}
+
+
+KEEP = [pytest.param(False, id="two-pass"), pytest.param(True, id="one-pass")]
 
 
 CASES = {"lax_scan_checkpoint": lambda: _stack_loss(True), "flax_scan_remat": _flax_loss}
 
 
+@pytest.mark.parametrize("keep", KEEP)
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_streamed_norms_and_clipped_sums_match_vmap(name):
+def test_streamed_norms_and_clipped_sums_match_vmap(name, keep):
   loss, params, batch = CASES[name]()
   streamed = _streamed_leaves(loss, params, batch)
   assert streamed and all("layers" in p or "Scan" in p for p in streamed), streamed
+  one_pass = _one_pass_leaves(loss, params, batch, max_norm=1.0, keep_scan_factors=keep)
+  assert one_pass == (streamed if keep else set()), one_pass
   g, want = _reference(loss, params, batch)
   norms = jax.jit(gnorm_jax.per_example_grad_norms(loss, batch_argnums=(1, 2)))(params, *batch)
   np.testing.assert_allclose(norms, want, rtol=2e-5)
@@ -120,7 +133,12 @@ def test_streamed_norms_and_clipped_sums_match_vmap(name):
   weights = np.minimum(1.0, c / want)
   for reduce, div in (("mean", B), ("sum", 1)):
     fn = gnorm_jax.clipped_grad(
-      loss, max_norm=c, batch_argnums=(1, 2), reduce=reduce, return_norms=True
+      loss,
+      max_norm=c,
+      batch_argnums=(1, 2),
+      reduce=reduce,
+      return_norms=True,
+      keep_scan_factors=keep,
     )
     got, got_norms = jax.jit(fn)(params, *batch)
     np.testing.assert_allclose(got_norms, want, rtol=2e-5)
@@ -136,9 +154,11 @@ def test_without_remat_nothing_is_streamed_and_results_agree():
   _assert_tree_close(a, jax.tree.map(lambda x: np.asarray(x, np.float64), b), rtol=1e-5)
 
 
-def test_mask_and_non_finite_example_with_streaming():
+@pytest.mark.parametrize("keep", KEEP)
+def test_mask_and_non_finite_example_with_streaming(keep):
   """Example 1 is padding, example 3's loss is scaled by inf: both get weight 0, and the
-  weighted backward pass (which runs every row) still gives the others' clipped sum."""
+  weighted backward pass (which runs every row), or the kept factors (whose rows are zeroed),
+  still give the others' clipped sum."""
   loss, params, (tokens, targets) = _stack_loss(True)
   g, want = _reference(loss, params, (tokens, targets))
   mask = jnp.array([True, False, True, True])
@@ -149,7 +169,12 @@ def test_mask_and_non_finite_example_with_streaming():
 
   c = float(np.median(want))
   fn = gnorm_jax.clipped_grad(
-    scaled, max_norm=c, batch_argnums=(1, 2, 3), reduce="sum", return_norms=True
+    scaled,
+    max_norm=c,
+    batch_argnums=(1, 2, 3),
+    reduce="sum",
+    return_norms=True,
+    keep_scan_factors=keep,
   )
   got, norms = jax.jit(fn)(params, tokens, targets, factor, mask=mask)
   assert float(norms[1]) == 0.0 and not np.isfinite(float(norms[3]))
@@ -158,10 +183,12 @@ def test_mask_and_non_finite_example_with_streaming():
   _assert_tree_close(got, _clipped_sum(g, keep * np.minimum(1.0, c / want)))
 
 
-def test_per_layer_thresholds_do_not_stream_and_match():
+def test_per_layer_thresholds_stream_in_one_pass_and_match():
   loss, params, batch = _stack_loss(True)
   g, _ = _reference(loss, params, batch)
   thresholds = {"embed": 0.5, "layers": 0.3}
+  one_pass = _one_pass_leaves(loss, params, batch, max_norm=thresholds)
+  assert one_pass == {"['layers']['b']", "['layers']['scale']", "['layers']['w']"}, one_pass
   fn = gnorm_jax.clipped_grad(loss, max_norm=thresholds, batch_argnums=(1, 2), reduce="sum")
   got = jax.jit(fn)(params, *batch)
   want = {}
@@ -176,7 +203,8 @@ def test_per_layer_thresholds_do_not_stream_and_match():
   _assert_tree_close(got, want)
 
 
-def test_microbatches_and_aux_with_streaming():
+@pytest.mark.parametrize("keep", KEEP)
+def test_microbatches_and_aux_with_streaming(keep):
   loss, params, batch = _stack_loss(True)
 
   def with_aux(p, tok, tgt):
@@ -185,7 +213,12 @@ def test_microbatches_and_aux_with_streaming():
 
   full = jax.jit(gnorm_jax.clipped_grad(loss, max_norm=0.7, batch_argnums=(1, 2)))(params, *batch)
   fn = gnorm_jax.clipped_grad(
-    with_aux, has_aux=True, max_norm=0.7, batch_argnums=(1, 2), microbatch_size=3
+    with_aux,
+    has_aux=True,
+    max_norm=0.7,
+    batch_argnums=(1, 2),
+    microbatch_size=3,
+    keep_scan_factors=keep,
   )
   got, aux = jax.jit(fn)(params, *batch)
   _assert_tree_close(got, jax.tree.map(lambda x: np.asarray(x, np.float64), full), rtol=1e-5)
@@ -219,3 +252,37 @@ def test_cancelling_positions_are_recomputed_exactly():
   # float32 forms x_0·v + x_1·v from terms 1e4 times the result: ~1e-3 relative is exact here;
   # the ghost sum alone would be off by O(1) (its terms cancel to 1e-8 of themselves).
   np.testing.assert_allclose(got, want, rtol=2e-3)
+
+
+def test_one_pass_clips_an_example_whose_norm_overflows():
+  """Example 2's loss is scaled by 5e37: its gradient is finite, its norm beyond float32's
+  largest. On the one-pass route it is clipped (its factors scaled down by a power of two before
+  its weight), as outside streams; the clipped sum matches float64."""
+  loss, params, (tokens, targets) = _stack_loss(True)
+  g, _ = _reference(loss, params, (tokens, targets))
+  factor = jnp.array([1.0, 1.0, 5e37, 1.0], jnp.float32)
+
+  def scaled(p, tok, tgt, f):
+    return f * loss(p, tok, tgt)
+
+  big = jax.tree.map(
+    lambda x: (
+      np.asarray(x, np.float64)
+      * np.asarray(factor, np.float64)[(slice(None),) + (None,) * (x.ndim - 1)]
+    ),
+    g,
+  )
+  norms = np.sqrt(sum(np.sum(x.reshape(B, -1) ** 2, 1) for x in jax.tree.leaves(big)))
+  assert np.isfinite(np.max(np.abs(jax.tree.leaves(big)[0]))) and norms[2] > 3.5e38
+  c = 0.5
+  fn = gnorm_jax.clipped_grad(
+    scaled,
+    max_norm=c,
+    batch_argnums=(1, 2, 3),
+    reduce="sum",
+    return_norms=True,
+    keep_scan_factors=True,
+  )
+  got, got_norms = jax.jit(fn)(params, tokens, targets, factor)
+  assert np.isinf(float(got_norms[2]))
+  _assert_tree_close(got, _clipped_sum(big, np.minimum(1.0, c / norms)))

@@ -51,6 +51,7 @@ class _PerExample:
     has_aux=False,
     nan_safe=True,
     microbatch_size=None,
+    keep_scan_factors=False,
   ):
     """``caller`` is the public function being built (its name and signature go
     into the messages)."""
@@ -61,6 +62,7 @@ class _PerExample:
     check_argnums("batch_argnums", batch_argnums, fix)
     check_choice("method", method, _METHODS)
     nan_safe = check_bool("nan_safe", nan_safe)
+    self.keep_scan_factors = check_bool("keep_scan_factors", keep_scan_factors)
     microbatch_size = check_count(
       "microbatch_size",
       microbatch_size,
@@ -238,6 +240,9 @@ class _PerExample:
       chunk,
       method=self.method,
       uniform_weights=max_norm is None or not is_tree(max_norm),
+      # Per-layer thresholds keep the factors in any case: without streams the
+      # scan's remat would be inlined and every step's activations kept.
+      keep_factors=max_norm is not None and (self.keep_scan_factors or is_tree(max_norm)),
       num_passes=-(-batch_size // chunk),
     )
 
@@ -716,6 +721,7 @@ def clipped_grad(
   return_norms: bool = False,
   nan_safe: bool = True,
   microbatch_size: int | None = None,
+  keep_scan_factors: bool = False,
 ) -> ClippedGradFn:
   r"""Returns a function computing the aggregate of per-example clipped gradients.
 
@@ -745,6 +751,12 @@ def clipped_grad(
     nan_safe: give examples with a non-finite gradient weight 0.
     microbatch_size: process the batch in chunks of this many examples to bound memory; the
       results equal the unchunked call.
+    keep_scan_factors: for a rematerialized scan over layers (``nn.scan(nn.remat(Block))``,
+      :ref:`streamed <streamed-scans>`), keep each layer's factors (the inputs and output
+      cotangents its clipped sum contracts) and form the clipped sum from them, instead of a
+      second, weighted backward pass: faster, at the memory of those factors (about
+      16·B·T·d floats per transformer layer; the remat keeps B·T·d). False keeps the memory
+      the remat asks for. Per-layer thresholds always keep them. The results are the same.
 
   Returns:
     A :class:`ClippedGradFn`, called as ``(*args, mask=None) -> grads`` (``(grads, norms)``
@@ -792,6 +804,7 @@ def clipped_grad(
     has_aux=has_aux,
     nan_safe=nan_safe,
     microbatch_size=microbatch_size,
+    keep_scan_factors=keep_scan_factors,
   )
 
   @functools.wraps(fun)
@@ -817,6 +830,7 @@ def per_example_plan(
   method: str = "auto",
   max_norm: Any = None,
   microbatch_size: int | None = None,
+  keep_scan_factors: bool = False,
 ) -> Callable[..., PerExamplePlan]:
   """Returns a function showing how each parameter leaf's per-example norm is computed.
 
@@ -834,6 +848,7 @@ def per_example_plan(
     max_norm: the threshold of the :func:`clipped_grad` call to plan (None:
       :func:`per_example_grad_norms`); only whether it is a number or a tree matters.
     microbatch_size: as in :func:`clipped_grad`.
+    keep_scan_factors: as in :func:`clipped_grad`.
 
   Returns:
     A function ``(*args) -> PerExamplePlan`` taking the same arguments as the function
@@ -863,6 +878,7 @@ def per_example_plan(
     per_example_plan,
     has_aux=has_aux,
     microbatch_size=microbatch_size,
+    keep_scan_factors=keep_scan_factors,
   )
 
   def plan_fn(*args):

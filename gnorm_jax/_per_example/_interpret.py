@@ -213,8 +213,8 @@ def batched_pass(
 
   Returns (fallback gradients {leaf: [B, ...]}, operands {key: [B, ...]},
   cotangents {key: [B, ...]}, auxiliary outputs [B, ...] (the loss's outputs
-  after the first)). A streamed scan's cotangent is its [B, steps, leaves, 2]
-  per-step norms and flags (:class:`~._stream.Stream`).
+  after the first)). A streamed scan's cotangent is its [B, steps, leaves, 3]
+  per-step norms, flags and bounds, and its kept factors (:class:`~._stream.Stream`).
   """
   streamed = {k for st in streams.values() for k in st.inner}
   uses = {k: u for k, u in uses.items() if k not in streamed}
@@ -231,9 +231,7 @@ def batched_pass(
   perts = {
     k: jnp.zeros((b, *u.steps, *u.out_aval.shape), u.out_aval.dtype) for k, u in uses.items()
   }
-  perts.update(
-    {k: jnp.zeros((b, st.length, len(st.leaves), 3), norm_dtype) for k, st in streams.items()}
-  )
+  perts.update({k: st.zeros(b, norm_dtype, tangents) for k, st in streams.items()})
   (fb_grads, cots), (operands, aux) = jax.vmap(grad_fn, in_axes=(None, 0, 0))(
     [params_flat[i] for i in fallback], perts, batch_flat
   )

@@ -48,6 +48,10 @@ STREAMED = (
   "streamed: per-step norms in the backward pass of its rematerialized scan (global"
   " clipping: the clipped sum by a second, weighted backward pass)"
 )
+STREAMED_ONE_PASS = (
+  "streamed: per-step norms in the backward pass of its rematerialized scan, and each"
+  " step's factors kept for the clipped sum (one pass)"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,7 +142,10 @@ class Plan:
     return {leaf for st in self.streams.values() for leaf in st.leaves}
 
   def why(self, leaf: int) -> str:
-    return STREAMED if leaf in self.streamed else self.routes[leaf].why
+    for st in self.streams.values():
+      if leaf in st.leaves:
+        return STREAMED_ONE_PASS if st.one_pass else STREAMED
+    return self.routes[leaf].why
 
 
 def _ghost_static(use: Use, ndim: int):
@@ -274,10 +281,11 @@ def auto_prefers_vmap(est: dict, platform: str) -> bool:
   return platform != "cpu" and est["vmap"] <= VMAP_MARGIN * est["engine"] and near
 
 
-def plan_streams(program: Program, routes: dict, params_flat: list) -> dict:
+def plan_streams(program: Program, routes: dict, params_flat: list, one_pass: bool) -> dict:
   """The scans whose leaves are streamed: scans reached through calls only,
   over leaves used nowhere else and with a rule for every use inside, and
-  rematerialized inside (the user asked for the activations not to be kept)."""
+  rematerialized inside (the user asked for the activations not to be kept).
+  With ``one_pass`` each keeps its steps' factors for the clipped sum."""
   streams = {}
   perturbed = program.perturbed
   for skey, slots in program.scan_slices.items():
@@ -320,6 +328,8 @@ def plan_streams(program: Program, routes: dict, params_flat: list) -> dict:
       rerooted,
       {leaf: routes[leaf].route for leaf in leaves},
       {leaf: (w[leaf].shape[1:], w[leaf].dtype) for leaf in leaves},
+      path[-1].bodies[0],
+      one_pass,
     )
   return streams
 
@@ -331,6 +341,7 @@ def make_plan(
   *,
   method: str,
   uniform_weights: bool,
+  keep_factors: bool = False,
   num_passes: int = 1,
   platform: str | None = None,
 ) -> Plan:
@@ -343,7 +354,9 @@ def make_plan(
     batch_size: examples per pass.
     method: the user's ``method`` ("auto", "engine", "ghost" or "vmap").
     uniform_weights: every leaf gets the same clip weights (norms only, or one
-      global threshold), which lets rematerialized scans stream.
+      global threshold), which lets rematerialized scans stream in two passes.
+    keep_factors: rematerialized scans stream in one pass, keeping each step's
+      factors for the clipped sum (with per-leaf thresholds too).
     num_passes: microbatch passes.
     platform: the backend the costs are estimated for (default: JAX's default
       backend).
@@ -360,7 +373,11 @@ def make_plan(
   every_materialized = any(r.route == "materialized" for r in routes.values()) and all(
     r.route in ("materialized", "unused") for r in routes.values()
   )
-  streams = plan_streams(program, routes, params_flat) if uniform_weights else {}
+  streams = (
+    plan_streams(program, routes, params_flat, keep_factors)
+    if uniform_weights or keep_factors
+    else {}
+  )
   for key, st in streams.items():  # their leaves' routes compare by flops
     routes.update({leaf: by_flops(routes[leaf]) for leaf in st.leaves})
     streams[key] = dataclasses.replace(st, routes={leaf: routes[leaf].route for leaf in st.leaves})

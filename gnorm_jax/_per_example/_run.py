@@ -151,35 +151,56 @@ def run(
       b,
       dtype,
     )
-  stream_stats = {}  # leaf -> its norms [B], suspect flags [B] and upper bounds [B]
+  # leaf -> its norms m [B] (times 2^e), suspect flags [B], upper bounds [B] (in
+  # m's scale) and exponents e [B] int32
+  stream_stats = {}
   for skey, st in streams.items():
     for i, leaf in enumerate(st.leaves):
-      per_step = cots[skey][:, :, i]
-      suspect_steps = per_step[..., 1] > 0
+      per_step = cots[skey][0][:, :, i]  # [B, steps, (m, e, suspect, upper)]
+      m, up = per_step[..., 0], per_step[..., 3]
+      e = per_step[..., 1].astype(jnp.int32)
+      suspect_steps = per_step[..., 2] > 0
+      top = jnp.max(jnp.where(jnp.isfinite(m) & (m > 0), e, jnp.iinfo(jnp.int32).min), 1)
+      top = jnp.where(top == jnp.iinfo(jnp.int32).min, 0, top)  # every slice 0 (or not finite)
+      down = e - top[:, None]
       stream_stats[leaf] = (
-        jax.vmap(tree_norm)(per_step[..., 0]),
+        jax.vmap(tree_norm)(jnp.ldexp(m, down)),
         jnp.any(suspect_steps, 1),
-        jax.vmap(tree_norm)(jnp.where(suspect_steps, per_step[..., 2], per_step[..., 0])),
+        jax.vmap(tree_norm)(jnp.ldexp(jnp.where(suspect_steps, up, m), down)),
+        top,
       )
-  streamed: dict[int, jax.Array] = {}  # leaf -> its norms [B], exact where suspect
+  streamed: dict[int, tuple] = {}  # leaf -> its norms (m [B], e [B]), exact where suspect
   if stream_stats:
     order = sorted(stream_stats)
     fast, suspect, upper = (
       jnp.stack([stream_stats[leaf][j] for leaf in order], axis=1) for j in range(3)
     )
-    fixed = rescue(fast, suspect, upper, exact_leaf_norm(traced, order), batch_flat)
-    streamed = {leaf: fixed[:, n] for n, leaf in enumerate(order)}
+    exps = jnp.stack([stream_stats[leaf][3] for leaf in order], axis=1)
+    exact = exact_leaf_norm(traced, order)
+    fixed = rescue(
+      fast, suspect, upper, lambda ex: jnp.ldexp(exact(ex[0]), -ex[1]), (batch_flat, exps)
+    )
+    streamed = {leaf: (fixed[:, n], exps[:, n]) for n, leaf in enumerate(order)}
   formed, factors, taken = {}, {}, {}
   outer: dict[int, tuple] = {}  # ghost leaf -> (P, Q): its gradient is one outer product
   # leaf -> its norms as (m [B], e [B] int32): m·2^e, m finite where the norm overflows
   per_leaf: dict[int, tuple] = {}
   cancel: dict[int, tuple] = {}  # ghost leaf -> (m, e, suspect, upper, one, examples)
   zero_exp = jnp.zeros((b,), jnp.int32)
+  # One-pass streams' leaves: direct ones' per-example gradients [B, steps, ...],
+  # ghost ones' (stream, kept factors).
+  stream_formed: dict[int, jax.Array] = {}
+  stream_ghosts: dict[int, tuple] = {}
+  for skey, st in streams.items():
+    if st.one_pass:
+      kept = cots[skey][1]
+      stream_formed.update(kept["grads"])
+      stream_ghosts.update({leaf: (st, kept) for leaf in st.leaves if st.routes[leaf] == "ghost"})
   for leaf, w in enumerate(params_flat):
     route = routes[leaf].route
     uses = program.uses.get(leaf, [])
     if leaf in streamed:
-      per_leaf[leaf], taken[leaf] = (streamed[leaf], zero_exp), f"streamed {route}"
+      per_leaf[leaf], taken[leaf] = streamed[leaf], f"streamed {route}"
     elif route == "materialized" or plan.method == "vmap":
       formed[leaf], taken[leaf] = fb_grads[leaf], "materialized"
     elif route == "direct":
@@ -250,14 +271,36 @@ def run(
   zero_rows = keep if (nan_safe or mask is not None) else None
   r = jnp.ldexp(jnp.ones((), dtype), scale)
   pairs_w = weights_fn(leaf_norms, norms, r)  # each leaf's (weights, scales)
-  if streams:  # one weight per example: a second, weighted backward pass
+  if any(not st.one_pass for st in streams.values()):
+    # one weight per example: a second, weighted backward pass
     one = jnp.where(keep, pairs_w[0][0] * pairs_w[0][1], 0)
     return found, weighted_grads(traced, batch_flat, one, keep), aux
   weights = [jnp.where(keep, wt, 0) for wt, _ in pairs_w]
   scales = [u for _, u in pairs_w]
   fast = all_finite & jnp.all(scale == 0)
+  formed.update(stream_formed)
   sums = clipped_sums(formed, factors, params_flat, weights, scales, zero_rows, fast)
+  for leaf, (st, kept) in stream_ghosts.items():
+    sums[leaf] = stream_ghost_sum(
+      st, leaf, kept, params_flat[leaf], weights[leaf], keep, scales[leaf]
+    )
   return found, sums, aux
+
+
+def stream_ghost_sum(st, leaf: int, kept: dict, w: jax.Array, weights, keep, scale) -> jax.Array:
+  """A one-pass stream's ghost leaf's clipped sum [steps, ...]: at each step,
+  the book-keeping contraction of that step's kept factors (rows not kept
+  zeroed, each example's cotangent factor scaled by its power of two)."""
+  us = st.uses[leaf]
+  keys = [u.key for u in us]
+
+  def one_step(ops, cts, w_step):
+    gs = planned_ghosts(us, ops, cts, w_step.ndim)
+    return factor_grads(gs, w_step, weights, keep, scale)
+
+  ops = {k: kept["ops"][k] for k in keys}
+  cts = {k: kept["cts"][k] for k in keys}
+  return jax.vmap(one_step, in_axes=(1, 1, 0))(ops, cts, w)
 
 
 # Per-leaf norms up to 2^SCALE_ABOVE are combined as they are; an example with a

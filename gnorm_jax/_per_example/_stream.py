@@ -13,13 +13,14 @@ weighted backward pass (:mod:`._run`).
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from gnorm_jax._per_example._direct import direct_grads, per_example_norms
+from gnorm_jax._per_example._direct import direct_grads, per_example_leaf_norms
 from gnorm_jax._per_example._ghost import ghost_terms, planned_ghosts
 from gnorm_jax._per_example._interpret import PLAIN, make_run
 
@@ -45,14 +46,60 @@ class Stream:
   uses: dict  # leaf -> its uses, re-rooted at the scan body (the step's slice)
   routes: dict  # leaf -> "ghost" | "direct" | "unused"
   slices: dict  # leaf -> (shape, dtype) of one step's slice
+  body: Any = None  # the scan's body
+  # Each step's factors are kept and the clipped sum formed from them (no second
+  # backward pass): see :meth:`zeros`.
+  one_pass: bool = False
 
   @property
   def inner(self) -> dict:
     return {u.key: u for us in self.uses.values() for u in us}
 
-  def scan(self, eqn, invals: list, z: jax.Array, tangents: dict) -> list:
-    """Runs the scan ``eqn`` on ``invals``; ``z`` [steps, leaves, 2] is the zero
-    input whose cotangent is the per-step norms and suspect flags."""
+  def zeros(self, b: int, dtype, tangents: dict) -> tuple:
+    """The zero input [B, steps, ...] whose cotangent is every step's norms
+    (:meth:`_step_norms`) and, on the one-pass route, its kept factors: the
+    ghost leaves' recorded operands and output cotangents, the direct leaves'
+    per-example slice gradients."""
+    norms = jnp.zeros((b, self.length, len(self.leaves), 4), dtype)
+    if not self.one_pass:
+      return norms, {}
+    avals = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in self.body.invars]
+    shapes = jax.eval_shape(self._step_factors_shape(tangents), avals)
+    return norms, jax.tree.map(lambda a: jnp.zeros((b, self.length, *a.shape), a.dtype), shapes)
+
+  def _step_factors_shape(self, tangents: dict):
+    run = make_run(self.inner, {}, tangents, remat=False)
+
+    def factors(args):
+      ops: dict = {}
+      ps = {
+        k: jnp.zeros((*u.steps, *u.out_aval.shape), u.out_aval.dtype) for k, u in self.inner.items()
+      }
+      run(self.body, args, self.key, ps, ops)
+      return self._factors(ops, ps, {})
+
+    return factors
+
+  def _factors(self, ops: dict, cts: dict, grads: dict) -> dict:
+    """One step's kept factors: ``{"ops": {use: operands}, "cts": {use: cotangent}}``
+    of the ghost leaves, ``{"grads": {leaf: slice gradient}}`` of the direct ones
+    (zeros of the slice's shape where ``grads`` lacks the leaf)."""
+    ghost = [u.key for leaf in self.leaves if self.routes[leaf] == "ghost" for u in self.uses[leaf]]
+    out = {
+      "ops": {k: ops[k] for k in ghost},
+      "cts": {k: cts[k] for k in ghost},
+      "grads": {},
+    }
+    for leaf in self.leaves:
+      if self.routes[leaf] == "direct" and self.uses[leaf]:
+        shape, wdtype = self.slices[leaf]
+        out["grads"][leaf] = grads.get(leaf, jnp.zeros(shape, wdtype))
+    return out
+
+  def scan(self, eqn, invals: list, z: tuple, tangents: dict) -> list:
+    """Runs the scan ``eqn`` on ``invals``; ``z`` is the zero input (:meth:`zeros`)
+    whose cotangent is the per-step norms, suspect flags and upper bounds, and
+    on the one-pass route each step's factors."""
     s = eqn.scan
     nc, nk = s.num_consts, s.num_carry
     (body,) = eqn.bodies
@@ -67,10 +114,10 @@ class Stream:
       return PLAIN(body, args, key, {}, {})
 
     def fwd(args, z):
-      return step_fn(args, z), (args, z)
+      return step_fn(args, z), (args, z[0])  # the factors' zeros are not kept
 
     def bwd(res, ct):
-      args, z = res
+      args, z_norms = res
       diff = [
         j for j, x in enumerate(args) if j not in slots and jnp.issubdtype(x.dtype, jnp.inexact)
       ]
@@ -91,7 +138,8 @@ class Stream:
       dargs = [_float0_zeros(x) for x in args]
       for j, d in zip(diff, d_diff):
         dargs[j] = d
-      return dargs, self._step_norms(ops, d_ps, z.dtype)
+      norms, grads = self._step_norms(ops, d_ps, z_norms.dtype)
+      return dargs, (norms, self._factors(ops, d_ps, grads) if self.one_pass else {})
 
     step_fn.defvjp(fwd, bwd)
 
@@ -105,27 +153,29 @@ class Stream:
     )
     return [*carry, *ys]
 
-  def _step_norms(self, ops: dict, cts: dict, dtype) -> jax.Array:
-    """[leaves, 3]: each streamed leaf's slice norm for one example and step,
-    1 where the ghost sum may have lost accuracy (0 otherwise), and an upper
-    bound of the exact slice norm."""
-    rows = []
+  def _step_norms(self, ops: dict, cts: dict, dtype) -> tuple[jax.Array, dict]:
+    """[leaves, 4] for one example and step: each streamed leaf's slice norm as
+    m·2^e (m, then e as a float: exact), 1 where the ghost sum may have lost
+    accuracy (0 otherwise), and an upper bound of the exact slice norm in m's
+    scale; and the direct leaves' slice gradients."""
+    rows, grads = [], {}
     for leaf in self.leaves:
       us = self.uses[leaf]
       if not us:
-        rows.append(jnp.zeros((3,), dtype))
+        rows.append(jnp.zeros((4,), dtype))
         continue
       shape, wdtype = self.slices[leaf]
       ob = {u.key: tuple(None if o is None else o[None] for o in ops[u.key]) for u in us}
       cb = {u.key: cts[u.key][None] for u in us}
       if self.routes[leaf] == "ghost":
         m, e, suspect, upper = ghost_terms(planned_ghosts(us, ob, cb, len(shape)))
-        n, upper = jnp.ldexp(m, e), jnp.ldexp(upper, e)
       else:
-        n = upper = per_example_norms(direct_grads(us, ob, cb, jnp.zeros(shape, wdtype)))
-        suspect = jnp.zeros_like(n, bool)
-      rows.append(jnp.stack([n[0].astype(dtype), suspect[0].astype(dtype), upper[0].astype(dtype)]))
-    return jnp.stack(rows)
+        g = direct_grads(us, ob, cb, jnp.zeros(shape, wdtype))
+        grads[leaf] = g[0]
+        (m,), (e,) = per_example_leaf_norms([g])
+        upper, suspect = m, jnp.zeros_like(m, bool)
+      rows.append(jnp.stack([m[0], e[0], suspect[0], upper[0]]).astype(dtype))
+    return jnp.stack(rows), grads
 
 
 def _float0_zeros(x):

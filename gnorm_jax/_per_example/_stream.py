@@ -57,44 +57,65 @@ class Stream:
 
   def zeros(self, b: int, dtype, tangents: dict) -> tuple:
     """The zero input [B, steps, ...] whose cotangent is every step's norms
-    (:meth:`_step_norms`) and, on the one-pass route, its kept factors: the
-    ghost leaves' recorded operands and output cotangents, the direct leaves'
-    per-example slice gradients."""
+    (:meth:`_step_norms`) and, on the one-pass route, its kept factors
+    (:meth:`_factors`)."""
     norms = jnp.zeros((b, self.length, len(self.leaves), 4), dtype)
     if not self.one_pass:
       return norms, {}
-    avals = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in self.body.invars]
-    shapes = jax.eval_shape(self._step_factors_shape(tangents), avals)
+    shapes = jax.eval_shape(
+      lambda args: self._factors(*self._recorded(args, tangents))[0], self._avals()
+    )
     return norms, jax.tree.map(lambda a: jnp.zeros((b, self.length, *a.shape), a.dtype), shapes)
 
-  def _step_factors_shape(self, tangents: dict):
+  def _avals(self) -> list:
+    return [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in self.body.invars]
+
+  def _recorded(self, args: list, tangents: dict) -> tuple[dict, dict, dict]:
+    """One step run with its uses recorded (operands, zero cotangents, no gradients)."""
     run = make_run(self.inner, {}, tangents, remat=False)
-
-    def factors(args):
-      ops: dict = {}
-      ps = {
-        k: jnp.zeros((*u.steps, *u.out_aval.shape), u.out_aval.dtype) for k, u in self.inner.items()
-      }
-      run(self.body, args, self.key, ps, ops)
-      return self._factors(ops, ps, {})
-
-    return factors
-
-  def _factors(self, ops: dict, cts: dict, grads: dict) -> dict:
-    """One step's kept factors: ``{"ops": {use: operands}, "cts": {use: cotangent}}``
-    of the ghost leaves, ``{"grads": {leaf: slice gradient}}`` of the direct ones
-    (zeros of the slice's shape where ``grads`` lacks the leaf)."""
-    ghost = [u.key for leaf in self.leaves if self.routes[leaf] == "ghost" for u in self.uses[leaf]]
-    out = {
-      "ops": {k: ops[k] for k in ghost},
-      "cts": {k: cts[k] for k in ghost},
-      "grads": {},
+    ops: dict = {}
+    ps = {
+      k: jnp.zeros((*u.steps, *u.out_aval.shape), u.out_aval.dtype) for k, u in self.inner.items()
     }
+    run(self.body, args, self.key, ps, ops)
+    return ops, ps, {}
+
+  def layout(self, tangents: dict) -> dict:
+    """Ghost use -> where its operands are among the kept distinct ones (None: not
+    recorded): uses of one value (a block's query, key and value projections of
+    the same input) keep it once."""
+    found = {}
+
+    def trace(args):
+      found["layout"] = self._factors(*self._recorded(args, tangents))[1]
+      return 0
+
+    jax.eval_shape(trace, self._avals())
+    return found["layout"]
+
+  def _factors(self, ops: dict, cts: dict, grads: dict) -> tuple[dict, dict]:
+    """One step's kept factors, ``{"ops": [distinct operands], "cts": {use: output
+    cotangent}}`` of the ghost leaves and ``{"grads": {leaf: slice gradient}}`` of
+    the direct ones (zeros of the slice's shape where ``grads`` lacks the leaf),
+    and the :meth:`layout` of the operands."""
+    ghost = [u.key for leaf in self.leaves if self.routes[leaf] == "ghost" for u in self.uses[leaf]]
+    distinct: list = []
+    index: dict = {}
+    layout = {}
+    for k in ghost:
+      row = []
+      for o in ops[k]:
+        if o is not None and id(o) not in index:
+          index[id(o)] = len(distinct)
+          distinct.append(o)
+        row.append(None if o is None else index[id(o)])
+      layout[k] = tuple(row)
+    out = {"ops": distinct, "cts": {k: cts[k] for k in ghost}, "grads": {}}
     for leaf in self.leaves:
       if self.routes[leaf] == "direct" and self.uses[leaf]:
         shape, wdtype = self.slices[leaf]
         out["grads"][leaf] = grads.get(leaf, jnp.zeros(shape, wdtype))
-    return out
+    return out, layout
 
   def scan(self, eqn, invals: list, z: tuple, tangents: dict) -> list:
     """Runs the scan ``eqn`` on ``invals``; ``z`` is the zero input (:meth:`zeros`)
@@ -139,7 +160,7 @@ class Stream:
       for j, d in zip(diff, d_diff):
         dargs[j] = d
       norms, grads = self._step_norms(ops, d_ps, z_norms.dtype)
-      return dargs, (norms, self._factors(ops, d_ps, grads) if self.one_pass else {})
+      return dargs, (norms, self._factors(ops, d_ps, grads)[0] if self.one_pass else {})
 
     step_fn.defvjp(fwd, bwd)
 

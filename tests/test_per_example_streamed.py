@@ -154,20 +154,14 @@ def test_without_remat_nothing_is_streamed_and_results_agree():
   _assert_tree_close(a, jax.tree.map(lambda x: np.asarray(x, np.float64), b), rtol=1e-5)
 
 
-@pytest.mark.parametrize("keep", KEEP)
-def test_mask_and_non_finite_example_with_streaming(keep):
-  """Example 1 is padding, example 3's loss is scaled by inf: both get weight 0, and the
-  weighted backward pass (which runs every row), or the kept factors (whose rows are zeroed),
-  still give the others' clipped sum."""
+def _scaled_sums(factor, c, keep, mask=None):
+  """clipped_grad(reduce="sum", return_norms=True) of the stacked loss with example i's loss
+  scaled by ``factor[i]``."""
   loss, params, (tokens, targets) = _stack_loss(True)
-  g, want = _reference(loss, params, (tokens, targets))
-  mask = jnp.array([True, False, True, True])
-  factor = jnp.array([1.0, 1.0, 1.0, jnp.inf])
 
   def scaled(p, tok, tgt, f):
     return f * loss(p, tok, tgt)
 
-  c = float(np.median(want))
   fn = gnorm_jax.clipped_grad(
     scaled,
     max_norm=c,
@@ -176,7 +170,19 @@ def test_mask_and_non_finite_example_with_streaming(keep):
     return_norms=True,
     keep_scan_factors=keep,
   )
-  got, norms = jax.jit(fn)(params, tokens, targets, factor, mask=mask)
+  return jax.jit(fn)(params, tokens, targets, factor, mask=mask)
+
+
+@pytest.mark.parametrize("keep", KEEP)
+def test_mask_and_non_finite_example_with_streaming(keep):
+  """Example 1 is padding, example 3's loss is scaled by inf: both get weight 0, and the
+  weighted backward pass (which runs every row), or the kept factors (whose rows are zeroed),
+  still give the others' clipped sum."""
+  g, want = _reference(*_stack_loss(True))
+  mask = jnp.array([True, False, True, True])
+  factor = jnp.array([1.0, 1.0, 1.0, jnp.inf])
+  c = float(np.median(want))
+  got, norms = _scaled_sums(factor, c, keep, mask)
   assert float(norms[1]) == 0.0 and not np.isfinite(float(norms[3]))
   np.testing.assert_allclose(np.asarray(norms)[[0, 2]], want[[0, 2]], rtol=2e-5)
   keep = np.array([1.0, 0.0, 1.0, 0.0])
@@ -258,13 +264,8 @@ def test_one_pass_clips_an_example_whose_norm_overflows():
   """Example 2's loss is scaled by 5e37: its gradient is finite, its norm beyond float32's
   largest. On the one-pass route it is clipped (its factors scaled down by a power of two before
   its weight), as outside streams; the clipped sum matches float64."""
-  loss, params, (tokens, targets) = _stack_loss(True)
-  g, _ = _reference(loss, params, (tokens, targets))
+  g, _ = _reference(*_stack_loss(True))
   factor = jnp.array([1.0, 1.0, 5e37, 1.0], jnp.float32)
-
-  def scaled(p, tok, tgt, f):
-    return f * loss(p, tok, tgt)
-
   big = jax.tree.map(
     lambda x: (
       np.asarray(x, np.float64)
@@ -275,14 +276,6 @@ def test_one_pass_clips_an_example_whose_norm_overflows():
   norms = np.sqrt(sum(np.sum(x.reshape(B, -1) ** 2, 1) for x in jax.tree.leaves(big)))
   assert np.isfinite(np.max(np.abs(jax.tree.leaves(big)[0]))) and norms[2] > 3.5e38
   c = 0.5
-  fn = gnorm_jax.clipped_grad(
-    scaled,
-    max_norm=c,
-    batch_argnums=(1, 2, 3),
-    reduce="sum",
-    return_norms=True,
-    keep_scan_factors=True,
-  )
-  got, got_norms = jax.jit(fn)(params, tokens, targets, factor)
+  got, got_norms = _scaled_sums(factor, c, True)
   assert np.isinf(float(got_norms[2]))
   _assert_tree_close(got, _clipped_sum(big, np.minimum(1.0, c / norms)))

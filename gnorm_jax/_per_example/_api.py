@@ -442,12 +442,16 @@ class LeafPlan:
     bytes: estimated extra memory of the route for the whole batch.
     why: for a materialized leaf, the use no rule recognized (naming the
       primitive, and the parameter JAX describes it with when gnorm_jax cannot
-      read it); for a streamed leaf, that its norm is streamed.
+      read it); for a streamed leaf, that its norm is streamed and how its
+      clipped sum is formed (a second, weighted backward pass, or "one pass"
+      from each step's kept factors).
     streamed: the leaf belongs to a rematerialized scan over layers whose norms
       are computed step by step in the scan's backward pass (memory stays that
-      of the rematerialized gradient; ``route`` is the route of each step).
+      of the rematerialized gradient, plus each step's factors on the one-pass
+      route; ``route`` is the route of each step).
     options: every route considered, as ``(route, flops, bytes)`` tuples (the
-      chosen one included): the cheaper by flops wins.
+      chosen one included); the one estimated faster on the backend wins (on a
+      streamed leaf, the one of fewer flops).
   """
 
   path: str

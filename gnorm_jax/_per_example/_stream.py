@@ -7,7 +7,9 @@ a ``custom_vjp`` that keeps only the step's inputs; its backward step
 recomputes the step with its uses instrumented and forms each layer's slice
 norm there (ghost or direct). The plan decides which scans stream
 (:func:`~._plan.plan_streams`); the clipped sum then comes from a second,
-weighted backward pass (:mod:`._run`).
+weighted backward pass (:mod:`._run`) or, on the one-pass route, from the
+factors each backward step keeps (the ghost leaves' operands and output
+cotangents, the direct leaves' per-example slice gradients).
 """
 
 from __future__ import annotations

@@ -36,9 +36,11 @@ class Stream:
   a leaf's squared norm is the sum over steps of its slices'. Each step's
   backward recomputes the step with its uses instrumented, forms each slice's
   per-example norm by the leaf's route (ghost or direct) and returns
-  [norm, suspect] as the cotangent of a zero input. The operands and
-  cotangents of a step live only during its backward step: memory stays that
-  of the rematerialized plain gradient.
+  [m, e, suspect, upper] (the norm m·2^e) as the cotangent of a zero input.
+  The operands and cotangents of a step live only during its backward step:
+  memory stays that of the rematerialized plain gradient. On the one-pass
+  route (``one_pass``) the step also returns the factors its clipped sums
+  contract, kept until every norm is known.
   """
 
   key: tuple

@@ -24,7 +24,14 @@ def _reference_clipped_sum(loss, w, x, max_norm):
   return np.sum(g * np.minimum(1, max_norm / np.maximum(norms, 1e-300))[:, None], axis=0)
 
 
-@pytest.mark.parametrize("kwargs", [{"microbatch_size": np.int64(2)}, {"nan_safe": np.bool_(True)}])
+@pytest.mark.parametrize(
+  "kwargs",
+  [
+    {"microbatch_size": np.int64(2)},
+    {"nan_safe": np.bool_(True)},
+    {"keep_scan_factors": np.bool_(True)},
+  ],
+)
 def test_numpy_ints_and_bools_are_accepted(kwargs):
   got = gnorm_jax.clipped_grad(LOSS, max_norm=1.0, reduce="sum", **kwargs)(W, X)
   np.testing.assert_allclose(got, _reference_clipped_sum(LOSS, W, X, 1.0), rtol=1e-5)
@@ -47,6 +54,7 @@ def test_numpy_ints_and_bools_are_accepted(kwargs):
       r" return_norms='yes'",
     ),
     ({"nan_safe": 1}, TypeError, r"nan_safe must be True or False"),
+    ({"keep_scan_factors": "yes"}, TypeError, r"keep_scan_factors must be True or False"),
   ],
 )
 def test_bad_settings_are_named(kwargs, error, match):

@@ -18,6 +18,7 @@ import pytest
 from jax import lax
 
 import gnorm_jax
+from gnorm_jax import _numerics
 
 B, T, D, L = 4, 6, 8, 3
 
@@ -113,14 +114,18 @@ def _one_pass_leaves(loss, params, batch, **kw):
 
 
 KEEP = [pytest.param(False, id="two-pass"), pytest.param(True, id="one-pass")]
+# The CPU form (conditionals) and the GPU/TPU form (none), both run here.
+FORMS = ["cpu", "default"]
 
 
 CASES = {"lax_scan_checkpoint": lambda: _stack_loss(True), "flax_scan_remat": _flax_loss}
 
 
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("keep", KEEP)
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_streamed_norms_and_clipped_sums_match_vmap(name, keep):
+def test_streamed_norms_and_clipped_sums_match_vmap(name, keep, form, monkeypatch):
+  monkeypatch.setattr(_numerics, "_FORCE_FORM", form)
   loss, params, batch = CASES[name]()
   streamed = _streamed_leaves(loss, params, batch)
   assert streamed and all("layers" in p or "Scan" in p for p in streamed), streamed
@@ -173,11 +178,13 @@ def _scaled_sums(factor, c, keep, mask=None):
   return jax.jit(fn)(params, tokens, targets, factor, mask=mask)
 
 
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("keep", KEEP)
-def test_mask_and_non_finite_example_with_streaming(keep):
+def test_mask_and_non_finite_example_with_streaming(keep, form, monkeypatch):
   """Example 1 is padding, example 3's loss is scaled by inf: both get weight 0, and the
   weighted backward pass (which runs every row), or the kept factors (whose rows are zeroed),
   still give the others' clipped sum."""
+  monkeypatch.setattr(_numerics, "_FORCE_FORM", form)
   g, want = _reference(*_stack_loss(True))
   mask = jnp.array([True, False, True, True])
   factor = jnp.array([1.0, 1.0, 1.0, jnp.inf])
@@ -258,12 +265,22 @@ def test_cancelling_positions_are_recomputed_exactly():
   # float32 forms x_0·v + x_1·v from terms 1e4 times the result: ~1e-3 relative is exact here;
   # the ghost sum alone would be off by O(1) (its terms cancel to 1e-8 of themselves).
   np.testing.assert_allclose(got, want, rtol=2e-3)
+  # Both routes' clipped sums, weighted by the recomputed norms: every layer's is
+  # Σᵢ wᵢ (x_i0 + x_i1) ⊗ v.
+  c = float(np.median(want))
+  per_example = np.einsum("bi,j->bij", xs[:, 0] + xs[:, 1], np.asarray(v, np.float64))
+  layer = np.einsum("b,bij->ij", np.minimum(1.0, c / want), per_example)
+  for keep in (False, True):
+    fn = gnorm_jax.clipped_grad(loss, max_norm=c, reduce="sum", keep_scan_factors=keep)
+    _assert_tree_close(jax.jit(fn)(params, x), np.broadcast_to(layer, (L, D, D)), rtol=2e-3)
 
 
-def test_one_pass_clips_an_example_whose_norm_overflows():
+@pytest.mark.parametrize("form", FORMS)
+def test_one_pass_clips_an_example_whose_norm_overflows(form, monkeypatch):
   """Example 2's loss is scaled by 5e37: its gradient is finite, its norm beyond float32's
   largest. On the one-pass route it is clipped (its factors scaled down by a power of two before
   its weight), as outside streams; the clipped sum matches float64."""
+  monkeypatch.setattr(_numerics, "_FORCE_FORM", form)
   g, _ = _reference(*_stack_loss(True))
   factor = jnp.array([1.0, 1.0, 5e37, 1.0], jnp.float32)
   big = jax.tree.map(

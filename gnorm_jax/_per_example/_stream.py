@@ -114,12 +114,12 @@ class Stream:
           distinct.append(o)
         row.append(None if o is None else index[id(o)])
       layout[k] = tuple(row)
-    out = {"ops": distinct, "cts": {k: cts[k] for k in ghost}, "grads": {}}
+    direct: dict = {}
     for leaf in self.leaves:
       if self.routes[leaf] == "direct" and self.uses[leaf]:
         shape, wdtype = self.slices[leaf]
-        out["grads"][leaf] = grads.get(leaf, jnp.zeros(shape, wdtype))
-    return out, layout
+        direct[leaf] = grads.get(leaf, jnp.zeros(shape, wdtype))
+    return {"ops": distinct, "cts": {k: cts[k] for k in ghost}, "grads": direct}, layout
 
   def scan(self, eqn, invals: list, z: tuple, tangents: dict) -> list:
     """Runs the scan ``eqn`` on ``invals``; ``z`` is the zero input (:meth:`zeros`)

@@ -231,7 +231,7 @@ def batched_pass(
   perts = {
     k: jnp.zeros((b, *u.steps, *u.out_aval.shape), u.out_aval.dtype) for k, u in uses.items()
   }
-  perts.update({k: st.zeros(b, norm_dtype, tangents) for k, st in streams.items()})
+  perts.update({k: st.zeros(b, norm_dtype) for k, st in streams.items()})
   (fb_grads, cots), (operands, aux) = jax.vmap(grad_fn, in_axes=(None, 0, 0))(
     [params_flat[i] for i in fallback], perts, batch_flat
   )

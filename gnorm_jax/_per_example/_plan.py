@@ -261,7 +261,7 @@ def estimate(routes: dict, params_flat: list, b: int, platform: str) -> dict:
   """Estimated seconds that the engine and vmap(grad) add to the plain gradient
   in one pass, and their extra memory: ``{"engine": s, "vmap": s, "engine_bytes":
   n, "vmap_bytes": n}``. vmap's B per-example gradients of a leaf cost as the
-  direct route's (a convolution's formed VMAP_CONV_SLOWDOWN times slower)."""
+  direct route's (a convolution's formed slower: :func:`_vmap_slowdown`)."""
   machine = MACHINES.get(platform, MACHINES["gpu"])
   engine = machine.seconds(0, 0, CALL_KERNELS["engine"])
   vmap = machine.seconds(0, 0, CALL_KERNELS["vmap"])
@@ -332,6 +332,7 @@ def plan_streams(program: Program, routes: dict, params_flat: list, one_pass: bo
       {leaf: routes[leaf].route for leaf in leaves},
       {leaf: (w[leaf].shape[1:], w[leaf].dtype) for leaf in leaves},
       path[-1].bodies[0],
+      program.tangents,
       one_pass,
     )
   return streams

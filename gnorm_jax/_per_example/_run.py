@@ -194,13 +194,14 @@ def run(
   for skey, st in streams.items():
     if st.one_pass:
       kept = cots[skey][1]
-      layout = st.layout(program.tangents)
       ops = {
-        k: tuple(None if i is None else kept["ops"][i] for i in row) for k, row in layout.items()
+        k: tuple(None if i is None else kept["ops"][i] for i in row) for k, row in st.layout.items()
       }
-      kept = {"ops": ops, "cts": kept["cts"]}
-      stream_formed.update(cots[skey][1]["grads"])
-      stream_ghosts.update({leaf: (st, kept) for leaf in st.leaves if st.routes[leaf] == "ghost"})
+      factors_of = {"ops": ops, "cts": kept["cts"]}
+      stream_formed.update(kept["grads"])
+      stream_ghosts.update(
+        {leaf: (st, factors_of) for leaf in st.leaves if st.routes[leaf] == "ghost"}
+      )
   for leaf, w in enumerate(params_flat):
     route = routes[leaf].route
     uses = program.uses.get(leaf, [])

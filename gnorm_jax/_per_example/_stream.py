@@ -15,6 +15,7 @@ cotangents, the direct leaves' per-example slice gradients).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -51,6 +52,7 @@ class Stream:
   routes: dict  # leaf -> "ghost" | "direct" | "unused"
   slices: dict  # leaf -> (shape, dtype) of one step's slice
   body: Any = None  # the scan's body
+  tangents: Any = None  # the program's custom-derivative tangent maps (:func:`make_run`)
   # Each step's factors are kept and the clipped sum formed from them (no second
   # backward pass): see :meth:`zeros`.
   one_pass: bool = False
@@ -59,43 +61,41 @@ class Stream:
   def inner(self) -> dict:
     return {u.key: u for us in self.uses.values() for u in us}
 
-  def zeros(self, b: int, dtype, tangents: dict) -> tuple:
+  def zeros(self, b: int, dtype) -> tuple:
     """The zero input [B, steps, ...] whose cotangent is every step's norms
     (:meth:`_step_norms`) and, on the one-pass route, its kept factors
     (:meth:`_factors`)."""
     norms = jnp.zeros((b, self.length, len(self.leaves), 4), dtype)
     if not self.one_pass:
       return norms, {}
-    shapes = jax.eval_shape(
-      lambda args: self._factors(*self._recorded(args, tangents))[0], self._avals()
-    )
+    shapes, _ = self._factor_spec
     return norms, jax.tree.map(lambda a: jnp.zeros((b, self.length, *a.shape), a.dtype), shapes)
 
-  def _avals(self) -> list:
-    return [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in self.body.invars]
-
-  def _recorded(self, args: list, tangents: dict) -> tuple[dict, dict, dict]:
-    """One step run with its uses recorded (operands, zero cotangents, no gradients)."""
-    run = make_run(self.inner, {}, tangents, remat=False)
-    ops: dict = {}
-    ps = {
-      k: jnp.zeros((*u.steps, *u.out_aval.shape), u.out_aval.dtype) for k, u in self.inner.items()
-    }
-    run(self.body, args, self.key, ps, ops)
-    return ops, ps, {}
-
-  def layout(self, tangents: dict) -> dict:
+  @property
+  def layout(self) -> dict:
     """Ghost use -> where its operands are among the kept distinct ones (None: not
     recorded): uses of one value (a block's query, key and value projections of
     the same input) keep it once."""
+    return self._factor_spec[1]
+
+  @functools.cached_property
+  def _factor_spec(self) -> tuple:
+    """One step's kept factors as shapes, and their :attr:`layout`: the body traced
+    once (abstractly) with its uses recorded."""
+    run = make_run(self.inner, {}, self.tangents, remat=False)
     found = {}
 
-    def trace(args):
-      found["layout"] = self._factors(*self._recorded(args, tangents))[1]
-      return 0
+    def factors(args):
+      ops: dict = {}
+      ps = {
+        k: jnp.zeros((*u.steps, *u.out_aval.shape), u.out_aval.dtype) for k, u in self.inner.items()
+      }
+      run(self.body, args, self.key, ps, ops)
+      kept, found["layout"] = self._factors(ops, ps, {})
+      return kept
 
-    jax.eval_shape(trace, self._avals())
-    return found["layout"]
+    avals = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in self.body.invars]
+    return jax.eval_shape(factors, avals), found["layout"]
 
   def _factors(self, ops: dict, cts: dict, grads: dict) -> tuple[dict, dict]:
     """One step's kept factors, ``{"ops": [distinct operands], "cts": {use: output

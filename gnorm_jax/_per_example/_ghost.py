@@ -238,6 +238,15 @@ def ghost_terms(gs: list[Ghost]) -> tuple[jax.Array, jax.Array, jax.Array, jax.A
     k: -pow2_exponent(jnp.max(jnp.stack(v), axis=0)) if v and (k == "cot" or not index) else None
     for k, v in kinds.items()
   }
+  exps = [x for x in e.values() if x is not None]
+  shift = jnp.zeros(gs[0].q.value.shape[:1], jnp.int32)
+  for x in exps:
+    shift = shift + x.astype(jnp.int32)
+  # Every term of the sum holds each scaled kind twice: forming it on the
+  # factors as they are and scaling the small results by 2^(2·shift) gives the
+  # same sum (powers of two), with no copy of a factor, wherever no product can
+  # overflow or underflow: every factor's largest entry within 2^±RAW_RANGE.
+  safe = jnp.all(jnp.stack([jnp.all(jnp.abs(x) <= RAW_RANGE) for x in exps] or [True]))
 
   def scaled(f: Dense) -> jax.Array:
     x = f.value.astype(acc)
@@ -246,10 +255,45 @@ def ghost_terms(gs: list[Ghost]) -> tuple[jax.Array, jax.Array, jax.Array, jax.A
       return x
     return x * jnp.ldexp(jnp.ones((), real), -exponent)[:, None, None, None]
 
-  q = jnp.concatenate([scaled(qf) for _, qf in dense + index], axis=2)
+  def raw(f: Dense) -> jax.Array:
+    return f.value.astype(acc)
+
+  def terms(form: Callable[[Dense], jax.Array], factor: jax.Array):
+    s, bound = _ghost_sum(dense, index, form, acc, real)
+    return s * factor, bound * factor
+
+  def on_factors():
+    return terms(scaled, jnp.ones(shift.shape, real))
+
+  def on_results():
+    # 2^(-2·shift) in two steps: each stays a normal number
+    half = jnp.ldexp(jnp.ones((), real), -shift)
+    return terms(raw, half * half)
+
+  s, bound = by_platform(lambda: lax.cond(safe, on_results, on_factors), on_factors)
+  t = sum(q.value.shape[2] for _, q in dense + index)
+  k = gs[0].q.value.shape[3] + max([p.value.shape[-1] for p, _ in dense], default=1)
+  err = 4 * float(jnp.finfo(real).eps) * (math.sqrt(k) + t)  # |error of s| <= err·bound
+  suspect = ~jnp.isfinite(s) | (s < err / GHOST_RTOL * bound)
+  upper = jnp.sqrt(jnp.maximum(s, 0) + err * bound)
+  # safe_sqrt: the derivative at s = 0 (an example whose gradient is 0) is 0, not NaN.
+  return safe_sqrt(jnp.maximum(s, 0)), shift, suspect, lax.stop_gradient(upper)
+
+
+# Largest |exponent| of a factor's per-example power of two at which the ghost
+# sum is formed on the factors as they are (CPU): products of four entries
+# within 2^±64, summed over up to 2^60 terms, stay finite and far above
+# float32's smallest normal number.
+RAW_RANGE = 16
+
+
+def _ghost_sum(dense: list, index: list, form: Callable, acc, real) -> tuple[jax.Array, jax.Array]:
+  """The ghost sum s [B] and its error bound's scale [B] of the factors ``form``
+  returns."""
+  q = jnp.concatenate([form(qf) for _, qf in dense + index], axis=2)
   blocks, diag_p = [], []
   if dense:
-    pd = jnp.concatenate([scaled(p) for p, _ in dense], axis=2)
+    pd = jnp.concatenate([form(p) for p, _ in dense], axis=2)
     diag_p.append(jnp.sum(jnp.abs(pd) ** 2, axis=-1))
   if index:
     idx = jnp.concatenate([p.index for p, _ in index], axis=2)
@@ -271,15 +315,7 @@ def ghost_terms(gs: list[Ghost]) -> tuple[jax.Array, jax.Array, jax.Array, jax.A
   pg = jnp.concatenate([jnp.concatenate(row, axis=3) for row in blocks], axis=2)
   s = jnp.real(jnp.sum(pg * _gram(q, q), axis=(1, 2, 3)))
   bound = jnp.sum(jnp.concatenate(diag_p, axis=2) * jnp.sum(jnp.abs(q) ** 2, axis=-1), axis=(1, 2))
-  t = q.shape[2]
-  k = q.shape[3] + max([p.value.shape[-1] for p, _ in dense], default=1)
-  err = 4 * float(jnp.finfo(real).eps) * (math.sqrt(k) + t)  # |error of s| <= err·bound
-  suspect = ~jnp.isfinite(s) | (s < err / GHOST_RTOL * bound)
-  shift = sum(x for x in e.values() if x is not None)
-  shift = jnp.zeros(s.shape, jnp.int32) if isinstance(shift, int) else shift.astype(jnp.int32)
-  upper = jnp.sqrt(jnp.maximum(s, 0) + err * bound)
-  # safe_sqrt: the derivative at s = 0 (an example whose gradient is 0) is 0, not NaN.
-  return safe_sqrt(jnp.maximum(s, 0)), shift, suspect, lax.stop_gradient(upper)
+  return s, bound
 
 
 def factor_grads(

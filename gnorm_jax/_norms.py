@@ -43,6 +43,7 @@ from gnorm_jax._numerics import (
   by_platform,
   pow2,
   pow2_inverse,
+  rare_path,
   safe_divide,
 )
 
@@ -241,8 +242,8 @@ def _l2_norms_one(groups: list[list[jax.Array]]) -> list[tuple[jax.Array, jax.Ar
   fuse both passes into one huge kernel, slow to compile.
   """
   sums, totals = _sumsqs(groups)
-  return lax.cond(
-    _all_fast(totals), lambda: [_fast(t) for t in totals], lambda: _rescue(groups, sums, totals)
+  return rare_path(
+    ~_all_fast(totals), lambda: _rescue(groups, sums, totals), lambda: [_fast(t) for t in totals]
   )
 
 
@@ -263,8 +264,8 @@ def _l2_norms_vmap(axis_size, in_batched, groups):
   in_axes = [[0 if b else None for b in bg] for bg in batched]
   sums, totals = jax.vmap(_sumsqs, in_axes=(in_axes,), axis_size=axis_size)(groups)
   rescue = jax.vmap(_rescue, in_axes=(in_axes, 0, 0), axis_size=axis_size)
-  norms = lax.cond(
-    _all_fast(totals), lambda: [_fast(t) for t in totals], lambda: rescue(groups, sums, totals)
+  norms = rare_path(
+    ~_all_fast(totals), lambda: rescue(groups, sums, totals), lambda: [_fast(t) for t in totals]
   )
   return norms, [(True, True)] * len(norms)
 
@@ -378,10 +379,10 @@ def _other_norm(leaves: list[jax.Array], ord: Any) -> tuple[jax.Array, jax.Array
   one = jnp.ones((), acc)
 
   def cpu():
-    return lax.cond(
-      jnp.isfinite(total),
-      lambda: (total, one),
+    return rare_path(
+      ~jnp.isfinite(total),
       lambda: (l1(jnp.asarray(2.0**-64, acc)), one * 2.0**64),
+      lambda: (total, one),
     )
 
   def default():  # both sums from one read of each leaf; no conditional

@@ -11,7 +11,8 @@
   underflows on the way (1/1.4e38 is subnormal in float32, and flushed to 0).
 * :func:`clip_factor` and :func:`clip_scales`: the clipping factor
   min(1, τ/‖g‖), whole or split the same way.
-* :func:`by_platform`: one form of a computation on CPU, another on GPU/TPU.
+* :func:`by_platform`: one form of a computation on CPU, another on GPU/TPU;
+  :func:`rare_path`: the CPU form's guard of a rare path.
 """
 
 from __future__ import annotations
@@ -44,6 +45,19 @@ def by_platform(cpu: Callable[..., Any], default: Callable[..., Any], *args: Any
   if _FORCE_FORM == "default":
     return default(*args)
   return lax.platform_dependent(*args, cpu=cpu, default=default)
+
+
+# True traces only the common branch of :func:`rare_path` (for tests that
+# measure what the common path of a compiled program costs).
+_COMMON_ONLY = False
+
+
+def rare_path(needed: jax.Array, rare: Callable[[], Any], common: Callable[[], Any]) -> Any:
+  """``rare()`` where ``needed`` (a scalar bool), else ``common()``: one ``lax.cond``
+  (CPU forms only), whose branches compute the same values."""
+  if _COMMON_ONLY:
+    return common()
+  return lax.cond(needed, rare, common)
 
 
 def accumulation_dtype(dtype: Any) -> jnp.dtype:

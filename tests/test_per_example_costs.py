@@ -5,12 +5,13 @@
 compiling anything. Here each alternative is compiled on the benchmark models
 (small sizes) and measured from the optimized program itself: XLA's cost
 analysis gives its flops and bytes accessed, the census its kernels, priced
-with the same CPU constants. No clock is read: the checks are on ranking,
-not seconds.
+with the same CPU constants; the CPU form's rare paths (conditionals taken on
+non-finite, overflowing or cancelling examples) are left out. No clock is
+read: the checks are on ranking, not seconds.
 
 * ``method="vmap"`` against the engine: the estimated ratio of what each adds
   to the plain gradient is within a factor of two of the compiled one on every
-  model, picks the same winner wherever the compiled costs differ by more than
+  model where the two differ, picks the same winner wherever the compiled costs differ by more than
   half, and orders any two models whose compiled ratios differ by more
   than half as those do.
 * The mixed rule (each leaf on its cheaper route) against the ghost route on
@@ -33,6 +34,7 @@ import jax.numpy as jnp
 import pytest
 
 import gnorm_jax
+from gnorm_jax import _numerics
 from gnorm_jax._per_example import _plan
 
 sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "benchmarks"))
@@ -68,8 +70,21 @@ BUILDERS = {
 
 
 def compiled_seconds(fn, *args) -> float:
-  """The compiled program's flops, bytes accessed and kernels, priced for the CPU."""
-  compiled = jax.jit(fn).lower(*args).compile()
+  """The compiled program's flops, bytes accessed and kernels, priced for the CPU.
+
+  Its rare paths (the CPU form's conditionals: rescaled norms, cancellation
+  rescue, non-finite examples) are left out of the trace: XLA's cost analysis
+  counts a conditional's dearest branch, and the estimates price what a call
+  on ordinary data runs."""
+  # Traces are cached by function and argument types, not by the switch: the
+  # caches are cleared on both sides of it.
+  jax.clear_caches()
+  _numerics._COMMON_ONLY = True
+  try:
+    compiled = jax.jit(fn).lower(*args).compile()
+  finally:
+    _numerics._COMMON_ONLY = False
+    jax.clear_caches()
   analysis = compiled.cost_analysis()
   if isinstance(analysis, (list, tuple)):  # older JAX: one dict per program
     analysis = analysis[0]
@@ -140,7 +155,13 @@ def _ratio(c, kind):
   return c[kind]["vmap"] / c[kind]["engine"]
 
 
-@pytest.mark.parametrize("name", list(BUILDERS))
+# The models whose engine and vmap(grad) differ. The long-sequence layer's only
+# weight goes direct, and its engine compiles to vmap's program: both add next
+# to nothing to the plain gradient (its ghost route is what it checks).
+RANKED = [name for name in BUILDERS if name != "long_sequence"]
+
+
+@pytest.mark.parametrize("name", RANKED)
 def test_estimated_vmap_to_engine_ratio_is_within_two_of_the_compiled(costs, name):
   c = costs[name]
   assert all(v > 0 for v in c["compiled"].values()), c
@@ -151,7 +172,7 @@ def test_estimated_vmap_to_engine_ratio_is_within_two_of_the_compiled(costs, nam
 
 
 def test_estimates_order_the_models_as_the_compiled_programs_do(costs):
-  ratios = {n: (_ratio(c, "estimated"), _ratio(c, "compiled")) for n, c in costs.items()}
+  ratios = {n: (_ratio(costs[n], "estimated"), _ratio(costs[n], "compiled")) for n in RANKED}
   for (a, (ea, ca)), (b, (eb, cb)) in itertools.combinations(ratios.items(), 2):
     if max(ca, cb) > 1.5 * min(ca, cb):  # clearly apart: the estimates order them alike
       assert (ea > eb) == (ca > cb), (a, ratios[a], b, ratios[b])
@@ -170,5 +191,7 @@ def test_mixed_rule_is_cheaper_than_ghost_where_estimated(costs, name):
 def test_the_long_sequence_layer_goes_direct_and_saves_most_of_the_ghost_cost(costs):
   c = costs["long_sequence"]
   assert set(c["routes"]) == {"direct"} and "ghost" in c["ghost_routes"], c
+  comp = c["compiled"]
+  assert abs(comp["engine"] - comp["vmap"]) <= 0.05 * c["plain"], c  # one program
   est, comp = c["estimated"], c["compiled"]
   assert est["engine"] < 0.5 * est["ghost"] and comp["engine"] < 0.5 * comp["ghost"], (est, comp)

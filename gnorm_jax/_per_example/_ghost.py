@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from gnorm_jax._norms import safe_sqrt
-from gnorm_jax._numerics import by_platform, pow2_exponent
+from gnorm_jax._numerics import by_platform, pow2_exponent, rare_path
 from gnorm_jax._per_example._program import chain_layout
 from gnorm_jax._per_example._rules import Dense, Ghost, Index, Use
 
@@ -171,7 +171,7 @@ def rescue(
     def recomputed():
       return jnp.where(suspect, lax.map(each, (rows, examples)), norms)
 
-    return lax.cond(jnp.any(rows), recomputed, lambda: norms)
+    return rare_path(jnp.any(rows), recomputed, lambda: norms)
 
   def default():
     def exact_at(idx):
@@ -270,7 +270,7 @@ def ghost_terms(gs: list[Ghost]) -> tuple[jax.Array, jax.Array, jax.Array, jax.A
     half = jnp.ldexp(jnp.ones((), real), -shift)
     return terms(raw, half * half)
 
-  s, bound = by_platform(lambda: lax.cond(safe, on_results, on_factors), on_factors)
+  s, bound = by_platform(lambda: rare_path(~safe, on_factors, on_results), on_factors)
   t = sum(q.value.shape[2] for _, q in dense + index)
   k = gs[0].q.value.shape[3] + max([p.value.shape[-1] for p, _ in dense], default=1)
   err = 4 * float(jnp.finfo(real).eps) * (math.sqrt(k) + t)  # |error of s| <= err·bound

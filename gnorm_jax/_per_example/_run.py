@@ -18,9 +18,10 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from gnorm_jax._norms import tree_norm
-from gnorm_jax._numerics import binary_exponent, by_platform
+from gnorm_jax._numerics import binary_exponent, by_platform, rare_path
 from gnorm_jax._per_example._direct import (
   direct_grads,
   exact_norm,
@@ -29,6 +30,7 @@ from gnorm_jax._per_example._direct import (
   weighted_sum,
 )
 from gnorm_jax._per_example._ghost import (
+  acc_dtype,
   can_cancel,
   factor_grads,
   ghost_terms,
@@ -344,11 +346,14 @@ def clipped_sums(
   so that its weight does not underflow.
 
   A row left out has weight 0, so it can change the sums only through 0·inf,
-  and only if it holds inf or NaN, which its norm then shows. Per-example
-  gradients are zeroed and scaled in one elementwise pass. Ghost factors are
-  too on GPU/TPU; on CPU (a copy of every factor, the logits' size for an
-  output layer) only when ``fast`` is False (some norm not finite, or some uᵢ
-  not 1), behind one ``lax.cond`` for all ghost leaves."""
+  and only if it holds inf or NaN, which its norm then shows. On GPU/TPU the
+  per-example gradients and ghost factors are zeroed and scaled in one
+  elementwise pass before their contractions. On CPU that pass (a copy of every
+  per-example gradient, and of every factor: the logits' size for an output
+  layer) is taken only when ``fast`` is False (some norm not finite, or some uᵢ
+  not 1), behind one ``lax.cond`` for all leaves; there the per-example
+  gradients are summed one example at a time, so the branch holds no copy of
+  them."""
   order = sorted(formed) + sorted(factors)
 
   def fixed(leaf):
@@ -370,14 +375,38 @@ def clipped_sums(
       for leaf in sorted(factors)
     ]
 
-  # Formed leaves: their rows are zeroed and scaled in any case (one elementwise
-  # pass; inside a branch, XLA would keep every per-example gradient and its copy).
-  done = [weighted_sum(weights[leaf], fixed(leaf)) for leaf in sorted(formed)]
-  if factors:
-    done += by_platform(
-      lambda: jax.lax.cond(fast, lambda: ghost_sums(False), lambda: ghost_sums(True)),
-      lambda: ghost_sums(True),
+  def as_they_are():
+    return [weighted_sum(weights[leaf], formed[leaf]) for leaf in sorted(formed)] + ghost_sums(
+      False
     )
+
+  def row_by_row():
+    leaves = sorted(formed)
+
+    def add_row(i, sums):
+      kept = True if keep is None else keep[i]
+      out = []
+      for leaf, total in zip(leaves, sums):
+        g = formed[leaf][i]
+        row = g * scales[leaf][i].astype(g.dtype)
+        row = jnp.where(kept, row, jnp.zeros_like(row))
+        out.append(total + weights[leaf][i].astype(total.dtype) * row.astype(total.dtype))
+      return out
+
+    zeros = [jnp.zeros(formed[leaf].shape[1:], acc_dtype(formed[leaf].dtype)) for leaf in leaves]
+    sums = lax.fori_loop(0, formed[leaves[0]].shape[0], add_row, zeros) if leaves else []
+    return [x.astype(formed[leaf].dtype) for leaf, x in zip(leaves, sums)] + ghost_sums(True)
+
+  def each_fixed():
+    return [weighted_sum(weights[leaf], fixed(leaf)) for leaf in sorted(formed)] + ghost_sums(True)
+
+  def cpu():
+    # The common path's sums are formed outside the branch, which then holds only
+    # the rare path.
+    sums = as_they_are()
+    return rare_path(~fast, row_by_row, lambda: sums)
+
+  done = by_platform(cpu, each_fixed) if formed or factors else []
   out = [jnp.zeros_like(w) for w in ws]
   for leaf, g in zip(order, done):
     out[leaf] = g

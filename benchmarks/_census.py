@@ -3,8 +3,9 @@
 A ``conditional`` or ``while`` whose predicate is computed on the device makes
 XLA:GPU copy the predicate to the host and wait before each branch or
 iteration; kernels (top-level fusions and unfused ops of the entry
-computation, and of each conditional's smaller branch: every conditional here
-guards a rare path, so that is the common one) each cost a launch.
+computation, and of each conditional's common branch: gnorm_jax's conditionals
+guard a rare path as their true branch, so the false one, branch 0) each cost
+a launch.
 Both are read from the optimized HLO on this machine's backend, and
 ``case``/``while`` from the CUDA lowering, which needs no GPU (JAX's default
 PRNG lowers to while loops on CPU but not on CUDA).
@@ -70,7 +71,8 @@ _BRANCHES = re.compile(
 
 def _kernels(text: str, lines: list[str]) -> int:
   """Ops that launch work among ``lines``; a conditional counts as itself plus its
-  smaller branch (the common path: the other one is rare), a while loop as one."""
+  branch 0 (the false branch of a boolean one: the common path of
+  ``gnorm_jax._numerics.rare_path``), a while loop as one."""
   count = 0
   for line in lines:
     m = _OP.search(line)
@@ -78,8 +80,8 @@ def _kernels(text: str, lines: list[str]) -> int:
       continue
     count += 1
     if m.group(1) == "conditional" and (b := _BRANCHES.search(line)):
-      names = b.group(1).split(", ") if b.group(1) else [b.group(2), b.group(3)]
-      count += min(_kernels(text, _body(text, text.index(f"\n{n.strip()} ("))) for n in names)
+      common = b.group(1).split(",")[0] if b.group(1) else b.group(3)
+      count += _kernels(text, _body(text, text.index(f"\n{common.strip()} (")))
   return count
 
 
@@ -88,7 +90,7 @@ def census(fn: Callable[..., Any], *args: Any) -> dict[str, int]:
 
   Returns ``conditionals`` and ``whiles`` (anywhere in the optimized HLO of
   this backend), ``kernels`` (entry-level ops that launch work, a conditional's
-  smaller branch included), and
+  common branch included), and
   ``cuda_cases``/``cuda_whiles`` (``stablehlo.case``/``while`` in the CUDA
   lowering; -1 where this JAX cannot lower for CUDA without a GPU).
   """

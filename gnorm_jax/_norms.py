@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -242,9 +242,7 @@ def _l2_norms_one(groups: list[list[jax.Array]]) -> list[tuple[jax.Array, jax.Ar
   fuse both passes into one huge kernel, slow to compile.
   """
   sums, totals = _sumsqs(groups)
-  return rare_path(
-    ~_all_fast(totals), lambda: _rescue(groups, sums, totals), lambda: [_fast(t) for t in totals]
-  )
+  return _guarded(totals, lambda: _rescue(groups, sums, totals))
 
 
 @jax.custom_batching.custom_vmap
@@ -264,10 +262,24 @@ def _l2_norms_vmap(axis_size, in_batched, groups):
   in_axes = [[0 if b else None for b in bg] for bg in batched]
   sums, totals = jax.vmap(_sumsqs, in_axes=(in_axes,), axis_size=axis_size)(groups)
   rescue = jax.vmap(_rescue, in_axes=(in_axes, 0, 0), axis_size=axis_size)
-  norms = rare_path(
-    ~_all_fast(totals), lambda: rescue(groups, sums, totals), lambda: [_fast(t) for t in totals]
-  )
+  norms = _guarded(totals, lambda: rescue(groups, sums, totals))
   return norms, [(True, True)] * len(norms)
+
+
+def _guarded(
+  totals: list[jax.Array], rescue: Callable[[], list]
+) -> list[tuple[jax.Array, jax.Array]]:
+  """Every group's ``(m, r)``: the fast path's unless some total needs rescuing
+  (``rescue()``, the rare branch). Where the totals share a dtype, the branches
+  return them stacked: one kernel for all square roots, not one per group."""
+  if len({t.dtype for t in totals}) != 1:
+    return rare_path(~_all_fast(totals), rescue, lambda: [_fast(t) for t in totals])
+
+  def stacked(pairs):
+    return jnp.stack([m for m, _ in pairs]), jnp.stack([r for _, r in pairs])
+
+  m, r = rare_path(~_all_fast(totals), lambda: stacked(rescue()), lambda: _fast(jnp.stack(totals)))
+  return [(m[i], r[i]) for i in range(len(totals))]
 
 
 def _add3(a: tuple, b: tuple) -> tuple:

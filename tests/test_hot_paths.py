@@ -245,8 +245,11 @@ def test_the_census_counts_the_kernels_of_a_conditionals_branches():
 
   both = lambda x: jax.lax.cond(x.sum() > 0, three_dots, lambda x: three_dots(x.T), x)
   rare = lambda x: jax.lax.cond(x.sum() > 0, three_dots, lambda x: x, x)
+  common = lambda x: jax.lax.cond(x.sum() > 0, lambda x: x, three_dots, x)
   plain = census(three_dots, x)["kernels"]
   assert plain >= 3
-  # The conditional itself, its predicate, and the smaller branch's kernels.
+  # The conditional itself, its predicate, and its false (common) branch's kernels, as
+  # rare_path lays them out.
   assert census(both, x)["kernels"] >= plain + 1
   assert census(rare, x)["kernels"] < plain
+  assert census(common, x)["kernels"] >= plain + 1

@@ -400,13 +400,13 @@ def clipped_sums(
   def each_fixed():
     return [weighted_sum(weights[leaf], fixed(leaf)) for leaf in sorted(formed)] + ghost_sums(True)
 
-  def cpu():
-    # The common path's sums are formed outside the branch, which then holds only
-    # the rare path.
-    sums = as_they_are()
-    return rare_path(~fast, row_by_row, lambda: sums)
-
-  done = by_platform(cpu, each_fixed) if formed or factors else []
+  # (Inside the branch: formed outside it, the sums would keep a logits-sized
+  # factor alive beside the branch's buffers.)
+  done = (
+    by_platform(lambda: rare_path(~fast, row_by_row, as_they_are), each_fixed)
+    if formed or factors
+    else []
+  )
   out = [jnp.zeros_like(w) for w in ws]
   for leaf, g in zip(order, done):
     out[leaf] = g

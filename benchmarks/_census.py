@@ -4,8 +4,8 @@ A ``conditional`` or ``while`` whose predicate is computed on the device makes
 XLA:GPU copy the predicate to the host and wait before each branch or
 iteration; kernels (top-level fusions and unfused ops of the entry
 computation, and of each conditional's common branch: gnorm_jax's conditionals
-guard a rare path as their true branch, so the false one, branch 0) each cost
-a launch.
+guard a rare path as ``lax.cond``'s true branch, so the false one, JAX's branch
+0) each cost a launch.
 Both are read from the optimized HLO on this machine's backend, and
 ``case``/``while`` from the CUDA lowering, which needs no GPU (JAX's default
 PRNG lowers to while loops on CPU but not on CUDA).
@@ -69,10 +69,40 @@ _BRANCHES = re.compile(
 )
 
 
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+
+
+def _common_branch(text: str, line: str, names: list[str]) -> str:
+  """The branch JAX traced as branch 0 (``lax.cond``'s false branch: the common path
+  of ``gnorm_jax._numerics.rare_path``), read from its ops' names: XLA may reorder a
+  conditional's branches (a negated predicate is folded by swapping them). The
+  smaller branch where the names do not tell."""
+  own = _OP_NAME.search(line)
+  if own:
+    prefix = own.group(1) + "/branch_"
+    for name in names:
+      for op in _body(text, text.index(f"\n{name} (")):
+        m = _OP_NAME.search(op)
+        if m and m.group(1).startswith(prefix):
+          if m.group(1)[len(prefix) :].startswith("0_"):
+            return name
+          break
+    others = [n for n in names if n]
+    if len(others) == 2:  # the other branch's names say 1: this one is 0
+      for name in names:
+        for op in _body(text, text.index(f"\n{name} (")):
+          m = _OP_NAME.search(op)
+          if m and m.group(1).startswith(prefix):
+            break
+        else:
+          continue
+        return [n for n in names if n != name][0]
+  return min(names, key=lambda n: _kernels(text, _body(text, text.index(f"\n{n} ("))))
+
+
 def _kernels(text: str, lines: list[str]) -> int:
   """Ops that launch work among ``lines``; a conditional counts as itself plus its
-  branch 0 (the false branch of a boolean one: the common path of
-  ``gnorm_jax._numerics.rare_path``), a while loop as one."""
+  common branch (:func:`_common_branch`), a while loop as one."""
   count = 0
   for line in lines:
     m = _OP.search(line)
@@ -80,8 +110,9 @@ def _kernels(text: str, lines: list[str]) -> int:
       continue
     count += 1
     if m.group(1) == "conditional" and (b := _BRANCHES.search(line)):
-      common = b.group(1).split(",")[0] if b.group(1) else b.group(3)
-      count += _kernels(text, _body(text, text.index(f"\n{common.strip()} (")))
+      names = b.group(1).split(", ") if b.group(1) else [b.group(2), b.group(3)]
+      names = [n.strip() for n in names]
+      count += _kernels(text, _body(text, text.index(f"\n{_common_branch(text, line, names)} (")))
   return count
 
 

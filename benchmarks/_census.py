@@ -78,25 +78,21 @@ def _common_branch(text: str, line: str, names: list[str]) -> str:
   conditional's branches (a negated predicate is folded by swapping them). The
   smaller branch where the names do not tell."""
   own = _OP_NAME.search(line)
-  if own:
-    prefix = own.group(1) + "/branch_"
-    for name in names:
-      for op in _body(text, text.index(f"\n{name} (")):
-        m = _OP_NAME.search(op)
-        if m and m.group(1).startswith(prefix):
-          if m.group(1)[len(prefix) :].startswith("0_"):
-            return name
-          break
-    others = [n for n in names if n]
-    if len(others) == 2:  # the other branch's names say 1: this one is 0
-      for name in names:
-        for op in _body(text, text.index(f"\n{name} (")):
-          m = _OP_NAME.search(op)
-          if m and m.group(1).startswith(prefix):
-            break
-        else:
-          continue
-        return [n for n in names if n != name][0]
+  prefix = own.group(1) + "/branch_" if own else None
+
+  def jax_index(name: str) -> str | None:  # the first op JAX named under this conditional
+    for op in _body(text, text.index(f"\n{name} (")):
+      m = _OP_NAME.search(op)
+      if prefix and m and m.group(1).startswith(prefix):
+        return m.group(1)[len(prefix) :].split("_")[0]
+    return None
+
+  index = {name: jax_index(name) for name in names}
+  zero = [n for n in names if index[n] == "0"]
+  if zero:
+    return zero[0]
+  if len(names) == 2 and None in index.values() and any(index.values()):
+    return next(n for n in names if index[n] is None)  # the other one says 1
   return min(names, key=lambda n: _kernels(text, _body(text, text.index(f"\n{n} ("))))
 
 

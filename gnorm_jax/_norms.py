@@ -227,8 +227,9 @@ def _rescue(
   return out
 
 
-def _l2_norms_one(groups: list[list[jax.Array]]) -> list[tuple[jax.Array, jax.Array]]:
-  """The Euclidean norm of each group of leaves (a group is one vector), as (m, r).
+def _l2_norms_one(groups: list[list[jax.Array]]) -> tuple[jax.Array, jax.Array]:
+  """The Euclidean norm of each group of leaves (a group is one vector), as (m, r)
+  stacked [G] (:func:`_stacked`).
 
   The norm is m·r with r an exact power of two (1 on the fast path), so that
   a norm beyond the largest float is still known: m finite, m·r = inf.
@@ -246,7 +247,7 @@ def _l2_norms_one(groups: list[list[jax.Array]]) -> list[tuple[jax.Array, jax.Ar
 
 
 @jax.custom_batching.custom_vmap
-def _l2_norms_batchable(groups: list[list[jax.Array]]) -> list[tuple[jax.Array, jax.Array]]:
+def _l2_norms_batchable(groups: list[list[jax.Array]]) -> tuple[jax.Array, jax.Array]:
   return _l2_norms_one(groups)
 
 
@@ -262,24 +263,33 @@ def _l2_norms_vmap(axis_size, in_batched, groups):
   in_axes = [[0 if b else None for b in bg] for bg in batched]
   sums, totals = jax.vmap(_sumsqs, in_axes=(in_axes,), axis_size=axis_size)(groups)
   rescue = jax.vmap(_rescue, in_axes=(in_axes, 0, 0), axis_size=axis_size)
-  norms = _guarded(totals, lambda: rescue(groups, sums, totals))
-  return norms, [(True, True)] * len(norms)
+  # [B, G]: batched along the leading axis
+  return _guarded(totals, lambda: rescue(groups, sums, totals), axis=1), (True, True)
+
+
+def _stacked(
+  pairs: list[tuple[jax.Array, jax.Array]], axis: int = 0
+) -> tuple[jax.Array, jax.Array]:
+  """Groups' ``(m, r)`` pairs as two arrays, stacked along ``axis``, in their widest
+  dtype (exact: a wider float holds every narrower one, and r is a power of two)."""
+  dtype = jnp.result_type(*[m.dtype for m, _ in pairs])
+  return (
+    jnp.stack([m.astype(dtype) for m, _ in pairs], axis),
+    jnp.stack([r.astype(dtype) for _, r in pairs], axis),
+  )
 
 
 def _guarded(
-  totals: list[jax.Array], rescue: Callable[[], list]
-) -> list[tuple[jax.Array, jax.Array]]:
-  """Every group's ``(m, r)``: the fast path's unless some total needs rescuing
-  (``rescue()``, the rare branch). Where the totals share a dtype, the branches
-  return them stacked: one kernel for all square roots, not one per group."""
+  totals: list[jax.Array], rescue: Callable[[], list], axis: int = 0
+) -> tuple[jax.Array, jax.Array]:
+  """Every group's ``(m, r)``, stacked along ``axis`` (:func:`_stacked`): the fast
+  path's unless some total needs rescuing (``rescue()``, the rare branch). One
+  kernel for all square roots where the totals share a dtype."""
   if len({t.dtype for t in totals}) != 1:
-    return rare_path(~_all_fast(totals), rescue, lambda: [_fast(t) for t in totals])
-
-  def stacked(pairs):
-    return jnp.stack([m for m, _ in pairs]), jnp.stack([r for _, r in pairs])
-
-  m, r = rare_path(~_all_fast(totals), lambda: stacked(rescue()), lambda: _fast(jnp.stack(totals)))
-  return [(m[i], r[i]) for i in range(len(totals))]
+    fast = lambda: _stacked([_fast(t) for t in totals], axis)
+  else:
+    fast = lambda: _fast(jnp.stack(totals, axis))
+  return rare_path(~_all_fast(totals), lambda: _stacked(rescue(), axis), fast)
 
 
 def _add3(a: tuple, b: tuple) -> tuple:
@@ -302,7 +312,7 @@ def _three_sums(x: jax.Array, acc: Any, sd: jax.Array, su: jax.Array) -> tuple:
   return functools.reduce(_add3, found)
 
 
-def _l2_branchless(groups: list[list[jax.Array]]) -> list[tuple[jax.Array, jax.Array]]:
+def _l2_branchless(groups: list[list[jax.Array]]) -> tuple[jax.Array, jax.Array]:
   """The GPU/TPU form of :func:`_l2_norms_one`: no conditional.
 
   Each leaf is read once, by one variadic reduction, for three sums of
@@ -311,7 +321,8 @@ def _l2_branchless(groups: list[list[jax.Array]]) -> list[tuple[jax.Array, jax.A
   where it overflowed (or an entry is inf), the scaled-up one where it is small
   or NaN.
   """
-  out = []
+  sums: list[tuple[jax.Array, ...]] = []
+  big_scales, small_scales = [], []
   for g in groups:
     acc = _group_dtype(g)
     size = sum(x.size * (2 if jnp.iscomplexobj(x) else 1) for x in g)
@@ -320,35 +331,49 @@ def _l2_branchless(groups: list[list[jax.Array]]) -> list[tuple[jax.Array, jax.A
     # (x·c)·(x·c) as (x·x)·(c·c), where x·x overflows and c·c underflows.
     sd, su = lax.optimization_barrier((jnp.asarray(2.0**-a, acc), jnp.asarray(2.0**b, acc)))
     three = [_three_sums(x, acc, sd, su) for x in g]
-    plain, down, up = (_total([t[j] for t in three]) for j in range(3))
-    ok = _fast_path_ok(plain)
-    big = jnp.isinf(plain)
-    one = jnp.ones((), acc)
-    m = jnp.where(ok, plain, jnp.where(big, down, up))
-    r = jnp.where(ok, one, jnp.where(big, one * 2.0**a, one * 2.0**-b))
-    out.append((jnp.sqrt(m), r))
-  return out
+    sums.append(tuple(_total([t[j] for t in three]) for j in range(3)))
+    big_scales.append(2.0**a)
+    small_scales.append(2.0**-b)
+  if len({s[0].dtype for s in sums}) == 1:
+    # every group's choice in one kernel: [G] sums, the scales as constants
+    plain, down, up = (jnp.stack([s[j] for s in sums]) for j in range(3))
+    big, small = (jnp.asarray(x, plain.dtype) for x in (big_scales, small_scales))
+    return _choose(plain, down, up, big, small)
+  return _stacked(
+    [
+      _choose(p, d, u, jnp.asarray(bs, p.dtype), jnp.asarray(ss, p.dtype))
+      for (p, d, u), bs, ss in zip(sums, big_scales, small_scales)
+    ]
+  )
 
 
-def _l2_by_platform(groups: list[list[jax.Array]]) -> list[tuple[jax.Array, jax.Array]]:
+def _choose(plain, down, up, big, small) -> tuple[jax.Array, jax.Array]:
+  """``(m, r)`` from the three sums of squares of :func:`_l2_branchless` (``big`` and
+  ``small``: r where the scaled-down or scaled-up sum is taken)."""
+  ok = _fast_path_ok(plain)
+  large = jnp.isinf(plain)
+  m = jnp.where(ok, plain, jnp.where(large, down, up))
+  r = jnp.where(ok, jnp.ones_like(plain), jnp.where(large, big, small))
+  return jnp.sqrt(m), r
+
+
+def _l2_by_platform(groups: list[list[jax.Array]]) -> tuple[jax.Array, jax.Array]:
   return by_platform(_l2_norms_batchable, _l2_branchless, groups)
 
 
 @jax.custom_jvp
-def _l2_norms(groups: list[list[jax.Array]]) -> list[tuple[jax.Array, jax.Array]]:
-  """The Euclidean norms as (m, r), with a NaN-free derivative; see :func:`by_platform`."""
-  if not groups:
-    return []
+def _l2_norms(groups: list[list[jax.Array]]) -> tuple[jax.Array, jax.Array]:
+  """The Euclidean norms as (m, r) stacked [G] (:func:`_stacked`), with a NaN-free
+  derivative; see :func:`by_platform`. ``groups`` is not empty."""
   return _l2_by_platform(groups)
 
 
 @_l2_norms.defjvp
 def _l2_norms_jvp(primals, tangents):
   (groups,), (dgroups,) = primals, tangents
-  norms = _l2_norms(groups)
-  return norms, [
-    (_l2_jvp(m, r, g, dg), jnp.zeros_like(r)) for (m, r), g, dg in zip(norms, groups, dgroups)
-  ]
+  ms, rs = _l2_norms(groups)
+  dms = [_l2_jvp(ms[i], rs[i], g, dg) for i, (g, dg) in enumerate(zip(groups, dgroups))]
+  return (ms, rs), (jnp.stack([d.astype(ms.dtype) for d in dms]), jnp.zeros_like(rs))
 
 
 def _l2_jvp(
@@ -408,11 +433,21 @@ def _other_norm(leaves: list[jax.Array], ord: Any) -> tuple[jax.Array, jax.Array
 # Jitted so that eager calls compile once per tree structure and shapes instead
 # of dispatching (and compiling the conds) op by op; inlined under an outer jit.
 @functools.partial(jax.jit, static_argnames="ord")
-def _norms(groups: list[list[jax.Array]], ord: Any) -> list[tuple[jax.Array, jax.Array]]:
-  """One norm per group of leaves, as (m, r) with norm = m·r; ``ord`` already checked."""
+def _norms_stacked(groups: list[list[jax.Array]], ord: Any) -> tuple[jax.Array, jax.Array]:
+  """One norm per group of leaves (``groups`` not empty), as (m, r) [G] with
+  norm = m·r, in the groups' widest dtype; ``ord`` already checked."""
   if ord is None or ord == 2:
     return _l2_norms(groups)
-  return [_other_norm(g, ord) for g in groups]
+  return _stacked([_other_norm(g, ord) for g in groups])
+
+
+def _norms(groups: list[list[jax.Array]], ord: Any) -> list[tuple[jax.Array, jax.Array]]:
+  """:func:`_norms_stacked` as one (m, r) pair per group, in its own dtype."""
+  if not groups:
+    return []
+  ms, rs = _norms_stacked(groups, ord)
+  dtypes = [_group_dtype(g) for g in groups]
+  return [(ms[i].astype(d), rs[i].astype(d)) for i, d in enumerate(dtypes)]
 
 
 def tree_norm(tree: Any, ord: int | float | None = None) -> jax.Array:
@@ -500,6 +535,13 @@ def leaf_norms_split(tree: Any, ord: Any = None) -> tuple[Any, Any]:
     jax.tree.unflatten(treedef, [m for m, _ in pairs]),
     jax.tree.unflatten(treedef, [r for _, r in pairs]),
   )
+
+
+def stacked_leaf_norms(leaves: list[jax.Array]) -> tuple[jax.Array, jax.Array]:
+  """:func:`leaf_norms_split` of a list of leaves (not empty) as two arrays [L],
+  in the leaves' widest accumulation dtype: what engines that combine many
+  leaves' norms use (no slice per leaf)."""
+  return _norms_stacked([[x] for x in leaves], None)
 
 
 def sum_of_squares(x: jax.Array) -> jax.Array:

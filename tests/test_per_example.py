@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import gnorm_jax
 from gnorm_jax import _numerics
-from gnorm_jax._per_example import _jaxpr, _plan, _program
+from gnorm_jax._per_example import _api, _jaxpr, _plan, _program
 
 
 def analyze(closed, param_positions):
@@ -534,6 +534,33 @@ def test_example_whose_norm_overflows_is_clipped_not_dropped(
     c = max_norm[k] if per_layer else max_norm
     want = np.tensordot(np.minimum(1.0, c / n), flat[k], 1).reshape(params[k].shape)
     np.testing.assert_allclose(grads[k], want, rtol=0, atol=RTOL * np.abs(want).max())
+
+
+@pytest.mark.parametrize("form", ["cpu", "default"])
+@pytest.mark.parametrize("traced", [False, True])
+def test_tiny_threshold_mean_keeps_every_example(form, traced, monkeypatch):
+  """The mean's division by B joins the clip weights only where wᵢ/B cannot underflow
+  (a concrete threshold C with C/B not tiny). Here C/(‖gᵢ‖·B) ~ 1e-43 is subnormal
+  in float32: every example must still enter the mean, clipped to norm C."""
+  loss, params, (x, y) = _three_routes()
+  y = y * 1e12
+  c = 1e-30
+  assert not _api._folds(c, 4, 3) and _api._folds(1.0, 4, 3)
+  monkeypatch.setattr(_numerics, "_FORCE_FORM", form)
+  jax.clear_caches()
+
+  def run(max_norm):
+    fn = gnorm_jax.clipped_grad(loss, max_norm=max_norm, batch_argnums=(1, 2), method="engine")
+    return fn(params, x, y)
+
+  grads = jax.jit(run)(jnp.float32(c)) if traced else jax.jit(lambda: run(c))()
+  jax.clear_caches()
+  norms, want = _reference(loss, params, (x, y), c)
+  assert np.all(c / (norms * 4) < 1e-38)  # weights divided by B would be subnormal
+  for k in params:
+    scale = np.abs(want[k]).max()
+    assert scale > 0
+    np.testing.assert_allclose(np.asarray(grads[k], np.float64) / scale, want[k] / scale, atol=RTOL)
 
 
 @pytest.mark.parametrize("name", ["mlp", "transformer", "cnn"])

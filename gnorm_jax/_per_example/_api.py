@@ -248,13 +248,17 @@ class _PerExample:
 
   def _clip_weights(self, args, max_norm):
     """A function of per-leaf norms [B, L], norms [B] (both scaled by 1/r) and r [B]
-    giving each leaf's clip weights and scales [B] (see _weight), and each leaf's
-    boost (the weights are B·min(1, C/‖gᵢ‖))."""
+    giving each leaf's clip weights and scales [B] (see _weight); each leaf's
+    boost (the weights are B·min(1, C/‖gᵢ‖)) and threshold C."""
     params = self._params(args)
     dtypes = [jnp.result_type(w) for w in jax.tree.leaves(params)]
     if not is_tree(max_norm):  # one weight per example (streams use the first leaf's)
       boost, n = _boost(max_norm, dtypes), len(dtypes)
-      return (lambda leaf_norms, norms, r: [_weight(norms, r, max_norm, boost)] * n), [boost] * n
+      return (
+        (lambda leaf_norms, norms, r: [_weight(norms, r, max_norm, boost)] * n),
+        [boost] * n,
+        [max_norm] * n,
+      )
     thresholds = jax.tree.leaves(max_norm)
     ids = jax.tree.unflatten(jax.tree.structure(max_norm), range(len(thresholds)))
     try:
@@ -279,7 +283,7 @@ class _PerExample:
       return [_weight(per_group[g], r, thresholds[g], b) for g, b in zip(group_of, boosts)]
 
     boosts = [_boost(thresholds[g], [d]) for g, d in zip(group_of, dtypes)]
-    return weights, boosts
+    return weights, boosts, [thresholds[g] for g in group_of]
 
   # ---------------------------------------------------------------- calls
 
@@ -299,7 +303,21 @@ class _PerExample:
         raise ValueError(f"{want}, got shape {mask.shape} and dtype {mask.dtype}.")
     traced = self._trace(args)
     plan = self._make_plan(args, traced, batch_size, max_norm)
-    weights_fn, boosts = (None, None) if max_norm is None else self._clip_weights(args, max_norm)
+    weights_fn = None
+    if max_norm is not None:
+      clip_weights, boosts, thresholds = self._clip_weights(args, max_norm)
+      # Each sum is divided by its boost (and by B for a mean) in the run: the
+      # weights are divided instead where that cannot underflow.
+      # (one divisor per distinct boost: one threshold shares it between all leaves)
+      n = batch_size if reduce == "mean" else 1
+      each: dict[int, jax.Array] = {}
+      divisors = [each.setdefault(id(b), b * n) for b in boosts]
+      folds = [_folds(c, n, len(boosts)) for c in thresholds]
+
+      def weights_fn(leaf_norms, norms, r):
+        pairs = clip_weights(leaf_norms, norms, r)
+        return [(w, u, d, f) for (w, u), d, f in zip(pairs, divisors, folds)]
+
     batch_flat = [jnp.asarray(x) for i in self.batch_argnums for x in jax.tree.leaves(args[i])]
     if mask is not None:
       batch_flat = _fill_padding(batch_flat, mask)
@@ -312,8 +330,6 @@ class _PerExample:
       aux = None
     if sums is None:
       return None, norms, aux
-    divisor = batch_size if reduce == "mean" else 1
-    sums = [(g / b / divisor).astype(g.dtype) for g, b in zip(sums, boosts)]
     grads = jax.tree.unflatten(jax.tree.structure(self._params(args)), sums)
     return grads, norms, aux
 
@@ -340,6 +356,23 @@ def _boost(max_norm: Any, dtypes: list) -> jax.Array:
   cap = min(2.0 ** (jnp.finfo(d).maxexp // 2) for d in dtypes) if dtypes else 1.0
   boost = jnp.clip(s * 8, 1, cap)
   return jnp.where(jnp.isfinite(c) & (c > 0), boost, 1)
+
+
+def _folds(max_norm: Any, n: int, leaves: int) -> bool:
+  """Whether a clip weight divided by its boost and by ``n`` (B for a mean) is a
+  normal float32 number for every finite norm, known when tracing: the norms the
+  weights see are at most 2^(SCALE_ABOVE+1)·√leaves (larger ones are scaled down
+  first), so the quotient is at least C/n·2^-(SCALE_ABOVE+1)/√leaves. Then the
+  sums are weighted by that quotient, with no division after them; otherwise
+  (a traced or tiny C) the division is made where needed."""
+  try:
+    c = float(max_norm)
+  except (TypeError, jax.errors.ConcretizationTypeError):
+    return False
+  if not (math.isfinite(c) and c > 0):
+    return False
+  least = c / n * 2.0 ** -(_run.SCALE_ABOVE + 1) / math.sqrt(max(leaves, 1))
+  return least >= 4 * float(jnp.finfo(jnp.float32).tiny)
 
 
 def _weight(norms: jax.Array, r: jax.Array, max_norm: Any, boost: jax.Array) -> tuple:

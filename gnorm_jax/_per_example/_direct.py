@@ -15,7 +15,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from gnorm_jax._norms import leaf_norms_split, tree_norm, tree_norm_split
+from gnorm_jax._norms import stacked_leaf_norms, tree_norm, tree_norm_split
 from gnorm_jax._numerics import binary_exponent
 from gnorm_jax._per_example._ghost import acc_dtype, factor_grads, ghosts, use_ghost
 from gnorm_jax._per_example._jaxpr import Lit
@@ -33,12 +33,13 @@ def per_example_norms(g: jax.Array) -> jax.Array:
   return jax.vmap(tree_norm)(g)
 
 
-def per_example_leaf_norms(gs: list[jax.Array]) -> tuple[list[jax.Array], list[jax.Array]]:
-  """``(m, e)``: each of ``gs`` (per-example values [B, ...]) has the norms m·2^e
-  ([B] floats, [B] int32; m finite where the norm overflows), by ONE call of the
-  norm core: one fast pass and one check for all of them."""
-  ms, rs = jax.vmap(leaf_norms_split)(gs)
-  return ms, [binary_exponent(r) for r in rs]
+def per_example_leaf_norms(gs: list[jax.Array]) -> tuple[jax.Array, jax.Array]:
+  """``(m, e)`` [B, len(gs)]: column j holds the norms m·2^e of ``gs[j]`` (per-example
+  values [B, ...]; floats in their widest accumulation dtype, int32 exponents; m
+  finite where the norm overflows), by ONE call of the norm core: one fast pass
+  and one check for all of them, and no slice per leaf."""
+  ms, rs = jax.vmap(stacked_leaf_norms)(gs)
+  return ms, binary_exponent(rs)
 
 
 def _apply_chain(segment: tuple, w: jax.Array, params) -> jax.Array:
@@ -145,9 +146,11 @@ def exact_norm(uses, operands, cots, w, shift):
   return one, (ops, cs, shift)
 
 
-def weighted_sum(weights: jax.Array, per_example: jax.Array) -> jax.Array:
-  """Σᵢ wᵢ·gᵢ over the leading axis, accumulated in at least float32 (complex kept)."""
+def weighted_sum(weights: jax.Array, per_example: jax.Array, divisor=None) -> jax.Array:
+  """Σᵢ wᵢ·gᵢ over the leading axis (divided by ``divisor``), accumulated in at least
+  float32 (complex kept)."""
   acc = acc_dtype(per_example.dtype)
-  return jnp.tensordot(weights.astype(acc), per_example.astype(acc), axes=1).astype(
-    per_example.dtype
-  )
+  total = jnp.tensordot(weights.astype(acc), per_example.astype(acc), axes=1)
+  if divisor is not None:
+    total = total / jnp.asarray(divisor).astype(jnp.finfo(acc).dtype)
+  return total.astype(per_example.dtype)

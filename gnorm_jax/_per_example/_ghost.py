@@ -324,12 +324,13 @@ def factor_grads(
   weights: jax.Array | None = None,
   keep: jax.Array | None = None,
   scale: jax.Array | None = None,
+  divisor: jax.Array | None = None,
 ) -> jax.Array:
   """Σ_t P_t ⊗ Q_t in the leaf's layout: [B, *w.shape] per example, or with
-  ``weights`` the book-keeping sum Σᵢ wᵢ Σ_t P_t ⊗ Q_t, [*w.shape]. Each example's
-  cotangent factor is multiplied by its ``scale`` (a power of two) before its
-  weight; rows where ``keep`` is False are zeroed first (a non-finite example
-  cannot reach the sum through 0·inf)."""
+  ``weights`` the book-keeping sum Σᵢ wᵢ Σ_t P_t ⊗ Q_t, [*w.shape], divided by
+  ``divisor`` (a scalar) if given. Each example's cotangent factor is multiplied
+  by its ``scale`` (a power of two) before its weight; rows where ``keep`` is
+  False are zeroed first (a non-finite example cannot reach the sum through 0·inf)."""
   head, pa, qa = gs[0].layout
   total: jax.Array | int = 0
   for g in gs:
@@ -370,5 +371,9 @@ def factor_grads(
   else:
     order = list(head + pa + qa)
     x = total.reshape(b, *[w.shape[a] for a in order])
-  x = jnp.transpose(x, [0] + [1 + order.index(j) for j in range(w.ndim)]).astype(w.dtype)
+  x = jnp.transpose(x, [0] + [1 + order.index(j) for j in range(w.ndim)])
+  if divisor is not None:  # in at least float32: B·boost can exceed float16's range
+    acc = acc_dtype(x.dtype)
+    x = x.astype(acc) / jnp.asarray(divisor).astype(jnp.finfo(acc).dtype)
+  x = x.astype(w.dtype)
   return x if weights is None else x[0]

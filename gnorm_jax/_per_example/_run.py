@@ -123,9 +123,10 @@ def run(
   mask: jax.Array | None,
   nan_safe: bool,
 ):
-  """Per-example norms [B], the clipped sums Σᵢ wᵢ·(uᵢ·gᵢ) of every leaf (when
+  """Per-example norms [B], the clipped sums Σᵢ wᵢ·(uᵢ·gᵢ)/d of every leaf (when
   ``weights_fn`` maps (per-leaf norms [B, L] and norms [B], both divided by r,
-  and r [B]) to each leaf's weights and scales (w, u) [B]), and the loss's
+  and r [B]) to each leaf's weights and scales (w, u) [B] and divisor d, a
+  scalar), and the loss's
   auxiliary outputs stacked over the batch. r is a power of two, 1 unless some
   leaf norm of the example is beyond 2^SCALE_ABOVE: a norm beyond float32's
   largest is reported inf and its example still clipped.
@@ -171,7 +172,10 @@ def run(
         jax.vmap(tree_norm)(jnp.ldexp(jnp.where(suspect_steps, up, m), down)),
         top,
       )
-  streamed: dict[int, tuple] = {}  # leaf -> its norms (m [B], e [B]), exact where suspect
+  # Per-leaf norms m·2^e (m finite where the norm overflows) come in column blocks
+  # (leaves, m [B, k], e [B, k] int32), as the stages give them: one block per
+  # stage, not one slice per leaf.
+  blocks: list[tuple[list[int], jax.Array, jax.Array]] = []
   if stream_stats:
     order = sorted(stream_stats)
     fast, suspect, upper = (
@@ -182,13 +186,12 @@ def run(
     fixed = rescue(
       fast, suspect, upper, lambda ex: jnp.ldexp(exact(ex[0]), -ex[1]), (batch_flat, exps)
     )
-    streamed = {leaf: (fixed[:, n], exps[:, n]) for n, leaf in enumerate(order)}
+    blocks.append((order, fixed, exps))
   formed, factors, taken = {}, {}, {}
   outer: dict[int, tuple] = {}  # ghost leaf -> (P, Q): its gradient is one outer product
-  # leaf -> its norms as (m [B], e [B] int32): m·2^e, m finite where the norm overflows
-  per_leaf: dict[int, tuple] = {}
+  ghost_norms: dict[int, tuple] = {}  # ghost leaf -> its norms (m [B], e [B])
   cancel: dict[int, tuple] = {}  # ghost leaf -> (m, e, suspect, upper, one, examples)
-  zero_exp = jnp.zeros((b,), jnp.int32)
+  unused: list[int] = []
   # One-pass streams' leaves: direct ones' per-example gradients [B, steps, ...],
   # ghost ones' (stream, kept factors).
   stream_formed: dict[int, jax.Array] = {}
@@ -207,8 +210,8 @@ def run(
   for leaf, w in enumerate(params_flat):
     route = routes[leaf].route
     uses = program.uses.get(leaf, [])
-    if leaf in streamed:
-      per_leaf[leaf], taken[leaf] = streamed[leaf], f"streamed {route}"
+    if leaf in stream_stats:
+      taken[leaf] = f"streamed {route}"
     elif route == "materialized" or plan.method == "vmap":
       formed[leaf], taken[leaf] = fb_grads[leaf], "materialized"
     elif route == "direct":
@@ -222,9 +225,11 @@ def run(
       m, e, suspect, upper = ghost_terms(factors[leaf])
       if can_cancel(factors[leaf]):
         cancel[leaf] = (m, e, suspect, upper, *exact_norm(uses, operands, cots, w, e))
-      per_leaf[leaf] = (m, e)
+      else:
+        ghost_norms[leaf] = (m, e)
     else:
-      per_leaf[leaf], taken[leaf] = (jnp.zeros((b,), dtype), zero_exp), "unused"
+      unused.append(leaf)
+      taken[leaf] = "unused"
   # The formed leaves' norms and the outer-product factors' in one call of the
   # norm core, the ghost sums that may cancel checked (and rescued) together:
   # per call, not per leaf.
@@ -233,19 +238,17 @@ def run(
     pairs = sorted(outer)
     arrays = [formed[leaf] for leaf in order] + [x for leaf in pairs for x in outer[leaf]]
     ms, es = per_example_leaf_norms(arrays)
-    per_leaf.update({leaf: (ms[n], es[n]) for n, leaf in enumerate(order)})
-    for n, leaf in enumerate(pairs):  # ‖P ⊗ Q‖ = ‖P‖·‖Q‖, each as m·2^e
-      p, q = len(order) + 2 * n, len(order) + 2 * n + 1
-      mp, mq = ms[p], ms[q]
+    n = len(order)
+    blocks.append((order, ms[:, :n], es[:, :n]))
+    if pairs:  # ‖P ⊗ Q‖ = ‖P‖·‖Q‖, each as m·2^e
+      mp, mq = ms[:, n::2], ms[:, n + 1 :: 2]
       # m·m overflows only at the edge (a plain sum of squares below float32's
       # largest, twice): then one factor is taken down by 2^64 first.
       m = mp * mq
       edge = jnp.isinf(m) & jnp.isfinite(mp) & jnp.isfinite(mq)
       down = jnp.asarray(2.0**-64, mp.dtype)
-      per_leaf[leaf] = (
-        jnp.where(edge, (mp * down) * mq, m),
-        es[p] + es[q] + jnp.where(edge, 64, 0),
-      )
+      m = jnp.where(edge, (mp * down) * mq, m)
+      blocks.append((pairs, m, es[:, n::2] + es[:, n + 1 :: 2] + jnp.where(edge, 64, 0)))
   if cancel:
     order = sorted(cancel)
     fast, suspect, upper = (jnp.stack([cancel[leaf][j] for leaf in order], 1) for j in (0, 2, 3))
@@ -257,12 +260,18 @@ def run(
       lambda examples: jnp.stack([one(ex) for one, ex in zip(ones, examples)]),
       [cancel[leaf][5] for leaf in order],
     )
-    per_leaf.update({leaf: (fixed[:, n], cancel[leaf][1]) for n, leaf in enumerate(order)})
+    blocks.append((order, fixed, jnp.stack([cancel[leaf][1] for leaf in order], 1)))
+  if ghost_norms:
+    order = sorted(ghost_norms)
+    m, e = (jnp.stack([ghost_norms[leaf][j] for leaf in order], 1) for j in (0, 1))
+    blocks.append((order, m, e))
+  if unused:
+    blocks.append(
+      (unused, jnp.zeros((b, len(unused)), dtype), jnp.zeros((b, len(unused)), jnp.int32))
+    )
   if _observe is not None:
     _observe(plan, taken)
-  leaves = range(len(params_flat))
-  leaf_m = jnp.stack([per_leaf[leaf][0].astype(dtype) for leaf in leaves], 1) if leaves else None
-  leaf_e = jnp.stack([per_leaf[leaf][1] for leaf in leaves], 1) if leaves else None
+  leaf_m, leaf_e = _in_leaf_order(blocks, dtype)
   leaf_norms, norms, scale = _scaled_norms(leaf_m, leaf_e, b, dtype)
   # A row's factors or per-example gradients hold inf/NaN only if its norm does.
   all_finite = jnp.all(jnp.isfinite(norms))
@@ -278,21 +287,47 @@ def run(
     keep = keep & jnp.isfinite(norms)
   zero_rows = keep if (nan_safe or mask is not None) else None
   r = jnp.ldexp(jnp.ones((), dtype), scale)
-  pairs_w = weights_fn(leaf_norms, norms, r)  # each leaf's (weights, scales)
+  # each leaf's (weights, scales, divisor, whether weights/divisor never underflows)
+  quads = weights_fn(leaf_norms, norms, r)
+  divisors = [d for _, _, d, _ in quads]
   if any(not st.one_pass for st in streams.values()):
     # one weight per example: a second, weighted backward pass
-    one = jnp.where(keep, pairs_w[0][0] * pairs_w[0][1], 0)
-    return found, weighted_grads(traced, batch_flat, one, keep), aux
-  weights = [jnp.where(keep, wt, 0) for wt, _ in pairs_w]
-  scales = [u for _, u in pairs_w]
+    one = jnp.where(keep, quads[0][0] * quads[0][1], 0)
+    sums = weighted_grads(traced, batch_flat, one, keep)
+    return found, [_divided(g, d) for g, d in zip(sums, divisors)], aux
+  # Once per distinct weight vector and divisor (one threshold: one for all
+  # leaves), so that a conditional's branches get each as one operand.
+  each: dict = {}
+  weights = [each.setdefault(id(wt), jnp.where(keep, wt, 0)) for wt, _, _, _ in quads]
+  scales = [u for _, u, _, _ in quads]
+  folded = [
+    each.setdefault((id(w), id(d)), w / jnp.asarray(d).astype(w.dtype))
+    for w, d in zip(weights, divisors)
+  ]
+  folds = [f for _, _, _, f in quads]
+  # The CPU form's common path weights the sums by wᵢ/d: where no wᵢ/d underflows.
+  tiny = jnp.finfo(dtype).tiny
+  checks = {id(f): (f, w) for f, w, known in zip(folded, weights, folds) if not known}
+  no_underflow = [jnp.all((f >= tiny) | (w == 0)) for f, w in checks.values()]
   fast = all_finite & jnp.all(scale == 0)
+  if no_underflow:
+    fast = fast & jnp.all(jnp.stack(no_underflow))
   formed.update(stream_formed)
-  sums = clipped_sums(formed, factors, params_flat, weights, scales, zero_rows, fast)
+  sums = clipped_sums(
+    formed, factors, params_flat, weights, folded, folds, scales, divisors, zero_rows, fast
+  )
   for leaf, (st, kept) in stream_ghosts.items():
-    sums[leaf] = stream_ghost_sum(
-      st, leaf, kept, params_flat[leaf], weights[leaf], keep, scales[leaf]
+    sums[leaf] = _divided(
+      stream_ghost_sum(st, leaf, kept, params_flat[leaf], weights[leaf], keep, scales[leaf]),
+      divisors[leaf],
     )
   return found, sums, aux
+
+
+def _divided(g: jax.Array, divisor) -> jax.Array:
+  """``g/divisor``, divided in at least float32 and rounded once to ``g``'s dtype."""
+  acc = acc_dtype(g.dtype)
+  return (g.astype(acc) / jnp.asarray(divisor).astype(jnp.finfo(acc).dtype)).astype(g.dtype)
 
 
 def stream_ghost_sum(st, leaf: int, kept: dict, w: jax.Array, weights, keep, scale) -> jax.Array:
@@ -316,6 +351,23 @@ def stream_ghost_sum(st, leaf: int, kept: dict, w: jax.Array, weights, keep, sca
 SCALE_ABOVE = 100
 
 
+def _in_leaf_order(blocks: list, dtype) -> tuple[jax.Array | None, jax.Array | None]:
+  """Column blocks (leaves, m [B, k], e [B, k]) as (m, e) [B, L], column j for leaf j
+  (None without leaves): one concatenation, and one static gather where the
+  blocks' leaves are not already in order."""
+  if not blocks:
+    return None, None
+  leaves = [leaf for block in blocks for leaf in block[0]]
+  m = jnp.concatenate([block[1].astype(dtype) for block in blocks], axis=1)
+  e = jnp.concatenate([block[2] for block in blocks], axis=1)
+  if leaves != sorted(leaves):
+    at = [0] * len(leaves)
+    for col, leaf in enumerate(leaves):
+      at[leaf] = col
+    m, e = m[:, at], e[:, at]
+  return m, e
+
+
 def _scaled_norms(ms, es, b: int, dtype) -> tuple[jax.Array, jax.Array, jax.Array]:
   """From per-leaf norms m·2^e [B, L]: ``(leaf norms, norms, k)`` with every
   example's leaf norms and norm scaled by 2^-k (k [B] int32, 0 unless some leaf
@@ -335,11 +387,16 @@ def clipped_sums(
   factors: dict,
   ws: list,
   weights: list,
+  folded: list,
+  folds: list,
   scales: list,
+  divisors: list,
   keep: jax.Array | None,
   fast: jax.Array,
 ) -> list:
-  """Every leaf's clipped sum Σᵢ wᵢ·(uᵢ·gᵢ): from its per-example gradients
+  """Every leaf's clipped sum Σᵢ wᵢ·(uᵢ·gᵢ)/d (d: its ``divisors`` entry, a scalar;
+  ``folded``: wᵢ/d, used where ``fast`` and where ``folds`` says it never
+  underflows): from its per-example gradients
   (``formed``), from its ghost factors (Σᵢ wᵢ Σ_t P_t ⊗ uᵢQ_t), or zeros (unused);
   rows where ``keep`` is False left out. uᵢ (``scales``, powers of two) is 1 unless
   the example's norm is beyond 2^SCALE_ABOVE: its gradient is scaled down first,
@@ -350,10 +407,12 @@ def clipped_sums(
   per-example gradients and ghost factors are zeroed and scaled in one
   elementwise pass before their contractions. On CPU that pass (a copy of every
   per-example gradient, and of every factor: the logits' size for an output
-  layer) is taken only when ``fast`` is False (some norm not finite, or some uᵢ
-  not 1), behind one ``lax.cond`` for all leaves; there the per-example
-  gradients are summed one example at a time, so the branch holds no copy of
-  them."""
+  layer) is taken only when ``fast`` is False (some norm not finite, some uᵢ
+  not 1, or some wᵢ/d below the smallest normal number), behind one
+  ``lax.cond`` for all leaves; there the per-example gradients are summed one
+  example at a time, so the branch holds no copy of them. Otherwise the sums
+  are weighted by wᵢ/d, which spares each leaf a division after its
+  contraction."""
   order = sorted(formed) + sorted(factors)
 
   def fixed(leaf):
@@ -363,22 +422,22 @@ def clipped_sums(
 
   def ghost_sums(fixing: bool):
     """The ghost leaves' sums, with the rows zeroed and scaled or (``fixing`` False) as
-    they are."""
-    return [
-      factor_grads(
-        factors[leaf],
-        ws[leaf],
-        weights[leaf],
-        keep if fixing else None,
-        scales[leaf] if fixing else None,
-      )
-      for leaf in sorted(factors)
-    ]
+    they are, with the weights wᵢ/d."""
+    sums = []
+    for leaf in sorted(factors):
+      w, d = by_fold(leaf, fixing)
+      keep_, scale = (keep, scales[leaf]) if fixing else (None, None)
+      sums.append(factor_grads(factors[leaf], ws[leaf], w, keep_, scale, d))
+    return sums
+
+  def by_fold(leaf, fixing: bool):
+    """(weights, divisor) of a leaf's sum: wᵢ/d and none, or wᵢ and d."""
+    if folds[leaf] or not fixing:
+      return folded[leaf], None
+    return weights[leaf], divisors[leaf]
 
   def as_they_are():
-    return [weighted_sum(weights[leaf], formed[leaf]) for leaf in sorted(formed)] + ghost_sums(
-      False
-    )
+    return [weighted_sum(folded[leaf], formed[leaf]) for leaf in sorted(formed)] + ghost_sums(False)
 
   def row_by_row():
     leaves = sorted(formed)
@@ -395,10 +454,17 @@ def clipped_sums(
 
     zeros = [jnp.zeros(formed[leaf].shape[1:], acc_dtype(formed[leaf].dtype)) for leaf in leaves]
     sums = lax.fori_loop(0, formed[leaves[0]].shape[0], add_row, zeros) if leaves else []
-    return [x.astype(formed[leaf].dtype) for leaf, x in zip(leaves, sums)] + ghost_sums(True)
+    return [
+      (x / jnp.asarray(divisors[leaf]).astype(jnp.finfo(x.dtype).dtype)).astype(formed[leaf].dtype)
+      for leaf, x in zip(leaves, sums)
+    ] + ghost_sums(True)
 
   def each_fixed():
-    return [weighted_sum(weights[leaf], fixed(leaf)) for leaf in sorted(formed)] + ghost_sums(True)
+    sums = []
+    for leaf in sorted(formed):
+      w, d = by_fold(leaf, True)
+      sums.append(weighted_sum(w, fixed(leaf), d))
+    return sums + ghost_sums(True)
 
   # (Inside the branch: formed outside it, the sums would keep a logits-sized
   # factor alive beside the branch's buffers.)

@@ -125,9 +125,9 @@ def run(
 ):
   """Per-example norms [B], the clipped sums Σᵢ wᵢ·(uᵢ·gᵢ)/d of every leaf (when
   ``weights_fn`` maps (per-leaf norms [B, L] and norms [B], both divided by r,
-  and r [B]) to each leaf's weights and scales (w, u) [B] and divisor d, a
-  scalar), and the loss's
-  auxiliary outputs stacked over the batch. r is a power of two, 1 unless some
+  and r [B]) to each leaf's weights and scales (w, u) [B], its divisor d (a
+  scalar) and whether w/d is known when tracing never to underflow), and the
+  loss's auxiliary outputs stacked over the batch. r is a power of two, 1 unless some
   leaf norm of the example is beyond 2^SCALE_ABOVE: a norm beyond float32's
   largest is reported inf and its example still clipped.
 

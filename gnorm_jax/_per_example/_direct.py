@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from gnorm_jax._norms import stacked_leaf_norms, tree_norm, tree_norm_split
 from gnorm_jax._numerics import binary_exponent
-from gnorm_jax._per_example._ghost import acc_dtype, factor_grads, ghosts, use_ghost
+from gnorm_jax._per_example._ghost import acc_dtype, divided, factor_grads, ghosts, use_ghost
 from gnorm_jax._per_example._jaxpr import Lit
 from gnorm_jax._per_example._program import Part, Rebuild
 from gnorm_jax._per_example._rules import Use
@@ -151,6 +151,6 @@ def weighted_sum(weights: jax.Array, per_example: jax.Array, divisor=None) -> ja
   float32 (complex kept)."""
   acc = acc_dtype(per_example.dtype)
   total = jnp.tensordot(weights.astype(acc), per_example.astype(acc), axes=1)
-  if divisor is not None:
-    total = total / jnp.asarray(divisor).astype(jnp.finfo(acc).dtype)
-  return total.astype(per_example.dtype)
+  if divisor is None:
+    return total.astype(per_example.dtype)
+  return divided(total, divisor, per_example.dtype)

@@ -42,6 +42,14 @@ def acc_dtype(dtype) -> jnp.dtype:
   return jnp.promote_types(dtype, jnp.float32)
 
 
+def divided(x: jax.Array, divisor: Any, dtype: Any = None) -> jax.Array:
+  """``x/divisor`` (a scalar), divided in at least float32 (B·boost can exceed
+  float16's range) and rounded once to ``dtype`` (default: ``x``'s)."""
+  acc = acc_dtype(x.dtype)
+  quotient = x.astype(acc) / jnp.asarray(divisor).astype(jnp.finfo(acc).dtype)
+  return quotient.astype(x.dtype if dtype is None else dtype)
+
+
 def keep_rows(keep: jax.Array, x: Any) -> Any:
   """``x`` [B, ...] with the rows where ``keep`` is False set to 0 (floats only)."""
   if x is None or not jnp.issubdtype(x.dtype, jnp.inexact):
@@ -372,8 +380,5 @@ def factor_grads(
     order = list(head + pa + qa)
     x = total.reshape(b, *[w.shape[a] for a in order])
   x = jnp.transpose(x, [0] + [1 + order.index(j) for j in range(w.ndim)])
-  if divisor is not None:  # in at least float32: B·boost can exceed float16's range
-    acc = acc_dtype(x.dtype)
-    x = x.astype(acc) / jnp.asarray(divisor).astype(jnp.finfo(acc).dtype)
-  x = x.astype(w.dtype)
+  x = x.astype(w.dtype) if divisor is None else divided(x, divisor, w.dtype)
   return x if weights is None else x[0]

@@ -32,6 +32,7 @@ from gnorm_jax._per_example._direct import (
 from gnorm_jax._per_example._ghost import (
   acc_dtype,
   can_cancel,
+  divided,
   factor_grads,
   ghost_terms,
   keep_rows,
@@ -294,7 +295,7 @@ def run(
     # one weight per example: a second, weighted backward pass
     one = jnp.where(keep, quads[0][0] * quads[0][1], 0)
     sums = weighted_grads(traced, batch_flat, one, keep)
-    return found, [_divided(g, d) for g, d in zip(sums, divisors)], aux
+    return found, [divided(g, d) for g, d in zip(sums, divisors)], aux
   # Once per distinct weight vector and divisor (one threshold: one for all
   # leaves), so that a conditional's branches get each as one operand.
   each: dict = {}
@@ -317,17 +318,11 @@ def run(
     formed, factors, params_flat, weights, folded, folds, scales, divisors, zero_rows, fast
   )
   for leaf, (st, kept) in stream_ghosts.items():
-    sums[leaf] = _divided(
+    sums[leaf] = divided(
       stream_ghost_sum(st, leaf, kept, params_flat[leaf], weights[leaf], keep, scales[leaf]),
       divisors[leaf],
     )
   return found, sums, aux
-
-
-def _divided(g: jax.Array, divisor) -> jax.Array:
-  """``g/divisor``, divided in at least float32 and rounded once to ``g``'s dtype."""
-  acc = acc_dtype(g.dtype)
-  return (g.astype(acc) / jnp.asarray(divisor).astype(jnp.finfo(acc).dtype)).astype(g.dtype)
 
 
 def stream_ghost_sum(st, leaf: int, kept: dict, w: jax.Array, weights, keep, scale) -> jax.Array:
@@ -455,8 +450,7 @@ def clipped_sums(
     zeros = [jnp.zeros(formed[leaf].shape[1:], acc_dtype(formed[leaf].dtype)) for leaf in leaves]
     sums = lax.fori_loop(0, formed[leaves[0]].shape[0], add_row, zeros) if leaves else []
     return [
-      (x / jnp.asarray(divisors[leaf]).astype(jnp.finfo(x.dtype).dtype)).astype(formed[leaf].dtype)
-      for leaf, x in zip(leaves, sums)
+      divided(x, divisors[leaf], formed[leaf].dtype) for leaf, x in zip(leaves, sums)
     ] + ghost_sums(True)
 
   def each_fixed():

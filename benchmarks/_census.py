@@ -31,6 +31,14 @@ _FREE = {
   "replica-id",
 }
 _OP = re.compile(r"=\s*(?:\([^=]*?\)|\S+)\s+([a-z][a-z0-9-]*)\(")
+# XLA marks every fifth entry of a long tuple type: ``(f32[], ..., /*index=5*/f32[])``.
+_INDEX_MARK = re.compile(r"/\*index=\d+\*/")
+
+
+def _op(line: str) -> str | None:
+  """The opcode of an HLO instruction line (None for other lines)."""
+  m = _OP.search(_INDEX_MARK.sub("", line))
+  return m.group(1) if m else None
 
 
 _CONST = re.compile(r"^\s*(%[\w.#]+)(?::\d+)? = stablehlo\.constant")
@@ -101,11 +109,11 @@ def _kernels(text: str, lines: list[str]) -> int:
   common branch (:func:`_common_branch`), a while loop as one."""
   count = 0
   for line in lines:
-    m = _OP.search(line)
-    if not m or m.group(1) in _FREE:
+    op = _op(line)
+    if op is None or op in _FREE:
       continue
     count += 1
-    if m.group(1) == "conditional" and (b := _BRANCHES.search(line)):
+    if op == "conditional" and (b := _BRANCHES.search(line)):
       names = b.group(1).split(", ") if b.group(1) else [b.group(2), b.group(3)]
       names = [n.strip() for n in names]
       count += _kernels(text, _body(text, text.index(f"\n{_common_branch(text, line, names)} (")))

@@ -253,3 +253,15 @@ def test_the_census_counts_the_kernels_of_a_conditionals_branches():
   assert census(both, x)["kernels"] >= plain + 1
   assert census(rare, x)["kernels"] < plain
   assert census(common, x)["kernels"] >= plain + 1
+
+
+def test_the_census_counts_a_conditional_with_many_outputs():
+  # XLA writes a tuple of six or more as (..., /*index=5*/...): still one conditional.
+  xs = [jnp.full((8, 8), float(i)) for i in range(8)]
+
+  def dots(xs):
+    return [jnp.tanh(x @ x) for x in xs]
+
+  many = lambda xs: jax.lax.cond(xs[0].sum() > 0, lambda xs: xs, dots, xs)
+  assert census(dots, xs)["kernels"] >= 8
+  assert census(many, xs)["kernels"] >= census(dots, xs)["kernels"] + 1

@@ -161,3 +161,51 @@ def test_grad_through_masked_call_ignores_nan_padding(method):
 
   np.testing.assert_allclose(got(W), ref(W), rtol=1e-5)
   np.testing.assert_allclose(jax.grad(got)(W), jax.grad(ref)(W), rtol=1e-4)
+
+
+def test_leaf_norms_combine_exactly_across_the_float32_range():
+  # The engine's combination of per-leaf norms m·2^e (no conditional): each
+  # example's norm, and its leaf norms, scaled by 2^-k, against float64.
+  from gnorm_jax._per_example import _run
+
+  rng = np.random.default_rng(0)
+  m = rng.uniform(0.5, 3.0, (6, 5)).astype(np.float32)
+  e = np.array(
+    [
+      [0, 0, 0, 0, 0],  # ordinary
+      [-140, -150, -130, -200, -145],  # the norm itself subnormal or below
+      [60, 70, 66, 64, 65],  # squares overflow float32
+      [200, -200, 0, 150, 199],  # beyond float32's largest: scaled by 2^-k
+      [0, 0, 0, 0, 0],
+      [0, 0, 0, 0, 0],
+    ],
+    np.int32,
+  )
+  m[4] = 0.0  # an all-zero example
+  m[5, 2] = np.inf  # an infinite leaf norm
+  blocks = [([3, 0], m[:, :2], e[:, :2]), ([1, 2, 4], m[:, 2:], e[:, 2:])]
+  leaf_norms, norms, k = _run._scaled_norms(blocks, 6, jnp.float32)
+  k = np.asarray(k)
+  # float64 reference in the scale 2^-k (all finite there), columns in leaf order
+  scaled = np.ldexp(m.astype(np.float64), e - k[:, None])[:, [1, 2, 3, 0, 4]]
+  np.testing.assert_array_equal(k[[0, 1, 2, 4, 5]], 0)
+  assert 90 <= k[3] <= 100  # its largest leaf norm, about 2^200, brought to about 2^100
+  want = np.sqrt(np.sum(scaled**2, axis=1))
+  np.testing.assert_allclose(np.asarray(norms)[[0, 2, 3]], want[[0, 2, 3]], rtol=1e-6)
+  tiny = float(np.finfo(np.float32).tiny)  # below it in the scaled units: 0
+  np.testing.assert_allclose(
+    np.asarray(leaf_norms)[[0, 2, 3]], scaled[[0, 2, 3]], rtol=1e-7, atol=tiny
+  )
+  # a norm below float32's smallest normal: 0 or subnormal (CPUs flush subnormals)
+  assert want[1] < tiny and abs(float(norms[1]) - want[1]) < tiny
+  assert float(norms[4]) == 0.0 and np.isinf(float(norms[5]))
+  # derivative at an all-zero example: 0, not NaN
+  d = jax.grad(
+    lambda x: _run._scaled_norms([([0, 1], x, jnp.zeros((1, 2), jnp.int32))], 1, jnp.float32)[1][0]
+  )
+  np.testing.assert_array_equal(d(jnp.zeros((1, 2))), np.zeros((1, 2)))
+  # NaN stays NaN
+  nan = _run._scaled_norms(
+    [([0], jnp.array([[jnp.nan]]), jnp.zeros((1, 1), jnp.int32))], 1, jnp.float32
+  )
+  assert np.isnan(float(nan[1][0]))

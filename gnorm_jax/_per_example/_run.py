@@ -272,8 +272,7 @@ def run(
     )
   if _observe is not None:
     _observe(plan, taken)
-  leaf_m, leaf_e = _in_leaf_order(blocks, dtype)
-  leaf_norms, norms, scale = _scaled_norms(leaf_m, leaf_e, b, dtype)
+  leaf_norms, norms, scale = _scaled_norms(blocks, b, dtype)
   # A row's factors or per-example gradients hold inf/NaN only if its norm does.
   all_finite = jnp.all(jnp.isfinite(norms))
   found = jnp.ldexp(norms, scale)  # the norms themselves (inf beyond float32's largest)
@@ -346,35 +345,40 @@ def stream_ghost_sum(st, leaf: int, kept: dict, w: jax.Array, weights, keep, sca
 SCALE_ABOVE = 100
 
 
-def _in_leaf_order(blocks: list, dtype) -> tuple[jax.Array | None, jax.Array | None]:
-  """Column blocks (leaves, m [B, k], e [B, k]) as (m, e) [B, L], column j for leaf j
-  (None without leaves): one concatenation, and one static gather where the
-  blocks' leaves are not already in order."""
+def _scaled_norms(blocks: list, b: int, dtype) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """From per-leaf norms m·2^e in column blocks (leaves, m [B, k], e [B, k] int32):
+  ``(leaf norms [B, L], norms [B], k [B] int32)``, column j for leaf j, with every
+  example's leaf norms and norm scaled by 2^-k (k = 0 unless some leaf norm
+  exceeds 2^SCALE_ABOVE), so that both stay finite where the norm itself
+  overflows float32. Non-finite norms stay non-finite.
+
+  No conditional: each example's leaf norms are scaled by 2^-E (2^E its
+  largest) before they are squared, so that the sum neither overflows nor
+  loses more than squares below 2^-126 of the largest. One concatenation,
+  two reductions, and one static gather for the leaf norms where the blocks'
+  leaves are not already in order.
+  """
   if not blocks:
-    return None, None
+    return jnp.zeros((b, 0), dtype), jnp.zeros((b,), dtype), jnp.zeros((b,), jnp.int32)
   leaves = [leaf for block in blocks for leaf in block[0]]
-  m = jnp.concatenate([block[1].astype(dtype) for block in blocks], axis=1)
-  e = jnp.concatenate([block[2] for block in blocks], axis=1)
+  ms = jnp.concatenate([block[1].astype(dtype) for block in blocks], axis=1)
+  es = jnp.concatenate([block[2] for block in blocks], axis=1)
+  none = jnp.iinfo(jnp.int32).min // 2
+  mag = jnp.where(jnp.isfinite(ms) & (ms > 0), binary_exponent(ms) + es, none)
+  top = jnp.max(mag, axis=1)
+  top = jnp.where(top == none, 0, top)  # every leaf norm 0 (or not finite)
+  k = jnp.clip(top - SCALE_ABOVE, 0, SCALE_ABOVE)
+  t = jnp.ldexp(ms, es - top[:, None])  # finite ones below 2
+  s = jnp.sum(t * t, axis=1)
+  root = jnp.where(s == 0, 0, jnp.sqrt(jnp.where(s == 0, 1, s)))  # derivative 0 at 0
+  norms = jnp.ldexp(root, top - k)
+  leaf_norms = jnp.ldexp(ms, es - k[:, None])
   if leaves != sorted(leaves):
     at = [0] * len(leaves)
     for col, leaf in enumerate(leaves):
       at[leaf] = col
-    m, e = m[:, at], e[:, at]
-  return m, e
-
-
-def _scaled_norms(ms, es, b: int, dtype) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """From per-leaf norms m·2^e [B, L]: ``(leaf norms, norms, k)`` with every
-  example's leaf norms and norm scaled by 2^-k (k [B] int32, 0 unless some leaf
-  norm exceeds 2^SCALE_ABOVE), so that both stay finite where the norm itself
-  overflows float32. Non-finite norms stay non-finite."""
-  if ms is None:
-    return jnp.zeros((b, 0), dtype), jnp.zeros((b,), dtype), jnp.zeros((b,), jnp.int32)
-  finite = jnp.isfinite(ms) & (ms > 0)
-  mag = jnp.where(finite, binary_exponent(ms) + es, 0)
-  k = jnp.clip(jnp.max(mag, axis=1) - SCALE_ABOVE, 0, SCALE_ABOVE)
-  leaf_norms = jnp.ldexp(ms, es - k[:, None])
-  return leaf_norms, jax.vmap(tree_norm)(leaf_norms), k
+    leaf_norms = leaf_norms[:, at]
+  return leaf_norms, norms, k
 
 
 def clipped_sums(

@@ -4,6 +4,23 @@ import math
 
 import jax
 import numpy as np
+import pytest
+
+from gnorm_jax import _numerics
+
+_FORM_AT_IMPORT = _numerics._FORCE_FORM
+
+
+@pytest.fixture(autouse=True)
+def _forced_forms_do_not_leak(monkeypatch):
+  """After a test that forces one form of ``by_platform`` (``_numerics._FORCE_FORM``,
+  set with this same ``monkeypatch``), JAX's caches are cleared: they key the
+  traces of custom derivatives and jitted helpers by function, not by form, so a
+  later test could otherwise be handed the forced form's trace. (Torn down before
+  ``monkeypatch`` restores the form.)"""
+  yield
+  if _numerics._FORCE_FORM != _FORM_AT_IMPORT:
+    jax.clear_caches()
 
 
 def np_values(tree):

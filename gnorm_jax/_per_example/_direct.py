@@ -38,8 +38,7 @@ def per_example_leaf_norms(gs: list[jax.Array]) -> tuple[jax.Array, jax.Array]:
   values [B, ...]; floats in their widest accumulation dtype, int32 exponents; m
   finite where the norm overflows), by ONE call of the norm core: one fast pass
   and one check for all of them, and no slice per leaf."""
-  flat = [g.reshape(g.shape[0], -1) for g in gs]
-  ms, rs = jax.vmap(stacked_leaf_norms)(flat)
+  ms, rs = jax.vmap(stacked_leaf_norms)(gs)
   return ms, binary_exponent(rs)
 
 

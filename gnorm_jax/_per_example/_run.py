@@ -237,7 +237,11 @@ def run(
   if formed or outer:
     order = sorted(formed)
     pairs = sorted(outer)
-    arrays = [formed[leaf] for leaf in order] + [x for leaf in pairs for x in outer[leaf]]
+    # Q flattened to [B, n]: where a bias's per-example gradient is the same cotangent,
+    # XLA then computes their norms once.
+    arrays = [formed[leaf] for leaf in order] + [
+      x for leaf in pairs for x in (outer[leaf][0], outer[leaf][1].reshape(b, -1))
+    ]
     ms, es = per_example_leaf_norms(arrays)
     n = len(order)
     blocks.append((order, ms[:, :n], es[:, :n]))

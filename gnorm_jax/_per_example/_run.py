@@ -4,8 +4,9 @@ One batched forward+backward pass (:mod:`._interpret`; or, for a ``vmap``
 plan, ``jax.vmap(jax.grad(fun))`` of the user's own loss) gives the
 materialized leaves' per-example gradients and every use's operands and
 output cotangents. Each leaf then takes its planned route (:mod:`._ghost`,
-:mod:`._direct`, :mod:`._stream`); per-leaf norms are combined by the norm
-core (``tree_norm``). With clip weights wᵢ known, a ghost leaf's clipped sum
+:mod:`._direct`, :mod:`._stream`); the norm core gives the formed leaves'
+norms, and each example's per-leaf norms are combined into its norm without a
+conditional (:func:`_scaled_norms`). With clip weights wᵢ known, a ghost leaf's clipped sum
 Σᵢ wᵢ Σ_t P_t ⊗ Q_t is one contraction of the same factors (book-keeping, Bu
 et al. 2023); a direct or materialized leaf's is a weighted sum of its
 per-example gradients; with streams, one weighted backward pass gives all.

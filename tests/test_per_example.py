@@ -811,3 +811,31 @@ def test_nested_jit_with_an_unused_last_argument(method):
   got = gnorm_jax.per_example_grad_norms(loss, method=method)(w, x)
   want = _reference(lambda w, x, _: loss(w, x), w, (x, x), 1.0)[0]
   np.testing.assert_allclose(got, want, rtol=RTOL)
+
+
+@pytest.mark.parametrize("form", ["cpu", "default"])
+@pytest.mark.parametrize("scale", [1.0, 1e20, 1e-20])
+def test_long_row_grams_match_vmap(form, scale, monkeypatch):
+  """A tied output layer over a 4096-token vocabulary: its logits cotangent's Gram has
+  rows of 4096 at 3 positions, which the CPU form forms one example at a time (a loop,
+  its only one here). Norms and clipped sums against float64 vmap(grad), at ordinary
+  and extreme scales of the input."""
+  k = jax.random.split(jax.random.key(5), 4)
+  params = {"emb": jax.random.normal(k[0], (4096, 8)), "a": jax.random.normal(k[1], (8, 8))}
+
+  def loss(p, x, y):
+    h = jnp.tanh(x @ p["a"]) * scale
+    logits = h @ p["emb"].T / scale
+    return -jnp.sum(jax.nn.log_softmax(logits)[jnp.arange(3), y])
+
+  x, y = jax.random.normal(k[2], (5, 3, 8)), jax.random.randint(k[3], (5, 3), 0, 4096)
+  monkeypatch.setattr(_numerics, "_FORCE_FORM", form)
+  jax.clear_caches()
+  fn = gnorm_jax.clipped_grad(
+    loss, max_norm=1.0, batch_argnums=(1, 2), method="ghost", return_norms=True
+  )
+  assert ("scan" in str(jax.make_jaxpr(fn)(params, x, y))) == (form == "cpu")
+  grads, norms = jax.jit(fn)(params, x, y)
+  want_norms, want = _reference(loss, params, (x, y), 1.0)
+  np.testing.assert_allclose(np.asarray(norms, np.float64), want_norms, rtol=RTOL)
+  _assert_tree_close(grads, want)

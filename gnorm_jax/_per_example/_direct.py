@@ -151,6 +151,4 @@ def weighted_sum(weights: jax.Array, per_example: jax.Array, divisor=None) -> ja
   float32 (complex kept)."""
   acc = acc_dtype(per_example.dtype)
   total = jnp.tensordot(weights.astype(acc), per_example.astype(acc), axes=1)
-  if divisor is None:
-    return total.astype(per_example.dtype)
   return divided(total, divisor, per_example.dtype)

@@ -43,8 +43,11 @@ def acc_dtype(dtype) -> jnp.dtype:
 
 
 def divided(x: jax.Array, divisor: Any, dtype: Any = None) -> jax.Array:
-  """``x/divisor`` (a scalar), divided in at least float32 (B·boost can exceed
-  float16's range) and rounded once to ``dtype`` (default: ``x``'s)."""
+  """``x/divisor`` (a scalar; None: no division), divided in at least float32
+  (B·boost can exceed float16's range) and rounded once to ``dtype`` (default:
+  ``x``'s)."""
+  if divisor is None:
+    return x.astype(x.dtype if dtype is None else dtype)
   acc = acc_dtype(x.dtype)
   quotient = x.astype(acc) / jnp.asarray(divisor).astype(jnp.finfo(acc).dtype)
   return quotient.astype(x.dtype if dtype is None else dtype)
@@ -287,7 +290,7 @@ def ghost_terms(gs: list[Ghost]) -> tuple[jax.Array, jax.Array, jax.Array, jax.A
     s, bound = _ghost_sum(dense, index, form, acc, real, looped)
     return s * factor, bound * factor
 
-  def on_factors(looped: bool = False):
+  def on_factors(looped: bool):
     return terms(scaled, jnp.ones(shift.shape, real), looped)
 
   def on_results():
@@ -295,7 +298,10 @@ def ghost_terms(gs: list[Ghost]) -> tuple[jax.Array, jax.Array, jax.Array, jax.A
     half = jnp.ldexp(jnp.ones((), real), -shift)
     return terms(raw, half * half, True)
 
-  s, bound = by_platform(lambda: rare_path(~safe, lambda: on_factors(True), on_results), on_factors)
+  # (looped: the CPU form's Grams of long rows, :func:`_gram`)
+  s, bound = by_platform(
+    lambda: rare_path(~safe, lambda: on_factors(True), on_results), lambda: on_factors(False)
+  )
   t = sum(q.value.shape[2] for _, q in dense + index)
   k = gs[0].q.value.shape[3] + max([p.value.shape[-1] for p, _ in dense], default=1)
   err = 4 * float(jnp.finfo(real).eps) * (math.sqrt(k) + t)  # |error of s| <= err·bound
@@ -399,5 +405,5 @@ def factor_grads(
     order = list(head + pa + qa)
     x = total.reshape(b, *[w.shape[a] for a in order])
   x = jnp.transpose(x, [0] + [1 + order.index(j) for j in range(w.ndim)])
-  x = x.astype(w.dtype) if divisor is None else divided(x, divisor, w.dtype)
+  x = divided(x, divisor, w.dtype)
   return x if weights is None else x[0]

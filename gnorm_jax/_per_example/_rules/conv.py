@@ -6,15 +6,17 @@ axis): p_t is the input patch that output position t sees (input channels ×
 filter taps, with the convolution's strides, padding and dilations) and g_t
 the output cotangent there. The ghost route is the Gram over positions of the
 patches and of the cotangents (mixed ghost clipping, Bu et al. 2022); the
-direct route forms the kernel gradient per example with one batched
-convolution. Depthwise and grouped convolutions (``feature_group_count``) are
+direct route forms the kernel gradient per example as one batched
+contraction of the same factors. The patches are strided slices of the
+padded input, one per filter tap. Depthwise and grouped convolutions (``feature_group_count``) are
 groups of heads; ``batch_group_count`` (which appears in convolution
 backward passes, not in models) has no rule.
 """
 
 from __future__ import annotations
 
-import jax
+import itertools
+
 import jax.numpy as jnp
 from jax import lax
 
@@ -45,6 +47,28 @@ def _positions_last(x, spec):
   return x.reshape(x.shape[0], -1, x.shape[-1])
 
 
+def _patches(x, params, taps, out_sizes):
+  """[B, T, Π taps, C]: each output position's input patch, tap-major, gathered by one
+  strided slice per filter tap from the padded (and lhs-dilated) input. Exact, and on
+  XLA:CPU 2-5x faster than ``conv_general_dilated_patches``, an identity-kernel
+  convolution."""
+  lhs_spec = params["dimension_numbers"][0]
+  n, c, sp = lhs_spec[0], lhs_spec[1], lhs_spec[2:]
+  x = jnp.transpose(x, [0, 1 + n, *[1 + d for d in sp], 1 + c])  # [B, N, *spatial, C]
+  edges = [(lo, hi, d - 1) for (lo, hi), d in zip(params["padding"], params["lhs_dilation"])]
+  x = lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), (0, 0, 0), *edges, (0, 0, 0)])
+  strides, dilation = params["window_strides"], params["rhs_dilation"]
+  cut = []
+  for offsets in itertools.product(*[range(k) for k in taps]):
+    start = [o * d for o, d in zip(offsets, dilation)]
+    limit = [s0 + (m - 1) * s + 1 for s0, m, s in zip(start, out_sizes, strides)]
+    cut.append(
+      lax.slice(x, [0, 0, *start, 0], [*x.shape[:2], *limit, x.shape[-1]], [1, 1, *strides, 1])
+    )
+  a = jnp.stack(cut, axis=-2)
+  return a.reshape(a.shape[0], -1, *a.shape[-2:])
+
+
 def _ghost(use, operands, cot, perm, coef):
   p = use.eqn.params
   lhs_spec, rhs_spec, out_spec = p["dimension_numbers"]
@@ -52,26 +76,17 @@ def _ghost(use, operands, cot, perm, coef):
   taps = [kernel[d] for d in rhs_spec[2:]]
   groups = p["feature_group_count"]
   x = operands[0]
-  patches = jax.vmap(
-    lambda x: lax.conv_general_dilated_patches(
-      x,
-      taps,
-      p["window_strides"],
-      p["padding"],
-      p["lhs_dilation"],
-      p["rhs_dilation"],
-      p["dimension_numbers"],
-      precision=lax.Precision.HIGHEST,
-    )
-  )(x)
   b = x.shape[0]
-  a = _positions_last(patches, out_spec)  # features: (input channel, taps…)
-  t = a.shape[1]
   channels = x.shape[1 + lhs_spec[1]]
-  a = a.reshape(b, t, groups, channels // groups, *taps)
+  out_sizes = [cot.shape[1 + d] for d in out_spec[2:]]
+  a = _patches(x, p, taps, out_sizes)  # [B, T, taps, C]
+  t = a.shape[1]
+  a = a.reshape(b, t, *taps, groups, channels // groups)
+  # Feature axes of ``a`` (the group's input channel, then the taps) in the leaf's order.
   c_axes = [perm[rhs_spec[1]], *[perm[d] for d in rhs_spec[2:]]]
+  at = [a.ndim - 1, *range(2, 2 + len(taps))]
   order = sorted(range(len(c_axes)), key=lambda i: c_axes[i])
-  a = jnp.transpose(a, [0, 2, 1, *[3 + i for i in order]]).reshape(b, groups, t, -1)
+  a = jnp.transpose(a, [0, a.ndim - 2, 1, *[at[i] for i in order]]).reshape(b, groups, t, -1)
   g = _positions_last(cot, out_spec)
   g = jnp.transpose(g.reshape(b, t, groups, -1), [0, 2, 1, 3])
   if coef != 1:

@@ -7,17 +7,18 @@ filter taps, with the convolution's strides, padding and dilations) and g_t
 the output cotangent there. The ghost route is the Gram over positions of the
 patches and of the cotangents (mixed ghost clipping, Bu et al. 2022); the
 direct route forms the kernel gradient per example as one batched
-contraction of the same factors. The patches are strided slices of the
-padded input, one per filter tap. Depthwise and grouped convolutions (``feature_group_count``) are
+contraction of the same factors. The patches are one gather from the
+padded input. Depthwise and grouped convolutions (``feature_group_count``) are
 groups of heads; ``batch_group_count`` (which appears in convolution
 backward passes, not in models) has no rule.
 """
 
 from __future__ import annotations
 
-import itertools
+import math
 
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from gnorm_jax._per_example._rules import (
@@ -48,25 +49,26 @@ def _positions_last(x, spec):
 
 
 def _patches(x, params, taps, out_sizes):
-  """[B, T, Π taps, C]: each output position's input patch, tap-major, gathered by one
-  strided slice per filter tap from the padded (and lhs-dilated) input. Exact, and on
-  XLA:CPU 2-5x faster than ``conv_general_dilated_patches``, an identity-kernel
-  convolution."""
+  """[B, T, Π taps, C]: each output position's input patch, tap-major, read by one gather
+  from the padded (and lhs-dilated) input: exact, one kernel, and on XLA:CPU about as fast
+  as strided slices (one per tap) and 2-5x faster than ``conv_general_dilated_patches``,
+  an identity-kernel convolution."""
   lhs_spec = params["dimension_numbers"][0]
   n, c, sp = lhs_spec[0], lhs_spec[1], lhs_spec[2:]
   x = jnp.transpose(x, [0, 1 + n, *[1 + d for d in sp], 1 + c])  # [B, N, *spatial, C]
   edges = [(lo, hi, d - 1) for (lo, hi), d in zip(params["padding"], params["lhs_dilation"])]
   x = lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), (0, 0, 0), *edges, (0, 0, 0)])
-  strides, dilation = params["window_strides"], params["rhs_dilation"]
-  cut = []
-  for offsets in itertools.product(*[range(k) for k in taps]):
-    start = [o * d for o, d in zip(offsets, dilation)]
-    limit = [s0 + (m - 1) * s + 1 for s0, m, s in zip(start, out_sizes, strides)]
-    cut.append(
-      lax.slice(x, [0, 0, *start, 0], [*x.shape[:2], *limit, x.shape[-1]], [1, 1, *strides, 1])
-    )
-  a = jnp.stack(cut, axis=-2)
-  return a.reshape(a.shape[0], -1, *a.shape[-2:])
+  rank = len(taps)
+  index = []  # per spatial axis, [*out_sizes, *taps] broadcast: position·stride + tap·dilation
+  for d, (m, k, s, r) in enumerate(
+    zip(out_sizes, taps, params["window_strides"], params["rhs_dilation"])
+  ):
+    shape = [1] * (2 * rank)
+    shape[d], shape[rank + d] = m, k
+    at = np.arange(m)[:, None] * s + np.arange(k)[None, :] * r
+    index.append(at.reshape(shape))
+  a = x.at[(slice(None), slice(None), *index)].get(mode="promise_in_bounds")
+  return a.reshape(a.shape[0], math.prod(a.shape[1 : 2 + rank]), -1, a.shape[-1])
 
 
 def _ghost(use, operands, cot, perm, coef):

@@ -5,8 +5,10 @@ padded and transposed, and a small CNN, checked against ``jax.vmap(jax.grad(loss
 import equinox as eqx
 import flax.linen as nn
 import haiku as hk
+import jax
 import jax.numpy as jnp
-from per_example_harness import zoo_tests
+import pytest
+from per_example_harness import check, zoo_tests
 from per_example_models import eqx_model, haiku, linen, shaped
 
 import gnorm_jax
@@ -74,3 +76,36 @@ def test_plan_names_the_conv_rule():
   assert rules["['params']['Conv_0']['kernel']"] == ("conv",)
   assert rules["['params']['Conv_1']['bias']"] == ("bias",)
   assert rules["['params']['Dense_0']['kernel']"] == ("dot_general",)
+
+
+def _odd_conv(x, kernel):
+  """Every option of conv_general_dilated at once (bar batch groups)."""
+  return jax.lax.conv_general_dilated(
+    x,
+    kernel,
+    window_strides=(2, 1),
+    padding=((-1, 2), (1, -1)),  # negative and asymmetric
+    lhs_dilation=(2, 1),
+    rhs_dilation=(1, 2),
+    dimension_numbers=("NWCH", "HOWI", "CNWH"),
+    feature_group_count=2,
+  )
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e20, 1e-20])
+def test_patches_of_a_convolution_with_every_option(scale):
+  """A convolution with a batch of its own in each example, a layout of neither flax nor
+  equinox, negative padding, input and kernel dilation, unequal strides and two feature
+  groups: the patches the rule gathers must be the ones the convolution reads."""
+  k = jax.random.split(jax.random.key(7), 3)
+  params = {"kernel": jax.random.normal(k[0], (3, 2, 4, 2))}  # (H, O, W, I/G)
+  x = jax.random.normal(k[1], (5, 2, 9, 4, 7))  # B=5; each example N=2, W=9, C=4, H=7
+  out = jax.eval_shape(_odd_conv, x[0], params["kernel"]).shape
+  y = jax.random.normal(k[2], (5, *out))
+
+  def loss(p, x, y):
+    return scale * jnp.sum(jnp.tanh(_odd_conv(x, p["kernel"])) * y)
+
+  check(loss, params, x, y, batch_argnums=(1, 2))
+  plan = gnorm_jax.per_example_plan(loss, batch_argnums=(1, 2))(params, x, y)
+  assert [leaf.rules for leaf in plan.leaves] == [("conv",)]

@@ -227,6 +227,7 @@ def main():
       "transformer block d=256, T=128, B=32" if not q else "transformer block d=64, T=32, B=8",
       *(transformer(key, 32, 128) if not q else transformer(key, 8, 32, d=64, vocab=128)),
       rounds,
+      goal_time=1.2,
     ),
     "gpt": lambda: run(
       "flax GPT block d=256, T=64, B=32, vocab 8000, tied" if not q else "flax GPT block small",
@@ -245,7 +246,7 @@ def main():
       f"flax CNN 32x32x3, B={64 if not q else 8}",
       *_models.cnn(key, batch=64 if not q else 8),
       rounds,
-      goal_time=1.5,
+      goal_time=1.2,
       goal_memory=2.0,
     ),
     "lstm": lambda: run(
@@ -254,7 +255,7 @@ def main():
         key, batch=64 if not q else 8, seq=32 if not q else 8, hidden=128 if not q else 16
       ),
       rounds,
-      goal_time=1.5,
+      goal_time=1.2,
     ),
     "scanned_gpt": lambda: run(
       "4-layer GPT as nn.scan(nn.remat(Block)), d=256, T=64, B=32, vocab 1000"

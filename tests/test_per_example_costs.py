@@ -11,9 +11,11 @@ read: the checks are on ranking, not seconds.
 
 * ``method="vmap"`` against the engine: the estimated ratio of what each adds
   to the plain gradient is within a factor of two of the compiled one on every
-  model where the two differ, picks the same winner wherever the compiled costs differ by more than
-  half, and orders any two models whose compiled ratios differ by more
-  than half as those do.
+  model where the two differ, picks the same winner wherever the compiled costs differ by
+  more than half, and orders any two models whose compiled ratios differ by more than
+  half as those do. Where one alternative's compiled program adds less than a tenth of
+  the plain gradient's cost (below what the measure resolves), the estimate names it
+  the cheaper by a clear margin instead.
 * The mixed rule (each leaf on its cheaper route) against the ghost route on
   every leaf that has one: wherever the estimates prefer the mix, so does the
   compiled program, and on a layer over a long sequence the direct route saves
@@ -161,18 +163,39 @@ def _ratio(c, kind):
 RANKED = [name for name in BUILDERS if name != "long_sequence"]
 
 
+# What a compiled program adds is resolved no finer than this fraction of the plain
+# gradient's own cost: XLA's cost analysis counts one contraction differently as a
+# convolution and as a dot (the CNN's engine, whose per-example kernel gradients are dots
+# of gathered patches, counts 15% fewer flops than the plain gradient, whose kernel
+# gradients are convolutions). Below it, a ratio of added costs is not defined.
+RESOLUTION = 0.1
+
+
+def _resolved(c, kind):
+  return c["compiled"][kind] >= RESOLUTION * c["plain"]
+
+
 @pytest.mark.parametrize("name", RANKED)
 def test_estimated_vmap_to_engine_ratio_is_within_two_of_the_compiled(costs, name):
   c = costs[name]
-  assert all(v > 0 for v in c["compiled"].values()), c
-  estimated, compiled = _ratio(c, "estimated"), _ratio(c, "compiled")
+  assert all(v > 0 for v in c["estimated"].values()), c
+  estimated = _ratio(c, "estimated")
+  if not _resolved(c, "engine") or not _resolved(c, "vmap"):
+    # One alternative adds next to nothing: the estimate must name it, by a clear margin.
+    cheap = "engine" if c["compiled"]["engine"] < c["compiled"]["vmap"] else "vmap"
+    assert _resolved(c, "vmap" if cheap == "engine" else "engine"), c
+    assert (estimated > 3 / 2) if cheap == "engine" else (estimated < 2 / 3), (name, c)
+    return
+  compiled = _ratio(c, "compiled")
   assert abs(math.log(estimated / compiled)) <= math.log(2), (name, estimated, compiled)
   if not 2 / 3 <= compiled <= 3 / 2:  # a clear winner: the estimate names it
     assert (estimated > 1) == (compiled > 1), (name, estimated, compiled)
 
 
 def test_estimates_order_the_models_as_the_compiled_programs_do(costs):
-  ratios = {n: (_ratio(costs[n], "estimated"), _ratio(costs[n], "compiled")) for n in RANKED}
+  ranked = [n for n in RANKED if _resolved(costs[n], "engine") and _resolved(costs[n], "vmap")]
+  assert len(ranked) >= 4, ranked
+  ratios = {n: (_ratio(costs[n], "estimated"), _ratio(costs[n], "compiled")) for n in ranked}
   for (a, (ea, ca)), (b, (eb, cb)) in itertools.combinations(ratios.items(), 2):
     if max(ca, cb) > 1.5 * min(ca, cb):  # clearly apart: the estimates order them alike
       assert (ea > eb) == (ca > cb), (a, ratios[a], b, ratios[b])

@@ -15,8 +15,6 @@ backward passes, not in models) has no rule.
 
 from __future__ import annotations
 
-import math
-
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
@@ -41,21 +39,24 @@ def _match(eqn, operand):
   return ACCEPT
 
 
+def _channels_last(x, spec):
+  """[B, *layout] -> [B, N, *spatial, F]: the conv batch, the spatial axes, the features."""
+  n, f, sp = spec[0], spec[1], spec[2:]
+  return jnp.transpose(x, [0, 1 + n, *[1 + d for d in sp], 1 + f])
+
+
 def _positions_last(x, spec):
   """[B, *layout] -> [B, T, F]: the conv batch and spatial axes as positions."""
-  n, f, sp = spec[0], spec[1], spec[2:]
-  x = jnp.transpose(x, [0, 1 + n, *[1 + d for d in sp], 1 + f])
+  x = _channels_last(x, spec)
   return x.reshape(x.shape[0], -1, x.shape[-1])
 
 
 def _patches(x, params, taps, out_sizes):
-  """[B, T, Π taps, C]: each output position's input patch, tap-major, read by one gather
+  """[B, T, *taps, C]: each output position's input patch, tap-major, read by one gather
   from the padded (and lhs-dilated) input: exact, one kernel, and on XLA:CPU about as fast
   as strided slices (one per tap) and 2-5x faster than ``conv_general_dilated_patches``,
   an identity-kernel convolution."""
-  lhs_spec = params["dimension_numbers"][0]
-  n, c, sp = lhs_spec[0], lhs_spec[1], lhs_spec[2:]
-  x = jnp.transpose(x, [0, 1 + n, *[1 + d for d in sp], 1 + c])  # [B, N, *spatial, C]
+  x = _channels_last(x, params["dimension_numbers"][0])  # [B, N, *spatial, C]
   edges = [(lo, hi, d - 1) for (lo, hi), d in zip(params["padding"], params["lhs_dilation"])]
   x = lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), (0, 0, 0), *edges, (0, 0, 0)])
   rank = len(taps)
@@ -68,7 +69,7 @@ def _patches(x, params, taps, out_sizes):
     at = np.arange(m)[:, None] * s + np.arange(k)[None, :] * r
     index.append(at.reshape(shape))
   a = x.at[(slice(None), slice(None), *index)].get(mode="promise_in_bounds")
-  return a.reshape(a.shape[0], math.prod(a.shape[1 : 2 + rank]), -1, a.shape[-1])
+  return a.reshape(a.shape[0], -1, *a.shape[2 + rank :])
 
 
 def _ghost(use, operands, cot, perm, coef):
@@ -81,9 +82,9 @@ def _ghost(use, operands, cot, perm, coef):
   b = x.shape[0]
   channels = x.shape[1 + lhs_spec[1]]
   out_sizes = [cot.shape[1 + d] for d in out_spec[2:]]
-  a = _patches(x, p, taps, out_sizes)  # [B, T, taps, C]
+  a = _patches(x, p, taps, out_sizes)  # [B, T, *taps, C]
   t = a.shape[1]
-  a = a.reshape(b, t, *taps, groups, channels // groups)
+  a = a.reshape(*a.shape[:-1], groups, channels // groups)
   # Feature axes of ``a`` (the group's input channel, then the taps) in the leaf's order.
   c_axes = [perm[rhs_spec[1]], *[perm[d] for d in rhs_spec[2:]]]
   at = [a.ndim - 1, *range(2, 2 + len(taps))]

@@ -131,6 +131,33 @@ def pow2(k: jax.Array, dtype: Any) -> jax.Array:
   return 1 / lax.bitcast_convert_type(biased << finfo.nmant, finfo.dtype)
 
 
+def ldexp(x: jax.Array, k: Any) -> jax.Array:
+  """``x·2^k`` (``k`` integer) as four multiplications by powers of two built from
+  their exponent bits: exact wherever the result is a normal number.
+
+  ``jnp.ldexp`` splits ``x`` with ``frexp`` and raises 2 to a float power: a
+  few dozen operations, which XLA will not copy into each consumer, so each
+  use becomes a kernel of its own. These are a few integer operations that
+  fuse into whatever uses them. inf, NaN and 0 stay as they are; a result
+  beyond the dtype's range is inf or 0, as with ``jnp.ldexp``.
+  """
+  x = jnp.asarray(x)
+  finfo = jnp.finfo(x.dtype)
+  int_type = _int_type(x.dtype)
+  k = jnp.asarray(k).astype(jnp.int32)
+  lo, hi = finfo.minexp, finfo.maxexp - 1
+
+  def power(j):  # 2^j for j in [lo, hi]
+    biased = (jnp.clip(j, lo, hi) + (finfo.maxexp - 1)).astype(int_type)
+    return lax.bitcast_convert_type(biased << finfo.nmant, finfo.dtype)
+
+  k = jnp.clip(k, 3 * lo, 3 * hi)  # beyond: 0 or inf for every finite x
+  # k/4 rounded toward 0 by a shift, not a division (XLA copies shifts into
+  # each consumer): every factor moves x the same way, so none underflows first.
+  a = jnp.sign(k) * (jnp.abs(k) >> 2)
+  return x * power(a) * power(a) * power(a) * power(k - 3 * a)
+
+
 def pow2_split(norm: jax.Array) -> tuple[jax.Array, jax.Array]:
   """``(s, m)``: ``s`` an exact power of two and ``m = norm·s``, in [0.5, 1) when possible.
 

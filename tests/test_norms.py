@@ -644,6 +644,33 @@ def test_accumulation_dtype(dtype, expected):
   assert gnorm_jax._norms.accumulation_dtype(dtype) == expected
 
 
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16, jnp.float32])
+def test_ldexp_is_exact_wherever_the_result_is_normal(dtype):
+  """_numerics.ldexp (powers of two from exponent bits) against numpy's ldexp
+  in float64, rounded once: every exponent the dtype can reach and beyond,
+  mantissas across the range, 0, inf and NaN; a result below the smallest
+  normal number may be flushed, nothing else may differ."""
+  finfo = jnp.finfo(dtype)
+  rng = np.random.default_rng(0)
+  n = 4000
+  exps = rng.integers(finfo.minexp, finfo.maxexp, n)
+  x = rng.uniform(1, 2, n) * np.exp2(exps) * rng.choice([-1, 1], n)
+  x = np.concatenate([x, [0.0, -0.0, np.inf, -np.inf, np.nan, float(finfo.max), 1.0]])
+  span = 3 * (finfo.maxexp - finfo.minexp)
+  k = rng.integers(-span, span, x.size).astype(np.int32)
+  k[:500] = rng.integers(-4, 5, 500)  # small moves, where an intermediate could underflow
+  xs = jnp.asarray(x, dtype)
+  got = np.asarray(jax.jit(_numerics.ldexp)(xs, k), np.float64)
+  want = np.asarray(jnp.asarray(np.ldexp(np.asarray(xs, np.float64), k), dtype), np.float64)
+  flushed = (np.abs(want) < float(finfo.tiny)) & (want != 0)
+  tiny = float(finfo.tiny)
+  same = (got == want) | (np.isnan(got) & np.isnan(want)) | (flushed & (np.abs(got) < tiny))
+  assert same.all(), (x[~same][:5], k[~same][:5], got[~same][:5], want[~same][:5])
+  # the derivative in x is 2^k
+  grad = jax.grad(lambda v: _numerics.ldexp(v, 5))(jnp.asarray(3.0, dtype))
+  assert float(grad) == 32.0
+
+
 # Issue 18: overflow-safe split norms; zero subgradients of ord 1 and inf.
 
 

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from gnorm_jax._norms import stacked_leaf_norms, tree_norm, tree_norm_split
-from gnorm_jax._numerics import binary_exponent
+from gnorm_jax._numerics import binary_exponent, ldexp
 from gnorm_jax._per_example._ghost import acc_dtype, divided, factor_grads, ghosts, use_ghost
 from gnorm_jax._per_example._jaxpr import Lit
 from gnorm_jax._per_example._program import Part, Rebuild
@@ -141,7 +141,7 @@ def exact_norm(uses, operands, cots, w, shift):
   def one(example):
     ops, cs, k = example
     m, r = tree_norm_split(one_grad(uses, ops, cs, w))
-    return jnp.ldexp(m, binary_exponent(r) - k)
+    return ldexp(m, binary_exponent(r) - k)
 
   return one, (ops, cs, shift)
 

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from gnorm_jax._norms import safe_sqrt
-from gnorm_jax._numerics import by_platform, pow2_exponent, rare_path
+from gnorm_jax._numerics import by_platform, ldexp, pow2_exponent, rare_path
 from gnorm_jax._per_example._program import chain_layout
 from gnorm_jax._per_example._rules import Dense, Ghost, Index, Use
 
@@ -281,7 +281,7 @@ def ghost_terms(gs: list[Ghost]) -> tuple[jax.Array, jax.Array, jax.Array, jax.A
     exponent = e[f.kind]
     if exponent is None:
       return x
-    return x * jnp.ldexp(jnp.ones((), real), -exponent)[:, None, None, None]
+    return x * ldexp(jnp.ones((), real), -exponent)[:, None, None, None]
 
   def raw(f: Dense) -> jax.Array:
     return f.value.astype(acc)
@@ -295,7 +295,7 @@ def ghost_terms(gs: list[Ghost]) -> tuple[jax.Array, jax.Array, jax.Array, jax.A
 
   def on_results():
     # 2^(-2·shift) in two steps: each stays a normal number
-    half = jnp.ldexp(jnp.ones((), real), -shift)
+    half = ldexp(jnp.ones((), real), -shift)
     return terms(raw, half * half, True)
 
   # (looped: the CPU form's Grams of long rows, :func:`_gram`)
@@ -324,10 +324,12 @@ def _ghost_sum(
   """The ghost sum s [B] and its error bound's scale [B] of the factors ``form``
   returns (``looped``: the CPU form's Grams, :func:`_gram`)."""
   q = jnp.concatenate([form(qf) for _, qf in dense + index], axis=2)
+  gq = _gram(q, q, looped)
   blocks, diag_p = [], []
   if dense:
     pd = jnp.concatenate([form(p) for p, _ in dense], axis=2)
-    diag_p.append(jnp.sum(jnp.abs(pd) ** 2, axis=-1))
+    gp = _gram(pd, pd, looped)
+    diag_p.append(_diagonal(gp))
   if index:
     idx = jnp.concatenate([p.index for p, _ in index], axis=2)
     valid = jnp.concatenate([p.valid for p, _ in index], axis=2)
@@ -340,15 +342,21 @@ def _ghost_sum(
     # axis (no transposed copy of the factor, which can be the logits' size).
     at = jnp.broadcast_to(idx[..., None, :], (*pd.shape[:3], idx.shape[-1]))  # [B,H,Td,Ti]
     dt = jnp.take_along_axis(pd, at, axis=3) * valid[..., None, :]
-    blocks = [[_gram(pd, pd, looped), dt], [_conj(jnp.swapaxes(dt, 2, 3)), ii]]
+    blocks = [[gp, dt], [_conj(jnp.swapaxes(dt, 2, 3)), ii]]
   elif dense:
-    blocks = [[_gram(pd, pd, looped)]]
+    blocks = [[gp]]
   else:
     blocks = [[ii]]
   pg = jnp.concatenate([jnp.concatenate(row, axis=3) for row in blocks], axis=2)
-  s = jnp.real(jnp.sum(pg * _gram(q, q, looped), axis=(1, 2, 3)))
-  bound = jnp.sum(jnp.concatenate(diag_p, axis=2) * jnp.sum(jnp.abs(q) ** 2, axis=-1), axis=(1, 2))
+  s = jnp.real(jnp.sum(pg * gq, axis=(1, 2, 3)))
+  # The rows' squared norms are the Grams' diagonals: no second pass over a factor.
+  bound = jnp.sum(jnp.concatenate(diag_p, axis=2) * _diagonal(gq), axis=(1, 2))
   return s, bound
+
+
+def _diagonal(gram: jax.Array) -> jax.Array:
+  """The diagonal [B, H, T] of Grams [B, H, T, T], real."""
+  return jnp.real(jnp.diagonal(gram, axis1=2, axis2=3))
 
 
 def factor_grads(
@@ -362,18 +370,18 @@ def factor_grads(
   """Σ_t P_t ⊗ Q_t in the leaf's layout: [B, *w.shape] per example, or with
   ``weights`` the book-keeping sum Σᵢ wᵢ Σ_t P_t ⊗ Q_t, [*w.shape], divided by
   ``divisor`` (a scalar) if given. Each example's cotangent factor is multiplied
-  by its ``scale`` (a power of two) before its weight; rows where ``keep`` is
-  False are zeroed first (a non-finite example cannot reach the sum through 0·inf)."""
+  by its ``scale`` (a power of two), then by its weight; rows where ``keep`` is
+  False are then zeroed (a non-finite example cannot reach the sum through 0·inf)."""
   head, pa, qa = gs[0].layout
   total: jax.Array | int = 0
   for g in gs:
     q = g.q.value
     if scale is not None:
       q = q * scale.astype(q.dtype)[:, None, None, None]
-    if keep is not None:
-      q = keep_rows(keep, q)
     if weights is not None:
       q = q * weights.astype(q.dtype)[:, None, None, None]
+    if keep is not None:
+      q = keep_rows(keep, q)
     if isinstance(g.p, Index):
       b, h, t = g.p.index.shape
       q = q * g.p.valid[..., None].astype(q.dtype)

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from gnorm_jax._norms import tree_norm
-from gnorm_jax._numerics import binary_exponent, by_platform, rare_path
+from gnorm_jax._numerics import binary_exponent, by_platform, ldexp, rare_path
 from gnorm_jax._per_example._direct import (
   direct_grads,
   exact_norm,
@@ -169,9 +169,9 @@ def run(
       top = jnp.where(top == jnp.iinfo(jnp.int32).min, 0, top)  # every slice 0 (or not finite)
       down = e - top[:, None]
       stream_stats[leaf] = (
-        jax.vmap(tree_norm)(jnp.ldexp(m, down)),
+        jax.vmap(tree_norm)(ldexp(m, down)),
         jnp.any(suspect_steps, 1),
-        jax.vmap(tree_norm)(jnp.ldexp(jnp.where(suspect_steps, up, m), down)),
+        jax.vmap(tree_norm)(ldexp(jnp.where(suspect_steps, up, m), down)),
         top,
       )
   # Per-leaf norms m·2^e (m finite where the norm overflows) come in column blocks
@@ -185,9 +185,7 @@ def run(
     )
     exps = jnp.stack([stream_stats[leaf][3] for leaf in order], axis=1)
     exact = exact_leaf_norm(traced, order)
-    fixed = rescue(
-      fast, suspect, upper, lambda ex: jnp.ldexp(exact(ex[0]), -ex[1]), (batch_flat, exps)
-    )
+    fixed = rescue(fast, suspect, upper, lambda ex: ldexp(exact(ex[0]), -ex[1]), (batch_flat, exps))
     blocks.append((order, fixed, exps))
   formed, factors, taken = {}, {}, {}
   outer: dict[int, tuple] = {}  # ghost leaf -> (P, Q): its gradient is one outer product
@@ -280,7 +278,7 @@ def run(
   leaf_norms, norms, scale = _scaled_norms(blocks, b, dtype)
   # A row's factors or per-example gradients hold inf/NaN only if its norm does.
   all_finite = jnp.all(jnp.isfinite(norms))
-  found = jnp.ldexp(norms, scale)  # the norms themselves (inf beyond float32's largest)
+  found = ldexp(norms, scale)  # the norms themselves (inf beyond float32's largest)
   keep = jnp.ones((b,), bool) if mask is None else mask
   if mask is not None:
     found = jnp.where(keep, found, 0)
@@ -291,7 +289,7 @@ def run(
   if nan_safe:
     keep = keep & jnp.isfinite(norms)
   zero_rows = keep if (nan_safe or mask is not None) else None
-  r = jnp.ldexp(jnp.ones((), dtype), scale)
+  r = ldexp(jnp.ones((), dtype), scale)
   # each leaf's (weights, scales, divisor, whether weights/divisor never underflows)
   quads = weights_fn(leaf_norms, norms, r)
   divisors = [d for _, _, d, _ in quads]
@@ -373,11 +371,11 @@ def _scaled_norms(blocks: list, b: int, dtype) -> tuple[jax.Array, jax.Array, ja
   top = jnp.max(mag, axis=1)
   top = jnp.where(top == none, 0, top)  # every leaf norm 0 (or not finite)
   k = jnp.clip(top - SCALE_ABOVE, 0, SCALE_ABOVE)
-  t = jnp.ldexp(ms, es - top[:, None])  # finite ones below 2
+  t = ldexp(ms, es - top[:, None])  # finite ones below 2
   s = jnp.sum(t * t, axis=1)
   root = jnp.where(s == 0, 0, jnp.sqrt(jnp.where(s == 0, 1, s)))  # derivative 0 at 0
-  norms = jnp.ldexp(root, top - k)
-  leaf_norms = jnp.ldexp(ms, es - k[:, None])
+  norms = ldexp(root, top - k)
+  leaf_norms = ldexp(ms, es - k[:, None])
   if leaves != sorted(leaves):
     at = [0] * len(leaves)
     for col, leaf in enumerate(leaves):
@@ -419,9 +417,14 @@ def clipped_sums(
   contraction."""
   order = sorted(formed) + sorted(factors)
 
-  def fixed(leaf):
-    g, u = formed[leaf], scales[leaf]
-    g = g * u.astype(g.dtype).reshape((-1,) + (1,) * (g.ndim - 1))
+  def weighted_rows(leaf, w):
+    """The leaf's per-example gradients scaled by uᵢ, then weighted by ``w`` (in
+    the accumulation dtype), the rows left out zeroed: one elementwise pass,
+    which XLA fuses into the reduction over the batch that follows."""
+    g = formed[leaf]
+    acc = acc_dtype(g.dtype)
+    col = (-1,) + (1,) * (g.ndim - 1)
+    g = (g * scales[leaf].astype(g.dtype).reshape(col)).astype(acc) * w.astype(acc).reshape(col)
     return g if keep is None else keep_rows(keep, g)
 
   def ghost_sums(fixing: bool):
@@ -466,7 +469,10 @@ def clipped_sums(
     sums = []
     for leaf in sorted(formed):
       w, d = by_fold(leaf, True)
-      sums.append(weighted_sum(w, fixed(leaf), d))
+      # A reduction over the batch, not a matrix-vector product: one kernel
+      # with the scaling pass, writing the leaf in its own layout.
+      total = jnp.sum(weighted_rows(leaf, w), axis=0)
+      sums.append(divided(total, d, formed[leaf].dtype))
     return sums + ghost_sums(True)
 
   # (Inside the branch: formed outside it, the sums would keep a logits-sized

@@ -231,12 +231,7 @@ def rescue_worst(
   priority = jnp.where(suspect, ratio, -jnp.inf)
   if priority.ndim > 1:
     priority = jnp.max(priority, axis=1)
-  idx = []
-  for _ in range(min(RESCUED, b)):  # a few argmaxes: no sort, no loop
-    i = jnp.argmax(priority)
-    idx.append(i)
-    priority = priority.at[i].set(-jnp.inf)
-  at = jnp.stack(idx)
+  _, at = lax.top_k(priority, min(RESCUED, b))  # one kernel: no sort, no loop
   fixed = exact_at(at)
   out = jnp.where(suspect, upper.astype(norms.dtype), norms)
   return out.at[at].set(jnp.where(suspect[at], fixed, norms[at]))
@@ -287,7 +282,7 @@ def ghost_terms(gs: list[Ghost]) -> tuple[jax.Array, jax.Array, jax.Array, jax.A
     return f.value.astype(acc)
 
   def terms(form: Callable[[Dense], jax.Array], factor: jax.Array, looped: bool):
-    s, bound = _ghost_sum(dense, index, form, acc, real, looped)
+    s, bound = _ghost_sum(dense, index, form, acc, looped)
     return s * factor, bound * factor
 
   def on_factors(looped: bool):
@@ -319,21 +314,18 @@ RAW_RANGE = 16
 
 
 def _ghost_sum(
-  dense: list, index: list, form: Callable, acc, real, looped: bool = False
+  dense: list, index: list, form: Callable, acc, looped: bool = False
 ) -> tuple[jax.Array, jax.Array]:
   """The ghost sum s [B] and its error bound's scale [B] of the factors ``form``
   returns (``looped``: the CPU form's Grams, :func:`_gram`)."""
   q = jnp.concatenate([form(qf) for _, qf in dense + index], axis=2)
   gq = _gram(q, q, looped)
-  blocks, diag_p = [], []
   if dense:
     pd = jnp.concatenate([form(p) for p, _ in dense], axis=2)
     gp = _gram(pd, pd, looped)
-    diag_p.append(_diagonal(gp))
   if index:
     idx = jnp.concatenate([p.index for p, _ in index], axis=2)
     valid = jnp.concatenate([p.valid for p, _ in index], axis=2)
-    diag_p.append(valid.astype(real))
     ii = (
       (idx[..., :, None] == idx[..., None, :]) & valid[..., :, None] & valid[..., None, :]
     ).astype(acc)
@@ -348,15 +340,21 @@ def _ghost_sum(
   else:
     blocks = [[ii]]
   pg = jnp.concatenate([jnp.concatenate(row, axis=3) for row in blocks], axis=2)
-  s = jnp.real(jnp.sum(pg * gq, axis=(1, 2, 3)))
-  # The rows' squared norms are the Grams' diagonals: no second pass over a factor.
-  bound = jnp.sum(jnp.concatenate(diag_p, axis=2) * _diagonal(gq), axis=(1, 2))
+  terms = jnp.real(pg * gq)
+  # The bound Σ_t ‖P_t‖²‖Q_t‖² is the sum of the diagonal terms (the rows'
+  # squared norms are the Grams' diagonals; an index factor's is its valid
+  # flag): both sums in ONE variadic reduction, with no second pass over a
+  # factor and no gather of the diagonals.
+  t = terms.shape[-1]
+  on_diagonal = jnp.arange(t)[:, None] == jnp.arange(t)[None, :]
+  zero = jnp.zeros((), terms.dtype)
+  s, bound = lax.reduce(
+    (terms, jnp.where(on_diagonal, terms, zero)),
+    (zero, zero),
+    lambda a, b: (a[0] + b[0], a[1] + b[1]),
+    (1, 2, 3),
+  )
   return s, bound
-
-
-def _diagonal(gram: jax.Array) -> jax.Array:
-  """The diagonal [B, H, T] of Grams [B, H, T, T], real."""
-  return jnp.real(jnp.diagonal(gram, axis1=2, axis2=3))
 
 
 def factor_grads(

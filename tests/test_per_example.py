@@ -839,3 +839,27 @@ def test_long_row_grams_match_vmap(form, scale, monkeypatch):
   want_norms, want = _reference(loss, params, (x, y), 1.0)
   np.testing.assert_allclose(np.asarray(norms, np.float64), want_norms, rtol=RTOL)
   _assert_tree_close(grads, want)
+
+
+@pytest.mark.parametrize("form", ["cpu", "default"])
+def test_ghost_sum_of_many_positions_keeps_float32_accuracy(form, monkeypatch):
+  """An output layer at 256 positions: its ghost sum adds 65536 products of Gram
+  entries of both signs per example (softmax cotangents sum to zero), whose
+  rounding must stay near float32's own (within 4e-7 of vmap(grad)'s norms in
+  float64), not grow with the number of terms."""
+  k = jax.random.split(jax.random.key(21), 3)
+  w = jax.random.normal(k[0], (32, 64)) / 4
+
+  def loss(w, x, y):
+    logits = x @ w
+    return -jnp.sum(jax.nn.log_softmax(logits)[jnp.arange(256), y])
+
+  x = jax.random.normal(k[1], (4, 256, 32))
+  y = jax.random.randint(k[2], (4, 256), 0, 64)
+  monkeypatch.setattr(_numerics, "_FORCE_FORM", form)
+  jax.clear_caches()
+  got = jax.jit(gnorm_jax.per_example_grad_norms(loss, batch_argnums=(1, 2), method="ghost"))(
+    w, x, y
+  )
+  want = _reference(loss, w, (x, y), 1.0)[0]
+  np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=4e-7)

@@ -343,17 +343,13 @@ def _ghost_sum(
   terms = jnp.real(pg * gq)
   # The bound Σ_t ‖P_t‖²‖Q_t‖² is the sum of the diagonal terms (the rows'
   # squared norms are the Grams' diagonals; an index factor's is its valid
-  # flag): both sums in ONE variadic reduction, with no second pass over a
-  # factor and no gather of the diagonals.
+  # flag): no second pass over a factor and no gather of the diagonals. (Two
+  # plain sums, not one variadic reduction: on XLA:CPU that measured 8x less
+  # accurate on a tied output layer, 1.1e-6 against 1.3e-7 of float64.)
   t = terms.shape[-1]
   on_diagonal = jnp.arange(t)[:, None] == jnp.arange(t)[None, :]
-  zero = jnp.zeros((), terms.dtype)
-  s, bound = lax.reduce(
-    (terms, jnp.where(on_diagonal, terms, zero)),
-    (zero, zero),
-    lambda a, b: (a[0] + b[0], a[1] + b[1]),
-    (1, 2, 3),
-  )
+  s = jnp.sum(terms, axis=(1, 2, 3))
+  bound = jnp.sum(jnp.where(on_diagonal, terms, 0), axis=(1, 2, 3))
   return s, bound
 
 

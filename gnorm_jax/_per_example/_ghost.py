@@ -231,7 +231,7 @@ def rescue_worst(
   priority = jnp.where(suspect, ratio, -jnp.inf)
   if priority.ndim > 1:
     priority = jnp.max(priority, axis=1)
-  _, at = lax.top_k(priority, min(RESCUED, b))  # one kernel: no sort, no loop
+  _, at = lax.top_k(priority, min(RESCUED, b))  # one op (XLA TopK), no loop
   fixed = exact_at(at)
   out = jnp.where(suspect, upper.astype(norms.dtype), norms)
   return out.at[at].set(jnp.where(suspect[at], fixed, norms[at]))

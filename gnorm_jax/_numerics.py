@@ -125,10 +125,14 @@ def pow2(k: jax.Array, dtype: Any) -> jax.Array:
   maximum over every leaf — into each consumer. With one consumer per leaf
   that made compile time grow quadratically in the number of leaves.
   """
+  return 1 / _from_exponent_bits(-jnp.asarray(k), dtype)
+
+
+def _from_exponent_bits(j: jax.Array, dtype: Any) -> jax.Array:
+  """2^j in ``dtype`` (j integer, 2^j a normal number), written as its exponent bits."""
   finfo = jnp.finfo(dtype)
-  int_type = _int_type(dtype)
-  biased = (-jnp.asarray(k)).astype(int_type) + (finfo.maxexp - 1)
-  return 1 / lax.bitcast_convert_type(biased << finfo.nmant, finfo.dtype)
+  biased = j.astype(_int_type(dtype)) + (finfo.maxexp - 1)
+  return lax.bitcast_convert_type(biased << finfo.nmant, finfo.dtype)
 
 
 def ldexp(x: jax.Array, k: Any) -> jax.Array:
@@ -143,13 +147,11 @@ def ldexp(x: jax.Array, k: Any) -> jax.Array:
   """
   x = jnp.asarray(x)
   finfo = jnp.finfo(x.dtype)
-  int_type = _int_type(x.dtype)
   k = jnp.asarray(k).astype(jnp.int32)
   lo, hi = finfo.minexp, finfo.maxexp - 1
 
-  def power(j):  # 2^j for j in [lo, hi]
-    biased = (jnp.clip(j, lo, hi) + (finfo.maxexp - 1)).astype(int_type)
-    return lax.bitcast_convert_type(biased << finfo.nmant, finfo.dtype)
+  def power(j):  # 2^j for j clipped to [lo, hi]
+    return _from_exponent_bits(jnp.clip(j, lo, hi), x.dtype)
 
   k = jnp.clip(k, 3 * lo, 3 * hi)  # beyond: 0 or inf for every finite x
   # k/4 rounded toward 0 by a shift, not a division (XLA copies shifts into

@@ -60,6 +60,16 @@ def rare_path(needed: jax.Array, rare: Callable[[], Any], common: Callable[[], A
   return lax.cond(needed, rare, common)
 
 
+def pairwise(op: Callable[[Any, Any], Any], xs: list) -> Any:
+  """``op`` folded over ``xs`` (not empty) as a balanced tree. For elementwise ops
+  on per-example columns: XLA fuses the whole fold into one kernel where a
+  stack and a reduction would be two or more, and a sum's rounding error grows
+  with log2(len(xs)), as a reduction's does, not with len(xs)."""
+  while len(xs) > 1:
+    xs = [op(xs[i], xs[i + 1]) if i + 1 < len(xs) else xs[i] for i in range(0, len(xs), 2)]
+  return xs[0]
+
+
 def accumulation_dtype(dtype: Any) -> jnp.dtype:
   """The dtype norms of ``dtype`` values accumulate in: at least float32."""
   real = jnp.finfo(dtype).dtype  # complex64 -> float32, bfloat16 -> bfloat16

@@ -183,8 +183,9 @@ def test_leaf_norms_combine_exactly_across_the_float32_range():
   )
   m[4] = 0.0  # an all-zero example
   m[5, 2] = np.inf  # an infinite leaf norm
-  blocks = [([3, 0], m[:, :2], e[:, :2]), ([1, 2, 4], m[:, 2:], e[:, 2:])]
-  leaf_norms, norms, k = _run._scaled_norms(blocks, 6, jnp.float32)
+  # column j of m and e holds leaf [3, 0, 1, 2, 4][j]'s norms
+  columns = {leaf: (m[:, j], e[:, j]) for j, leaf in enumerate([3, 0, 1, 2, 4])}
+  leaf_norms, norms, k = _run._scaled_norms(columns, 6, jnp.float32)
   k = np.asarray(k)
   # float64 reference in the scale 2^-k (all finite there), columns in leaf order
   scaled = np.ldexp(m.astype(np.float64), e - k[:, None])[:, [1, 2, 3, 0, 4]]
@@ -201,11 +202,36 @@ def test_leaf_norms_combine_exactly_across_the_float32_range():
   assert float(norms[4]) == 0.0 and np.isinf(float(norms[5]))
   # derivative at an all-zero example: 0, not NaN
   d = jax.grad(
-    lambda x: _run._scaled_norms([([0, 1], x, jnp.zeros((1, 2), jnp.int32))], 1, jnp.float32)[1][0]
+    lambda x: _run._scaled_norms(
+      {j: (x[:, j], jnp.zeros((1,), jnp.int32)) for j in range(2)}, 1, jnp.float32
+    )[1][0]
   )
   np.testing.assert_array_equal(d(jnp.zeros((1, 2))), np.zeros((1, 2)))
   # NaN stays NaN
-  nan = _run._scaled_norms(
-    [([0], jnp.array([[jnp.nan]]), jnp.zeros((1, 1), jnp.int32))], 1, jnp.float32
-  )
+  nan = _run._scaled_norms({0: (jnp.array([jnp.nan]), jnp.zeros((1,), jnp.int32))}, 1, jnp.float32)
   assert np.isnan(float(nan[1][0]))
+
+
+def test_vectors_formed_together_keep_their_values_and_dtypes():
+  # The GPU form's clipped sums read their per-example vectors from one stacked
+  # array: every value (inf, NaN, subnormal-free extremes), dtype and boolean comes
+  # back exactly, and one vector read by many leaves stays one vector.
+  from gnorm_jax._per_example import _run
+
+  w = jnp.array([1e-30, 3e38, jnp.inf, 0.5], jnp.float32)
+  f = jnp.array([jnp.nan, 2.0**-20, 1.0, 65504.0], jnp.float16)
+  keep = jnp.array([True, False, True, False])
+  scale = jnp.array([1.0, 2.0**-100, 1.0, 1.0], jnp.float32)
+
+  def together(keep, w, f, scale):
+    v = _run._Vectors(keep, [w, w, f], [f, w, w], [scale, scale, None]).formed_together()
+    # one vector read by many leaves stays one vector
+    assert v.weights[0] is v.weights[1] and v.scales[0] is v.scales[1] and v.scales[2] is None
+    return v.keep, v.weights[0], v.weights[2], v.folded[0], v.scales[0]
+
+  for fn in (together, jax.jit(together)):
+    got = fn(keep, w, f, scale)
+    for x, want in zip(got, [keep, w, f, f, scale]):
+      assert x.dtype == want.dtype
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(want))
+  assert _run._Vectors(None, [], [], []).formed_together().keep is None

@@ -33,13 +33,18 @@ def per_example_norms(g: jax.Array) -> jax.Array:
   return jax.vmap(tree_norm)(g)
 
 
-def per_example_leaf_norms(gs: list[jax.Array]) -> tuple[jax.Array, jax.Array]:
-  """``(m, e)`` [B, len(gs)]: column j holds the norms m·2^e of ``gs[j]`` (per-example
-  values [B, ...]; floats in their widest accumulation dtype, int32 exponents; m
+def per_example_leaf_norms(gs: list[jax.Array]) -> tuple[list[jax.Array], list[jax.Array]]:
+  """``(ms, es)``, one column [B] per array of ``gs`` (per-example values [B, ...]):
+  the norms m·2^e (floats in their widest accumulation dtype, int32 exponents; m
   finite where the norm overflows), by ONE call of the norm core: one fast pass
-  and one check for all of them, and no slice per leaf."""
-  ms, rs = jax.vmap(stacked_leaf_norms)(gs)
-  return ms, binary_exponent(rs)
+  and one check for all of them. The columns are sliced out of its stacked
+  result before anything else reads them, so that where the core stacks one
+  value per array, XLA folds each slice back into its value."""
+  # [L, B]: the layout the core's stack has under vmap, so no transpose stands
+  # between it and the slices.
+  ms, rs = jax.vmap(stacked_leaf_norms, out_axes=1)(gs)
+  cols = range(len(gs))
+  return [ms[j] for j in cols], [binary_exponent(rs[j]) for j in cols]
 
 
 def _apply_chain(segment: tuple, w: jax.Array, params) -> jax.Array:

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from gnorm_jax._norms import safe_sqrt
-from gnorm_jax._numerics import by_platform, ldexp, pow2_exponent, rare_path
+from gnorm_jax._numerics import by_platform, ldexp, pairwise, pow2_exponent, rare_path
 from gnorm_jax._per_example._program import chain_layout
 from gnorm_jax._per_example._rules import Dense, Ghost, Index, Use
 
@@ -58,6 +58,31 @@ def keep_rows(keep: jax.Array, x: Any) -> Any:
   if x is None or not jnp.issubdtype(x.dtype, jnp.inexact):
     return x
   return jnp.where(keep.reshape((-1,) + (1,) * (x.ndim - 1)), x, 0)
+
+
+def weighted_rows(
+  x: jax.Array,
+  scale: jax.Array | None,
+  weights: jax.Array | None,
+  keep: jax.Array | None,
+  dtype: Any,
+) -> jax.Array:
+  """``x`` [B, ...] with each row multiplied by its ``scale`` (a power of two), then,
+  in ``dtype``, by its weight, and the rows where ``keep`` is False zeroed (each
+  step stays representable; None: skipped). Formed on x as [B, n] whatever its
+  shape: a dense layer's bias (its cotangent [B, N]) and its kernel's cotangent
+  factor ([B, 1, 1, N]) then weigh the same values by the same operations, and
+  XLA computes them once (it does not merge passes that differ by a reshape)."""
+  shape = x.shape
+  x = x.reshape(shape[0], -1)
+  if scale is not None:
+    x = x * scale.astype(x.dtype)[:, None]
+  x = x.astype(dtype)
+  if weights is not None:
+    x = x * weights.astype(dtype)[:, None]
+  if keep is not None:
+    x = keep_rows(keep, x)
+  return x.reshape(shape)
 
 
 def use_ghost(use: Use, operands: tuple, cot: jax.Array, ndim: int) -> Ghost | None:
@@ -171,35 +196,38 @@ def can_cancel(gs: list[Ghost]) -> bool:
 
 
 def rescue(
-  norms: jax.Array,
-  suspect: jax.Array,
-  upper: jax.Array,
+  norms: list[jax.Array],
+  suspect: list[jax.Array],
+  upper: list[jax.Array],
   one: Callable[[Any], jax.Array],
   examples: Any,
-) -> jax.Array:
-  """``norms`` [B] or [B, L] with the ``suspect`` entries recomputed, by platform.
+) -> list[jax.Array]:
+  """``norms`` (L columns [B], one per leaf) with the ``suspect`` entries recomputed,
+  by platform.
 
-  ``one(example)`` gives one example's exact norms (a scalar, or [L]) from its
-  slice of ``examples`` (a pytree of arrays with a leading batch axis). CPU:
-  every example with a suspect entry, one at a time, behind one ``lax.cond``.
+  ``one(example)`` gives one example's exact norms [L] from its slice of
+  ``examples`` (a pytree of arrays with a leading batch axis). CPU: every
+  example with a suspect entry, one at a time, behind one ``lax.cond``.
   GPU/TPU: :func:`rescue_worst`.
   """
-  rows = suspect if suspect.ndim == 1 else jnp.any(suspect, axis=1)
 
   def exact_one(example):
-    return one(example).astype(norms.dtype)
+    return one(example).astype(norms[0].dtype)
 
   def cpu():
-    zeros = jnp.zeros(norms.shape[1:], norms.dtype)
+    n, s = jnp.stack(norms, axis=1), jnp.stack(suspect, axis=1)
+    rows = jnp.any(s, axis=1)
+    zeros = jnp.zeros(n.shape[1:], n.dtype)
 
     def each(args):
       flag, example = args
       return lax.cond(flag, lambda: exact_one(example), lambda: zeros)
 
     def recomputed():
-      return jnp.where(suspect, lax.map(each, (rows, examples)), norms)
+      return jnp.where(s, lax.map(each, (rows, examples)), n)
 
-    return rare_path(jnp.any(rows), recomputed, lambda: norms)
+    out = rare_path(jnp.any(rows), recomputed, lambda: n)
+    return [out[:, j] for j in range(len(norms))]
 
   def default():
     def exact_at(idx):
@@ -211,30 +239,41 @@ def rescue(
 
 
 def rescue_worst(
-  norms: jax.Array,
-  suspect: jax.Array,
-  upper: jax.Array,
+  norms: list[jax.Array],
+  suspect: list[jax.Array],
+  upper: list[jax.Array],
   exact_at: Callable[[jax.Array], jax.Array],
-) -> jax.Array:
-  """The ``RESCUED`` worst examples recomputed, any further suspect entry at ``upper``.
+) -> list[jax.Array]:
+  """The ``RESCUED`` worst examples recomputed, any further suspect entry at ``upper``
+  (L columns [B] each; ``exact_at(idx)``: the exact norms [len(idx), L]).
 
   Examples are ranked by their largest ``upper/norm`` over suspect entries
   (a non-finite or zero norm first); the work is the same whatever the data,
   so there is no conditional. An example beyond the ``RESCUED`` worst keeps
   the upper end of its error bound, which is never below its norm: its clip
   weight is at most the exact one (a clipped example's contribution stays
-  within the threshold).
+  within the threshold). Column by column, with neither a stack nor a scatter:
+  the ranking and the recomputed values' placement are elementwise, and XLA
+  fuses them into the kernels that read the norms.
   """
-  b = norms.shape[0]
-  finite = jnp.isfinite(upper) & (norms > 0)
-  ratio = jnp.where(finite, upper / jnp.where(finite, norms, 1), jnp.inf)
-  priority = jnp.where(suspect, ratio, -jnp.inf)
-  if priority.ndim > 1:
-    priority = jnp.max(priority, axis=1)
-  _, at = lax.top_k(priority, min(RESCUED, b))  # one op (XLA TopK), no loop
+  b = norms[0].shape[0]
+
+  def priority(n, s, u):
+    finite = jnp.isfinite(u) & (n > 0)
+    ratio = jnp.where(finite, u / jnp.where(finite, n, 1), jnp.inf)
+    return jnp.where(s, ratio, -jnp.inf)
+
+  worst = pairwise(jnp.maximum, [priority(*c) for c in zip(norms, suspect, upper)])
+  _, at = lax.top_k(worst, min(RESCUED, b))  # one op (XLA TopK), no loop
   fixed = exact_at(at)
-  out = jnp.where(suspect, upper.astype(norms.dtype), norms)
-  return out.at[at].set(jnp.where(suspect[at], fixed, norms[at]))
+  rows = jnp.arange(b)
+  out = []
+  for j, (n, s, u) in enumerate(zip(norms, suspect, upper)):
+    col = jnp.where(s, u.astype(n.dtype), n)
+    for i in range(at.shape[0]):  # distinct rows (top_k's)
+      col = jnp.where((rows == at[i]) & s, fixed[i, j], col)
+    out.append(col)
+  return out
 
 
 def ghost_terms(gs: list[Ghost]) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
@@ -369,13 +408,7 @@ def factor_grads(
   head, pa, qa = gs[0].layout
   total: jax.Array | int = 0
   for g in gs:
-    q = g.q.value
-    if scale is not None:
-      q = q * scale.astype(q.dtype)[:, None, None, None]
-    if weights is not None:
-      q = q * weights.astype(q.dtype)[:, None, None, None]
-    if keep is not None:
-      q = keep_rows(keep, q)
+    q = weighted_rows(g.q.value, scale, weights, keep, g.q.value.dtype)
     if isinstance(g.p, Index):
       b, h, t = g.p.index.shape
       q = q * g.p.valid[..., None].astype(q.dtype)

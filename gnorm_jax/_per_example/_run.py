@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from gnorm_jax._norms import tree_norm
-from gnorm_jax._numerics import binary_exponent, by_platform, ldexp, rare_path
+from gnorm_jax._numerics import binary_exponent, by_platform, ldexp, pairwise, rare_path
 from gnorm_jax._per_example._direct import (
   direct_grads,
   exact_norm,
@@ -36,10 +36,10 @@ from gnorm_jax._per_example._ghost import (
   divided,
   factor_grads,
   ghost_terms,
-  keep_rows,
   outer_factors,
   planned_ghosts,
   rescue,
+  weighted_rows,
 )
 from gnorm_jax._per_example._interpret import PLAIN, batched_pass
 from gnorm_jax._per_example._jaxpr import Body
@@ -174,19 +174,24 @@ def run(
         jax.vmap(tree_norm)(ldexp(jnp.where(suspect_steps, up, m), down)),
         top,
       )
-  # Per-leaf norms m·2^e (m finite where the norm overflows) come in column blocks
-  # (leaves, m [B, k], e [B, k] int32), as the stages give them: one block per
-  # stage, not one slice per leaf.
-  blocks: list[tuple[list[int], jax.Array, jax.Array]] = []
+  # Per-leaf norms m·2^e (m finite where the norm overflows), one column per
+  # leaf: leaf -> (m [B], e [B] int32), as the stages give them: no
+  # concatenation stands between the norms and the clip weights, which XLA then
+  # forms in one fused pass (:func:`_scaled_norms`).
+  columns: dict[int, tuple[jax.Array, jax.Array]] = {}
+
   if stream_stats:
     order = sorted(stream_stats)
-    fast, suspect, upper = (
-      jnp.stack([stream_stats[leaf][j] for leaf in order], axis=1) for j in range(3)
-    )
-    exps = jnp.stack([stream_stats[leaf][3] for leaf in order], axis=1)
+    ms, suspects, uppers, exps = ([stream_stats[leaf][j] for leaf in order] for j in range(4))
     exact = exact_leaf_norm(traced, order)
-    fixed = rescue(fast, suspect, upper, lambda ex: ldexp(exact(ex[0]), -ex[1]), (batch_flat, exps))
-    blocks.append((order, fixed, exps))
+    fixed = rescue(
+      ms,
+      suspects,
+      uppers,
+      lambda ex: ldexp(exact(ex[0]), -ex[1]),
+      (batch_flat, jnp.stack(exps, axis=1)),
+    )
+    columns.update(zip(order, zip(fixed, exps)))
   formed, factors, taken = {}, {}, {}
   outer: dict[int, tuple] = {}  # ghost leaf -> (P, Q): its gradient is one outer product
   ghost_norms: dict[int, tuple] = {}  # ghost leaf -> its norms (m [B], e [B])
@@ -243,39 +248,35 @@ def run(
     ]
     ms, es = per_example_leaf_norms(arrays)
     n = len(order)
-    blocks.append((order, ms[:, :n], es[:, :n]))
-    if pairs:  # ‖P ⊗ Q‖ = ‖P‖·‖Q‖, each as m·2^e
-      mp, mq = ms[:, n::2], ms[:, n + 1 :: 2]
+    columns.update(zip(order, zip(ms, es)))
+    for i, leaf in enumerate(pairs):  # ‖P ⊗ Q‖ = ‖P‖·‖Q‖, each as m·2^e
+      at = n + 2 * i
+      mp, mq, ep, eq = ms[at], ms[at + 1], es[at], es[at + 1]
       # m·m overflows only at the edge (a plain sum of squares below float32's
       # largest, twice): then one factor is taken down by 2^64 first.
       m = mp * mq
       edge = jnp.isinf(m) & jnp.isfinite(mp) & jnp.isfinite(mq)
-      down = jnp.asarray(2.0**-64, mp.dtype)
-      m = jnp.where(edge, (mp * down) * mq, m)
-      blocks.append((pairs, m, es[:, n::2] + es[:, n + 1 :: 2] + jnp.where(edge, 64, 0)))
+      m = jnp.where(edge, (mp * jnp.asarray(2.0**-64, mp.dtype)) * mq, m)
+      columns[leaf] = (m, ep + eq + jnp.where(edge, 64, 0))
   if cancel:
     order = sorted(cancel)
-    fast, suspect, upper = (jnp.stack([cancel[leaf][j] for leaf in order], 1) for j in (0, 2, 3))
+    ms, suspects, uppers = ([cancel[leaf][j] for leaf in order] for j in (0, 2, 3))
     ones = [cancel[leaf][4] for leaf in order]
     fixed = rescue(
-      fast,
-      suspect,
-      upper,
+      ms,
+      suspects,
+      uppers,
       lambda examples: jnp.stack([one(ex) for one, ex in zip(ones, examples)]),
       [cancel[leaf][5] for leaf in order],
     )
-    blocks.append((order, fixed, jnp.stack([cancel[leaf][1] for leaf in order], 1)))
-  if ghost_norms:
-    order = sorted(ghost_norms)
-    m, e = (jnp.stack([ghost_norms[leaf][j] for leaf in order], 1) for j in (0, 1))
-    blocks.append((order, m, e))
-  if unused:
-    blocks.append(
-      (unused, jnp.zeros((b, len(unused)), dtype), jnp.zeros((b, len(unused)), jnp.int32))
-    )
+    columns.update((leaf, (m, cancel[leaf][1])) for leaf, m in zip(order, fixed))
+  for leaf, (m, e) in ghost_norms.items():
+    columns[leaf] = (m, e)
+  for leaf in unused:
+    columns[leaf] = (jnp.zeros((b,), dtype), jnp.zeros((b,), jnp.int32))
   if _observe is not None:
     _observe(plan, taken)
-  leaf_norms, norms, scale = _scaled_norms(blocks, b, dtype)
+  leaf_norms, norms, scale = _scaled_norms(columns, b, dtype)
   # A row's factors or per-example gradients hold inf/NaN only if its norm does.
   all_finite = jnp.all(jnp.isfinite(norms))
   found = ldexp(norms, scale)  # the norms themselves (inf beyond float32's largest)
@@ -348,8 +349,8 @@ def stream_ghost_sum(st, leaf: int, kept: dict, w: jax.Array, weights, keep, sca
 SCALE_ABOVE = 100
 
 
-def _scaled_norms(blocks: list, b: int, dtype) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """From per-leaf norms m·2^e in column blocks (leaves, m [B, k], e [B, k] int32):
+def _scaled_norms(columns: dict, b: int, dtype) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """From per-leaf norms m·2^e, ``{leaf: (m [B], e [B] int32)}`` for leaves 0..L-1:
   ``(leaf norms [B, L], norms [B], k [B] int32)``, column j for leaf j, with every
   example's leaf norms and norm scaled by 2^-k (k = 0 unless some leaf norm
   exceeds 2^SCALE_ABOVE), so that both stay finite where the norm itself
@@ -357,31 +358,74 @@ def _scaled_norms(blocks: list, b: int, dtype) -> tuple[jax.Array, jax.Array, ja
 
   No conditional: each example's leaf norms are scaled by 2^-E (2^E its
   largest) before they are squared, so that the sum neither overflows nor
-  loses more than squares below 2^-126 of the largest. One concatenation,
-  two reductions, and one static gather for the leaf norms where the blocks'
-  leaves are not already in order.
+  loses more than squares below 2^-126 of the largest. Column by column, with
+  no concatenation: the largest exponent, the sum and the norm are one
+  elementwise computation over the leaves' columns, which XLA fuses into one
+  kernel; the leaf norms [B, L] are stacked only where the weights read them.
   """
-  if not blocks:
+  if not columns:
     return jnp.zeros((b, 0), dtype), jnp.zeros((b,), dtype), jnp.zeros((b,), jnp.int32)
-  leaves = [leaf for block in blocks for leaf in block[0]]
-  ms = jnp.concatenate([block[1].astype(dtype) for block in blocks], axis=1)
-  es = jnp.concatenate([block[2] for block in blocks], axis=1)
+  leaves = sorted(columns)
+  if leaves != list(range(len(leaves))):  # not reached: every leaf takes a route
+    raise AssertionError(f"per-leaf norms missing for some of leaves 0..{leaves[-1]}")
+  ms = [columns[leaf][0].astype(dtype) for leaf in leaves]
+  es = [columns[leaf][1] for leaf in leaves]
   none = jnp.iinfo(jnp.int32).min // 2
-  mag = jnp.where(jnp.isfinite(ms) & (ms > 0), binary_exponent(ms) + es, none)
-  top = jnp.max(mag, axis=1)
+  mags = [
+    jnp.where(jnp.isfinite(m) & (m > 0), binary_exponent(m) + e, none) for m, e in zip(ms, es)
+  ]
+  top = pairwise(jnp.maximum, mags)
   top = jnp.where(top == none, 0, top)  # every leaf norm 0 (or not finite)
   k = jnp.clip(top - SCALE_ABOVE, 0, SCALE_ABOVE)
-  t = ldexp(ms, es - top[:, None])  # finite ones below 2
-  s = jnp.sum(t * t, axis=1)
+  ts = [ldexp(m, e - top) for m, e in zip(ms, es)]  # finite ones below 2
+  s = pairwise(jnp.add, [t * t for t in ts])
   root = jnp.where(s == 0, 0, jnp.sqrt(jnp.where(s == 0, 1, s)))  # derivative 0 at 0
   norms = ldexp(root, top - k)
-  leaf_norms = ldexp(ms, es - k[:, None])
-  if leaves != sorted(leaves):
-    at = [0] * len(leaves)
-    for col, leaf in enumerate(leaves):
-      at[leaf] = col
-    leaf_norms = leaf_norms[:, at]
+  leaf_norms = jnp.stack([ldexp(m, e - k) for m, e in zip(ms, es)], axis=1)
   return leaf_norms, norms, k
+
+
+@dataclasses.dataclass(frozen=True)
+class _Vectors:
+  """The per-example vectors [B] the clipped sums read: rows kept (or None), and
+  per leaf its weights wᵢ, wᵢ/d and scales uᵢ."""
+
+  keep: jax.Array | None
+  weights: list
+  folded: list
+  scales: list
+
+  def formed_together(self) -> _Vectors:
+    """The same values, formed by one kernel: stacked into one [B, n] array per
+    dtype behind an optimization barrier, and sliced out again (booleans as
+    0/1 in the float stack). Each distinct vector would otherwise be a kernel
+    of its own: it has a reader per leaf, and XLA recomputes nothing costly
+    (a division, a square root) in each of them; the barrier keeps XLA from
+    splitting the stack back into its columns."""
+    distinct: dict = {}
+    for x in [self.keep, *self.weights, *self.folded, *self.scales]:
+      if x is not None:
+        distinct.setdefault(id(x), x)
+    floats = [x.dtype for x in distinct.values() if x.dtype != jnp.bool_]
+    carrier = jnp.result_type(*floats) if floats else jnp.float32
+    groups: dict = {}
+    for k, x in distinct.items():
+      groups.setdefault(carrier if x.dtype == jnp.bool_ else x.dtype, []).append(k)
+    out = {}
+    for dt, keys in groups.items():
+      stack = lax.optimization_barrier(jnp.stack([distinct[k].astype(dt) for k in keys], 1))
+      for j, k in enumerate(keys):
+        out[k] = stack[:, j] > 0 if distinct[k].dtype == jnp.bool_ else stack[:, j]
+
+    def one(x):
+      return None if x is None else out[id(x)]
+
+    return _Vectors(
+      one(self.keep),
+      [one(x) for x in self.weights],
+      [one(x) for x in self.folded],
+      [one(x) for x in self.scales],
+    )
 
 
 def clipped_sums(
@@ -416,35 +460,35 @@ def clipped_sums(
   are weighted by wᵢ/d, which spares each leaf a division after its
   contraction."""
   order = sorted(formed) + sorted(factors)
+  given = _Vectors(keep, weights, folded, scales)
 
-  def weighted_rows(leaf, w):
+  def rows_of(v: _Vectors, leaf, w):
     """The leaf's per-example gradients scaled by uᵢ, then weighted by ``w`` (in
     the accumulation dtype), the rows left out zeroed: one elementwise pass,
     which XLA fuses into the reduction over the batch that follows."""
     g = formed[leaf]
-    acc = acc_dtype(g.dtype)
-    col = (-1,) + (1,) * (g.ndim - 1)
-    g = (g * scales[leaf].astype(g.dtype).reshape(col)).astype(acc) * w.astype(acc).reshape(col)
-    return g if keep is None else keep_rows(keep, g)
+    return weighted_rows(g, v.scales[leaf], w, v.keep, acc_dtype(g.dtype))
 
-  def ghost_sums(fixing: bool):
+  def ghost_sums(v: _Vectors, fixing: bool):
     """The ghost leaves' sums, with the rows zeroed and scaled or (``fixing`` False) as
     they are, with the weights wᵢ/d."""
     sums = []
     for leaf in sorted(factors):
-      w, d = by_fold(leaf, fixing)
-      keep_, scale = (keep, scales[leaf]) if fixing else (None, None)
+      w, d = by_fold(v, leaf, fixing)
+      keep_, scale = (v.keep, v.scales[leaf]) if fixing else (None, None)
       sums.append(factor_grads(factors[leaf], ws[leaf], w, keep_, scale, d))
     return sums
 
-  def by_fold(leaf, fixing: bool):
+  def by_fold(v: _Vectors, leaf, fixing: bool):
     """(weights, divisor) of a leaf's sum: wᵢ/d and none, or wᵢ and d."""
     if folds[leaf] or not fixing:
-      return folded[leaf], None
-    return weights[leaf], divisors[leaf]
+      return v.folded[leaf], None
+    return v.weights[leaf], divisors[leaf]
 
   def as_they_are():
-    return [weighted_sum(folded[leaf], formed[leaf]) for leaf in sorted(formed)] + ghost_sums(False)
+    return [weighted_sum(folded[leaf], formed[leaf]) for leaf in sorted(formed)] + ghost_sums(
+      given, False
+    )
 
   def row_by_row():
     leaves = sorted(formed)
@@ -463,17 +507,18 @@ def clipped_sums(
     sums = lax.fori_loop(0, formed[leaves[0]].shape[0], add_row, zeros) if leaves else []
     return [
       divided(x, divisors[leaf], formed[leaf].dtype) for leaf, x in zip(leaves, sums)
-    ] + ghost_sums(True)
+    ] + ghost_sums(given, True)
 
   def each_fixed():
+    v = given.formed_together()
     sums = []
     for leaf in sorted(formed):
-      w, d = by_fold(leaf, True)
+      w, d = by_fold(v, leaf, True)
       # A reduction over the batch, not a matrix-vector product: one kernel
       # with the scaling pass, writing the leaf in its own layout.
-      total = jnp.sum(weighted_rows(leaf, w), axis=0)
+      total = jnp.sum(rows_of(v, leaf, w), axis=0)
       sums.append(divided(total, d, formed[leaf].dtype))
-    return sums + ghost_sums(True)
+    return sums + ghost_sums(v, True)
 
   # (Inside the branch: formed outside it, the sums would keep a logits-sized
   # factor alive beside the branch's buffers.)

@@ -197,8 +197,7 @@ class Stream:
       else:
         g = direct_grads(us, ob, cb, jnp.zeros(shape, wdtype))
         grads[leaf] = g[0]
-        ms, es = per_example_leaf_norms([g])
-        m, e = ms[:, 0], es[:, 0]
+        (m,), (e,) = per_example_leaf_norms([g])
         upper, suspect = m, jnp.zeros_like(m, bool)
       rows.append(jnp.stack([m[0], e[0], suspect[0], upper[0]]).astype(dtype))
     return jnp.stack(rows), grads

@@ -66,18 +66,22 @@ def weighted_rows(
   weights: jax.Array | None,
   keep: jax.Array | None,
   dtype: Any,
+  flat: bool = False,
 ) -> jax.Array:
   """``x`` [B, ...] with each row multiplied by its ``scale`` (a power of two), then,
   in ``dtype``, by its weight, and the rows where ``keep`` is False zeroed (each
-  step stays representable; None: skipped). A factor [B, 1, ..., 1, N] is weighed
-  as [B, N]: a dense layer's bias (its cotangent [B, N]) and its kernel's
-  cotangent factor ([B, 1, 1, N]) then weigh the same values by the same
-  operations, and XLA computes them once (it does not merge passes that differ
-  by a reshape). Other shapes keep theirs: reshaping a factor stacked by a scan
-  would make XLA copy it into row-major order first."""
+  step stays representable; None: skipped).
+
+  Weighed as [B, n] where ``flat`` (per-example gradients, which XLA then
+  reduces over the batch in one pass with the weighting) or where ``x`` is
+  [B, 1, ..., 1, N]: a dense layer's bias (its cotangent [B, N]) and its
+  kernel's cotangent factor ([B, 1, 1, N]) then weigh the same values by the
+  same operations, and XLA computes them once (it does not merge passes that
+  differ by a reshape). Other factors keep their shape: reshaping one stacked
+  by a scan would make XLA copy it into row-major order first."""
   shape = x.shape
-  if x.ndim > 2 and all(d == 1 for d in shape[1:-1]):
-    x = x.reshape(shape[0], shape[-1])
+  if flat or (x.ndim > 2 and all(d == 1 for d in shape[1:-1])):
+    x = x.reshape(shape[0], -1)
   col = (-1,) + (1,) * (x.ndim - 1)
   if scale is not None:
     x = x * scale.astype(x.dtype).reshape(col)

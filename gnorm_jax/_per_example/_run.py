@@ -467,7 +467,7 @@ def clipped_sums(
     the accumulation dtype), the rows left out zeroed: one elementwise pass,
     which XLA fuses into the reduction over the batch that follows."""
     g = formed[leaf]
-    return weighted_rows(g, v.scales[leaf], w, v.keep, acc_dtype(g.dtype))
+    return weighted_rows(g, v.scales[leaf], w, v.keep, acc_dtype(g.dtype), flat=True)
 
   def ghost_sums(v: _Vectors, fixing: bool):
     """The ghost leaves' sums, with the rows zeroed and scaled or (``fixing`` False) as

@@ -38,8 +38,9 @@ def per_example_leaf_norms(gs: list[jax.Array]) -> tuple[list[jax.Array], list[j
   the norms m·2^e (floats in their widest accumulation dtype, int32 exponents; m
   finite where the norm overflows), by ONE call of the norm core: one fast pass
   and one check for all of them. The columns are sliced out of its stacked
-  result before anything else reads them, so that where the core stacks one
-  value per array, XLA folds each slice back into its value."""
+  result before anything else reads them: a slice fuses into its reader, where
+  the stacked array read whole (a concatenation, or a transpose of it) is a
+  kernel of its own."""
   # [L, B]: the layout the core's stack has under vmap, so no transpose stands
   # between it and the slices.
   ms, rs = jax.vmap(stacked_leaf_norms, out_axes=1)(gs)

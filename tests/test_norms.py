@@ -661,7 +661,8 @@ def test_ldexp_is_exact_wherever_the_result_is_normal(dtype):
   k[:500] = rng.integers(-4, 5, 500)  # small moves, where an intermediate could underflow
   xs = jnp.asarray(x, dtype)
   got = np.asarray(jax.jit(_numerics.ldexp)(xs, k), np.float64)
-  want = np.asarray(jnp.asarray(np.ldexp(np.asarray(xs, np.float64), k), dtype), np.float64)
+  with np.errstate(over="ignore"):  # results beyond the dtype's largest round to inf, as wanted
+    want = np.asarray(jnp.asarray(np.ldexp(np.asarray(xs, np.float64), k), dtype), np.float64)
   flushed = (np.abs(want) < float(finfo.tiny)) & (want != 0)
   tiny = float(finfo.tiny)
   same = (got == want) | (np.isnan(got) & np.isnan(want)) | (flushed & (np.abs(got) < tiny))

@@ -270,8 +270,7 @@ def run(
       [cancel[leaf][5] for leaf in order],
     )
     columns.update((leaf, (m, cancel[leaf][1])) for leaf, m in zip(order, fixed))
-  for leaf, (m, e) in ghost_norms.items():
-    columns[leaf] = (m, e)
+  columns.update(ghost_norms)
   for leaf in unused:
     columns[leaf] = (jnp.zeros((b,), dtype), jnp.zeros((b,), jnp.int32))
   if _observe is not None:

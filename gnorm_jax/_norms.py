@@ -41,6 +41,7 @@ from gnorm_jax._numerics import (
   accumulation_dtype,
   binary_exponent,
   by_platform,
+  pairwise,
   pow2,
   pow2_inverse,
   rare_path,
@@ -118,8 +119,10 @@ def _fast_path_ok(sumsq: jax.Array) -> jax.Array:
 
 
 def _total(sums: list[jax.Array]) -> jax.Array:
-  """Σ over a list of (possibly batched) sums."""
-  return sums[0] if len(sums) == 1 else jnp.sum(jnp.stack(sums), axis=0)
+  """Σ over a list of (possibly batched) sums: elementwise adds in a balanced tree,
+  which XLA fuses into their reader (a stack and a reduction would be kernels of
+  their own)."""
+  return pairwise(jnp.add, sums)
 
 
 def _sumsqs(groups: list[list[jax.Array]]) -> tuple[list[list[jax.Array]], list[jax.Array]]:
@@ -296,16 +299,17 @@ def _add3(a: tuple, b: tuple) -> tuple:
   return a[0] + b[0], a[1] + b[1], a[2] + b[2]
 
 
-def _three_sums(x: jax.Array, acc: Any, sd: jax.Array, su: jax.Array) -> tuple:
+def _three_sums(x: jax.Array, acc: Any, sd: jax.Array, su: jax.Array, keep: int = 0) -> tuple:
   """Σx², Σ(x·sd)² and Σ(x·su)² of a leaf by ONE variadic reduction: one read, one
-  kernel, whatever the backend's fusion heuristics."""
+  kernel, whatever the backend's fusion heuristics. The first ``keep`` axes are
+  not summed over (a stack of leaves: one sum per leaf)."""
   zero = jnp.zeros((), acc)
   found = [
     lax.reduce(
       (part * part, (part * sd) ** 2, (part * su) ** 2),
       (zero, zero, zero),
       _add3,
-      tuple(range(part.ndim)),
+      tuple(range(keep, part.ndim)),
     )
     for part in _real_parts(x, acc)
   ]
@@ -319,21 +323,40 @@ def _l2_branchless(groups: list[list[jax.Array]]) -> tuple[jax.Array, jax.Array]
   squares: plain, scaled by 2^-a and by 2^b (:func:`_scale_exponents`). The
   plain sum is kept where accurate (:func:`_fast_path_ok`), the scaled-down one
   where it overflowed (or an entry is inf), the scaled-up one where it is small
-  or NaN.
+  or NaN. Few kernels read the leaves: a group's leaves are concatenated
+  (:func:`_concatenated`), and single leaves of one size are stacked, each
+  into one reduction.
   """
-  sums: list[tuple[jax.Array, ...]] = []
-  big_scales, small_scales = [], []
-  for g in groups:
-    acc = _group_dtype(g)
+  sums: list = [None] * len(groups)
+  exponents = []
+  # Groups of one real leaf of the same size and dtype share their scales and are
+  # stacked, flattened: one reduction for all of them (XLA:GPU fuses the stack
+  # into it).
+  same: dict = {}
+  for i, g in enumerate(groups):
     size = sum(x.size * (2 if jnp.iscomplexobj(x) else 1) for x in g)
-    a, b = _scale_exponents(size, acc)
+    exponents.append(_scale_exponents(size, _group_dtype(g)))
+    alone = len(g) != 1 or jnp.iscomplexobj(g[0])
+    same.setdefault(i if alone else (g[0].size, g[0].dtype), []).append(i)
+  big_scales = [2.0**a for a, _ in exponents]
+  small_scales = [2.0**-b for _, b in exponents]
+  for members in same.values():
+    g = groups[members[0]]
+    acc = _group_dtype(g)
+    a, b = exponents[members[0]]
     # The barrier hides the scales' values: XLA would otherwise rewrite
     # (x·c)·(x·c) as (x·x)·(c·c), where x·x overflows and c·c underflows.
     sd, su = lax.optimization_barrier((jnp.asarray(2.0**-a, acc), jnp.asarray(2.0**b, acc)))
-    three = [_three_sums(x, acc, sd, su) for x in g]
-    sums.append(tuple(_total([t[j] for t in three]) for j in range(3)))
-    big_scales.append(2.0**a)
-    small_scales.append(2.0**-b)
+    if len(members) == 1:
+      three = [_three_sums(x, acc, sd, su) for x in _concatenated(g, acc)]
+      sums[members[0]] = tuple(_total([t[j] for t in three]) for j in range(3))
+      continue
+    for start in range(0, len(members), _CONCAT_LEAVES):
+      chunk = members[start : start + _CONCAT_LEAVES]
+      stack = jnp.stack([groups[i][0].reshape(-1) for i in chunk])
+      stacked = _three_sums(stack, acc, sd, su, keep=1)
+      for k, i in enumerate(chunk):
+        sums[i] = tuple(t[k] for t in stacked)
   if len({s[0].dtype for s in sums}) == 1:
     # every group's choice in one kernel: [G] sums, the scales as constants
     plain, down, up = (jnp.stack([s[j] for s in sums]) for j in range(3))
@@ -345,6 +368,27 @@ def _l2_branchless(groups: list[list[jax.Array]]) -> tuple[jax.Array, jax.Array]
       for (p, d, u), bs, ss in zip(sums, big_scales, small_scales)
     ]
   )
+
+
+# Leaves per concatenation in :func:`_concatenated`: well within XLA:GPU's budget
+# of operands for one fusion, so that the concatenation always fuses into its
+# reduction rather than being copied.
+_CONCAT_LEAVES = 32
+
+
+def _concatenated(leaves: list[jax.Array], acc: Any) -> list[jax.Array]:
+  """A group's leaves as few vectors with the same sums of squares: flattened (real
+  and imaginary parts apart) and concatenated, up to :data:`_CONCAT_LEAVES` at a
+  time. XLA:GPU fuses a concatenation into the reduction that reads it, so a
+  group of many leaves is read by one kernel rather than one per leaf (the
+  GPU/TPU form only: XLA:CPU copies a concatenation)."""
+  parts = [p for x in leaves for p in _real_parts(x, acc)]
+  if len(parts) == 1:
+    return parts
+  flat = [p.reshape(-1) for p in parts]
+  return [
+    jnp.concatenate(flat[i : i + _CONCAT_LEAVES]) for i in range(0, len(flat), _CONCAT_LEAVES)
+  ]
 
 
 def _choose(plain, down, up, big, small) -> tuple[jax.Array, jax.Array]:
@@ -537,11 +581,11 @@ def leaf_norms_split(tree: Any, ord: Any = None) -> tuple[Any, Any]:
   )
 
 
-def stacked_leaf_norms(leaves: list[jax.Array]) -> tuple[jax.Array, jax.Array]:
-  """:func:`leaf_norms_split` of a list of leaves (not empty) as two arrays [L],
-  in the leaves' widest accumulation dtype: what engines that combine many
-  leaves' norms use (no slice per leaf)."""
-  return _norms_stacked([[x] for x in leaves], None)
+def stacked_group_norms(groups: list[list[jax.Array]]) -> tuple[jax.Array, jax.Array]:
+  """The Euclidean norm of each group of leaves (``groups`` not empty; a group is one
+  vector) as ``(m, r)``, two arrays [G] in the groups' widest accumulation dtype
+  with norm = m·r: what engines that combine many norms use (no slice per group)."""
+  return _norms_stacked(groups, None)
 
 
 def sum_of_squares(x: jax.Array) -> jax.Array:

@@ -15,7 +15,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from gnorm_jax._norms import stacked_leaf_norms, tree_norm, tree_norm_split
+from gnorm_jax._norms import stacked_group_norms, tree_norm, tree_norm_split
 from gnorm_jax._numerics import binary_exponent, ldexp
 from gnorm_jax._per_example._ghost import acc_dtype, divided, factor_grads, ghosts, use_ghost
 from gnorm_jax._per_example._jaxpr import Lit
@@ -36,15 +36,25 @@ def per_example_norms(g: jax.Array) -> jax.Array:
 def per_example_leaf_norms(gs: list[jax.Array]) -> tuple[list[jax.Array], list[jax.Array]]:
   """``(ms, es)``, one column [B] per array of ``gs`` (per-example values [B, ...]):
   the norms m·2^e (floats in their widest accumulation dtype, int32 exponents; m
-  finite where the norm overflows), by ONE call of the norm core: one fast pass
-  and one check for all of them. The columns are sliced out of its stacked
-  result before anything else reads them: a slice fuses into its reader, where
-  the stacked array read whole (a concatenation, or a transpose of it) is a
-  kernel of its own."""
-  # [L, B]: the layout the core's stack has under vmap, so no transpose stands
+  finite where the norm overflows), by ONE call of the norm core
+  (:func:`per_example_group_norms`)."""
+  return per_example_group_norms([[g] for g in gs])
+
+
+def per_example_group_norms(
+  groups: list[list[jax.Array]],
+) -> tuple[list[jax.Array], list[jax.Array]]:
+  """``(ms, es)``, one column [B] per group of per-example arrays [B, ...]: each
+  example's norm of the group's values together, as m·2^e (as
+  :func:`per_example_leaf_norms`), by ONE call of the norm core: one fast pass
+  and one check for all of them (in the GPU/TPU form, one reduction per group).
+  The columns are sliced out of its stacked result before anything else reads
+  them: a slice fuses into its reader, where the stacked array read whole (a
+  concatenation, or a transpose of it) is a kernel of its own."""
+  # [G, B]: the layout the core's stack has under vmap, so no transpose stands
   # between it and the slices.
-  ms, rs = jax.vmap(stacked_leaf_norms, out_axes=1)(gs)
-  cols = range(len(gs))
+  ms, rs = jax.vmap(stacked_group_norms, out_axes=1)(groups)
+  cols = range(len(groups))
   return [ms[j] for j in cols], [binary_exponent(rs[j]) for j in cols]
 
 

@@ -210,28 +210,3 @@ def test_leaf_norms_combine_exactly_across_the_float32_range():
   # NaN stays NaN
   nan = _run._scaled_norms({0: (jnp.array([jnp.nan]), jnp.zeros((1,), jnp.int32))}, 1, jnp.float32)
   assert np.isnan(float(nan[1][0]))
-
-
-def test_vectors_formed_together_keep_their_values_and_dtypes():
-  # The GPU form's clipped sums read their per-example vectors from one stacked
-  # array: every value (inf, NaN, subnormal-free extremes), dtype and boolean comes
-  # back exactly, and one vector read by many leaves stays one vector.
-  from gnorm_jax._per_example import _run
-
-  w = jnp.array([1e-30, 3e38, jnp.inf, 0.5], jnp.float32)
-  f = jnp.array([jnp.nan, 2.0**-20, 1.0, 65504.0], jnp.float16)
-  keep = jnp.array([True, False, True, False])
-  scale = jnp.array([1.0, 2.0**-100, 1.0, 1.0], jnp.float32)
-
-  def together(keep, w, f, scale):
-    v = _run._Vectors(keep, [w, w, f], [f, w, w], [scale, scale, None]).formed_together()
-    # one vector read by many leaves stays one vector
-    assert v.weights[0] is v.weights[1] and v.scales[0] is v.scales[1] and v.scales[2] is None
-    return v.keep, v.weights[0], v.weights[2], v.folded[0], v.scales[0]
-
-  for fn in (together, jax.jit(together)):
-    got = fn(keep, w, f, scale)
-    for x, want in zip(got, [keep, w, f, f, scale]):
-      assert x.dtype == want.dtype
-      np.testing.assert_array_equal(np.asarray(x), np.asarray(want))
-  assert _run._Vectors(None, [], [], []).formed_together().keep is None

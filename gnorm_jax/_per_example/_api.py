@@ -247,17 +247,19 @@ class _PerExample:
     )
 
   def _clip_weights(self, args, max_norm):
-    """A function of per-leaf norms [B, L], norms [B] (both scaled by 1/r) and r [B]
-    giving each leaf's clip weights and scales [B] (see _weight); each leaf's
-    boost (the weights are B·min(1, C/‖gᵢ‖)) and threshold C."""
+    """A function of partial norms [B, P], the leaves each covers (see
+    :func:`_run.run`), norms [B] (both scaled by 1/r) and r [B] giving each leaf's
+    clip weights and scales [B] (see _weight); each leaf's boost (the weights are
+    B·min(1, C/‖gᵢ‖)), threshold C and group (None: one threshold)."""
     params = self._params(args)
     dtypes = [jnp.result_type(w) for w in jax.tree.leaves(params)]
     if not is_tree(max_norm):  # one weight per example (streams use the first leaf's)
       boost, n = _boost(max_norm, dtypes), len(dtypes)
       return (
-        (lambda leaf_norms, norms, r: [_weight(norms, r, max_norm, boost)] * n),
+        (lambda part_norms, covered, norms, r: [_weight(norms, r, max_norm, boost)] * n),
         [boost] * n,
         [max_norm] * n,
+        None,
       )
     thresholds = jax.tree.leaves(max_norm)
     ids = jax.tree.unflatten(jax.tree.structure(max_norm), range(len(thresholds)))
@@ -272,18 +274,19 @@ class _PerExample:
         f" of the parameters' {jax.tree.structure(params)}."
       ) from e
 
-    def weights(leaf_norms, norms, r):
+    def weights(part_norms, covered, norms, r):
       per_group = []
       for g in range(len(thresholds)):
-        cols = [i for i, gi in enumerate(group_of) if gi == g]
+        # a partial norm covers leaves of one group
+        cols = [j for j, leaves in enumerate(covered) if group_of[leaves[0]] == g]
         gn = (
-          jax.vmap(tree_norm)(leaf_norms[:, cols]) if cols else jnp.zeros(norms.shape, norms.dtype)
+          jax.vmap(tree_norm)(part_norms[:, cols]) if cols else jnp.zeros(norms.shape, norms.dtype)
         )
         per_group.append(gn)
       return [_weight(per_group[g], r, thresholds[g], b) for g, b in zip(group_of, boosts)]
 
     boosts = [_boost(thresholds[g], [d]) for g, d in zip(group_of, dtypes)]
-    return weights, boosts, [thresholds[g] for g in group_of]
+    return weights, boosts, [thresholds[g] for g in group_of], group_of
 
   # ---------------------------------------------------------------- calls
 
@@ -303,9 +306,9 @@ class _PerExample:
         raise ValueError(f"{want}, got shape {mask.shape} and dtype {mask.dtype}.")
     traced = self._trace(args)
     plan = self._make_plan(args, traced, batch_size, max_norm)
-    weights_fn = None
+    weights_fn, groups = None, None
     if max_norm is not None:
-      clip_weights, boosts, thresholds = self._clip_weights(args, max_norm)
+      clip_weights, boosts, thresholds, groups = self._clip_weights(args, max_norm)
       # Each sum is divided by its boost (and by B for a mean) in the run: the
       # weights are divided instead where that cannot underflow.
       # (one divisor per distinct boost: one threshold shares it between all leaves)
@@ -314,15 +317,15 @@ class _PerExample:
       divisors = [each.setdefault(id(b), b * n) for b in boosts]
       folds = [_folds(c, n, len(boosts)) for c in thresholds]
 
-      def weights_fn(leaf_norms, norms, r):
-        pairs = clip_weights(leaf_norms, norms, r)
+      def weights_fn(part_norms, covered, norms, r):
+        pairs = clip_weights(part_norms, covered, norms, r)
         return [(w, u, d, f) for (w, u), d, f in zip(pairs, divisors, folds)]
 
     batch_flat = [jnp.asarray(x) for i in self.batch_argnums for x in jax.tree.leaves(args[i])]
     if mask is not None:
       batch_flat = _fill_padding(batch_flat, mask)
     norms, sums, aux = _execute(
-      plan, traced, batch_flat, batch_size, weights_fn, mask, self.nan_safe
+      plan, traced, batch_flat, batch_size, weights_fn, mask, self.nan_safe, groups
     )
     if traced.aux_tree is not None:
       aux = jax.tree.unflatten(traced.aux_tree, aux)
@@ -404,11 +407,12 @@ def _execute(
   weights_fn,
   mask,
   nan_safe: bool,
+  groups: list[int] | None,
 ):
   """Runs ``plan`` over the batch, in ``plan.num_passes`` microbatches."""
   chunk = plan.batch_size
   if plan.num_passes == 1:
-    return _run.run(plan, traced, batch_flat, weights_fn, mask, nan_safe)
+    return _run.run(plan, traced, batch_flat, weights_fn, mask, nan_safe, groups)
   pad = plan.num_passes * chunk - batch_size
   keep = jnp.ones((batch_size,), bool) if mask is None else mask
   keep = jnp.pad(keep, (0, pad)).reshape(plan.num_passes, chunk)
@@ -417,7 +421,7 @@ def _execute(
     for x in batch_flat
   ]
   norms, sums, aux = jax.lax.map(
-    lambda c: _run.run(plan, traced, c[0], weights_fn, c[1], nan_safe), (chunks, keep)
+    lambda c: _run.run(plan, traced, c[0], weights_fn, c[1], nan_safe, groups), (chunks, keep)
   )
   norms = norms.reshape(-1)[:batch_size]
   aux = jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:])[:batch_size], aux)

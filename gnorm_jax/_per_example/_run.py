@@ -27,7 +27,7 @@ from gnorm_jax._per_example._direct import (
   direct_grads,
   exact_norm,
   norm_dtype,
-  per_example_leaf_norms,
+  per_example_group_norms,
   weighted_sum,
 )
 from gnorm_jax._per_example._ghost import (
@@ -124,14 +124,18 @@ def run(
   weights_fn: Callable | None,
   mask: jax.Array | None,
   nan_safe: bool,
+  groups: list[int] | None = None,
 ):
   """Per-example norms [B], the clipped sums Σᵢ wᵢ·(uᵢ·gᵢ)/d of every leaf (when
-  ``weights_fn`` maps (per-leaf norms [B, L] and norms [B], both divided by r,
-  and r [B]) to each leaf's weights and scales (w, u) [B], its divisor d (a
-  scalar) and whether w/d is known when tracing never to underflow), and the
-  loss's auxiliary outputs stacked over the batch. r is a power of two, 1 unless some
-  leaf norm of the example is beyond 2^SCALE_ABOVE: a norm beyond float32's
-  largest is reported inf and its example still clipped.
+  ``weights_fn`` maps (partial norms [B, P], the leaves each covers, norms [B],
+  the partial norms and norms divided by r, and r [B]) to each leaf's weights
+  and scales (w, u) [B], its divisor d (a scalar) and whether w/d is known when
+  tracing never to underflow), and the loss's auxiliary outputs stacked over
+  the batch. A partial norm is that of one leaf, or of several formed leaves
+  of one threshold group (``groups``: each leaf's group; None: one group). r
+  is a power of two, 1 unless some partial norm of the example is beyond
+  2^SCALE_ABOVE: a norm beyond float32's largest is reported inf and its
+  example still clipped.
 
   ``mask`` [B] (False: padding) zeroes an example's norm and weight; with
   ``nan_safe`` an example whose gradient is not finite gets weight 0 (its norm
@@ -174,8 +178,9 @@ def run(
         jax.vmap(tree_norm)(ldexp(jnp.where(suspect_steps, up, m), down)),
         top,
       )
-  # Per-leaf norms m·2^e (m finite where the norm overflows), one column per
-  # leaf: leaf -> (m [B], e [B] int32), as the stages give them: no
+  # Partial norms m·2^e (m finite where the norm overflows), one column per leaf
+  # (per group of formed leaves: ``covers``), keyed by its (first) leaf: leaf ->
+  # (m [B], e [B] int32), as the stages give them: no
   # concatenation stands between the norms and the clip weights, which XLA then
   # forms in one fused pass (:func:`_scaled_norms`).
   columns: dict[int, tuple[jax.Array, jax.Array]] = {}
@@ -238,15 +243,22 @@ def run(
   # The formed leaves' norms and the outer-product factors' in one call of the
   # norm core, the ghost sums that may cancel checked (and rescued) together:
   # per call, not per leaf.
+  # The formed leaves of one threshold group share one partial norm: in the GPU/TPU
+  # form, their norm core's group is read by one reduction.
+  covers: dict[int, tuple[int, ...]] = {}
   if formed or outer:
-    order = sorted(formed)
+    parts: dict[int, list[int]] = {}
+    for leaf in sorted(formed):
+      parts.setdefault(0 if groups is None else groups[leaf], []).append(leaf)
+    order = [part[0] for part in parts.values()]
+    covers.update((part[0], tuple(part)) for part in parts.values())
     pairs = sorted(outer)
-    # Q flattened to [B, n]: where a bias's per-example gradient is the same cotangent,
-    # XLA then computes their norms once.
-    arrays = [formed[leaf] for leaf in order] + [
-      x for leaf in pairs for x in (outer[leaf][0], outer[leaf][1].reshape(b, -1))
+    # Q flattened to [B, n], as a bias's per-example gradient: on CPU, where they are
+    # the same cotangent, XLA computes their norms once.
+    arrays = [[formed[leaf] for leaf in part] for part in parts.values()] + [
+      [x] for leaf in pairs for x in (outer[leaf][0], outer[leaf][1].reshape(b, -1))
     ]
-    ms, es = per_example_leaf_norms(arrays)
+    ms, es = per_example_group_norms(arrays)
     n = len(order)
     columns.update(zip(order, zip(ms, es)))
     for i, leaf in enumerate(pairs):  # ‖P ⊗ Q‖ = ‖P‖·‖Q‖, each as m·2^e
@@ -271,11 +283,12 @@ def run(
     )
     columns.update((leaf, (m, cancel[leaf][1])) for leaf, m in zip(order, fixed))
   columns.update(ghost_norms)
-  for leaf in unused:
-    columns[leaf] = (jnp.zeros((b,), dtype), jnp.zeros((b,), jnp.int32))
+  del unused  # gradient 0: no partial norm
   if _observe is not None:
     _observe(plan, taken)
-  leaf_norms, norms, scale = _scaled_norms(columns, b, dtype)
+  keys = sorted(columns)
+  covered = [covers.get(key, (key,)) for key in keys]
+  part_norms, norms, scale = _scaled_norms(columns, b, dtype)
   # A row's factors or per-example gradients hold inf/NaN only if its norm does.
   all_finite = jnp.all(jnp.isfinite(norms))
   found = ldexp(norms, scale)  # the norms themselves (inf beyond float32's largest)
@@ -283,7 +296,7 @@ def run(
   if mask is not None:
     found = jnp.where(keep, found, 0)
     norms = jnp.where(keep, norms, 0)
-    leaf_norms = jnp.where(keep[:, None], leaf_norms, 0)
+    part_norms = jnp.where(keep[:, None], part_norms, 0)
   if weights_fn is None:
     return found, None, aux
   if nan_safe:
@@ -291,7 +304,7 @@ def run(
   zero_rows = keep if (nan_safe or mask is not None) else None
   r = ldexp(jnp.ones((), dtype), scale)
   # each leaf's (weights, scales, divisor, whether weights/divisor never underflows)
-  quads = weights_fn(leaf_norms, norms, r)
+  quads = weights_fn(part_norms, covered, norms, r)
   divisors = [d for _, _, d, _ in quads]
   if any(not st.one_pass for st in streams.values()):
     # one weight per example: a second, weighted backward pass
@@ -343,30 +356,28 @@ def stream_ghost_sum(st, leaf: int, kept: dict, w: jax.Array, weights, keep, sca
   return jax.vmap(one_step, in_axes=(1, 1, 0))(ops, cts, w)
 
 
-# Per-leaf norms up to 2^SCALE_ABOVE are combined as they are; an example with a
-# larger one has all its leaf norms scaled down by one power of two first.
+# Partial norms up to 2^SCALE_ABOVE are combined as they are; an example with a
+# larger one has all its partial norms scaled down by one power of two first.
 SCALE_ABOVE = 100
 
 
 def _scaled_norms(columns: dict, b: int, dtype) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """From per-leaf norms m·2^e, ``{leaf: (m [B], e [B] int32)}`` for leaves 0..L-1:
-  ``(leaf norms [B, L], norms [B], k [B] int32)``, column j for leaf j, with every
-  example's leaf norms and norm scaled by 2^-k (k = 0 unless some leaf norm
-  exceeds 2^SCALE_ABOVE), so that both stay finite where the norm itself
+  """From partial norms m·2^e, ``{key: (m [B], e [B] int32)}``: ``(partial norms
+  [B, P], norms [B], k [B] int32)``, the columns in the keys' order, with every
+  example's partial norms and norm scaled by 2^-k (k = 0 unless some partial
+  norm exceeds 2^SCALE_ABOVE), so that both stay finite where the norm itself
   overflows float32. Non-finite norms stay non-finite.
 
-  No conditional: each example's leaf norms are scaled by 2^-E (2^E its
+  No conditional: each example's partial norms are scaled by 2^-E (2^E its
   largest) before they are squared, so that the sum neither overflows nor
   loses more than squares below 2^-126 of the largest. Column by column, with
   no concatenation: the largest exponent, the sum and the norm are one
-  elementwise computation over the leaves' columns, which XLA fuses into one
-  kernel; the leaf norms [B, L] are stacked only where the weights read them.
+  elementwise computation over the columns, which XLA fuses into one kernel;
+  the partial norms [B, P] are stacked only where the weights read them.
   """
   if not columns:
     return jnp.zeros((b, 0), dtype), jnp.zeros((b,), dtype), jnp.zeros((b,), jnp.int32)
   leaves = sorted(columns)
-  if leaves != list(range(len(leaves))):  # not reached: every leaf takes a route
-    raise AssertionError(f"per-leaf norms missing for some of leaves 0..{leaves[-1]}")
   ms = [columns[leaf][0].astype(dtype) for leaf in leaves]
   es = [columns[leaf][1] for leaf in leaves]
   none = jnp.iinfo(jnp.int32).min // 2
@@ -374,14 +385,14 @@ def _scaled_norms(columns: dict, b: int, dtype) -> tuple[jax.Array, jax.Array, j
     jnp.where(jnp.isfinite(m) & (m > 0), binary_exponent(m) + e, none) for m, e in zip(ms, es)
   ]
   top = pairwise(jnp.maximum, mags)
-  top = jnp.where(top == none, 0, top)  # every leaf norm 0 (or not finite)
+  top = jnp.where(top == none, 0, top)  # every partial norm 0 (or not finite)
   k = jnp.clip(top - SCALE_ABOVE, 0, SCALE_ABOVE)
   ts = [ldexp(m, e - top) for m, e in zip(ms, es)]  # finite ones below 2
   s = pairwise(jnp.add, [t * t for t in ts])
   root = jnp.where(s == 0, 0, jnp.sqrt(jnp.where(s == 0, 1, s)))  # derivative 0 at 0
   norms = ldexp(root, top - k)
-  leaf_norms = jnp.stack([ldexp(m, e - k) for m, e in zip(ms, es)], axis=1)
-  return leaf_norms, norms, k
+  part_norms = jnp.stack([ldexp(m, e - k) for m, e in zip(ms, es)], axis=1)
+  return part_norms, norms, k
 
 
 @dataclasses.dataclass(frozen=True)
@@ -393,38 +404,6 @@ class _Vectors:
   weights: list
   folded: list
   scales: list
-
-  def formed_together(self) -> _Vectors:
-    """The same values, formed by one kernel: stacked into one [B, n] array per
-    dtype behind an optimization barrier, and sliced out again (booleans as
-    0/1 in the float stack). Each distinct vector would otherwise be a kernel
-    of its own: it has a reader per leaf, and XLA recomputes nothing costly
-    (a division, a square root) in each of them; the barrier keeps XLA from
-    splitting the stack back into its columns."""
-    distinct: dict = {}
-    for x in [self.keep, *self.weights, *self.folded, *self.scales]:
-      if x is not None:
-        distinct.setdefault(id(x), x)
-    floats = [x.dtype for x in distinct.values() if x.dtype != jnp.bool_]
-    carrier = jnp.result_type(*floats) if floats else jnp.float32
-    groups: dict = {}
-    for k, x in distinct.items():
-      groups.setdefault(carrier if x.dtype == jnp.bool_ else x.dtype, []).append(k)
-    out = {}
-    for dt, keys in groups.items():
-      stack = lax.optimization_barrier(jnp.stack([distinct[k].astype(dt) for k in keys], 1))
-      for j, k in enumerate(keys):
-        out[k] = stack[:, j] > 0 if distinct[k].dtype == jnp.bool_ else stack[:, j]
-
-    def one(x):
-      return None if x is None else out[id(x)]
-
-    return _Vectors(
-      one(self.keep),
-      [one(x) for x in self.weights],
-      [one(x) for x in self.folded],
-      [one(x) for x in self.scales],
-    )
 
 
 def clipped_sums(
@@ -509,7 +488,9 @@ def clipped_sums(
     ] + ghost_sums(given, True)
 
   def each_fixed():
-    v = given.formed_together()
+    # The per-example vectors stay where they are formed: XLA:GPU recomputes a
+    # cheap division or square root in each reader rather than giving it a kernel.
+    v = given
     sums = []
     for leaf in sorted(formed):
       w, d = by_fold(v, leaf, True)

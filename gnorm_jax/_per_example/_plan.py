@@ -21,8 +21,10 @@ prints and the run executes:
 
 The cost model prices what each alternative adds to the plain gradient as
 flops/F + bytes moved/BW + kernels·L with per-backend constants. On a GPU, where
-a step of a small model takes about a millisecond, the engine's extra kernels
-per leaf can cost more than materializing B gradients. On a CPU "auto" keeps
+a step of a small model takes about a millisecond, kernels can cost more than
+flops; in XLA:GPU's programs of the GPU form, a formed leaf adds about as many
+kernels to the engine as to vmap(grad), so vmap is estimated faster only where
+the engine's ghost leaves cost more kernels than they save. On a CPU "auto" keeps
 the engine: measured on real models (docs/benchmarks.md), vmap is at most about
 10% faster there (small dense transformers, within run-to-run noise), up to 20x
 slower (grouped convolutions, whose per-example kernel gradients vmap runs as
@@ -57,28 +59,37 @@ STREAMED_ONE_PASS = (
 @dataclasses.dataclass(frozen=True)
 class Machine:
   """Constants of the cost model of one backend: time = flops/flops_per_s +
-  bytes/bytes_per_s + kernels·s_per_kernel."""
+  bytes/bytes_per_s + kernels·s_per_kernel, with the kernels each route adds
+  per leaf (``kernels``, "vmap" for vmap(grad)'s) and each method per call
+  (``call_kernels``: combining the leaves' norms)."""
 
   flops_per_s: float
   bytes_per_s: float
   s_per_kernel: float
+  kernels: dict
+  call_kernels: dict
 
   def seconds(self, flops: float, nbytes: float, kernels: float) -> float:
     return flops / self.flops_per_s + nbytes / self.bytes_per_s + kernels * self.s_per_kernel
 
 
+# Kernels per leaf and per call, from the HLO census of the benchmark and real
+# models (docs/benchmarks.md): XLA:CPU's programs of the CPU form, and XLA:GPU's
+# of the GPU/TPU form (compiled for an H100 without a GPU), where a group's
+# leaves share their norm reductions: there a formed leaf adds about half a
+# kernel to the engine and to vmap(grad) alike, a ghost leaf about three, and
+# each method about four per call. TPU programs are not measured; they take the
+# GPU form's counts.
+_CPU_KERNELS = {"ghost": 10, "direct": 5, "materialized": 4, "unused": 0, "vmap": 4}
+_GPU_KERNELS = {"ghost": 3, "direct": 0.5, "materialized": 0.5, "unused": 0, "vmap": 0.5}
 # Set from the benchmark models (docs/benchmarks.md): the CPU's from a 2-core
 # x86 machine, the GPU's from an H100 (float32 at HIGHEST precision, HBM3, a
 # launch of a small fusion), the TPU's from a v5e-class chip.
 MACHINES = {
-  "cpu": Machine(5e10, 1e10, 2e-6),
-  "gpu": Machine(2e13, 2e12, 5e-6),
-  "tpu": Machine(5e13, 8e11, 2e-6),
+  "cpu": Machine(5e10, 1e10, 2e-6, _CPU_KERNELS, {"engine": 8, "vmap": 4}),
+  "gpu": Machine(2e13, 2e12, 5e-6, _GPU_KERNELS, {"engine": 4, "vmap": 4}),
+  "tpu": Machine(5e13, 8e11, 2e-6, _GPU_KERNELS, {"engine": 4, "vmap": 4}),
 }
-# Kernels a leaf adds to the plain gradient on each route (the HLO census of
-# the benchmark models), and a call's own (combining the leaves' norms).
-KERNELS = {"ghost": 10, "direct": 5, "materialized": 4, "unused": 0, "vmap": 4}
-CALL_KERNELS = {"engine": 8, "vmap": 4}
 # "auto" runs vmap only when estimated at most VMAP_MARGIN of the engine's time,
 # and when its extra memory is at most VMAP_MEMORY_FACTOR times the engine's
 # plus VMAP_SLACK_BYTES: the engine is often chosen for its memory.
@@ -253,8 +264,8 @@ def route_seconds(machine: Machine, r: LeafRoute, n: int, b: int) -> float:
   if r.route == "unused":
     return 0.0
   if r.route == "ghost":
-    return machine.seconds(r.flops or 0, 3 * r.bytes + r.factor_bytes, KERNELS["ghost"])
-  return machine.seconds(4 * b * n, 3 * r.bytes, KERNELS[r.route])
+    return machine.seconds(r.flops or 0, 3 * r.bytes + r.factor_bytes, machine.kernels["ghost"])
+  return machine.seconds(4 * b * n, 3 * r.bytes, machine.kernels[r.route])
 
 
 def estimate(routes: dict, params_flat: list, b: int, platform: str) -> dict:
@@ -263,15 +274,15 @@ def estimate(routes: dict, params_flat: list, b: int, platform: str) -> dict:
   n, "vmap_bytes": n}``. vmap's B per-example gradients of a leaf cost as the
   direct route's (a convolution's formed slower: :func:`_vmap_slowdown`)."""
   machine = MACHINES.get(platform, MACHINES["gpu"])
-  engine = machine.seconds(0, 0, CALL_KERNELS["engine"])
-  vmap = machine.seconds(0, 0, CALL_KERNELS["vmap"])
+  engine = machine.seconds(0, 0, machine.call_kernels["engine"])
+  vmap = machine.seconds(0, 0, machine.call_kernels["vmap"])
   engine_bytes = vmap_bytes = 0
   for leaf, r in routes.items():
     w = params_flat[leaf]
     materialized = (4 * b * w.size, b * w.size * jnp.dtype(w.dtype).itemsize)
     vf, vb = r.vmap if r.route in ("ghost", "direct") else materialized
     engine += route_seconds(machine, r, w.size, b)
-    vmap += machine.seconds(vf, 3 * vb, KERNELS["vmap"])
+    vmap += machine.seconds(vf, 3 * vb, machine.kernels["vmap"])
     engine_bytes += r.bytes
     vmap_bytes += vb
   return {"engine": engine, "vmap": vmap, "engine_bytes": engine_bytes, "vmap_bytes": vmap_bytes}

@@ -9,10 +9,20 @@ guard a rare path as ``lax.cond``'s true branch, so the false one, JAX's branch
 Both are read from the optimized HLO on this machine's backend, and
 ``case``/``while`` from the CUDA lowering, which needs no GPU (JAX's default
 PRNG lowers to while loops on CPU but not on CUDA).
+
+:func:`gpu_census` reads the same counts from XLA:GPU's own optimized HLO for an
+NVIDIA H100, compiled on a machine without a GPU: a compile-only device of
+JAX's CUDA plugin (``pip install jax-cuda12-plugin==V jax-cuda12-pjrt==V
+nvidia-cuda-nvcc-cu12``, V this JAX's version). Where no GPU is attached, the
+process must run on ``jax_platforms="cpu"`` (:func:`use_compile_only_gpu`),
+set before JAX starts a backend.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import os
 import re
 from typing import Any, Callable
 
@@ -143,3 +153,77 @@ def census(fn: Callable[..., Any], *args: Any) -> dict[str, int]:
   except Exception:  # noqa: BLE001 - a JAX without CUDA lowering support
     counts["cuda_cases"] = counts["cuda_whiles"] = -1
   return counts
+
+
+# The device description XLA:GPU compiles for: an H100 SXM (80 GB HBM3), CUDA 12.8,
+# cuDNN 9.7.
+_H100 = """
+gpu_device_info {
+  threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
+  shared_memory_per_core: 233472 threads_per_core_limit: 2048 core_count: 132
+  fpus_per_core: 128 block_dim_limit_x: 2147483647 block_dim_limit_y: 65535
+  block_dim_limit_z: 65535 memory_bandwidth: 3352320000000 l2_cache_size: 52428800
+  clock_rate_ghz: 1.98 device_memory_size: 84929347584
+  shared_memory_per_block_optin: 232448 cuda_compute_capability { major: 9 }
+  registers_per_core_limit: 65536 registers_per_block_limit: 65536
+}
+platform_name: "CUDA"
+dnn_version_info { major: 9 minor: 7 }
+runtime_version { major: 12 minor: 8 }
+device_description_str: "NVIDIA H100 80GB HBM3"
+"""
+
+
+def use_compile_only_gpu() -> bool:
+  """Whether :func:`gpu_census` can run here: JAX's CUDA plugin is installed and no
+  NVIDIA GPU is attached. Then sets ``jax_platforms="cpu"`` (call this before
+  anything starts a JAX backend): the plugin's compile-only device needs no GPU,
+  but starting its backend does."""
+  if importlib.util.find_spec("jax_cuda12_plugin") is None or os.path.exists("/dev/nvidia0"):
+    return False
+  jax.config.update("jax_platforms", "cpu")
+  return True
+
+
+@functools.cache
+def _h100():
+  from jax.experimental import topologies
+
+  topology = topologies.get_topology_desc(platform="cuda", target_config=_H100, topology="1x1x1")
+  mesh = topologies.make_mesh(topology, (1,), ("x",))
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
+def gpu_census(fn: Callable[..., Any], *args: Any) -> dict[str, int]:
+  """``conditionals``, ``whiles`` and ``kernels`` (as :func:`census`) in XLA:GPU's
+  optimized HLO of ``jax.jit(fn)`` at ``args``' shapes, compiled for an H100
+  without a GPU (see :func:`use_compile_only_gpu`; gnorm_jax's per-example plans
+  priced for a GPU), and ``cublas``: whether the
+  default compilation failed and every matrix product went to cuBLAS."""
+  from gnorm_jax._per_example import _plan
+
+  sharding = _h100()
+  specs = jax.tree.map(
+    lambda a: jax.ShapeDtypeStruct(jax.numpy.shape(a), a.dtype, sharding=sharding),
+    args,
+  )
+  # The per-example plan priced for a GPU, as it would be on one (traced here,
+  # JAX's default backend is the CPU).
+  _plan._PLATFORM = "gpu"
+  try:
+    lowered = jax.jit(fn).lower(*specs)
+  finally:
+    _plan._PLATFORM = None
+  try:
+    text, cublas = lowered.compile().as_text(), False
+  except jax.errors.JaxRuntimeError:
+    # Without a GPU to autotune on, XLA:GPU's Triton GEMM fails to tile some
+    # products (a ViT's, in JAX 0.10.2): then cuBLAS for every product, which
+    # fuses fewer neighbours into a product than Triton does.
+    text, cublas = lowered.compile({"xla_gpu_enable_triton_gemm": False}).as_text(), True
+  return {
+    "conditionals": len(re.findall(r"\sconditional\(", text)),
+    "whiles": len(re.findall(r"\swhile\(", text)),
+    "kernels": _kernels(text, _entry(text)),
+    "cublas": cublas,
+  }

@@ -9,7 +9,11 @@ conditionals, while loops and kernels (entry-level fusions and unfused ops) of
 
 * the form compiled here (on CPU, the CPU form: its conditionals are free), and
 * the GPU/TPU form compiled here (``lax.platform_dependent`` resolved as on a
-  GPU), whose kernel count is the closest this machine gets to a GPU's;
+  GPU), by XLA:CPU, whose fusion decisions differ from XLA:GPU's;
+* where JAX's CUDA plugin is installed and no GPU is attached, XLA:GPU's own
+  program for an NVIDIA H100, compiled here without a GPU (a compile-only
+  device: ``pip install jax-cuda12-plugin==V jax-cuda12-pjrt==V
+  nvidia-cuda-nvcc-cu12``, V this JAX's version; see ``_census.gpu_census``);
 
 and ``stablehlo.case``/``while`` in the CUDA lowering (no GPU needed). The
 baselines are optax's ``clip_by_global_norm`` + adam, adam alone, the plain
@@ -18,6 +22,7 @@ batch-mean gradient and ``vmap`` of ``jax.grad``.
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import sys
 
@@ -27,9 +32,14 @@ import optax
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [_HERE, os.path.dirname(_HERE)]
+from _census import census, gpu_census, use_compile_only_gpu  # noqa: E402
+
+# Before anything starts a JAX backend: without a GPU, the CUDA plugin's
+# compile-only device needs jax_platforms="cpu".
+_XLA_GPU = use_compile_only_gpu()
+
 import _models  # noqa: E402
 import per_example  # noqa: E402
-from _census import census  # noqa: E402
 from _harness import machine_line, parse_args  # noqa: E402
 
 import gnorm_jax  # noqa: E402
@@ -51,17 +61,23 @@ def both_forms(fn, *args):
 
 def row(name, fn, *args):
   here, gpu = both_forms(fn, *args)
+  xla_gpu = "— | — | —"
+  if _XLA_GPU:
+    h100 = gpu_census(fn, *args)
+    mark = "†" if h100["cublas"] else ""
+    xla_gpu = f"{h100['conditionals']} | {h100['whiles']} | {h100['kernels']}{mark}"
   return (
     f"| {name} | {here['conditionals']} | {here['whiles']} | {here['kernels']} |"
-    f" {gpu['conditionals']} | {gpu['whiles']} | {gpu['kernels']} |"
+    f" {gpu['conditionals']} | {gpu['whiles']} | {gpu['kernels']} | {xla_gpu} |"
     f" {here['cuda_cases']} | {here['cuda_whiles']} |"
   )
 
 
 HEAD = (
   "| hot path | cond (here) | while (here) | kernels (here) | cond (GPU form) |"
-  " while (GPU form) | kernels (GPU form) | CUDA case | CUDA while |\n"
-  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+  " while (GPU form) | kernels (GPU form) | cond (XLA:GPU) | while (XLA:GPU) |"
+  " kernels (XLA:GPU) | CUDA case | CUDA while |\n"
+  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
 )
 
 
@@ -129,6 +145,12 @@ def dp_rows(loss, params, batch):
 def main():
   args = parse_args(__doc__)
   print(machine_line())
+  print(
+    f"XLA:GPU columns: an H100 target compiled here without a GPU, jax-cuda12-plugin"
+    f" {importlib.metadata.version('jax-cuda12-plugin')}"
+    if _XLA_GPU
+    else "XLA:GPU columns: — (needs JAX's CUDA plugin and no attached GPU; see the docstring)"
+  )
   key = jax.random.key(0)
   q = args.quick
   mlp = per_example.mlp(key, [64, 128, 128, 10] if q else [512, 1024, 1024, 1024, 10], 32)

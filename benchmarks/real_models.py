@@ -17,7 +17,9 @@ process:
   weights ``min(1, C/‖gᵢ‖)`` and the weighted mean (the materializing baseline).
 
 Each row also gives XLA's temp memory and flop count, the HLO census (kernels,
-conditionals, CUDA ``case``/``while`` ops; ``_census.py``), the route of every
+conditionals, CUDA ``case``/``while`` ops; ``_census.py``; and, where JAX's CUDA
+plugin is installed and no GPU is attached, the kernels of XLA:GPU's program for
+an H100, compiled here without a GPU), the route of every
 parameter leaf from ``gnorm_jax.per_example_plan`` (ghost / direct /
 materialized / unused, and how many are streamed), and the largest relative
 difference between gnorm_jax's clipped gradient and the vmap baseline's (per
@@ -40,7 +42,11 @@ import optax
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [_HERE, os.path.dirname(_HERE)]  # _harness, and gnorm_jax from this checkout
-from _census import census  # noqa: E402
+from _census import census, gpu_census, use_compile_only_gpu  # noqa: E402
+
+# Before anything starts a JAX backend (see _census.use_compile_only_gpu).
+_XLA_GPU = use_compile_only_gpu()
+
 from _harness import machine_line, memory, parse_args, table, time_variants  # noqa: E402
 
 import gnorm_jax  # noqa: E402
@@ -300,6 +306,7 @@ def run(name, builder, tf, key, rounds, quick):
   # After the calls above, jax.jit(fn) of the same fn reuses their compilation.
   mem = {n: memory(fns[n], params, x, y) for n in names}
   cen = {n: census(fns[n], params, x, y) for n in names}
+  h100 = {n: gpu_census(fns[n], params, x, y) for n in names} if _XLA_GPU else None
   flops = {n: _gflop(fns[n], params, x, y) for n in names}
   calls = {n: (lambda f=jitted[n]: f(params, x, y)) for n in names}
   # A row whose slowest variant takes over half a second gets one call per round.
@@ -321,6 +328,13 @@ def run(name, builder, tf, key, rounds, quick):
       f"- census {n}: kernels {c['kernels']}, conditionals {c['conditionals']},"
       f" whiles {c['whiles']}, cuda cases {c['cuda_cases']}, cuda whiles {c['cuda_whiles']}"
     )
+  if h100 is not None:
+    print(
+      "- XLA:GPU (H100 target, compiled here) kernels plain / gnorm_jax / vmap: "
+      + " / ".join(_gpu_kernels(h100[n]) for n in names)
+      + "; conditionals / whiles gnorm_jax: "
+      + f"{h100[ours]['conditionals']} / {h100[ours]['whiles']}"
+    )
   print(f"- max relative difference gnorm_jax vs vmap clipped grad: {rel:.1e}")
   est = plan.estimates
 
@@ -341,27 +355,35 @@ def run(name, builder, tf, key, rounds, quick):
     "times": times,
     "mem": mem,
     "census": cen,
+    "h100": h100,
     "routes": routes,
     "rel": rel,
   }
 
 
+def _gpu_kernels(c):
+  """XLA:GPU's kernel count, † where every matrix product went to cuBLAS."""
+  return f"{c['kernels']}{'†' if c['cublas'] else ''}"
+
+
 def summary(rows):
   head = (
     "| model | plain ms | clipped_grad / plain | vmap / plain | temp MiB plain / ours / vmap"
-    " | kernels plain / ours / vmap | conditionals ours / vmap | CUDA case / while ours"
+    " | kernels plain / ours / vmap | XLA:GPU kernels plain / ours / vmap"
+    " | conditionals ours / vmap | CUDA case / while ours"
     " | routes (leaves) | max rel. diff vs vmap |"
   )
-  sep = "|---|---:|---:|---:|---|---|---|---|---|---:|"
+  sep = "|---|---:|---:|---:|---|---|---|---|---|---|---:|"
   lines = [f"### Real models: summary, B={BATCH}", "", head, sep]
   for r in rows:
-    t, m, c = r["times"], r["mem"], r["census"]
+    t, m, c, g = r["times"], r["mem"], r["census"], r["h100"]
     plain, ours, vm = list(t)
     temps = " / ".join(f"{m[n]['temp'] / 2**20:.1f}" for n in (plain, ours, vm))
     lines.append(
       f"| {r['name']} | {t[plain]:.1f} | {t[ours] / t[plain]:.2f}x | {t[vm] / t[plain]:.2f}x"
       f" | {temps}"
       f" | {' / '.join(str(c[n]['kernels']) for n in (plain, ours, vm))}"
+      f" | {' / '.join(_gpu_kernels(g[n]) for n in (plain, ours, vm)) if g else '—'}"
       f" | {c[ours]['conditionals']} / {c[vm]['conditionals']}"
       f" | {c[ours]['cuda_cases']} / {c[ours]['cuda_whiles']}"
       f" | {r['routes']} | {r['rel']:.1e} |"

@@ -566,6 +566,53 @@ def test_per_leaf_work_is_a_few_ops_and_one_reduction_per_pass(fn, max_ops, form
     assert 0 < reductions <= 1 / _norms._CONCAT_LEAVES, f"{reductions} reductions per leaf"
 
 
+@pytest.mark.parametrize("scale", [1.0, 1e30, 1e-30, 0.0])
+def test_many_leaves_read_together_keep_every_norm_exact(form, scale):
+  # The GPU/TPU form concatenates a group's leaves and stacks single leaves of one
+  # size (different shapes included), up to _CONCAT_LEAVES per reduction: 70 leaves
+  # (three concatenations, stacks of 40 and 30) of mixed dtypes, at every scale, and
+  # under vmap (how the per-example engine calls it), against float64.
+  rng = np.random.default_rng(5)
+  shapes = [(6,), (2, 3), (3, 2), (1, 6), (6, 1)]
+  leaves = []
+  for i in range(70):
+    dtype = [jnp.float32, jnp.complex64, jnp.bfloat16, jnp.float16][i % 4 if i < 40 else 0]
+    x = rng.normal(size=shapes[i % 5]) * (scale if dtype != jnp.float16 else min(scale, 1e4))
+    if dtype == jnp.complex64:
+      x = x + 1j * x[::-1]
+    leaves.append(jnp.asarray(x, dtype))
+  leaves[3] = jnp.full((3, 2), 65504.0, jnp.float16)  # float16's largest: squares overflow it
+  tree = {f"p{i:02d}": x for i, x in enumerate(leaves)}
+  assert_rel(gnorm_jax.tree_norm(tree), np_norm(tree), rtol=1e-5)
+  for got, leaf in zip(jax.tree.leaves(gnorm_jax.leaf_norms(tree)), leaves):
+    assert_rel(got, np_norm(leaf), rtol=1e-5)
+  batched = jax.tree.map(lambda x: jnp.stack([x, x / 2, jnp.zeros_like(x)]), tree)
+  norms = jax.jit(jax.vmap(gnorm_jax.tree_norm))(batched)
+  assert_rel(norms, [np_norm(tree), np_norm(tree) / 2, 0.0], rtol=1e-5)
+  rows = jax.tree.leaves(batched)
+  m, r = jax.jit(jax.vmap(_norms.stacked_group_norms))([rows[:35], rows[35:]])
+  for g, part in enumerate([leaves[:35], leaves[35:]]):
+    assert_rel(m[:, g] * r[:, g], [np_norm(part), np_norm(part) / 2, 0.0], rtol=1e-5)
+
+
+def test_gpu_form_reads_a_group_with_few_reductions():
+  # The point of reading leaves together: the GPU/TPU form of tree_norm over 70 leaves
+  # has 3 reductions in its jaxpr (70 leaves, 32 per concatenation), leaf_norms 3
+  # (stacks of 32, 32 and 6 leaves of one size), where the CPU form has one per leaf.
+  tree = {f"p{i:02d}": jnp.ones((2, 3) if i % 2 else (6,)) for i in range(70)}
+
+  def reductions(fn, force):
+    _numerics._FORCE_FORM = force
+    try:
+      return collections.Counter(_primitives(jax.make_jaxpr(fn)(tree).jaxpr))["reduce"]
+    finally:
+      _numerics._FORCE_FORM = None
+      jax.clear_caches()
+
+  assert reductions(gnorm_jax.tree_norm, "default") == 3
+  assert reductions(gnorm_jax.leaf_norms, "default") == 3
+
+
 # ----------------------------------------------------------------- properties
 
 

@@ -201,7 +201,6 @@ def run(
   outer: dict[int, tuple] = {}  # ghost leaf -> (P, Q): its gradient is one outer product
   ghost_norms: dict[int, tuple] = {}  # ghost leaf -> its norms (m [B], e [B])
   cancel: dict[int, tuple] = {}  # ghost leaf -> (m, e, suspect, upper, one, examples)
-  unused: list[int] = []
   # One-pass streams' leaves: direct ones' per-example gradients [B, steps, ...],
   # ghost ones' (stream, kept factors).
   stream_formed: dict[int, jax.Array] = {}
@@ -237,8 +236,7 @@ def run(
         cancel[leaf] = (m, e, suspect, upper, *exact_norm(uses, operands, cots, w, e))
       else:
         ghost_norms[leaf] = (m, e)
-    else:
-      unused.append(leaf)
+    else:  # gradient 0: no partial norm
       taken[leaf] = "unused"
   # The formed leaves' norms and the outer-product factors' in one call of the
   # norm core, the ghost sums that may cancel checked (and rescued) together:
@@ -283,7 +281,6 @@ def run(
     )
     columns.update((leaf, (m, cancel[leaf][1])) for leaf, m in zip(order, fixed))
   columns.update(ghost_norms)
-  del unused  # gradient 0: no partial norm
   if _observe is not None:
     _observe(plan, taken)
   keys = sorted(columns)
@@ -395,17 +392,6 @@ def _scaled_norms(columns: dict, b: int, dtype) -> tuple[jax.Array, jax.Array, j
   return part_norms, norms, k
 
 
-@dataclasses.dataclass(frozen=True)
-class _Vectors:
-  """The per-example vectors [B] the clipped sums read: rows kept (or None), and
-  per leaf its weights wᵢ, wᵢ/d and scales uᵢ."""
-
-  keep: jax.Array | None
-  weights: list
-  folded: list
-  scales: list
-
-
 def clipped_sums(
   formed: dict,
   factors: dict,
@@ -438,35 +424,32 @@ def clipped_sums(
   are weighted by wᵢ/d, which spares each leaf a division after its
   contraction."""
   order = sorted(formed) + sorted(factors)
-  given = _Vectors(keep, weights, folded, scales)
 
-  def rows_of(v: _Vectors, leaf, w):
+  def rows_of(leaf, w):
     """The leaf's per-example gradients scaled by uᵢ, then weighted by ``w`` (in
     the accumulation dtype), the rows left out zeroed: one elementwise pass,
     which XLA fuses into the reduction over the batch that follows."""
     g = formed[leaf]
-    return weighted_rows(g, v.scales[leaf], w, v.keep, acc_dtype(g.dtype), flat=True)
+    return weighted_rows(g, scales[leaf], w, keep, acc_dtype(g.dtype), flat=True)
 
-  def ghost_sums(v: _Vectors, fixing: bool):
+  def ghost_sums(fixing: bool):
     """The ghost leaves' sums, with the rows zeroed and scaled or (``fixing`` False) as
     they are, with the weights wᵢ/d."""
     sums = []
     for leaf in sorted(factors):
-      w, d = by_fold(v, leaf, fixing)
-      keep_, scale = (v.keep, v.scales[leaf]) if fixing else (None, None)
+      w, d = by_fold(leaf, fixing)
+      keep_, scale = (keep, scales[leaf]) if fixing else (None, None)
       sums.append(factor_grads(factors[leaf], ws[leaf], w, keep_, scale, d))
     return sums
 
-  def by_fold(v: _Vectors, leaf, fixing: bool):
+  def by_fold(leaf, fixing: bool):
     """(weights, divisor) of a leaf's sum: wᵢ/d and none, or wᵢ and d."""
     if folds[leaf] or not fixing:
-      return v.folded[leaf], None
-    return v.weights[leaf], divisors[leaf]
+      return folded[leaf], None
+    return weights[leaf], divisors[leaf]
 
   def as_they_are():
-    return [weighted_sum(folded[leaf], formed[leaf]) for leaf in sorted(formed)] + ghost_sums(
-      given, False
-    )
+    return [weighted_sum(folded[leaf], formed[leaf]) for leaf in sorted(formed)] + ghost_sums(False)
 
   def row_by_row():
     leaves = sorted(formed)
@@ -485,20 +468,19 @@ def clipped_sums(
     sums = lax.fori_loop(0, formed[leaves[0]].shape[0], add_row, zeros) if leaves else []
     return [
       divided(x, divisors[leaf], formed[leaf].dtype) for leaf, x in zip(leaves, sums)
-    ] + ghost_sums(given, True)
+    ] + ghost_sums(True)
 
   def each_fixed():
-    # The per-example vectors stay where they are formed: XLA:GPU recomputes a
+    # The per-example vectors are read where they are formed: XLA:GPU recomputes a
     # cheap division or square root in each reader rather than giving it a kernel.
-    v = given
     sums = []
     for leaf in sorted(formed):
-      w, d = by_fold(v, leaf, True)
+      w, d = by_fold(leaf, True)
       # A reduction over the batch, not a matrix-vector product: one kernel
       # with the scaling pass, writing the leaf in its own layout.
-      total = jnp.sum(rows_of(v, leaf, w), axis=0)
+      total = jnp.sum(rows_of(leaf, w), axis=0)
       sums.append(divided(total, d, formed[leaf].dtype))
-    return sums + ghost_sums(v, True)
+    return sums + ghost_sums(True)
 
   # (Inside the branch: formed outside it, the sums would keep a logits-sized
   # factor alive beside the branch's buffers.)

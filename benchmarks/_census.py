@@ -130,6 +130,15 @@ def _kernels(text: str, lines: list[str]) -> int:
   return count
 
 
+def _counts(text: str) -> dict[str, int]:
+  """Conditionals and while loops anywhere in an optimized HLO text, and its kernels."""
+  return {
+    "conditionals": len(re.findall(r"\sconditional\(", text)),
+    "whiles": len(re.findall(r"\swhile\(", text)),
+    "kernels": _kernels(text, _entry(text)),
+  }
+
+
 def census(fn: Callable[..., Any], *args: Any) -> dict[str, int]:
   """Counts in ``jax.jit(fn)`` at ``args``.
 
@@ -140,12 +149,7 @@ def census(fn: Callable[..., Any], *args: Any) -> dict[str, int]:
   lowering; -1 where this JAX cannot lower for CUDA without a GPU).
   """
   jitted = jax.jit(fn)
-  text = jitted.lower(*args).compile().as_text()
-  counts = {
-    "conditionals": len(re.findall(r"\sconditional\(", text)),
-    "whiles": len(re.findall(r"\swhile\(", text)),
-    "kernels": _kernels(text, _entry(text)),
-  }
+  counts = _counts(jitted.lower(*args).compile().as_text())
   try:
     cuda = jitted.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     counts["cuda_cases"] = dynamic_cases(cuda)
@@ -221,9 +225,4 @@ def gpu_census(fn: Callable[..., Any], *args: Any) -> dict[str, int]:
     # products (a ViT's, in JAX 0.10.2): then cuBLAS for every product, which
     # fuses fewer neighbours into a product than Triton does.
     text, cublas = lowered.compile({"xla_gpu_enable_triton_gemm": False}).as_text(), True
-  return {
-    "conditionals": len(re.findall(r"\sconditional\(", text)),
-    "whiles": len(re.findall(r"\swhile\(", text)),
-    "kernels": _kernels(text, _entry(text)),
-    "cublas": cublas,
-  }
+  return {**_counts(text), "cublas": cublas}
